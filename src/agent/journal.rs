@@ -1,0 +1,379 @@
+//! The agent's journal: which command ids it has accepted and finished,
+//! kept on disk so that a command runs at most once, even across restarts.
+//!
+//! One JSON object per line, appended and synced before the agent
+//! acknowledges or reports:
+//!
+//! - `{"a":SEQ,"id":"ID"}`: command accepted (about to execute);
+//! - `{"d":"ID","s":STATUS,"m":"MESSAGE"}`: command finished;
+//! - `{"r":"ID"}`: its result reached the backend (not synced: losing it
+//!   only means the result is sent again, and the backend ignores that);
+//! - `{"ack":SEQ}`: written first by compaction (entries below were
+//!   dropped).
+//!
+//! A torn last line (crash in the middle of a write) or a corrupt line is
+//! skipped and counted, never a panic. The file is compacted when it grows
+//! past [`COMPACT_BYTES`], keeping the newest [`KEEP_ENTRIES`] entries; the
+//! backend never redelivers a command at or below the ack, so older ids are
+//! not needed to recognise duplicates.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Size past which the journal is rewritten.
+pub const COMPACT_BYTES: u64 = 1024 * 1024;
+/// Entries kept by compaction.
+pub const KEEP_ENTRIES: usize = 4096;
+
+/// What the journal knows of one command id.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    pub seq: u64,
+    /// Status and message once finished.
+    pub done: Option<(i32, String)>,
+    /// True once the backend stored the result.
+    pub reported: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum Line {
+    Accepted { a: u64, id: String },
+    Done { d: String, s: i32, m: String },
+    Reported { r: String },
+    Ack { ack: u64 },
+}
+
+/// What to do with a delivered command.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// New and next in sequence: accept and execute.
+    Execute,
+    /// Already accepted (a redelivery): do not execute again.
+    Duplicate,
+    /// A seq beyond the next expected one: something was lost in transit;
+    /// do not accept, reconnect so the backend redelivers in order.
+    Gap { expected: u64 },
+}
+
+/// The journal.
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    ack: u64,
+    entries: HashMap<String, Entry>,
+    order: VecDeque<String>,
+    /// Lines skipped at open because they were torn or corrupt.
+    pub skipped_lines: u64,
+}
+
+impl Journal {
+    /// Opens (creating) the journal at `path`.
+    pub fn open(path: &Path) -> std::io::Result<Journal> {
+        let mut ack = 0;
+        let mut entries: HashMap<String, Entry> = HashMap::new();
+        let mut order = VecDeque::new();
+        let mut skipped = 0;
+        if let Ok(f) = File::open(path) {
+            for line in BufReader::new(f).split(b'\n') {
+                let line = line?;
+                if line.is_empty() {
+                    continue;
+                }
+                match serde_json::from_slice::<Line>(&line) {
+                    Ok(Line::Ack { ack: a }) => ack = ack.max(a),
+                    Ok(Line::Accepted { a, id }) => {
+                        if a == ack + 1 {
+                            ack = a;
+                        }
+                        if !entries.contains_key(&id) {
+                            order.push_back(id.clone());
+                        }
+                        entries.insert(
+                            id,
+                            Entry {
+                                seq: a,
+                                done: None,
+                                reported: false,
+                            },
+                        );
+                    }
+                    Ok(Line::Reported { r }) => {
+                        if let Some(e) = entries.get_mut(&r) {
+                            e.reported = true;
+                        }
+                    }
+                    Ok(Line::Done { d, s, m }) => {
+                        if let Some(e) = entries.get_mut(&d) {
+                            e.done = Some((s, m));
+                        }
+                    }
+                    Err(_) => skipped += 1,
+                }
+            }
+        }
+        let mut opts = OpenOptions::new();
+        opts.create(true).append(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let file = opts.open(path)?;
+        let size = file.metadata()?.len();
+        let mut j = Journal {
+            path: path.to_path_buf(),
+            file,
+            size,
+            ack,
+            entries,
+            order,
+            skipped_lines: skipped,
+        };
+        if skipped > 0 {
+            // Rewrite without the bad lines, so appends start on a clean line.
+            j.compact()?;
+        }
+        Ok(j)
+    }
+
+    /// Highest contiguous seq accepted.
+    pub fn ack(&self) -> u64 {
+        self.ack
+    }
+
+    /// What is known of `id`.
+    pub fn get(&self, id: &str) -> Option<&Entry> {
+        self.entries.get(id)
+    }
+
+    /// Commands accepted but never finished: the agent stopped while they
+    /// ran. They are not run again.
+    pub fn unfinished(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<_> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.done.is_none())
+            .map(|(id, e)| (id.clone(), e.seq))
+            .collect();
+        v.sort_by_key(|(_, s)| *s);
+        v
+    }
+
+    /// Decides what to do with command `id` at `seq`.
+    pub fn decide(&self, seq: u64, id: &str) -> Decision {
+        if self.entries.contains_key(id) || seq <= self.ack {
+            Decision::Duplicate
+        } else if seq == self.ack + 1 {
+            Decision::Execute
+        } else {
+            Decision::Gap {
+                expected: self.ack + 1,
+            }
+        }
+    }
+
+    fn append(&mut self, line: &Line) -> std::io::Result<()> {
+        let mut bytes = serde_json::to_vec(line).map_err(std::io::Error::other)?;
+        bytes.push(b'\n');
+        self.file.write_all(&bytes)?;
+        self.file.sync_data()?;
+        self.size += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Durably records that `id` (at `seq`, which must be `ack + 1`) is
+    /// accepted. After this returns, the command is never executed again.
+    pub fn accept(&mut self, seq: u64, id: &str) -> std::io::Result<()> {
+        self.append(&Line::Accepted {
+            a: seq,
+            id: id.to_string(),
+        })?;
+        if seq == self.ack + 1 {
+            self.ack = seq;
+        }
+        self.entries.insert(
+            id.to_string(),
+            Entry {
+                seq,
+                done: None,
+                reported: false,
+            },
+        );
+        self.order.push_back(id.to_string());
+        if self.size > COMPACT_BYTES {
+            self.compact()?;
+        }
+        Ok(())
+    }
+
+    /// Durably records how `id` ended.
+    pub fn finish(&mut self, id: &str, status: i32, message: &str) -> std::io::Result<()> {
+        if let Some(e) = self.entries.get_mut(id) {
+            e.done = Some((status, message.to_string()));
+        } else {
+            return Ok(());
+        }
+        self.append(&Line::Done {
+            d: id.to_string(),
+            s: status,
+            m: message.to_string(),
+        })
+    }
+
+    /// Finished commands whose result may not have reached the backend.
+    pub fn unreported(&self) -> Vec<(String, u64, i32, String)> {
+        let mut v: Vec<_> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.reported)
+            .filter_map(|(id, e)| {
+                e.done
+                    .as_ref()
+                    .map(|(s, m)| (id.clone(), e.seq, *s, m.clone()))
+            })
+            .collect();
+        v.sort_by_key(|(_, seq, _, _)| *seq);
+        v
+    }
+
+    /// Records that the backend stored the result of `id`.
+    pub fn mark_reported(&mut self, id: &str) -> std::io::Result<()> {
+        match self.entries.get_mut(id) {
+            Some(e) if !e.reported => e.reported = true,
+            _ => return Ok(()),
+        }
+        let mut bytes = serde_json::to_vec(&Line::Reported { r: id.to_string() })
+            .map_err(std::io::Error::other)?;
+        bytes.push(b'\n');
+        self.file.write_all(&bytes)?;
+        self.size += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Rewrites the journal with the newest entries only (write a temporary
+    /// file, sync, rename over).
+    pub fn compact(&mut self) -> std::io::Result<()> {
+        while self.order.len() > KEEP_ENTRIES {
+            if let Some(old) = self.order.pop_front() {
+                self.entries.remove(&old);
+            }
+        }
+        let tmp = self.path.with_extension("tmp");
+        {
+            let mut f = File::create(&tmp)?;
+            let mut out = Vec::new();
+            let mut line = |l: &Line| -> std::io::Result<()> {
+                out.extend(serde_json::to_vec(l).map_err(std::io::Error::other)?);
+                out.push(b'\n');
+                Ok(())
+            };
+            // Ack first, so it is known even when its entry was dropped.
+            let base = self
+                .order
+                .front()
+                .and_then(|id| self.entries.get(id))
+                .map(|e| e.seq.saturating_sub(1).min(self.ack))
+                .unwrap_or(self.ack);
+            line(&Line::Ack { ack: base })?;
+            for id in &self.order {
+                if let Some(e) = self.entries.get(id) {
+                    line(&Line::Accepted {
+                        a: e.seq,
+                        id: id.clone(),
+                    })?;
+                    if let Some((s, m)) = &e.done {
+                        line(&Line::Done {
+                            d: id.clone(),
+                            s: *s,
+                            m: m.clone(),
+                        })?;
+                    }
+                    if e.reported {
+                        line(&Line::Reported { r: id.clone() })?;
+                    }
+                }
+            }
+            f.write_all(&out)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.size = self.file.metadata()?.len();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_commands_are_remembered_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("journal");
+        {
+            let mut j = Journal::open(&p).unwrap();
+            assert_eq!(j.decide(1, "c1"), Decision::Execute);
+            j.accept(1, "c1").unwrap();
+            j.finish("c1", 1, "pong").unwrap();
+            j.accept(2, "c2").unwrap();
+        }
+        let j = Journal::open(&p).unwrap();
+        assert_eq!(j.ack(), 2);
+        assert_eq!(j.decide(1, "c1"), Decision::Duplicate);
+        assert_eq!(j.decide(2, "c2"), Decision::Duplicate);
+        assert_eq!(j.get("c1").unwrap().done, Some((1, "pong".into())));
+        assert_eq!(j.unfinished(), vec![("c2".to_string(), 2)]);
+        assert_eq!(
+            j.unreported(),
+            vec![("c1".to_string(), 1, 1, "pong".to_string())]
+        );
+        assert_eq!(j.decide(3, "c3"), Decision::Execute);
+        assert_eq!(j.decide(5, "c5"), Decision::Gap { expected: 3 });
+    }
+
+    #[test]
+    fn a_torn_tail_is_skipped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("journal");
+        {
+            let mut j = Journal::open(&p).unwrap();
+            j.accept(1, "c1").unwrap();
+        }
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"{\"a\":2,\"id\":\"c").unwrap();
+        drop(f);
+        let mut j = Journal::open(&p).unwrap();
+        assert_eq!(j.skipped_lines, 1);
+        assert_eq!(j.ack(), 1);
+        j.accept(2, "c2").unwrap();
+        let j = Journal::open(&p).unwrap();
+        assert_eq!((j.ack(), j.skipped_lines), (2, 0));
+    }
+
+    #[test]
+    fn compaction_keeps_the_ack_and_recent_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("journal");
+        let mut j = Journal::open(&p).unwrap();
+        let n = KEEP_ENTRIES as u64 + 100;
+        for seq in 1..=n {
+            j.accept(seq, &format!("c{seq}")).unwrap();
+            j.finish(&format!("c{seq}"), 1, "").unwrap();
+        }
+        j.compact().unwrap();
+        drop(j);
+        let j = Journal::open(&p).unwrap();
+        assert_eq!(j.ack(), n);
+        assert!(j.get("c1").is_none());
+        assert!(j.get(&format!("c{n}")).is_some());
+        // Old seqs are still duplicates by seq.
+        assert_eq!(j.decide(1, "c1"), Decision::Duplicate);
+    }
+}

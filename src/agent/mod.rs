@@ -1,0 +1,175 @@
+//! `uplink agent`: enrolls once, then holds a session with the backend on
+//! its rung (the gRPC stream or long-polling), accepts commands through the
+//! journal (at most once per id, across restarts), executes them, and
+//! reports results.
+
+pub mod executor;
+pub mod identity;
+pub mod journal;
+mod session;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::Uri;
+
+use crate::backoff::Backoff;
+use crate::secret::Secret;
+use crate::tls::Trust;
+
+/// Which rung the agent uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportMode {
+    /// The gRPC server stream over HTTP/2.
+    Grpc,
+    /// HTTPS long-polling (Connect unary over HTTP/1.1).
+    Longpoll,
+}
+
+impl TransportMode {
+    /// The name used in flags and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportMode::Grpc => "grpc",
+            TransportMode::Longpoll => "longpoll",
+        }
+    }
+}
+
+/// Settings of `uplink agent`.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The backend, `https://host[:port]`.
+    pub backend: Uri,
+    /// The provider's enrollment token; needed until the agent enrolled.
+    pub token: Option<Secret>,
+    /// Which CAs to trust.
+    pub trust: Trust,
+    /// The rung.
+    pub transport: TransportMode,
+    /// Where identity and journal live.
+    pub state_dir: PathBuf,
+    /// The name the agent reports.
+    pub hostname: String,
+    /// How long a poll may be held by the backend.
+    pub poll_hold: Duration,
+    /// HTTP/2 keepalive ping interval on the gRPC rung.
+    pub keepalive: Duration,
+    /// How long an HTTP/2 keepalive ping may stay unanswered.
+    pub keepalive_timeout: Duration,
+    /// Reconnect backoff.
+    pub backoff: Backoff,
+    /// Wait between retries when only the operator can fix the problem
+    /// (rejected token, untrusted certificate).
+    pub operator_retry: Duration,
+    /// Time given to running commands and pending reports on shutdown.
+    pub grace: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults for a backend and state dir.
+    pub fn new(backend: Uri, state_dir: impl Into<PathBuf>) -> Self {
+        AgentConfig {
+            backend,
+            token: None,
+            trust: Trust::default(),
+            transport: TransportMode::Grpc,
+            state_dir: state_dir.into(),
+            hostname: default_hostname(),
+            poll_hold: Duration::from_secs(25),
+            keepalive: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
+            backoff: Backoff::default(),
+            operator_retry: Duration::from_secs(60),
+            grace: Duration::from_secs(5),
+        }
+    }
+
+    /// Every problem with the settings, at once.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        if let Some(t) = &self.token {
+            if t.is_empty()
+                || t.expose().len() > 256
+                || t.expose().chars().any(|c| c.is_whitespace())
+            {
+                errs.push("--token: must be 1 to 256 characters without spaces".into());
+            }
+        }
+        if self.poll_hold < Duration::from_secs(1) || self.poll_hold > Duration::from_secs(120) {
+            errs.push(format!(
+                "--poll-hold {:?} is out of range: 1s to 120s",
+                self.poll_hold
+            ));
+        }
+        if self.keepalive < Duration::from_secs(1) || self.keepalive > Duration::from_secs(300) {
+            errs.push(format!(
+                "--keepalive {:?} is out of range: 1s to 300s",
+                self.keepalive
+            ));
+        }
+        if self.hostname.is_empty() || self.hostname.len() > 255 {
+            errs.push("--hostname: must be 1 to 255 characters".into());
+        }
+        for f in &self.trust.ca_files {
+            if !f.is_file() {
+                errs.push(format!("--ca-file {}: no such file", f.display()));
+            }
+        }
+        errs
+    }
+}
+
+/// The host's name: `$HOSTNAME`, else the kernel's.
+pub fn default_hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Failures that stop the agent (everything else is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("state dir {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error("journal {path}: {source}")]
+    Journal {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(
+        "not enrolled yet and no enrollment token: pass --token (or UPLINK_TOKEN) with the provider's token"
+    )]
+    NoToken,
+}
+
+impl AgentError {
+    /// True when the operator's settings are at fault (exit status 64).
+    pub fn is_config(&self) -> bool {
+        matches!(self, AgentError::NoToken | AgentError::Tls(_))
+    }
+}
+
+/// Runs the agent until `shutdown` completes; then stops taking commands,
+/// lets running ones and pending reports finish within the grace time.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    session::run(config, shutdown).await
+}

@@ -1,0 +1,663 @@
+//! The agent's session: enrollment, the rung loop, command intake through
+//! the journal, and the reporter that carries results and acks back.
+//!
+//! Tasks and channels:
+//!
+//! ```text
+//!  rung loop ──(accept: journal, ack watch)──> executor tasks ──(events, bounded)──> reporter
+//!      │                                                                  │
+//!      └─ publishes the unary client of its rung ─────────────────────────┘
+//! ```
+//!
+//! The events channel holds [`EVENT_BUFFER`] entries; when full, executors
+//! wait (results are never dropped). The reporter sends at most
+//! [`REPORT_BATCH`] events per `Report` and keeps them until the backend
+//! acknowledges their seq.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, watch};
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+use super::identity::{self, Identity};
+use super::journal::{Decision, Journal};
+use super::{AgentConfig, AgentError, TransportMode, executor};
+use crate::backoff::Retry;
+use crate::client::{self, CallError, ConnectClient, FailureKind};
+use crate::proto::{self, agent_service_client::AgentServiceClient};
+use crate::secret::Secret;
+
+/// Events buffered between executors and the reporter.
+const EVENT_BUFFER: usize = 1024;
+/// Events per `Report` at most.
+const REPORT_BATCH: usize = 500;
+/// Commands executing at once at most.
+const MAX_RUNNING: u32 = 256;
+/// How long a new stream may take to deliver its first frame.
+const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Timeout of unary calls.
+const UNARY_TIMEOUT: Duration = Duration::from_secs(30);
+
+const AGENT_SERVICE: &str = "uplink.v1.AgentService";
+
+/// A unary client on the current rung.
+#[derive(Clone)]
+enum Unary {
+    Grpc(AgentServiceClient<Channel>),
+    Connect(ConnectClient),
+}
+
+fn grpc_request<T>(msg: T, credential: Option<&Secret>) -> Result<tonic::Request<T>, CallError> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(UNARY_TIMEOUT);
+    if let Some(c) = credential {
+        let v = MetadataValue::try_from(format!("Bearer {}", c.expose())).map_err(|_| CallError {
+            kind: FailureKind::Other,
+            message: "the stored credential is not a valid header value; remove identity.json to enroll again"
+                .into(),
+        })?;
+        r.metadata_mut().insert("authorization", v);
+    }
+    Ok(r)
+}
+
+impl Unary {
+    async fn enroll(&self, req: proto::EnrollRequest) -> Result<proto::EnrollResponse, CallError> {
+        match self {
+            Unary::Grpc(c) => c
+                .clone()
+                .enroll(grpc_request(req, None)?)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| CallError::from_tonic(&s)),
+            Unary::Connect(c) => c.call(AGENT_SERVICE, "Enroll", &req, UNARY_TIMEOUT).await,
+        }
+    }
+
+    async fn report(
+        &self,
+        credential: &Secret,
+        req: proto::ReportRequest,
+    ) -> Result<proto::ReportResponse, CallError> {
+        match self {
+            Unary::Grpc(c) => c
+                .clone()
+                .report(grpc_request(req, Some(credential))?)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| CallError::from_tonic(&s)),
+            Unary::Connect(c) => c.call(AGENT_SERVICE, "Report", &req, UNARY_TIMEOUT).await,
+        }
+    }
+}
+
+/// How a rung session ended.
+enum Outcome {
+    Shutdown,
+    /// Reconnect at once (the backend asked, or a gap needs redelivery).
+    Reconnect(String),
+    /// Reconnect after backoff.
+    Failed(CallError),
+}
+
+/// A cloneable shutdown signal.
+#[derive(Clone)]
+struct Stop(watch::Receiver<bool>);
+
+impl Stop {
+    async fn wait(&mut self) {
+        let _ = self.0.wait_for(|s| *s).await;
+    }
+}
+
+struct Agent {
+    cfg: AgentConfig,
+    tls: rustls::ClientConfig,
+    info: proto::AgentInfo,
+    credential: Secret,
+    journal: Mutex<Journal>,
+    ack: watch::Sender<u64>,
+    events: mpsc::Sender<proto::event::Kind>,
+    unary: watch::Sender<Option<Unary>>,
+    running: Arc<Semaphore>,
+}
+
+pub(super) async fn run(
+    cfg: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AgentError::StateDir {
+        path: cfg.state_dir.clone(),
+        source,
+    })?;
+    let tls = crate::tls::client_config(&cfg.trust)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut stop = Stop(stop_rx);
+    let body = async {
+        let reason = format!("configured (--transport {})", cfg.transport.name());
+        let info = proto::AgentInfo {
+            hostname: cfg.hostname.clone(),
+            version: crate::VERSION.into(),
+            os: std::env::consts::OS.into(),
+            arch: std::env::consts::ARCH.into(),
+            transport_reason: reason,
+        };
+        let Some(ident) = enrolled(&cfg, &tls, &info, &mut stop).await? else {
+            return Ok(());
+        };
+        tracing::info!(agent = %ident.agent_id, provider = %ident.provider, backend = %cfg.backend,
+            transport = cfg.transport.name(), "agent starting");
+        let jpath = cfg
+            .state_dir
+            .join(format!("journal-{}.log", ident.agent_id));
+        let journal = Journal::open(&jpath).map_err(|source| AgentError::Journal {
+            path: jpath.clone(),
+            source,
+        })?;
+        if journal.skipped_lines > 0 {
+            tracing::warn!(lines = journal.skipped_lines, path = %jpath.display(), "skipped torn or corrupt journal lines");
+        }
+        let (events_tx, events_rx) = mpsc::channel(EVENT_BUFFER);
+        let agent = Arc::new(Agent {
+            ack: watch::channel(journal.ack()).0,
+            journal: Mutex::new(journal),
+            credential: Secret::new(ident.credential.clone()),
+            cfg: cfg.clone(),
+            tls: tls.clone(),
+            info,
+            events: events_tx,
+            unary: watch::channel(None).0,
+            running: Arc::new(Semaphore::new(MAX_RUNNING as usize)),
+        });
+        agent.recover().await;
+        let (idle_tx, mut idle_rx) = watch::channel(true);
+        let reporter = tokio::spawn(agent.clone().reporter(events_rx, idle_tx));
+        agent.rungs(stop.clone()).await;
+
+        // Shutdown: let running commands finish, then pending reports.
+        let grace = tokio::time::Instant::now() + cfg.grace;
+        let all = tokio::time::timeout_at(grace, agent.running.acquire_many(MAX_RUNNING)).await;
+        if all.is_err() {
+            tracing::warn!(
+                "commands still running at the end of the grace time; they will be reported as interrupted after restart"
+            );
+        }
+        tokio::task::yield_now().await;
+        if tokio::time::timeout_at(grace, idle_rx.wait_for(|idle| *idle))
+            .await
+            .is_err()
+        {
+            tracing::warn!("reports still pending at the end of the grace time");
+        }
+        reporter.abort();
+        tracing::info!("agent stopped");
+        Ok(())
+    };
+    // The body sees the shutdown through `stop` and winds down by itself.
+    tokio::pin!(body);
+    tokio::pin!(shutdown);
+    let mut signalled = false;
+    loop {
+        tokio::select! {
+            r = &mut body => return r,
+            _ = &mut shutdown, if !signalled => {
+                signalled = true;
+                let _ = stop_tx.send(true);
+            }
+        }
+    }
+}
+
+/// Loads the identity, or enrolls. None when stopped before enrolling.
+async fn enrolled(
+    cfg: &AgentConfig,
+    tls: &rustls::ClientConfig,
+    info: &proto::AgentInfo,
+    stop: &mut Stop,
+) -> Result<Option<Identity>, AgentError> {
+    let backend = cfg.backend.to_string();
+    if let Some(id) = identity::load(&cfg.state_dir)? {
+        if id.backend == backend {
+            return Ok(Some(id));
+        }
+        tracing::warn!(stored = %id.backend, configured = %backend,
+            "the stored identity belongs to another backend; enrolling with the configured one");
+    }
+    let token = cfg.token.clone().ok_or(AgentError::NoToken)?;
+    let mut retry = Retry::new(cfg.backoff);
+    let mut told_rejected = false;
+    loop {
+        let attempt = async {
+            let unary = match cfg.transport {
+                TransportMode::Grpc => Unary::Grpc(AgentServiceClient::new(
+                    client::grpc_channel(&cfg.backend, tls, cfg.keepalive, cfg.keepalive_timeout)
+                        .await?,
+                )),
+                TransportMode::Longpoll => Unary::Connect(ConnectClient::new(&cfg.backend, tls)),
+            };
+            unary
+                .enroll(proto::EnrollRequest {
+                    enrollment_token: token.expose().to_string(),
+                    info: Some(info.clone()),
+                })
+                .await
+        };
+        let delay = match attempt.await {
+            Ok(resp) => {
+                let id = Identity {
+                    backend: backend.clone(),
+                    agent_id: resp.agent_id,
+                    credential: resp.credential,
+                    provider: resp.provider,
+                };
+                identity::save(&cfg.state_dir, &id)?;
+                tracing::info!(agent = %id.agent_id, provider = %id.provider, "enrolled");
+                return Ok(Some(id));
+            }
+            Err(e) if e.kind == FailureKind::Status(tonic::Code::Unauthenticated) => {
+                let d = jitter(cfg.operator_retry);
+                if !told_rejected {
+                    tracing::error!(
+                        "enrollment token rejected by backend ({}); check --token / UPLINK_TOKEN; retrying every {:?}",
+                        e.message,
+                        cfg.operator_retry
+                    );
+                    told_rejected = true;
+                } else {
+                    tracing::debug!(error = %e, "enrollment token still rejected");
+                }
+                d
+            }
+            Err(e) => {
+                let d = if e.needs_operator() {
+                    jitter(cfg.operator_retry)
+                } else {
+                    retry.next_delay()
+                };
+                tracing::warn!(
+                    failure = e.label(),
+                    "enrollment failed: {e}; retrying in {d:.1?}"
+                );
+                d
+            }
+        };
+        tokio::select! {
+            _ = stop.wait() => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// `d` ± 25%.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.75 + fastrand::f64() * 0.5)
+}
+
+impl Agent {
+    /// After a restart: commands that were running are reported as
+    /// interrupted (never run again), and results that may not have reached
+    /// the backend are sent again.
+    async fn recover(&self) {
+        let (unfinished, unreported) = {
+            let j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+            (j.unfinished(), j.unreported())
+        };
+        for (id, seq) in unfinished {
+            let message = "the agent stopped while this command ran; it is not run again (commands run at most once)";
+            tracing::warn!(command = %id, seq, "command interrupted by an agent restart");
+            if let Err(e) = self
+                .journal
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .finish(&id, proto::CommandStatus::Interrupted as i32, message)
+            {
+                tracing::warn!(error = %e, "journal write failed");
+            }
+            self.emit_result(proto::CommandResult {
+                command_id: id,
+                status: proto::CommandStatus::Interrupted as i32,
+                message: message.into(),
+                detail: None,
+            })
+            .await;
+        }
+        for (id, _seq, status, message) in unreported {
+            self.emit_result(proto::CommandResult {
+                command_id: id,
+                status,
+                message,
+                detail: None,
+            })
+            .await;
+        }
+    }
+
+    async fn emit_result(&self, r: proto::CommandResult) {
+        let _ = self.events.send(proto::event::Kind::Result(r)).await;
+    }
+
+    /// The rung loop: runs sessions on the configured rung, with backoff.
+    async fn rungs(self: &Arc<Self>, mut stop: Stop) {
+        let mut retry = Retry::new(self.cfg.backoff);
+        let rung = self.cfg.transport.name();
+        loop {
+            let outcome = match self.cfg.transport {
+                TransportMode::Grpc => self.grpc_session(&mut retry, stop.clone()).await,
+                TransportMode::Longpoll => self.poll_session(&mut retry, stop.clone()).await,
+            };
+            let delay = match outcome {
+                Outcome::Shutdown => return,
+                Outcome::Reconnect(reason) => {
+                    tracing::info!(rung, %reason, "reconnecting");
+                    continue;
+                }
+                Outcome::Failed(e) => {
+                    if e.needs_operator() {
+                        let d = jitter(self.cfg.operator_retry);
+                        tracing::error!(
+                            rung,
+                            failure = e.label(),
+                            "cannot connect: {e}; retrying in {d:.0?}"
+                        );
+                        d
+                    } else {
+                        let d = retry.next_delay();
+                        tracing::warn!(
+                            rung,
+                            failure = e.label(),
+                            "backend unreachable: {e}; retrying in {d:.1?}"
+                        );
+                        d
+                    }
+                }
+            };
+            tokio::select! {
+                _ = stop.wait() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn grpc_session(self: &Arc<Self>, retry: &mut Retry, mut stop: Stop) -> Outcome {
+        let channel = tokio::select! {
+            _ = stop.wait() => return Outcome::Shutdown,
+            r = client::grpc_channel(&self.cfg.backend, &self.tls, self.cfg.keepalive, self.cfg.keepalive_timeout) => match r {
+                Ok(c) => c,
+                Err(e) => return Outcome::Failed(e),
+            },
+        };
+        let client = AgentServiceClient::new(channel)
+            .max_decoding_message_size(16 * 1024 * 1024)
+            .max_encoding_message_size(16 * 1024 * 1024);
+        self.unary.send_replace(Some(Unary::Grpc(client.clone())));
+        let ack = *self.ack.borrow();
+        let mut req = match grpc_request(
+            proto::SubscribeRequest {
+                ack,
+                info: Some(self.info.clone()),
+            },
+            Some(&self.credential),
+        ) {
+            Ok(r) => r,
+            Err(e) => return Outcome::Failed(e),
+        };
+        // A stream has no deadline; the dead-stream timer below guards it.
+        req.set_timeout(Duration::from_secs(365 * 24 * 3600));
+        let mut subscriber = client.clone();
+        let mut stream = tokio::select! {
+            _ = stop.wait() => return Outcome::Shutdown,
+            r = subscriber.subscribe(req) => match r {
+                Ok(s) => s.into_inner(),
+                Err(s) => return Outcome::Failed(CallError::from_tonic(&s)),
+            },
+        };
+        let mut dead_after = FIRST_FRAME_TIMEOUT;
+        let mut first = true;
+        loop {
+            let msg = tokio::select! {
+                biased;
+                _ = stop.wait() => return Outcome::Shutdown,
+                r = tokio::time::timeout(dead_after, stream.message()) => r,
+            };
+            let frame = match msg {
+                Err(_) => {
+                    return Outcome::Failed(CallError {
+                        kind: FailureKind::Timeout,
+                        message: format!(
+                            "no frame from the backend for {dead_after:?}; stream declared dead"
+                        ),
+                    });
+                }
+                Ok(Err(s)) => return Outcome::Failed(CallError::from_tonic(&s)),
+                Ok(Ok(None)) => {
+                    return Outcome::Failed(CallError {
+                        kind: FailureKind::Other,
+                        message: "the backend ended the stream".into(),
+                    });
+                }
+                Ok(Ok(Some(resp))) => resp.frame.and_then(|f| f.kind),
+            };
+            if first {
+                first = false;
+                retry.reset();
+                tracing::info!(rung = "grpc", ack, "stream open");
+            }
+            use proto::server_frame::Kind;
+            match frame {
+                Some(Kind::Heartbeat(h)) => {
+                    // Two intervals plus a margin without any frame: dead.
+                    let interval = Duration::from_millis(h.interval_ms.clamp(100, 60_000) as u64);
+                    dead_after = interval * 2 + Duration::from_secs(1);
+                }
+                Some(Kind::Command(c)) => {
+                    if let Err(o) = self.intake(c) {
+                        return o;
+                    }
+                }
+                Some(Kind::Rotate(r)) => {
+                    return Outcome::Reconnect(format!("backend asked to rotate: {}", r.reason));
+                }
+                Some(Kind::Reconfigure(r)) => {
+                    tracing::info!(
+                        heartbeat_ms = r.heartbeat_interval_ms,
+                        "reconfigured by backend"
+                    );
+                }
+                None => {}
+            }
+        }
+    }
+
+    async fn poll_session(self: &Arc<Self>, retry: &mut Retry, mut stop: Stop) -> Outcome {
+        let client =
+            ConnectClient::new(&self.cfg.backend, &self.tls).with_auth(self.credential.clone());
+        self.unary
+            .send_replace(Some(Unary::Connect(client.clone())));
+        let hold = self.cfg.poll_hold;
+        let mut first = true;
+        loop {
+            let req = proto::PollRequest {
+                ack: *self.ack.borrow(),
+                hold_ms: hold.as_millis() as u32,
+                info: Some(self.info.clone()),
+            };
+            let resp: proto::PollResponse = tokio::select! {
+                biased;
+                _ = stop.wait() => return Outcome::Shutdown,
+                r = client.call(AGENT_SERVICE, "Poll", &req, hold + Duration::from_secs(15)) => match r {
+                    Ok(r) => r,
+                    Err(e) => return Outcome::Failed(e),
+                },
+            };
+            if first {
+                first = false;
+                retry.reset();
+                tracing::info!(rung = "longpoll", ack = req.ack, "long-polling");
+            }
+            for frame in resp.frames {
+                use proto::server_frame::Kind;
+                match frame.kind {
+                    Some(Kind::Command(c)) => match self.intake(c) {
+                        Ok(()) => {}
+                        Err(Outcome::Reconnect(reason)) => {
+                            // The next poll asks again from the ack.
+                            tracing::info!(%reason, "polling again for redelivery");
+                            break;
+                        }
+                        Err(o) => return o,
+                    },
+                    Some(Kind::Rotate(r)) => {
+                        tracing::info!(reason = %r.reason, "backend asked to rotate")
+                    }
+                    Some(Kind::Heartbeat(_)) | Some(Kind::Reconfigure(_)) | None => {}
+                }
+            }
+        }
+    }
+
+    /// Accepts a delivered command through the journal and starts it.
+    fn intake(self: &Arc<Self>, c: proto::Command) -> Result<(), Outcome> {
+        let received = crate::now_unix_ms();
+        let ack = {
+            let mut j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+            match j.decide(c.seq, &c.id) {
+                Decision::Duplicate => {
+                    tracing::debug!(command = %c.id, seq = c.seq, "duplicate delivery ignored");
+                    return Ok(());
+                }
+                Decision::Gap { expected } => {
+                    return Err(Outcome::Reconnect(format!(
+                        "command seq {} arrived while {expected} was expected",
+                        c.seq
+                    )));
+                }
+                Decision::Execute => {}
+            }
+            if let Err(e) = j.accept(c.seq, &c.id) {
+                return Err(Outcome::Failed(CallError {
+                    kind: FailureKind::Other,
+                    message: format!(
+                        "cannot write the journal, so the command cannot be accepted: {e}"
+                    ),
+                }));
+            }
+            j.ack()
+        };
+        self.ack.send_replace(ack);
+        let kind = match c.spec.as_ref().and_then(|s| s.kind.as_ref()) {
+            Some(proto::command_spec::Kind::Ping(_)) => "ping",
+            None => "unknown",
+        };
+        tracing::info!(command = %c.id, seq = c.seq, kind, "executing command");
+        let agent = self.clone();
+        let running = self.running.clone();
+        tokio::spawn(async move {
+            let Ok(_permit) = running.acquire_owned().await else {
+                return;
+            };
+            let result = executor::execute(&c, received).await;
+            let finished = agent
+                .journal
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .finish(&c.id, result.status, &result.message);
+            if let Err(e) = finished {
+                tracing::warn!(command = %c.id, error = %e, "journal write failed");
+            }
+            tracing::info!(command = %c.id, status = result.status, "command finished");
+            agent.emit_result(result).await;
+        });
+        Ok(())
+    }
+
+    /// Sends events and acks to the backend on the current rung's unary
+    /// client; keeps events until acknowledged.
+    async fn reporter(
+        self: Arc<Self>,
+        mut events: mpsc::Receiver<proto::event::Kind>,
+        idle: watch::Sender<bool>,
+    ) {
+        let epoch = fastrand::u64(1..u64::MAX / 2);
+        let mut pending: VecDeque<proto::Event> = VecDeque::new();
+        let mut next_seq = 1u64;
+        let mut sent_ack = u64::MAX; // Send the ack once at start.
+        let mut ack_rx = self.ack.subscribe();
+        let mut unary_rx = self.unary.subscribe();
+        let mut retry = Retry::new(self.cfg.backoff);
+        let mut push = |pending: &mut VecDeque<proto::Event>, kind| {
+            pending.push_back(proto::Event {
+                seq: next_seq,
+                time_unix_ms: crate::now_unix_ms(),
+                kind: Some(kind),
+            });
+            next_seq += 1;
+        };
+        loop {
+            while let Ok(k) = events.try_recv() {
+                push(&mut pending, k);
+            }
+            let ack = *ack_rx.borrow_and_update();
+            if pending.is_empty() && ack == sent_ack {
+                idle.send_replace(true);
+                tokio::select! {
+                    k = events.recv() => match k {
+                        Some(k) => push(&mut pending, k),
+                        None => return,
+                    },
+                    r = ack_rx.changed() => if r.is_err() { return },
+                }
+                continue;
+            }
+            idle.send_replace(false);
+            let unary = unary_rx.borrow_and_update().clone();
+            let Some(unary) = unary else {
+                if unary_rx.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let req = proto::ReportRequest {
+                ack,
+                epoch,
+                events: pending.iter().take(REPORT_BATCH).cloned().collect(),
+            };
+            match unary.report(&self.credential, req).await {
+                Ok(resp) => {
+                    retry.reset();
+                    sent_ack = ack;
+                    while pending
+                        .front()
+                        .map(|e| e.seq <= resp.acked_seq)
+                        .unwrap_or(false)
+                    {
+                        if let Some(proto::Event {
+                            kind: Some(proto::event::Kind::Result(r)),
+                            ..
+                        }) = pending.pop_front()
+                        {
+                            let mut j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+                            if let Err(e) = j.mark_reported(&r.command_id) {
+                                tracing::debug!(error = %e, "journal write failed");
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    let d = retry.next_delay();
+                    tracing::debug!(
+                        failure = e.label(),
+                        "report failed: {e}; retrying in {d:.1?}"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => {}
+                        _ = unary_rx.changed() => {}
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,770 @@
+//! The backend's logic, independent of transport: the gRPC service and the
+//! Connect handlers both call these methods, so every rung carries the same
+//! messages with the same meaning.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tonic::Status;
+
+use super::hub::Hub;
+use crate::proto::{self, Transport};
+use crate::secret::{self, Kind, Secret};
+use crate::store::{AgentRecord, Store, StoreError};
+
+/// Commands sent in one `PollResponse` at most; the agent polls again.
+const MAX_COMMANDS_PER_POLL: usize = 256;
+/// Longest `GetCommand` wait.
+const MAX_RESULT_WAIT: Duration = Duration::from_secs(60);
+
+/// Settings the core needs.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    /// Interval of heartbeat frames on streams.
+    pub heartbeat: Duration,
+    /// Longest hold of a poll.
+    pub poll_hold: Duration,
+    /// The URL agents use to reach this backend.
+    pub public_url: String,
+    /// The CA file agents must trust, when the backend generated its own.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// The backend's state and logic.
+pub struct Core {
+    pub(crate) store: Store,
+    pub(crate) hub: Arc<Hub>,
+    cfg: CoreConfig,
+    admin_hash: String,
+    results: watch::Sender<u64>,
+    draining: watch::Receiver<bool>,
+}
+
+fn internal(e: StoreError) -> Status {
+    tracing::error!(error = %e, "store failure");
+    Status::internal(format!("backend store failure: {e}"))
+}
+
+/// Checks a free-text field an agent or operator sends.
+fn check_len(field: &str, value: &str, max: usize) -> Result<(), Status> {
+    if value.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes long; at most {max} are allowed",
+            value.len()
+        )));
+    }
+    if value.chars().any(|c| c.is_control()) {
+        return Err(Status::invalid_argument(format!(
+            "{field} contains control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn check_info(info: &proto::AgentInfo) -> Result<(), Status> {
+    check_len("info.hostname", &info.hostname, 255)?;
+    check_len("info.version", &info.version, 64)?;
+    check_len("info.os", &info.os, 64)?;
+    check_len("info.arch", &info.arch, 64)?;
+    check_len("info.transport_reason", &info.transport_reason, 256)
+}
+
+/// A valid provider name: 1 to 64 of `[A-Za-z0-9._-]`.
+pub fn check_provider_name(name: &str) -> Result<(), Status> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        return Err(Status::invalid_argument(format!(
+            "provider name {name:?} is not valid: use 1 to 64 characters of A-Z a-z 0-9 . _ -"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a command before it is queued.
+pub fn check_spec(spec: &proto::CommandSpec) -> Result<(), Status> {
+    use proto::command_spec::Kind as K;
+    match &spec.kind {
+        None => Err(Status::invalid_argument(
+            "command spec is empty: set one kind, e.g. {\"ping\": {}}",
+        )),
+        Some(K::Ping(p)) => {
+            if p.delay_ms > 600_000 {
+                return Err(Status::invalid_argument(format!(
+                    "ping.delay_ms is {}; at most 600000 is allowed",
+                    p.delay_ms
+                )));
+            }
+            if p.payload.len() > 1024 {
+                return Err(Status::invalid_argument(format!(
+                    "ping.payload is {} bytes; at most 1024 are allowed",
+                    p.payload.len()
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Reads a bearer token from an `authorization` header value.
+pub fn bearer(header: Option<&str>) -> Option<&str> {
+    let v = header?.trim();
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+impl Core {
+    /// Builds the core over an opened store; `admin_hash` is the hash of
+    /// the admin token.
+    pub fn with_admin_hash(
+        store: Store,
+        cfg: CoreConfig,
+        admin_hash: &str,
+        draining: watch::Receiver<bool>,
+    ) -> Self {
+        Core {
+            store,
+            hub: Arc::new(Hub::default()),
+            cfg,
+            admin_hash: admin_hash.to_string(),
+            results: watch::channel(0).0,
+            draining,
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    /// The agent whose credential is in `authorization`.
+    pub fn authenticate_agent(&self, authorization: Option<&str>) -> Result<String, Status> {
+        let token = bearer(authorization).ok_or_else(|| {
+            Status::unauthenticated(
+                "missing agent credential: send `authorization: Bearer <credential>`",
+            )
+        })?;
+        self.store
+            .agent_by_credential(&secret::hash(token))
+            .map_err(internal)?
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "agent credential unknown or revoked: remove the agent's state dir so it enrolls again",
+                )
+            })
+    }
+
+    /// Checks the admin token in `authorization`.
+    pub fn authenticate_admin(&self, authorization: Option<&str>) -> Result<(), Status> {
+        let token = bearer(authorization).ok_or_else(|| {
+            Status::unauthenticated(
+                "missing admin token: send `authorization: Bearer <admin token>`",
+            )
+        })?;
+        if secret::hash(token) != self.admin_hash {
+            return Err(Status::unauthenticated("admin token rejected"));
+        }
+        Ok(())
+    }
+
+    /// A command line that runs an agent enrolled with `token`.
+    pub fn host_command(&self, token: &str) -> String {
+        let url = &self.cfg.public_url;
+        match &self.cfg.ca_file {
+            Some(ca) => format!(
+                "docker run -d --name uplink-agent --restart unless-stopped -v uplink-state:/var/lib/uplink \
+                 -v {ca}:/etc/uplink/ca.pem:ro -e UPLINK_CA_FILE=/etc/uplink/ca.pem \
+                 -e UPLINK_BACKEND={url} -e UPLINK_TOKEN={token} uplink:latest agent",
+                ca = ca.display()
+            ),
+            None => format!(
+                "docker run -d --name uplink-agent --restart unless-stopped -v uplink-state:/var/lib/uplink \
+                 -e UPLINK_BACKEND={url} -e UPLINK_TOKEN={token} uplink:latest agent"
+            ),
+        }
+    }
+
+    // ---- agent service -------------------------------------------------
+
+    /// `Enroll`.
+    pub fn enroll(&self, req: proto::EnrollRequest) -> Result<proto::EnrollResponse, Status> {
+        let info = req.info.unwrap_or_default();
+        check_info(&info)?;
+        if req.enrollment_token.is_empty() || req.enrollment_token.len() > 256 {
+            return Err(Status::unauthenticated(
+                "enrollment token rejected by backend",
+            ));
+        }
+        let provider = self
+            .store
+            .provider_by_token(&secret::hash(&req.enrollment_token))
+            .map_err(internal)?
+            .ok_or_else(|| {
+                tracing::warn!(hostname = %info.hostname, "enrollment with an unknown or revoked token");
+                Status::unauthenticated(
+                    "enrollment token rejected by backend: unknown or revoked; ask the operator for the provider's current token",
+                )
+            })?;
+        let id = secret::random_id("agt_");
+        let credential = Secret::generate(Kind::Credential);
+        let now = crate::now_unix_ms();
+        self.store
+            .insert_agent(
+                &AgentRecord {
+                    id: id.clone(),
+                    provider: provider.clone(),
+                    hostname: info.hostname.clone(),
+                    version: info.version.clone(),
+                    enrolled_ms: now,
+                    ..Default::default()
+                },
+                &credential.hash(),
+            )
+            .map_err(internal)?;
+        tracing::info!(agent = %id, %provider, hostname = %info.hostname, "agent enrolled");
+        Ok(proto::EnrollResponse {
+            agent_id: id,
+            credential: credential.expose().to_string(),
+            provider,
+        })
+    }
+
+    fn apply_ack(&self, agent: &str, ack: u64) -> Result<u64, Status> {
+        let now = crate::now_unix_ms();
+        let acked = self.store.ack(agent, ack, now).map_err(internal)?;
+        self.hub.notify_acked(agent, acked);
+        self.hub.touch(agent, now);
+        Ok(acked)
+    }
+
+    fn record_info(
+        &self,
+        agent: &str,
+        info: &proto::AgentInfo,
+        transport: Transport,
+    ) -> Result<(), Status> {
+        self.store
+            .update_agent_info(
+                agent,
+                &info.hostname,
+                &info.version,
+                transport as i32,
+                &info.transport_reason,
+                crate::now_unix_ms(),
+            )
+            .map_err(internal)
+    }
+
+    fn heartbeat(&self) -> proto::ServerFrame {
+        proto::ServerFrame {
+            kind: Some(proto::server_frame::Kind::Heartbeat(proto::Heartbeat {
+                server_time_unix_ms: crate::now_unix_ms(),
+                interval_ms: self.cfg.heartbeat.as_millis() as u32,
+            })),
+        }
+    }
+
+    fn command_frame(c: proto::Command) -> proto::ServerFrame {
+        proto::ServerFrame {
+            kind: Some(proto::server_frame::Kind::Command(c)),
+        }
+    }
+
+    /// `Subscribe`: returns the receiving end of the stream. A task feeds it
+    /// until the agent goes away or the backend drains.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        agent: String,
+        req: proto::SubscribeRequest,
+    ) -> Result<mpsc::Receiver<Result<proto::SubscribeResponse, Status>>, Status> {
+        let info = req.info.unwrap_or_default();
+        check_info(&info)?;
+        let acked = self.apply_ack(&agent, req.ack)?;
+        self.record_info(&agent, &info, Transport::Grpc)?;
+        let (tx, rx) = mpsc::channel(64);
+        let core = self.clone();
+        let conn = self.hub.open(
+            &agent,
+            Transport::Grpc,
+            &info.transport_reason,
+            crate::now_unix_ms(),
+        );
+        tracing::info!(%agent, ack = req.ack, "stream opened");
+        tokio::spawn(async move {
+            let _conn = conn;
+            let r = core.feed_stream(&agent, acked.max(req.ack), &tx).await;
+            let _ = core.store.touch_agent(&agent, crate::now_unix_ms());
+            match r {
+                Ok(reason) => tracing::info!(%agent, reason, "stream closed"),
+                Err(e) => {
+                    tracing::warn!(%agent, error = %e, "stream failed");
+                    let _ = tx.send(Err(e)).await;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn feed_stream(
+        &self,
+        agent: &str,
+        mut sent: u64,
+        tx: &mpsc::Sender<Result<proto::SubscribeResponse, Status>>,
+    ) -> Result<&'static str, Status> {
+        let frame = |f| Ok(proto::SubscribeResponse { frame: Some(f) });
+        let mut queued = self.hub.queued(agent);
+        let mut draining = self.draining.clone();
+        // The first tick fires at once: the agent sees a heartbeat right
+        // after opening the stream, which proves the path works end to end.
+        let mut heartbeat = tokio::time::interval(self.cfg.heartbeat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            queued.borrow_and_update();
+            for c in self
+                .store
+                .pending(agent, sent, MAX_COMMANDS_PER_POLL)
+                .map_err(internal)?
+            {
+                sent = c.seq;
+                if tx.send(frame(Self::command_frame(c))).await.is_err() {
+                    return Ok("agent went away");
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = tx.closed() => return Ok("agent went away"),
+                _ = async { let _ = draining.wait_for(|d| *d).await; } => {
+                    let rotate = proto::ServerFrame {
+                        kind: Some(proto::server_frame::Kind::Rotate(proto::Rotate {
+                            reason: "backend is shutting down".into(),
+                        })),
+                    };
+                    let _ = tx.send(frame(rotate)).await;
+                    return Ok("backend draining");
+                }
+                r = queued.changed() => if r.is_err() { return Ok("hub closed") },
+                _ = heartbeat.tick() => {
+                    if tx.send(frame(self.heartbeat())).await.is_err() {
+                        return Ok("agent went away");
+                    }
+                }
+            }
+        }
+    }
+
+    /// `Poll`: held until a command is queued or the hold time passes.
+    pub async fn poll(
+        &self,
+        agent: String,
+        req: proto::PollRequest,
+    ) -> Result<proto::PollResponse, Status> {
+        let info = req.info.unwrap_or_default();
+        check_info(&info)?;
+        let acked = self.apply_ack(&agent, req.ack)?;
+        let presence = self
+            .hub
+            .presence(&agent, crate::now_unix_ms())
+            .unwrap_or_default();
+        if presence.transport != Transport::Longpoll as i32
+            || presence.reason != info.transport_reason
+        {
+            self.record_info(&agent, &info, Transport::Longpoll)?;
+        }
+        let _conn = self.hub.open(
+            &agent,
+            Transport::Longpoll,
+            &info.transport_reason,
+            crate::now_unix_ms(),
+        );
+        let hold = match req.hold_ms {
+            0 => self.cfg.poll_hold,
+            ms => Duration::from_millis(ms as u64).min(self.cfg.poll_hold),
+        };
+        let deadline = tokio::time::Instant::now() + hold;
+        let mut queued = self.hub.queued(&agent);
+        let mut draining = self.draining.clone();
+        let after = acked.max(req.ack);
+        loop {
+            queued.borrow_and_update();
+            let cmds = self
+                .store
+                .pending(&agent, after, MAX_COMMANDS_PER_POLL)
+                .map_err(internal)?;
+            if !cmds.is_empty() {
+                return Ok(proto::PollResponse {
+                    frames: cmds.into_iter().map(Self::command_frame).collect(),
+                });
+            }
+            tokio::select! {
+                biased;
+                _ = async { let _ = draining.wait_for(|d| *d).await; } => break,
+                r = queued.changed() => if r.is_err() { break },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        Ok(proto::PollResponse {
+            frames: vec![self.heartbeat()],
+        })
+    }
+
+    /// `Report`.
+    pub fn report(
+        &self,
+        agent: String,
+        req: proto::ReportRequest,
+    ) -> Result<proto::ReportResponse, Status> {
+        if req.events.len() > 10_000 {
+            return Err(Status::invalid_argument(format!(
+                "{} events in one report; at most 10000 are allowed",
+                req.events.len()
+            )));
+        }
+        self.apply_ack(&agent, req.ack)?;
+        let mut stored = self
+            .store
+            .cursor(&agent, "events", req.epoch)
+            .map_err(internal)?;
+        let mut any_result = false;
+        for ev in req.events {
+            if ev.seq <= stored {
+                continue; // A retried event: already stored.
+            }
+            match ev.kind {
+                Some(proto::event::Kind::Result(r)) => {
+                    if r.status == proto::CommandStatus::Unspecified as i32 {
+                        tracing::warn!(%agent, command = %r.command_id, "result without a status; stored as failed");
+                    }
+                    match self
+                        .store
+                        .complete(&agent, &r, crate::now_unix_ms())
+                        .map_err(internal)?
+                    {
+                        true => any_result = true,
+                        false => {
+                            tracing::debug!(%agent, command = %r.command_id, "result for an unknown or finished command ignored")
+                        }
+                    }
+                }
+                Some(proto::event::Kind::Progress(p)) => {
+                    tracing::debug!(%agent, command = %p.command_id, percent = p.percent, "progress");
+                }
+                None => {}
+            }
+            stored = ev.seq;
+            self.store
+                .advance_cursor(&agent, "events", req.epoch, ev.seq)
+                .map_err(internal)?;
+        }
+        if any_result {
+            self.results.send_modify(|n| *n += 1);
+        }
+        Ok(proto::ReportResponse { acked_seq: stored })
+    }
+
+    /// `PushMetrics`: validates the batch and deduplicates it.
+    pub fn push_metrics(
+        &self,
+        agent: String,
+        req: proto::PushMetricsRequest,
+    ) -> Result<proto::PushMetricsResponse, Status> {
+        self.apply_ack(&agent, req.ack)?;
+        let batch = req.batch.unwrap_or_default();
+        validate_batch(&batch)?;
+        let stored = self
+            .store
+            .advance_cursor(&agent, "metrics", req.epoch, req.seq)
+            .map_err(internal)?;
+        Ok(proto::PushMetricsResponse { stored })
+    }
+
+    // ---- admin service -------------------------------------------------
+
+    /// `ListAgents`.
+    pub fn list_agents(
+        &self,
+        req: proto::ListAgentsRequest,
+    ) -> Result<proto::ListAgentsResponse, Status> {
+        let now = crate::now_unix_ms();
+        let mut agents = Vec::new();
+        for a in self.store.agents(&req.provider).map_err(internal)? {
+            let presence = self.hub.presence(&a.id, now);
+            let pending = self
+                .store
+                .pending_count(&a.id, a.acked_seq)
+                .map_err(internal)?;
+            let (connected, transport, reason, last_seen) = match presence {
+                Some(p) => (
+                    p.connected,
+                    p.transport,
+                    p.reason,
+                    p.last_seen_ms.max(a.last_seen_ms),
+                ),
+                None => (false, a.transport, a.transport_reason, a.last_seen_ms),
+            };
+            agents.push(proto::AgentView {
+                id: a.id,
+                hostname: a.hostname,
+                provider: a.provider,
+                connected,
+                transport,
+                transport_reason: reason,
+                last_seen_unix_ms: last_seen,
+                version: a.version,
+                acked_seq: a.acked_seq,
+                pending_commands: pending,
+                enrolled_unix_ms: a.enrolled_ms,
+            });
+        }
+        Ok(proto::ListAgentsResponse { agents })
+    }
+
+    /// `ListProviders`.
+    pub fn list_providers(&self) -> Result<proto::ListProvidersResponse, Status> {
+        Ok(proto::ListProvidersResponse {
+            providers: self
+                .store
+                .providers()
+                .map_err(internal)?
+                .into_iter()
+                .map(|p| proto::ProviderView {
+                    name: p.name,
+                    created_unix_ms: p.created_ms,
+                    agents: p.agents,
+                })
+                .collect(),
+        })
+    }
+
+    /// `CreateProvider`.
+    pub fn create_provider(
+        &self,
+        req: proto::CreateProviderRequest,
+    ) -> Result<proto::CreateProviderResponse, Status> {
+        check_provider_name(&req.name)?;
+        let token = Secret::generate(Kind::Enrollment);
+        let now = crate::now_unix_ms();
+        if !self
+            .store
+            .create_provider(&req.name, &token.hash(), now)
+            .map_err(internal)?
+        {
+            return Err(Status::already_exists(format!(
+                "provider {:?} exists already",
+                req.name
+            )));
+        }
+        tracing::info!(provider = %req.name, "provider created");
+        Ok(proto::CreateProviderResponse {
+            provider: Some(proto::ProviderView {
+                name: req.name,
+                created_unix_ms: now,
+                agents: 0,
+            }),
+            host_command: self.host_command(token.expose()),
+            enrollment_token: token.expose().to_string(),
+        })
+    }
+
+    /// `RotateEnrollmentToken`.
+    pub fn rotate_token(
+        &self,
+        req: proto::RotateEnrollmentTokenRequest,
+    ) -> Result<proto::RotateEnrollmentTokenResponse, Status> {
+        check_provider_name(&req.provider)?;
+        let token = Secret::generate(Kind::Enrollment);
+        if !self
+            .store
+            .set_provider_token(&req.provider, &token.hash())
+            .map_err(internal)?
+        {
+            return Err(Status::not_found(format!("no provider {:?}", req.provider)));
+        }
+        tracing::info!(provider = %req.provider, "enrollment token rotated; the old one is revoked");
+        Ok(proto::RotateEnrollmentTokenResponse {
+            host_command: self.host_command(token.expose()),
+            enrollment_token: token.expose().to_string(),
+        })
+    }
+
+    /// `EnqueueCommand`.
+    pub fn enqueue(
+        &self,
+        req: proto::EnqueueCommandRequest,
+    ) -> Result<proto::EnqueueCommandResponse, Status> {
+        let spec = req.spec.ok_or_else(|| {
+            Status::invalid_argument(
+                "spec is missing: say what the command is, e.g. {\"ping\": {}}",
+            )
+        })?;
+        check_spec(&spec)?;
+        let id = secret::random_id("cmd_");
+        let command = self
+            .store
+            .enqueue(&req.agent_id, &id, &spec, crate::now_unix_ms())
+            .map_err(internal)?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no agent {:?}; `uplink ctl agents` lists them",
+                    req.agent_id
+                ))
+            })?;
+        self.hub.notify_queued(&req.agent_id, command.seq);
+        tracing::debug!(agent = %req.agent_id, command = %id, seq = command.seq, "command queued");
+        Ok(proto::EnqueueCommandResponse {
+            command: Some(command),
+        })
+    }
+
+    /// `GetCommand`, waiting up to `wait_ms` for the result.
+    pub async fn get_command(
+        &self,
+        req: proto::GetCommandRequest,
+    ) -> Result<proto::GetCommandResponse, Status> {
+        let wait = Duration::from_millis(req.wait_ms as u64).min(MAX_RESULT_WAIT);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut results = self.results.subscribe();
+        loop {
+            results.borrow_and_update();
+            let rec = self
+                .store
+                .command(&req.command_id)
+                .map_err(internal)?
+                .ok_or_else(|| Status::not_found(format!("no command {:?}", req.command_id)))?;
+            if rec.done_ms > 0 || tokio::time::Instant::now() >= deadline {
+                let state = if rec.done_ms > 0 {
+                    proto::CommandState::Done
+                } else if rec.accepted_ms > 0 {
+                    proto::CommandState::Accepted
+                } else {
+                    proto::CommandState::Queued
+                };
+                return Ok(proto::GetCommandResponse {
+                    command: Some(proto::CommandView {
+                        command: Some(rec.command),
+                        agent_id: rec.agent_id,
+                        state: state as i32,
+                        accepted_unix_ms: rec.accepted_ms,
+                        done_unix_ms: rec.done_ms,
+                        result: rec.result,
+                    }),
+                });
+            }
+            tokio::select! {
+                _ = results.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    /// Waits until `agent` has acknowledged `seq` (used by benchmarks and
+    /// the demo to time dispatch without polling).
+    pub async fn wait_acked(&self, agent: &str, seq: u64) {
+        let mut rx = self.hub.acked(agent);
+        let _ = rx.wait_for(|a| *a >= seq).await;
+    }
+}
+
+/// Checks that a batch is internally consistent.
+pub fn validate_batch(b: &proto::MetricBatch) -> Result<(), Status> {
+    let n = b.sample_series.len();
+    if b.sample_time_delta_ms.len() != n || b.sample_values.len() != n {
+        return Err(Status::invalid_argument(format!(
+            "metric batch columns differ in length: {} series indexes, {} time deltas, {} values",
+            n,
+            b.sample_time_delta_ms.len(),
+            b.sample_values.len()
+        )));
+    }
+    let symbols = b.symbols.len() as u32;
+    for (i, s) in b.series.iter().enumerate() {
+        if s.name >= symbols || s.unit >= symbols && s.unit != 0 {
+            return Err(Status::invalid_argument(format!(
+                "metric batch series {i} refers to symbol {} but the table has {symbols}",
+                s.name.max(s.unit)
+            )));
+        }
+        if s.labels.len() % 2 != 0 {
+            return Err(Status::invalid_argument(format!(
+                "metric batch series {i} has an odd number of label symbols"
+            )));
+        }
+        if let Some(l) = s.labels.iter().find(|l| **l >= symbols) {
+            return Err(Status::invalid_argument(format!(
+                "metric batch series {i} refers to label symbol {l} but the table has {symbols}"
+            )));
+        }
+    }
+    let series = b.series.len() as u32;
+    if let Some((i, s)) = b
+        .sample_series
+        .iter()
+        .enumerate()
+        .find(|(_, s)| **s >= series)
+    {
+        return Err(Status::invalid_argument(format!(
+            "metric batch sample {i} refers to series {s} but the batch defines {series}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_are_read_case_insensitively() {
+        assert_eq!(bearer(Some("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(Some("bearer  abc ")), Some("abc"));
+        assert_eq!(bearer(Some("Basic abc")), None);
+        assert_eq!(bearer(None), None);
+    }
+
+    #[test]
+    fn specs_are_checked() {
+        assert!(check_spec(&proto::CommandSpec::default()).is_err());
+        let big = proto::CommandSpec {
+            kind: Some(proto::command_spec::Kind::Ping(proto::Ping {
+                delay_ms: 600_001,
+                payload: String::new(),
+            })),
+        };
+        assert!(check_spec(&big).unwrap_err().message().contains("600000"));
+    }
+
+    #[test]
+    fn inconsistent_batches_are_rejected_with_a_reason() {
+        let mut b = proto::MetricBatch {
+            symbols: vec!["".into(), "m".into()],
+            series: vec![proto::Series {
+                name: 1,
+                ..Default::default()
+            }],
+            sample_series: vec![0],
+            sample_time_delta_ms: vec![0],
+            sample_values: vec![1.0],
+            ..Default::default()
+        };
+        assert!(validate_batch(&b).is_ok());
+        b.sample_series = vec![1];
+        assert!(
+            validate_batch(&b)
+                .unwrap_err()
+                .message()
+                .contains("series 1")
+        );
+        b.sample_series = vec![0, 0];
+        assert!(validate_batch(&b).unwrap_err().message().contains("differ"));
+    }
+
+    #[test]
+    fn provider_names_are_checked() {
+        assert!(check_provider_name("lab-1.eu_west").is_ok());
+        assert!(check_provider_name("").is_err());
+        assert!(check_provider_name("a b").is_err());
+    }
+}

@@ -1,0 +1,132 @@
+//! The gRPC face of the backend: thin tonic service implementations over
+//! [`Core`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::core::Core;
+use crate::proto::{self, admin_service_server::AdminService, agent_service_server::AgentService};
+
+fn auth<T>(req: &Request<T>) -> Option<&str> {
+    req.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+}
+
+/// `uplink.v1.AgentService` over gRPC.
+#[derive(Clone)]
+pub struct Agents(pub Arc<Core>);
+
+/// `uplink.v1.AdminService` over gRPC.
+#[derive(Clone)]
+pub struct Admin(pub Arc<Core>);
+
+type FrameStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::SubscribeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for Agents {
+    async fn enroll(
+        &self,
+        req: Request<proto::EnrollRequest>,
+    ) -> Result<Response<proto::EnrollResponse>, Status> {
+        self.0.enroll(req.into_inner()).map(Response::new)
+    }
+
+    type SubscribeStream = FrameStream;
+
+    async fn subscribe(
+        &self,
+        req: Request<proto::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let agent = self.0.authenticate_agent(auth(&req))?;
+        let rx = self.0.subscribe(agent, req.into_inner())?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn poll(
+        &self,
+        req: Request<proto::PollRequest>,
+    ) -> Result<Response<proto::PollResponse>, Status> {
+        let agent = self.0.authenticate_agent(auth(&req))?;
+        self.0
+            .poll(agent, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn report(
+        &self,
+        req: Request<proto::ReportRequest>,
+    ) -> Result<Response<proto::ReportResponse>, Status> {
+        let agent = self.0.authenticate_agent(auth(&req))?;
+        self.0.report(agent, req.into_inner()).map(Response::new)
+    }
+
+    async fn push_metrics(
+        &self,
+        req: Request<proto::PushMetricsRequest>,
+    ) -> Result<Response<proto::PushMetricsResponse>, Status> {
+        let agent = self.0.authenticate_agent(auth(&req))?;
+        self.0
+            .push_metrics(agent, req.into_inner())
+            .map(Response::new)
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    async fn list_agents(
+        &self,
+        req: Request<proto::ListAgentsRequest>,
+    ) -> Result<Response<proto::ListAgentsResponse>, Status> {
+        self.0.authenticate_admin(auth(&req))?;
+        self.0.list_agents(req.into_inner()).map(Response::new)
+    }
+
+    async fn list_providers(
+        &self,
+        req: Request<proto::ListProvidersRequest>,
+    ) -> Result<Response<proto::ListProvidersResponse>, Status> {
+        self.0.authenticate_admin(auth(&req))?;
+        self.0.list_providers().map(Response::new)
+    }
+
+    async fn create_provider(
+        &self,
+        req: Request<proto::CreateProviderRequest>,
+    ) -> Result<Response<proto::CreateProviderResponse>, Status> {
+        self.0.authenticate_admin(auth(&req))?;
+        self.0.create_provider(req.into_inner()).map(Response::new)
+    }
+
+    async fn rotate_enrollment_token(
+        &self,
+        req: Request<proto::RotateEnrollmentTokenRequest>,
+    ) -> Result<Response<proto::RotateEnrollmentTokenResponse>, Status> {
+        self.0.authenticate_admin(auth(&req))?;
+        self.0.rotate_token(req.into_inner()).map(Response::new)
+    }
+
+    async fn enqueue_command(
+        &self,
+        req: Request<proto::EnqueueCommandRequest>,
+    ) -> Result<Response<proto::EnqueueCommandResponse>, Status> {
+        self.0.authenticate_admin(auth(&req))?;
+        self.0.enqueue(req.into_inner()).map(Response::new)
+    }
+
+    async fn get_command(
+        &self,
+        req: Request<proto::GetCommandRequest>,
+    ) -> Result<Response<proto::GetCommandResponse>, Status> {
+        self.0.authenticate_admin(auth(&req))?;
+        self.0
+            .get_command(req.into_inner())
+            .await
+            .map(Response::new)
+    }
+}

@@ -1,0 +1,195 @@
+//! Presence and wake-ups, in memory: which agents are connected and how,
+//! and a watch per agent that streams and held polls wait on.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use crate::proto::Transport;
+
+/// What the hub knows of one agent.
+struct Slot {
+    /// Highest seq queued; streams and polls wait for it to change.
+    queued: watch::Sender<u64>,
+    /// Highest seq acknowledged.
+    acked: watch::Sender<u64>,
+    streams: u32,
+    polls: u32,
+    last_seen_ms: i64,
+    transport: Transport,
+    reason: String,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Slot {
+            queued: watch::channel(0).0,
+            acked: watch::channel(0).0,
+            streams: 0,
+            polls: 0,
+            last_seen_ms: 0,
+            transport: Transport::Unspecified,
+            reason: String::new(),
+        }
+    }
+}
+
+/// Presence of one agent, as shown to operators.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Presence {
+    pub connected: bool,
+    pub transport: i32,
+    pub reason: String,
+    pub last_seen_ms: i64,
+}
+
+/// The hub. Its lock guards only short map operations.
+#[derive(Default)]
+pub struct Hub {
+    slots: Mutex<HashMap<String, Slot>>,
+}
+
+/// How long after its last poll a long-polling agent still counts as
+/// connected (it is between two polls).
+const POLL_GRACE_MS: i64 = 5_000;
+
+impl Hub {
+    fn with<T>(&self, agent: &str, f: impl FnOnce(&mut Slot) -> T) -> T {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = slots.entry(agent.to_string()).or_insert_with(Slot::new);
+        f(slot)
+    }
+
+    /// A receiver that changes whenever a command is queued for `agent`.
+    pub fn queued(&self, agent: &str) -> watch::Receiver<u64> {
+        self.with(agent, |s| s.queued.subscribe())
+    }
+
+    /// Wakes every stream and held poll of `agent`.
+    pub fn notify_queued(&self, agent: &str, seq: u64) {
+        self.with(agent, |s| {
+            s.queued.send_replace(seq);
+        })
+    }
+
+    /// A receiver of `agent`'s highest acknowledged seq.
+    pub fn acked(&self, agent: &str) -> watch::Receiver<u64> {
+        self.with(agent, |s| s.acked.subscribe())
+    }
+
+    /// Publishes `agent`'s ack.
+    pub fn notify_acked(&self, agent: &str, ack: u64) {
+        self.with(agent, |s| {
+            s.acked.send_if_modified(|v| {
+                if ack > *v {
+                    *v = ack;
+                    true
+                } else {
+                    false
+                }
+            });
+        })
+    }
+
+    /// Marks a stream or a held poll as open until the guard drops.
+    pub fn open(
+        self: &Arc<Self>,
+        agent: &str,
+        transport: Transport,
+        reason: &str,
+        now: i64,
+    ) -> Connection {
+        self.with(agent, |s| {
+            match transport {
+                Transport::Grpc => s.streams += 1,
+                _ => s.polls += 1,
+            }
+            s.transport = transport;
+            s.reason = reason.to_string();
+            s.last_seen_ms = now;
+        });
+        Connection {
+            hub: self.clone(),
+            agent: agent.to_string(),
+            transport,
+        }
+    }
+
+    /// Records that `agent` was heard from.
+    pub fn touch(&self, agent: &str, now: i64) {
+        self.with(agent, |s| s.last_seen_ms = s.last_seen_ms.max(now))
+    }
+
+    /// The presence of `agent`, if the hub has seen it since start.
+    pub fn presence(&self, agent: &str, now: i64) -> Option<Presence> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let s = slots.get(agent)?;
+        if s.last_seen_ms == 0 {
+            return None;
+        }
+        let connected = s.streams > 0
+            || s.polls > 0
+            || (s.transport == Transport::Longpoll && now - s.last_seen_ms < POLL_GRACE_MS);
+        Some(Presence {
+            connected,
+            transport: s.transport as i32,
+            reason: s.reason.clone(),
+            last_seen_ms: s.last_seen_ms,
+        })
+    }
+}
+
+/// An open stream or held poll; closing it updates presence.
+pub struct Connection {
+    hub: Arc<Hub>,
+    agent: String,
+    transport: Transport,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let now = crate::now_unix_ms();
+        self.hub.with(&self.agent, |s| {
+            match self.transport {
+                Transport::Grpc => s.streams = s.streams.saturating_sub(1),
+                _ => s.polls = s.polls.saturating_sub(1),
+            }
+            s.last_seen_ms = s.last_seen_ms.max(now);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presence_follows_streams_and_polls() {
+        let hub = Arc::new(Hub::default());
+        assert!(hub.presence("a", 0).is_none());
+        let stream = hub.open("a", Transport::Grpc, "configured", 1000);
+        let p = hub.presence("a", 1000).unwrap();
+        assert!(p.connected);
+        assert_eq!(p.transport, Transport::Grpc as i32);
+        drop(stream);
+        let p = hub.presence("a", crate::now_unix_ms() + 1).unwrap();
+        assert!(!p.connected);
+
+        let now = crate::now_unix_ms();
+        drop(hub.open("a", Transport::Longpoll, "configured", now));
+        // Between two polls the agent still counts as connected...
+        assert!(hub.presence("a", now + 1000).unwrap().connected);
+        // ...but not long after.
+        assert!(!hub.presence("a", now + 60_000).unwrap().connected);
+    }
+
+    #[test]
+    fn acks_only_move_forward() {
+        let hub = Hub::default();
+        let rx = hub.acked("a");
+        hub.notify_acked("a", 5);
+        hub.notify_acked("a", 3);
+        assert_eq!(*rx.borrow(), 5);
+    }
+}

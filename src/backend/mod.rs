@@ -1,0 +1,392 @@
+//! `uplink backend`: one TLS port (ALPN `h2` and `http/1.1`) serving the
+//! agent and admin services as gRPC (requests with `content-type:
+//! application/grpc*`) and as Connect unary (everything else), over a
+//! durable embedded store.
+
+pub mod core;
+pub mod grpc;
+pub mod hub;
+pub mod unary;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::codec::CompressionEncoding;
+use tower::ServiceExt;
+
+pub use self::core::{Core, CoreConfig};
+use crate::proto::{
+    admin_service_server::AdminServiceServer, agent_service_server::AgentServiceServer,
+};
+use crate::secret::{Kind, Secret};
+use crate::store::Store;
+use crate::tls::{self, ServerIdentity};
+
+/// The name of the provider created at first start.
+pub const DEFAULT_PROVIDER: &str = "default";
+
+/// Settings of `uplink backend`.
+#[derive(Clone, Debug)]
+pub struct BackendConfig {
+    /// Where the store, the generated CA and tokens live.
+    pub data_dir: PathBuf,
+    /// Names in the generated certificate; the first is also used in the
+    /// public URL when none is given.
+    pub hostnames: Vec<String>,
+    /// Operator-provided certificate chain and key (PEM).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Admin token; generated at first start when absent.
+    pub admin_token: Option<Secret>,
+    /// The default provider's enrollment token; generated at first start
+    /// when absent.
+    pub enroll_token: Option<Secret>,
+    /// Heartbeat interval on streams.
+    pub heartbeat: Duration,
+    /// Longest hold of a poll.
+    pub poll_hold: Duration,
+    /// The URL agents use; default `https://<first hostname>:<port>`.
+    pub public_url: Option<String>,
+    /// Largest request or response message, on both rungs.
+    pub max_message_bytes: usize,
+    /// Time given to open connections to finish on shutdown.
+    pub grace: Duration,
+}
+
+impl BackendConfig {
+    /// Defaults for a data dir.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        BackendConfig {
+            data_dir: data_dir.into(),
+            hostnames: vec!["localhost".into(), "127.0.0.1".into()],
+            tls_cert: None,
+            tls_key: None,
+            admin_token: None,
+            enroll_token: None,
+            heartbeat: Duration::from_secs(10),
+            poll_hold: Duration::from_secs(25),
+            public_url: None,
+            max_message_bytes: 4 * 1024 * 1024,
+            grace: Duration::from_secs(5),
+        }
+    }
+
+    /// Every problem with the settings, at once.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        if self.hostnames.is_empty() {
+            errs.push("--hostname: at least one name is needed for the certificate".into());
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            errs.push(
+                "--tls-cert and --tls-key go together: give both, or neither to use a generated CA"
+                    .into(),
+            );
+        }
+        if self.heartbeat < Duration::from_millis(100) || self.heartbeat > Duration::from_secs(15) {
+            errs.push(format!(
+                "--heartbeat-interval {:?} is out of range: 100ms to 15s (proxies cut idle lines after 30 s or more)",
+                self.heartbeat
+            ));
+        }
+        if self.poll_hold < Duration::from_millis(100) || self.poll_hold > Duration::from_secs(25) {
+            errs.push(format!(
+                "--poll-hold {:?} is out of range: 100ms to 25s (held calls must end before proxies cut them)",
+                self.poll_hold
+            ));
+        }
+        if self.max_message_bytes < 4096 || self.max_message_bytes > 64 * 1024 * 1024 {
+            errs.push(format!(
+                "--max-message-bytes {} is out of range: 4096 to 67108864",
+                self.max_message_bytes
+            ));
+        }
+        for (name, token) in [
+            ("--admin-token", &self.admin_token),
+            ("--enroll-token", &self.enroll_token),
+        ] {
+            if let Some(t) = token {
+                if t.expose().len() < 16
+                    || t.expose().len() > 256
+                    || t.expose()
+                        .chars()
+                        .any(|c| c.is_whitespace() || c.is_control())
+                {
+                    errs.push(format!(
+                        "{name}: must be 16 to 256 characters without spaces"
+                    ));
+                }
+            }
+        }
+        errs
+    }
+}
+
+/// Failures that stop the backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot listen: {0}")]
+    Listen(std::io::Error),
+}
+
+/// What a starting backend tells its operator.
+#[derive(Clone, Debug)]
+pub struct StartInfo {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// The URL agents use.
+    pub url: String,
+    /// The CA agents must trust, when generated.
+    pub ca_file: Option<PathBuf>,
+    /// The admin token when it was generated now (shown once).
+    pub new_admin_token: Option<Secret>,
+    /// The default provider's enrollment token when it was generated now or
+    /// given on the command line.
+    pub enroll_token: Option<Secret>,
+    /// The command that runs an agent (with the token when known).
+    pub host_command: String,
+}
+
+/// A bound backend, ready to run.
+pub struct Server {
+    listener: TcpListener,
+    core: Arc<Core>,
+    tls: Arc<rustls::ServerConfig>,
+    draining: watch::Sender<bool>,
+    max_message_bytes: usize,
+    grace: Duration,
+    info: StartInfo,
+}
+
+impl Server {
+    /// Opens the store, prepares TLS and tokens, on an already bound
+    /// listener (tests bind `127.0.0.1:0` first).
+    pub fn new(config: BackendConfig, listener: TcpListener) -> Result<Server, BackendError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| BackendError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let addr = listener.local_addr().map_err(BackendError::Listen)?;
+        let identity = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => ServerIdentity::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            _ => ServerIdentity::Generated {
+                data_dir: config.data_dir.clone(),
+                hostnames: config.hostnames.clone(),
+            },
+        };
+        let server_tls = tls::server_config(&identity)?;
+        let store = Store::open(&config.data_dir)?;
+
+        // Admin token: the flag wins; otherwise the stored one; otherwise new.
+        let mut new_admin_token = None;
+        let admin_hash = match &config.admin_token {
+            Some(t) => {
+                store.set_meta("admin_token_hash", &t.hash())?;
+                t.hash()
+            }
+            None => match store.meta("admin_token_hash")? {
+                Some(hash) => hash,
+                None => {
+                    let t = Secret::generate(Kind::Admin);
+                    store.set_meta("admin_token_hash", &t.hash())?;
+                    let hash = t.hash();
+                    new_admin_token = Some(t);
+                    hash
+                }
+            },
+        };
+
+        // The default provider and its enrollment token.
+        let now = crate::now_unix_ms();
+        let enroll_token = match &config.enroll_token {
+            Some(t) => {
+                if !store.create_provider(DEFAULT_PROVIDER, &t.hash(), now)? {
+                    store.set_provider_token(DEFAULT_PROVIDER, &t.hash())?;
+                }
+                Some(t.clone())
+            }
+            None => {
+                let t = Secret::generate(Kind::Enrollment);
+                store
+                    .create_provider(DEFAULT_PROVIDER, &t.hash(), now)?
+                    .then_some(t)
+            }
+        };
+
+        let url = config.public_url.clone().unwrap_or_else(|| {
+            let host = config
+                .hostnames
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "localhost".into());
+            format!("https://{host}:{}", addr.port())
+        });
+        let (draining, draining_rx) = watch::channel(false);
+        let core = Arc::new(Core::with_admin_hash(
+            store,
+            CoreConfig {
+                heartbeat: config.heartbeat,
+                poll_hold: config.poll_hold,
+                public_url: url.clone(),
+                ca_file: server_tls.ca_file.clone(),
+            },
+            &admin_hash,
+            draining_rx,
+        ));
+        let host_command = core.host_command(
+            enroll_token
+                .as_ref()
+                .map(|t| t.expose())
+                .unwrap_or("<enrollment token of provider 'default'>"),
+        );
+        Ok(Server {
+            listener,
+            core,
+            tls: server_tls.config,
+            draining,
+            max_message_bytes: config.max_message_bytes,
+            grace: config.grace,
+            info: StartInfo {
+                addr,
+                url,
+                ca_file: server_tls.ca_file,
+                new_admin_token,
+                enroll_token,
+                host_command,
+            },
+        })
+    }
+
+    /// What the operator should be told.
+    pub fn info(&self) -> &StartInfo {
+        &self.info
+    }
+
+    /// The backend's core, for in-process use (demo, benchmarks).
+    pub fn core(&self) -> Arc<Core> {
+        self.core.clone()
+    }
+
+    /// Serves until `shutdown` completes, then drains: streams get a
+    /// `Rotate`, held polls answer, connections close within the grace time.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), BackendError> {
+        let limit = self.max_message_bytes;
+        let core = self.core.clone();
+        let grpc = tonic::service::Routes::new(
+            AgentServiceServer::new(grpc::Agents(core.clone()))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Zstd),
+        )
+        .add_service(
+            AdminServiceServer::new(grpc::Admin(core.clone()))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        )
+        .prepare()
+        .into_axum_router();
+        let connect = unary::router(core.clone(), limit);
+        let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+            let is_grpc = req
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .map(|v| v.as_bytes().starts_with(b"application/grpc"))
+                .unwrap_or(false);
+            let router = if is_grpc {
+                grpc.clone()
+            } else {
+                connect.clone()
+            };
+            router.oneshot(req)
+        });
+
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .max_concurrent_streams(1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        tracing::info!(addr = %self.info.addr, url = %self.info.url, "backend listening");
+        tokio::pin!(shutdown);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = &mut shutdown => break,
+                r = self.listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause, go on.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let builder = builder.clone();
+            let svc = svc.clone();
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let conn = builder
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .into_owned();
+                if let Err(e) = watcher.watch(conn).await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+        }
+        tracing::info!("backend draining");
+        drop(self.listener);
+        let _ = self.draining.send(true);
+        if tokio::time::timeout(self.grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(grace = ?self.grace, "connections still open after the grace time; closing them");
+        }
+        tracing::info!("backend stopped");
+        Ok(())
+    }
+}

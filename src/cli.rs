@@ -1,0 +1,246 @@
+//! Command-line flags. Every flag has an `UPLINK_*` environment fallback
+//! (the ecosystem's names where they exist, such as `SSL_CERT_FILE`), so a
+//! `docker run -e ...` line configures everything. Bad settings exit with
+//! status 64 and one line per problem.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit status for bad configuration (EX_USAGE).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Parses `500ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration; write e.g. 500ms, 10s, 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use ms, s, m or h")),
+    };
+    if !secs.is_finite() || secs < 0.0 || secs > 366.0 * 86400.0 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "uplink",
+    version,
+    about = "Outbound-only host agent, its backend, and the tools around them"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the backend: one TLS port for agents (gRPC and long-poll) and operators.
+    Backend(BackendArgs),
+    /// Run the agent on this host: connects out to the backend and executes its commands.
+    Agent(AgentArgs),
+    /// Operate a backend: list agents, ping them, manage providers.
+    Ctl(CtlArgs),
+    /// Run a backend and two agents (one per rung) on this machine and show commands flowing.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BackendArgs {
+    /// Address to listen on.
+    #[arg(long, env = "UPLINK_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: String,
+    /// Where the store, the generated CA and state live.
+    #[arg(long, env = "UPLINK_DATA_DIR", default_value = "./uplink-data")]
+    pub data_dir: PathBuf,
+    /// Names for the generated certificate (repeatable). Default: localhost, 127.0.0.1.
+    #[arg(long = "hostname", env = "UPLINK_HOSTNAMES", value_delimiter = ',')]
+    pub hostnames: Vec<String>,
+    /// Certificate chain (PEM) to serve instead of a generated one.
+    #[arg(long, env = "UPLINK_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "UPLINK_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Admin token for operators; generated and printed once when not given.
+    #[arg(long, env = "UPLINK_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Enrollment token of the default provider; generated and printed once when not given.
+    #[arg(long, env = "UPLINK_ENROLL_TOKEN", hide_env_values = true)]
+    pub enroll_token: Option<String>,
+    /// Heartbeat interval on streams (at most 15s).
+    #[arg(long, env = "UPLINK_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Longest hold of a long-poll (at most 25s).
+    #[arg(long, env = "UPLINK_POLL_HOLD", default_value = "25s", value_parser = parse_duration)]
+    pub poll_hold: Duration,
+    /// URL agents use to reach this backend (default https://<first hostname>:<port>).
+    #[arg(long, env = "UPLINK_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Largest message accepted or sent, on both rungs.
+    #[arg(long, env = "UPLINK_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// The backend, https://HOST[:PORT].
+    #[arg(long, env = "UPLINK_BACKEND")]
+    pub backend: String,
+    /// The provider's enrollment token (needed until the agent has enrolled).
+    #[arg(long, env = "UPLINK_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Extra CA bundle to trust (PEM, repeatable); SSL_CERT_FILE is read too.
+    #[arg(long = "ca-file", env = "UPLINK_CA_FILE", value_delimiter = ',')]
+    pub ca_files: Vec<PathBuf>,
+    /// Rung: grpc (HTTP/2 stream) or longpoll (HTTPS long-polling).
+    #[arg(long, env = "UPLINK_TRANSPORT", default_value = "grpc")]
+    pub transport: String,
+    /// Where identity and journal live.
+    #[arg(long, env = "UPLINK_STATE_DIR", default_value = "/var/lib/uplink")]
+    pub state_dir: PathBuf,
+    /// Name to report (default: this host's name).
+    #[arg(long, env = "UPLINK_HOSTNAME")]
+    pub hostname: Option<String>,
+    /// How long the backend may hold a poll.
+    #[arg(long, env = "UPLINK_POLL_HOLD", default_value = "25s", value_parser = parse_duration)]
+    pub poll_hold: Duration,
+    /// HTTP/2 keepalive ping interval on the gRPC rung.
+    #[arg(long, env = "UPLINK_KEEPALIVE", default_value = "10s", value_parser = parse_duration)]
+    pub keepalive: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Rounds of pings to send to each agent.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u32,
+    /// Keep data here instead of a temporary directory.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct CtlArgs {
+    /// The backend, https://HOST[:PORT].
+    #[arg(long, env = "UPLINK_BACKEND", global = true)]
+    pub backend: Option<String>,
+    /// The admin token.
+    #[arg(
+        long,
+        env = "UPLINK_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    pub admin_token: Option<String>,
+    /// Extra CA bundle to trust (PEM); SSL_CERT_FILE is read too.
+    #[arg(
+        long = "ca-file",
+        env = "UPLINK_CA_FILE",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub ca_files: Vec<PathBuf>,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CtlCommand {
+    /// List agents.
+    Agents {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only agents of this provider.
+        #[arg(long)]
+        provider: Option<String>,
+    },
+    /// Send a ping through the command path and print its round-trip time.
+    Ping {
+        /// The agent's id.
+        agent: String,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// How many pings.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
+    /// List providers, or create one / rotate its enrollment token.
+    Providers {
+        #[command(subcommand)]
+        action: Option<ProviderAction>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProviderAction {
+    /// Create a provider; prints its enrollment token and host command.
+    Create { name: String },
+    /// Revoke a provider's enrollment token and print a new one.
+    Rotate { name: String },
+}
+
+/// CA files from flags plus `SSL_CERT_FILE`.
+pub fn ca_files_with_env(mut files: Vec<PathBuf>) -> Vec<PathBuf> {
+    if let Some(f) = std::env::var_os("SSL_CERT_FILE").filter(|f| !f.is_empty()) {
+        let f = PathBuf::from(f);
+        if !files.contains(&f) {
+            files.push(f);
+        }
+    }
+    files
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn flags_parse() {
+        let cli = Cli::try_parse_from([
+            "uplink",
+            "ctl",
+            "--backend",
+            "https://b",
+            "ping",
+            "agt_1",
+            "--timeout",
+            "2s",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Ctl(c) => match c.command {
+                CtlCommand::Ping { agent, timeout, .. } => {
+                    assert_eq!((agent.as_str(), timeout), ("agt_1", Duration::from_secs(2)))
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! `uplink demo`: a backend and two agents on this machine, one on each
+//! rung, with embedded defaults; pings flow through the real command path
+//! (admin API -> queue -> rung -> journal -> executor -> report) and their
+//! round-trip times are printed.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::agent::{self, AgentConfig, TransportMode};
+use crate::backend::{BackendConfig, Server};
+use crate::ctl::{self, Admin};
+use crate::proto;
+use crate::secret::{Kind, Secret};
+use crate::tls::Trust;
+
+/// A failure of the demo.
+#[derive(Debug, thiserror::Error)]
+#[error("demo: {0}")]
+pub struct DemoError(String);
+
+fn fail(e: impl std::fmt::Display) -> DemoError {
+    DemoError(e.to_string())
+}
+
+/// Settings of the demo.
+#[derive(Clone, Debug)]
+pub struct DemoConfig {
+    /// Pings per agent.
+    pub rounds: u32,
+    /// Where to keep data; a temporary directory when `None`.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Runs the demo and prints what happens.
+pub async fn run(cfg: DemoConfig) -> Result<(), DemoError> {
+    let (dir, temporary) = match &cfg.data_dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(crate::secret::random_id("uplink-demo-")),
+            true,
+        ),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
+    let result = run_in(&cfg, &dir).await;
+    if temporary {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+async fn run_in(cfg: &DemoConfig, dir: &std::path::Path) -> Result<(), DemoError> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.map_err(fail)?;
+    let admin_token = Secret::generate(Kind::Admin);
+    let enroll_token = Secret::generate(Kind::Enrollment);
+    let mut bcfg = BackendConfig::new(dir.join("backend"));
+    bcfg.hostnames = vec!["127.0.0.1".into(), "localhost".into()];
+    bcfg.admin_token = Some(admin_token.clone());
+    bcfg.enroll_token = Some(enroll_token.clone());
+    bcfg.heartbeat = Duration::from_secs(5);
+    bcfg.grace = Duration::from_secs(2);
+    let server = Server::new(bcfg, listener).map_err(fail)?;
+    let info = server.info().clone();
+    let ca = info
+        .ca_file
+        .clone()
+        .ok_or_else(|| fail("the backend did not generate a CA"))?;
+    println!("backend   {} (CA {})", info.url, ca.display());
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let backend_task = tokio::spawn(server.run(stopped(stop_rx.clone())));
+
+    let url = crate::client::parse_backend_url(&info.url).map_err(fail)?;
+    let trust = Trust {
+        ca_files: vec![ca.clone()],
+        skip_os_store: true,
+    };
+    let mut agents = Vec::new();
+    for mode in [TransportMode::Grpc, TransportMode::Longpoll] {
+        let mut acfg = AgentConfig::new(url.clone(), dir.join(format!("agent-{}", mode.name())));
+        acfg.token = Some(enroll_token.clone());
+        acfg.trust = trust.clone();
+        acfg.transport = mode;
+        acfg.hostname = format!("demo-{}", mode.name());
+        acfg.grace = Duration::from_secs(2);
+        agents.push(tokio::spawn(agent::run(acfg, stopped(stop_rx.clone()))));
+        println!("agent     demo-{} on the {} rung", mode.name(), mode.name());
+    }
+
+    let tls = crate::tls::client_config(&trust).map_err(fail)?;
+    let admin = Admin::new(&url, &tls, admin_token);
+    let outcome = exercise(&admin, cfg.rounds).await;
+
+    let _ = stop_tx.send(true);
+    for a in agents {
+        let _ = a.await;
+    }
+    let _ = backend_task.await;
+    outcome
+}
+
+async fn exercise(admin: &Admin, rounds: u32) -> Result<(), DemoError> {
+    // Wait for both agents to enroll and connect.
+    let start = Instant::now();
+    let agents = loop {
+        let list = admin.agents("").await.map_err(fail)?;
+        let connected: Vec<_> = list.into_iter().filter(|a| a.connected).collect();
+        if connected.len() >= 2 {
+            break connected;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            return Err(fail("agents did not connect within 20 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "connected {} agents in {:.0?}\n",
+        agents.len(),
+        start.elapsed()
+    );
+    println!(
+        "{:<6} {:<9} {:<15} {:<22} {:>10}",
+        "ROUND", "RUNG", "AGENT", "COMMAND", "ROUND TRIP"
+    );
+    let mut failures = 0;
+    for round in 1..=rounds {
+        for a in &agents {
+            let rung = ctl::transport_name(a.transport);
+            let p = admin
+                .ping(&a.id, &format!("round {round}"), Duration::from_secs(10))
+                .await
+                .map_err(fail)?;
+            let done = p.view.state == proto::CommandState::Done as i32;
+            if !done {
+                failures += 1;
+            }
+            println!(
+                "{:<6} {:<9} {:<15} {:<22} {:>10}",
+                round,
+                rung,
+                a.hostname,
+                p.command_id,
+                if done {
+                    format!("{:.1?}", p.round_trip)
+                } else {
+                    "no answer".into()
+                }
+            );
+        }
+    }
+    println!(
+        "\n{}",
+        ctl::agents_table(&admin.agents("").await.map_err(fail)?)
+    );
+    if failures > 0 {
+        return Err(fail(format!("{failures} pings got no answer")));
+    }
+    Ok(())
+}

@@ -1,0 +1,47 @@
+//! uplink: an outbound-only host agent, its reference backend, and the
+//! protobuf contract between them.
+//!
+//! # Layout
+//!
+//! - [`proto`]: the generated contract (`proto/uplink/v1`), plus the schema
+//!   used to convert Connect JSON bodies.
+//! - [`connect`]: the Connect protocol's unary form (codes, errors, body
+//!   encodings), shared by the backend's handlers and the clients.
+//! - [`secret`]: tokens and credentials: generation, hashing, redaction.
+//! - [`tls`]: rustls configurations for both ends: the backend's generated CA,
+//!   the agent's trust store, and errors that name an unknown issuer.
+//! - [`backoff`]: exponential backoff with full jitter (pure, deterministic
+//!   with an injected random source).
+//! - [`store`]: the backend's durable embedded store (SQLite in `--data-dir`).
+//! - [`backend`]: `uplink backend`: one TLS port serving gRPC and Connect.
+//! - [`agent`]: `uplink agent`: enrollment, the session on its rung, the
+//!   journal that makes commands run at most once, and the executor.
+//! - [`client`]: HTTPS clients for both rungs and for `ctl`.
+//! - [`ctl`]: `uplink ctl`, the operator's command line.
+//! - [`demo`]: `uplink demo`, a backend and agents on this machine.
+//! - [`cli`]: flag parsing and the exit-status convention (64 on bad config).
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod backend;
+pub mod backoff;
+pub mod cli;
+pub mod client;
+pub mod connect;
+pub mod ctl;
+pub mod demo;
+pub mod proto;
+pub mod secret;
+pub mod store;
+pub mod tls;
+
+/// The version of this build, reported by agents and shown by `ctl agents`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Milliseconds since the Unix epoch, by the system clock.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

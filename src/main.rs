@@ -1,0 +1,305 @@
+//! The `uplink` binary: parses flags and calls the library.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use uplink::agent::{AgentConfig, TransportMode};
+use uplink::backend::{BackendConfig, Server};
+use uplink::cli::{self, Cli, Command, CtlCommand, EXIT_CONFIG, ProviderAction};
+use uplink::secret::Secret;
+use uplink::tls::Trust;
+
+fn config_error(problems: &[String]) -> ExitCode {
+    for p in problems {
+        eprintln!("uplink: {p}");
+    }
+    ExitCode::from(EXIT_CONFIG as u8)
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutdown requested");
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Demo(_) | Command::Ctl(_) => "warn",
+        _ => "info",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("UPLINK_LOG").unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("uplink: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        match run(cli).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("uplink: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Backend(a) => backend(a).await,
+        Command::Agent(a) => agent(a).await,
+        Command::Ctl(a) => ctl(a).await,
+        Command::Demo(a) => {
+            uplink::demo::run(uplink::demo::DemoConfig {
+                rounds: a.rounds,
+                data_dir: a.data_dir,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn backend(a: cli::BackendArgs) -> anyhow::Result<ExitCode> {
+    let mut cfg = BackendConfig::new(a.data_dir);
+    if !a.hostnames.is_empty() {
+        cfg.hostnames = a.hostnames;
+    }
+    cfg.tls_cert = a.tls_cert;
+    cfg.tls_key = a.tls_key;
+    cfg.admin_token = a.admin_token.map(Secret::new);
+    cfg.enroll_token = a.enroll_token.map(Secret::new);
+    cfg.heartbeat = a.heartbeat_interval;
+    cfg.poll_hold = a.poll_hold;
+    cfg.public_url = a.public_url;
+    cfg.max_message_bytes = a.max_message_bytes;
+    let mut problems = cfg.validate();
+    let addr: Option<std::net::SocketAddr> = match a.listen.parse() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            problems.push(format!(
+                "--listen {:?} is not an address like 0.0.0.0:8443",
+                a.listen
+            ));
+            None
+        }
+    };
+    if let Some(u) = &cfg.public_url {
+        if let Err(e) = uplink::client::parse_backend_url(u) {
+            problems.push(format!("--public-url: {e}"));
+        }
+    }
+    let Some(addr) = addr.filter(|_| problems.is_empty()) else {
+        return Ok(config_error(&problems));
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let server = match Server::new(cfg, listener) {
+        Ok(s) => s,
+        Err(e @ uplink::backend::BackendError::Tls(_)) => {
+            return Ok(config_error(&[e.to_string()]));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let info = server.info();
+    // Secrets go to stdout once, never to the log.
+    println!("uplink backend listening on {} ({})", info.addr, info.url);
+    if let Some(ca) = &info.ca_file {
+        println!("CA for agents and ctl: {}", ca.display());
+    }
+    if let Some(t) = &info.new_admin_token {
+        println!("admin token (shown once): {}", t.expose());
+    }
+    if info.enroll_token.is_none() {
+        println!(
+            "enrollment token of provider 'default': stored hashed; rotate it with `uplink ctl providers rotate default`"
+        );
+    }
+    println!("run an agent with:\n  {}", info.host_command);
+    server.run(shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn agent(a: cli::AgentArgs) -> anyhow::Result<ExitCode> {
+    let mut problems = Vec::new();
+    let backend = match uplink::client::parse_backend_url(&a.backend) {
+        Ok(u) => Some(u),
+        Err(e) => {
+            problems.push(format!("--backend: {e}"));
+            None
+        }
+    };
+    let transport = match a.transport.as_str() {
+        "grpc" => TransportMode::Grpc,
+        "longpoll" => TransportMode::Longpoll,
+        other => {
+            problems.push(format!("--transport {other:?}: use grpc or longpoll"));
+            TransportMode::Grpc
+        }
+    };
+    let Some(backend) = backend else {
+        return Ok(config_error(&problems));
+    };
+    let mut cfg = AgentConfig::new(backend, a.state_dir);
+    cfg.token = a.token.map(Secret::new);
+    cfg.trust = Trust {
+        ca_files: cli::ca_files_with_env(a.ca_files),
+        skip_os_store: false,
+    };
+    cfg.transport = transport;
+    if let Some(h) = a.hostname {
+        cfg.hostname = h;
+    }
+    cfg.poll_hold = a.poll_hold;
+    cfg.keepalive = a.keepalive;
+    cfg.keepalive_timeout = (a.keepalive * 2).max(Duration::from_secs(5));
+    problems.extend(cfg.validate());
+    if !problems.is_empty() {
+        return Ok(config_error(&problems));
+    }
+    match uplink::agent::run(cfg, shutdown_signal()).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) if e.is_config() => Ok(config_error(&[e.to_string()])),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn ctl(a: cli::CtlArgs) -> anyhow::Result<ExitCode> {
+    let mut problems = Vec::new();
+    let backend = match a.backend.as_deref().map(uplink::client::parse_backend_url) {
+        Some(Ok(u)) => Some(u),
+        Some(Err(e)) => {
+            problems.push(format!("--backend: {e}"));
+            None
+        }
+        None => {
+            problems.push("--backend (or UPLINK_BACKEND) is required".into());
+            None
+        }
+    };
+    if a.admin_token.as_deref().unwrap_or("").is_empty() {
+        problems.push("--admin-token (or UPLINK_ADMIN_TOKEN) is required".into());
+    }
+    let trust = Trust {
+        ca_files: cli::ca_files_with_env(a.ca_files),
+        skip_os_store: false,
+    };
+    let tls = match uplink::tls::client_config(&trust) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            problems.push(e.to_string());
+            None
+        }
+    };
+    let (Some(backend), Some(tls), true) = (backend, tls, problems.is_empty()) else {
+        return Ok(config_error(&problems));
+    };
+    let admin = uplink::ctl::Admin::new(
+        &backend,
+        &tls,
+        Secret::new(a.admin_token.unwrap_or_default()),
+    );
+    match a.command {
+        CtlCommand::Agents { json, provider } => {
+            let agents = admin.agents(provider.as_deref().unwrap_or("")).await?;
+            if json {
+                println!("{}", uplink::ctl::agents_json(&agents));
+            } else {
+                print!("{}", uplink::ctl::agents_table(&agents));
+            }
+        }
+        CtlCommand::Ping {
+            agent,
+            timeout,
+            count,
+        } => {
+            let mut failed = 0;
+            for i in 0..count.max(1) {
+                let p = admin.ping(&agent, &format!("ctl {i}"), timeout).await?;
+                let state = uplink::proto::CommandState::try_from(p.view.state)
+                    .unwrap_or(uplink::proto::CommandState::Unspecified);
+                if state == uplink::proto::CommandState::Done {
+                    let r = p.view.result.unwrap_or_default();
+                    println!(
+                        "{} from {agent}: {} in {:.2} ms",
+                        r.message,
+                        p.command_id,
+                        p.round_trip.as_secs_f64() * 1000.0
+                    );
+                } else {
+                    failed += 1;
+                    eprintln!(
+                        "no answer from {agent} within {timeout:?} (command {} is {}); is the agent connected? see `uplink ctl agents`",
+                        p.command_id,
+                        state.as_str_name()
+                    );
+                }
+            }
+            if failed > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        CtlCommand::Providers { action: None } => {
+            println!("{:<20} {:<21} AGENTS", "NAME", "CREATED");
+            for p in admin.providers().await? {
+                println!(
+                    "{:<20} {:<21} {}",
+                    p.name,
+                    uplink::ctl::rfc3339(p.created_unix_ms),
+                    p.agents
+                );
+            }
+        }
+        CtlCommand::Providers {
+            action: Some(ProviderAction::Create { name }),
+        } => {
+            let r = admin.create_provider(&name).await?;
+            println!("provider {name} created");
+            println!("enrollment token (shown once): {}", r.enrollment_token);
+            println!("run an agent with:\n  {}", r.host_command);
+        }
+        CtlCommand::Providers {
+            action: Some(ProviderAction::Rotate { name }),
+        } => {
+            let r = admin.rotate(&name).await?;
+            println!("enrollment token of {name} rotated; the old one enrolls no new agent");
+            println!("new enrollment token (shown once): {}", r.enrollment_token);
+            println!("run an agent with:\n  {}", r.host_command);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,626 @@
+//! The backend's durable store: one SQLite file, `DATA_DIR/uplink.db`.
+//!
+//! It holds what must survive a restart: the admin token's hash, providers
+//! and their enrollment tokens' hashes, agents with their credentials'
+//! hashes and ack state, per-agent command queues, and the cursors that
+//! deduplicate agent events and metric batches. Presence (who is connected
+//! right now) lives in memory, in the backend's hub.
+//!
+//! The journal runs in WAL mode with `synchronous=NORMAL`: a committed
+//! change survives a crash or `kill -9` of the backend; only a power loss
+//! of the host can take the last commits with it.
+//!
+//! All calls are short and synchronous behind one mutex; no lock is held
+//! across an `.await` (callers are async but never await inside).
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use prost::Message;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::proto;
+
+/// A failure of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("stored record {what} is corrupt: {source}")]
+    Corrupt {
+        what: String,
+        source: prost::DecodeError,
+    },
+    #[error("the store's lock was poisoned by a crashed thread")]
+    Poisoned,
+}
+
+/// An enrolled agent as stored.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AgentRecord {
+    pub id: String,
+    pub provider: String,
+    pub hostname: String,
+    pub version: String,
+    pub enrolled_ms: i64,
+    pub last_seen_ms: i64,
+    pub acked_seq: u64,
+    pub next_seq: u64,
+    pub transport: i32,
+    pub transport_reason: String,
+}
+
+/// A provider as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProviderRecord {
+    pub name: String,
+    pub created_ms: i64,
+    pub agents: u32,
+}
+
+/// A command as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommandRecord {
+    pub command: proto::Command,
+    pub agent_id: String,
+    pub accepted_ms: i64,
+    pub done_ms: i64,
+    pub result: Option<proto::CommandResult>,
+}
+
+/// The store. Cheap to share behind an `Arc`.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS providers (
+    name TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agents (
+    id TEXT PRIMARY KEY,
+    provider TEXT NOT NULL REFERENCES providers(name),
+    credential_hash TEXT NOT NULL UNIQUE,
+    hostname TEXT NOT NULL DEFAULT '',
+    version TEXT NOT NULL DEFAULT '',
+    enrolled_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL DEFAULT 0,
+    acked_seq INTEGER NOT NULL DEFAULT 0,
+    next_seq INTEGER NOT NULL DEFAULT 1,
+    transport INTEGER NOT NULL DEFAULT 0,
+    transport_reason TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS commands (
+    id TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL REFERENCES agents(id),
+    seq INTEGER NOT NULL,
+    spec BLOB NOT NULL,
+    created_ms INTEGER NOT NULL,
+    accepted_ms INTEGER NOT NULL DEFAULT 0,
+    done_ms INTEGER NOT NULL DEFAULT 0,
+    result BLOB,
+    UNIQUE (agent_id, seq)
+);
+CREATE TABLE IF NOT EXISTS cursors (
+    agent_id TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, stream, epoch)
+);
+";
+
+impl Store {
+    /// Opens (creating if needed) `dir/uplink.db`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::from_connection(Connection::open(dir.join("uplink.db"))?)
+    }
+
+    /// An in-memory store, for unit tests.
+    pub fn in_memory() -> Result<Self, StoreError> {
+        Self::from_connection(Connection::open_in_memory()?)
+    }
+
+    fn from_connection(conn: Connection) -> Result<Self, StoreError> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
+        f(&mut conn)
+    }
+
+    /// A value of the `meta` table.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            Ok(
+                c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                    .optional()?,
+            )
+        })
+    }
+
+    /// Sets a value of the `meta` table.
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Creates a provider; false when the name is taken.
+    pub fn create_provider(
+        &self,
+        name: &str,
+        token_hash: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT OR IGNORE INTO providers (name, token_hash, created_ms) VALUES (?1, ?2, ?3)",
+                params![name, token_hash, now],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    /// Replaces a provider's token hash; false when there is no such provider.
+    pub fn set_provider_token(&self, name: &str, token_hash: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE providers SET token_hash = ?2 WHERE name = ?1",
+                params![name, token_hash],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    /// The provider whose enrollment token hashes to `token_hash`.
+    pub fn provider_by_token(&self, token_hash: &str) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT name FROM providers WHERE token_hash = ?1",
+                [token_hash],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })
+    }
+
+    /// Every provider with its agent count, by name.
+    pub fn providers(&self) -> Result<Vec<ProviderRecord>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT p.name, p.created_ms, (SELECT COUNT(*) FROM agents a WHERE a.provider = p.name)
+                 FROM providers p ORDER BY p.name",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(ProviderRecord {
+                    name: r.get(0)?,
+                    created_ms: r.get(1)?,
+                    agents: r.get(2)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Stores a newly enrolled agent.
+    pub fn insert_agent(&self, a: &AgentRecord, credential_hash: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO agents (id, provider, credential_hash, hostname, version, enrolled_ms, last_seen_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+                params![a.id, a.provider, credential_hash, a.hostname, a.version, a.enrolled_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The agent whose credential hashes to `credential_hash`.
+    pub fn agent_by_credential(&self, credential_hash: &str) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT id FROM agents WHERE credential_hash = ?1",
+                [credential_hash],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })
+    }
+
+    fn agent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRecord> {
+        Ok(AgentRecord {
+            id: r.get(0)?,
+            provider: r.get(1)?,
+            hostname: r.get(2)?,
+            version: r.get(3)?,
+            enrolled_ms: r.get(4)?,
+            last_seen_ms: r.get(5)?,
+            acked_seq: r.get::<_, i64>(6)? as u64,
+            next_seq: r.get::<_, i64>(7)? as u64,
+            transport: r.get(8)?,
+            transport_reason: r.get(9)?,
+        })
+    }
+
+    const AGENT_COLUMNS: &str = "id, provider, hostname, version, enrolled_ms, last_seen_ms, acked_seq, next_seq, transport, transport_reason";
+
+    /// One agent.
+    pub fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                &format!("SELECT {} FROM agents WHERE id = ?1", Self::AGENT_COLUMNS),
+                [id],
+                Self::agent_from_row,
+            )
+            .optional()?)
+        })
+    }
+
+    /// Every agent (of `provider`, when not empty), by id.
+    pub fn agents(&self, provider: &str) -> Result<Vec<AgentRecord>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {} FROM agents WHERE ?1 = '' OR provider = ?1 ORDER BY id",
+                Self::AGENT_COLUMNS
+            ))?;
+            let rows = st.query_map([provider], Self::agent_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Records what an agent said about itself and how it connects.
+    pub fn update_agent_info(
+        &self,
+        id: &str,
+        hostname: &str,
+        version: &str,
+        transport: i32,
+        reason: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE agents SET hostname = ?2, version = ?3, transport = ?4, transport_reason = ?5,
+                 last_seen_ms = ?6 WHERE id = ?1",
+                params![id, hostname, version, transport, reason, now],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Records when the backend last heard from an agent.
+    pub fn touch_agent(&self, id: &str, now: i64) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE agents SET last_seen_ms = ?2 WHERE id = ?1",
+                params![id, now],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Queues a command for `agent_id`; assigns the next seq. None when the
+    /// agent does not exist.
+    pub fn enqueue(
+        &self,
+        agent_id: &str,
+        id: &str,
+        spec: &proto::CommandSpec,
+        now: i64,
+    ) -> Result<Option<proto::Command>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let seq: Option<i64> = tx
+                .query_row("SELECT next_seq FROM agents WHERE id = ?1", [agent_id], |r| r.get(0))
+                .optional()?;
+            let Some(seq) = seq else { return Ok(None) };
+            tx.execute(
+                "INSERT INTO commands (id, agent_id, seq, spec, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, agent_id, seq, spec.encode_to_vec(), now],
+            )?;
+            tx.execute("UPDATE agents SET next_seq = ?2 WHERE id = ?1", params![agent_id, seq + 1])?;
+            tx.commit()?;
+            Ok(Some(proto::Command {
+                id: id.to_string(),
+                seq: seq as u64,
+                created_unix_ms: now,
+                spec: Some(spec.clone()),
+            }))
+        })
+    }
+
+    /// Commands of `agent_id` with seq above `after`, in seq order, at most
+    /// `limit`.
+    pub fn pending(
+        &self,
+        agent_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<proto::Command>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, seq, spec, created_ms FROM commands
+                 WHERE agent_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            )?;
+            let rows = st.query_map(params![agent_id, after as i64, limit as i64], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, seq, spec, created) = row?;
+                let spec = proto::CommandSpec::decode(spec.as_slice()).map_err(|source| {
+                    StoreError::Corrupt {
+                        what: format!("command {id}"),
+                        source,
+                    }
+                })?;
+                out.push(proto::Command {
+                    id,
+                    seq: seq as u64,
+                    created_unix_ms: created,
+                    spec: Some(spec),
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Applies an agent's ack: the highest contiguous seq it durably
+    /// accepted. Acks above the last issued seq are clamped. Returns the
+    /// agent's ack after the update.
+    pub fn ack(&self, agent_id: &str, ack: u64, now: i64) -> Result<u64, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let row: Option<(i64, i64)> = tx
+                .query_row(
+                    "SELECT acked_seq, next_seq FROM agents WHERE id = ?1",
+                    [agent_id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((acked, next)) = row else { return Ok(0) };
+            let new = (ack as i64).min(next - 1);
+            if new <= acked {
+                return Ok(acked as u64);
+            }
+            tx.execute("UPDATE agents SET acked_seq = ?2 WHERE id = ?1", params![agent_id, new])?;
+            tx.execute(
+                "UPDATE commands SET accepted_ms = ?3 WHERE agent_id = ?1 AND seq > ?4 AND seq <= ?2",
+                params![agent_id, new, now, acked],
+            )?;
+            tx.commit()?;
+            Ok(new as u64)
+        })
+    }
+
+    /// Stores a command's result; false when the command is unknown, not
+    /// the agent's, or already done.
+    pub fn complete(
+        &self,
+        agent_id: &str,
+        result: &proto::CommandResult,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE commands SET done_ms = ?3, result = ?4,
+                 accepted_ms = CASE WHEN accepted_ms = 0 THEN ?3 ELSE accepted_ms END
+                 WHERE id = ?1 AND agent_id = ?2 AND done_ms = 0",
+                params![result.command_id, agent_id, now, result.encode_to_vec()],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    /// One command.
+    pub fn command(&self, id: &str) -> Result<Option<CommandRecord>, StoreError> {
+        self.with(|c| {
+            let row = c
+                .query_row(
+                    "SELECT id, agent_id, seq, spec, created_ms, accepted_ms, done_ms, result
+                     FROM commands WHERE id = ?1",
+                    [id],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, Vec<u8>>(3)?,
+                            r.get::<_, i64>(4)?,
+                            r.get::<_, i64>(5)?,
+                            r.get::<_, i64>(6)?,
+                            r.get::<_, Option<Vec<u8>>>(7)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            let Some((id, agent_id, seq, spec, created, accepted, done, result)) = row else {
+                return Ok(None);
+            };
+            let corrupt = |source| StoreError::Corrupt {
+                what: format!("command {id}"),
+                source,
+            };
+            let spec = proto::CommandSpec::decode(spec.as_slice()).map_err(corrupt)?;
+            let result = match result {
+                Some(bytes) => {
+                    Some(proto::CommandResult::decode(bytes.as_slice()).map_err(corrupt)?)
+                }
+                None => None,
+            };
+            Ok(Some(CommandRecord {
+                command: proto::Command {
+                    id: id.clone(),
+                    seq: seq as u64,
+                    created_unix_ms: created,
+                    spec: Some(spec),
+                },
+                agent_id,
+                accepted_ms: accepted,
+                done_ms: done,
+                result,
+            }))
+        })
+    }
+
+    /// Advances the dedup cursor of `(agent, stream, epoch)` to `seq` when
+    /// `seq` is above it. Returns true when `seq` was new.
+    pub fn advance_cursor(
+        &self,
+        agent_id: &str,
+        stream: &str,
+        epoch: u64,
+        seq: u64,
+    ) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT INTO cursors (agent_id, stream, epoch, seq) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (agent_id, stream, epoch) DO UPDATE SET seq = excluded.seq
+                 WHERE excluded.seq > cursors.seq",
+                params![agent_id, stream, epoch as i64, seq as i64],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    /// The dedup cursor of `(agent, stream, epoch)` (0 when none).
+    pub fn cursor(&self, agent_id: &str, stream: &str, epoch: u64) -> Result<u64, StoreError> {
+        self.with(|c| {
+            let v: Option<i64> = c
+                .query_row(
+                    "SELECT seq FROM cursors WHERE agent_id = ?1 AND stream = ?2 AND epoch = ?3",
+                    params![agent_id, stream, epoch as i64],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(v.unwrap_or(0) as u64)
+        })
+    }
+
+    /// Number of commands of `agent_id` above its ack.
+    pub fn pending_count(&self, agent_id: &str, acked: u64) -> Result<u64, StoreError> {
+        self.with(|c| {
+            let n: i64 = c.query_row(
+                "SELECT COUNT(*) FROM commands WHERE agent_id = ?1 AND seq > ?2",
+                params![agent_id, acked as i64],
+                |r| r.get(0),
+            )?;
+            Ok(n as u64)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ping() -> proto::CommandSpec {
+        proto::CommandSpec {
+            kind: Some(proto::command_spec::Kind::Ping(proto::Ping::default())),
+        }
+    }
+
+    fn store_with_agent() -> Store {
+        let s = Store::in_memory().unwrap();
+        assert!(s.create_provider("default", "th", 1).unwrap());
+        s.insert_agent(
+            &AgentRecord {
+                id: "a1".into(),
+                provider: "default".into(),
+                enrolled_ms: 1,
+                ..Default::default()
+            },
+            "ch",
+        )
+        .unwrap();
+        s
+    }
+
+    #[test]
+    fn seqs_are_contiguous_and_pending_follows_acks() {
+        let s = store_with_agent();
+        for i in 1..=3 {
+            let c = s
+                .enqueue("a1", &format!("c{i}"), &ping(), 10)
+                .unwrap()
+                .unwrap();
+            assert_eq!(c.seq, i);
+        }
+        assert_eq!(s.pending("a1", 0, 100).unwrap().len(), 3);
+        assert_eq!(s.ack("a1", 2, 20).unwrap(), 2);
+        let p = s.pending("a1", 2, 100).unwrap();
+        assert_eq!(p.iter().map(|c| c.seq).collect::<Vec<_>>(), [3]);
+        // Acks never go backwards and never beyond what was issued.
+        assert_eq!(s.ack("a1", 1, 30).unwrap(), 2);
+        assert_eq!(s.ack("a1", 99, 30).unwrap(), 3);
+        assert_eq!(s.command("c1").unwrap().unwrap().accepted_ms, 20);
+        assert!(s.enqueue("nobody", "x", &ping(), 1).unwrap().is_none());
+    }
+
+    #[test]
+    fn results_are_stored_once_and_only_for_the_owner() {
+        let s = store_with_agent();
+        s.enqueue("a1", "c1", &ping(), 10).unwrap();
+        let r = proto::CommandResult {
+            command_id: "c1".into(),
+            status: proto::CommandStatus::Ok as i32,
+            ..Default::default()
+        };
+        assert!(!s.complete("a2", &r, 11).unwrap());
+        assert!(s.complete("a1", &r, 11).unwrap());
+        assert!(!s.complete("a1", &r, 12).unwrap());
+        let c = s.command("c1").unwrap().unwrap();
+        assert_eq!((c.done_ms, c.result), (11, Some(r)));
+    }
+
+    #[test]
+    fn cursors_only_move_forward() {
+        let s = store_with_agent();
+        assert!(s.advance_cursor("a1", "events", 7, 1).unwrap());
+        assert!(s.advance_cursor("a1", "events", 7, 2).unwrap());
+        assert!(!s.advance_cursor("a1", "events", 7, 2).unwrap());
+        assert!(!s.advance_cursor("a1", "events", 7, 1).unwrap());
+        assert!(s.advance_cursor("a1", "events", 8, 1).unwrap());
+        assert_eq!(s.cursor("a1", "events", 7).unwrap(), 2);
+    }
+
+    #[test]
+    fn data_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.create_provider("p", "h", 1).unwrap();
+            s.set_meta("admin_token_hash", "x").unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.provider_by_token("h").unwrap().as_deref(), Some("p"));
+        assert_eq!(s.meta("admin_token_hash").unwrap().as_deref(), Some("x"));
+    }
+}
