@@ -23,8 +23,7 @@ use crate::secret::Secret;
 /// Time allowed for TCP connect plus TLS handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Checks a backend URL: `https://host[:port]`, or `http://` to a loopback
-/// address for local development only.
+/// Checks a backend URL: `https://host[:port]`.
 pub fn parse_backend_url(s: &str) -> Result<Uri, String> {
     let uri: Uri = s
         .parse()
@@ -44,10 +43,9 @@ pub fn parse_backend_url(s: &str) -> Result<Uri, String> {
     }
     match uri.scheme_str() {
         Some("https") => {}
-        Some("http") if is_loopback(host) => {}
         Some("http") => {
             return Err(format!(
-                "backend URL {s:?} is plain http to a non-loopback host; use https://"
+                "backend URL {s:?} is plain http; the backend speaks only TLS: use https://"
             ));
         }
         _ => return Err(format!("backend URL {s:?} must start with https://")),
@@ -63,14 +61,6 @@ pub fn parse_backend_url(s: &str) -> Result<Uri, String> {
         uri.authority().map(|a| a.as_str()).unwrap_or(host)
     );
     text.parse().map_err(|e| format!("backend URL {s:?}: {e}"))
-}
-
-fn is_loopback(host: &str) -> bool {
-    let h = host.trim_start_matches('[').trim_end_matches(']');
-    h == "localhost"
-        || h.parse::<std::net::IpAddr>()
-            .map(|ip| ip.is_loopback())
-            .unwrap_or(false)
 }
 
 /// Which HTTP version a connector offers in ALPN.
@@ -91,7 +81,7 @@ pub fn https_connector(tls: &rustls::ClientConfig, alpn: Alpn) -> HttpsConnector
     http.set_keepalive(Some(Duration::from_secs(30)));
     let b = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls.clone())
-        .https_or_http();
+        .https_only();
     match alpn {
         Alpn::H2 => b.enable_http2().wrap_connector(http),
         Alpn::Http1 => b.enable_http1().wrap_connector(http),
@@ -208,6 +198,14 @@ pub fn describe(err: &(dyn StdError + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = cur {
+        // A verifier's own error is the whole story; rustls would print it
+        // in debug form.
+        if let Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o))) =
+            e.downcast_ref::<rustls::Error>()
+        {
+            parts.push(format!("TLS: {}", o.0));
+            break;
+        }
         let s = e.to_string();
         if !s.is_empty() && !parts.iter().any(|p| p.contains(&s)) {
             parts.push(s);
@@ -353,8 +351,6 @@ mod tests {
                 .to_string(),
             "https://backend.example:8443/"
         );
-        assert!(parse_backend_url("http://127.0.0.1:8080").is_ok());
-        assert!(parse_backend_url("http://localhost:8080").is_ok());
         let e = parse_backend_url("http://backend.example").unwrap_err();
         assert!(e.contains("plain http"), "{e}");
         let e = parse_backend_url("https://u:secretpw@backend.example").unwrap_err();

@@ -12,6 +12,22 @@ use uplink::cli::{self, Cli, Command, CtlCommand, EXIT_CONFIG, ProviderAction};
 use uplink::secret::Secret;
 use uplink::tls::Trust;
 
+/// Prints to stdout; a closed pipe (`ctl agents --json | head`) is not an
+/// error worth a panic.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+macro_rules! out_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 fn config_error(problems: &[String]) -> ExitCode {
     for p in problems {
         eprintln!("uplink: {p}");
@@ -55,6 +71,7 @@ fn main() -> ExitCode {
             EnvFilter::try_from_env("UPLINK_LOG").unwrap_or_else(|_| EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -117,10 +134,10 @@ async fn backend(a: cli::BackendArgs) -> anyhow::Result<ExitCode> {
             None
         }
     };
-    if let Some(u) = &cfg.public_url {
-        if let Err(e) = uplink::client::parse_backend_url(u) {
-            problems.push(format!("--public-url: {e}"));
-        }
+    if let Some(u) = &cfg.public_url
+        && let Err(e) = uplink::client::parse_backend_url(u)
+    {
+        problems.push(format!("--public-url: {e}"));
     }
     let Some(addr) = addr.filter(|_| problems.is_empty()) else {
         return Ok(config_error(&problems));
@@ -237,9 +254,9 @@ async fn ctl(a: cli::CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCommand::Agents { json, provider } => {
             let agents = admin.agents(provider.as_deref().unwrap_or("")).await?;
             if json {
-                println!("{}", uplink::ctl::agents_json(&agents));
+                out!("{}", uplink::ctl::agents_json(&agents));
             } else {
-                print!("{}", uplink::ctl::agents_table(&agents));
+                out_raw!("{}", uplink::ctl::agents_table(&agents));
             }
         }
         CtlCommand::Ping {
@@ -254,7 +271,7 @@ async fn ctl(a: cli::CtlArgs) -> anyhow::Result<ExitCode> {
                     .unwrap_or(uplink::proto::CommandState::Unspecified);
                 if state == uplink::proto::CommandState::Done {
                     let r = p.view.result.unwrap_or_default();
-                    println!(
+                    out!(
                         "{} from {agent}: {} in {:.2} ms",
                         r.message,
                         p.command_id,
@@ -274,9 +291,9 @@ async fn ctl(a: cli::CtlArgs) -> anyhow::Result<ExitCode> {
             }
         }
         CtlCommand::Providers { action: None } => {
-            println!("{:<20} {:<21} AGENTS", "NAME", "CREATED");
+            out!("{:<20} {:<21} AGENTS", "NAME", "CREATED");
             for p in admin.providers().await? {
-                println!(
+                out!(
                     "{:<20} {:<21} {}",
                     p.name,
                     uplink::ctl::rfc3339(p.created_unix_ms),
@@ -288,17 +305,17 @@ async fn ctl(a: cli::CtlArgs) -> anyhow::Result<ExitCode> {
             action: Some(ProviderAction::Create { name }),
         } => {
             let r = admin.create_provider(&name).await?;
-            println!("provider {name} created");
-            println!("enrollment token (shown once): {}", r.enrollment_token);
-            println!("run an agent with:\n  {}", r.host_command);
+            out!("provider {name} created");
+            out!("enrollment token (shown once): {}", r.enrollment_token);
+            out!("run an agent with:\n  {}", r.host_command);
         }
         CtlCommand::Providers {
             action: Some(ProviderAction::Rotate { name }),
         } => {
             let r = admin.rotate(&name).await?;
-            println!("enrollment token of {name} rotated; the old one enrolls no new agent");
-            println!("new enrollment token (shown once): {}", r.enrollment_token);
-            println!("run an agent with:\n  {}", r.host_command);
+            out!("enrollment token of {name} rotated; the old one enrolls no new agent");
+            out!("new enrollment token (shown once): {}", r.enrollment_token);
+            out!("run an agent with:\n  {}", r.host_command);
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -393,8 +393,13 @@ impl Store {
     }
 
     /// Applies an agent's ack: the highest contiguous seq it durably
-    /// accepted. Acks above the last issued seq are clamped. Returns the
-    /// agent's ack after the update.
+    /// accepted. Returns the agent's ack after the update.
+    ///
+    /// An ack above the last issued seq means this store lost commits (a
+    /// power loss, or a data dir restored from an older copy) and has been
+    /// reusing seqs the agent already saw: the agent would take those
+    /// commands for duplicates. They are failed with a clear result, and
+    /// numbering continues above the agent's ack.
     pub fn ack(&self, agent_id: &str, ack: u64, now: i64) -> Result<u64, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
@@ -406,7 +411,41 @@ impl Store {
                 )
                 .optional()?;
             let Some((acked, next)) = row else { return Ok(0) };
-            let new = (ack as i64).min(next - 1);
+            if ack as i64 > next - 1 {
+                let lost = proto::CommandResult {
+                    command_id: String::new(),
+                    status: proto::CommandStatus::Failed as i32,
+                    message: "not delivered: the backend's store lost recent commits and reused this \
+                              command's seq, which the agent had already seen; queue the command again"
+                        .into(),
+                    detail: None,
+                };
+                let ids: Vec<String> = {
+                    let mut st = tx.prepare(
+                        "SELECT id FROM commands WHERE agent_id = ?1 AND seq > ?2 AND done_ms = 0",
+                    )?;
+                    let rows = st.query_map(params![agent_id, acked], |r| r.get(0))?;
+                    rows.collect::<Result<_, _>>()?
+                };
+                for id in ids {
+                    let mut r = lost.clone();
+                    r.command_id = id.clone();
+                    tx.execute(
+                        "UPDATE commands SET done_ms = ?2, result = ?3 WHERE id = ?1",
+                        params![id, now, r.encode_to_vec()],
+                    )?;
+                }
+                tx.execute(
+                    "UPDATE agents SET acked_seq = ?2, next_seq = ?2 + 1 WHERE id = ?1",
+                    params![agent_id, ack as i64],
+                )?;
+                tx.commit()?;
+                tracing::warn!(agent = agent_id, ack, issued = next - 1,
+                    "agent acknowledges seqs this store never issued (lost commits or an older data dir); \
+                     unfinished commands above its previous ack were failed, numbering moves on");
+                return Ok(ack);
+            }
+            let new = ack as i64;
             if new <= acked {
                 return Ok(acked as u64);
             }
@@ -577,11 +616,29 @@ mod tests {
         assert_eq!(s.ack("a1", 2, 20).unwrap(), 2);
         let p = s.pending("a1", 2, 100).unwrap();
         assert_eq!(p.iter().map(|c| c.seq).collect::<Vec<_>>(), [3]);
-        // Acks never go backwards and never beyond what was issued.
+        // Acks never go backwards.
         assert_eq!(s.ack("a1", 1, 30).unwrap(), 2);
-        assert_eq!(s.ack("a1", 99, 30).unwrap(), 3);
         assert_eq!(s.command("c1").unwrap().unwrap().accepted_ms, 20);
+        assert_eq!(s.ack("a1", 3, 30).unwrap(), 3);
         assert!(s.enqueue("nobody", "x", &ping(), 1).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_ack_beyond_issued_seqs_fails_reused_commands_and_moves_numbering_on() {
+        let s = store_with_agent();
+        s.enqueue("a1", "c1", &ping(), 10).unwrap();
+        s.enqueue("a1", "c2", &ping(), 10).unwrap();
+        // The agent saw seqs up to 5 before this store lost commits.
+        assert_eq!(s.ack("a1", 5, 20).unwrap(), 5);
+        for id in ["c1", "c2"] {
+            let c = s.command(id).unwrap().unwrap();
+            let r = c.result.unwrap();
+            assert_eq!(r.status, proto::CommandStatus::Failed as i32);
+            assert!(r.message.contains("queue the command again"));
+        }
+        let c = s.enqueue("a1", "c3", &ping(), 30).unwrap().unwrap();
+        assert_eq!(c.seq, 6);
+        assert!(s.pending("a1", 5, 10).unwrap().iter().all(|c| c.id == "c3"));
     }
 
     #[test]

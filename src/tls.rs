@@ -341,19 +341,23 @@ impl ServerCertVerifier for NamingVerifier {
                      add that CA with --ca-file PEM (or SSL_CERT_FILE)"
                 );
                 if !self.ca_files.is_empty() {
+                    let held = match self.extra_subjects.len() {
+                        1..=3 => self
+                            .extra_subjects
+                            .iter()
+                            .map(|s| format!("\"{s}\""))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        n => format!("{n} certificates"),
+                    };
                     message.push_str(&format!(
-                        ". The CA file(s) given ({}) hold {}: the certificate comes from another CA, \
-                         so a TLS-intercepting proxy is the likely cause; add the proxy's CA to --ca-file",
+                        ". The CA file(s) given ({}) hold {held}, not that issuer; if one of them is the \
+                         backend's CA, a TLS-intercepting proxy is the likely cause: add the proxy's CA with --ca-file",
                         self.ca_files
                             .iter()
                             .map(|p| p.display().to_string())
                             .collect::<Vec<_>>()
                             .join(", "),
-                        self.extra_subjects
-                            .iter()
-                            .map(|s| format!("\"{s}\""))
-                            .collect::<Vec<_>>()
-                            .join(", ")
                     ));
                 }
                 Err(rustls::Error::InvalidCertificate(CertificateError::Other(

@@ -89,13 +89,12 @@ impl AgentConfig {
     /// Every problem with the settings, at once.
     pub fn validate(&self) -> Vec<String> {
         let mut errs = Vec::new();
-        if let Some(t) = &self.token {
-            if t.is_empty()
+        if let Some(t) = &self.token
+            && (t.is_empty()
                 || t.expose().len() > 256
-                || t.expose().chars().any(|c| c.is_whitespace())
-            {
-                errs.push("--token: must be 1 to 256 characters without spaces".into());
-            }
+                || t.expose().chars().any(|c| c.is_whitespace()))
+        {
+            errs.push("--token: must be 1 to 256 characters without spaces".into());
         }
         if self.poll_hold < Duration::from_secs(1) || self.poll_hold > Duration::from_secs(120) {
             errs.push(format!(
@@ -114,7 +113,10 @@ impl AgentConfig {
         }
         for f in &self.trust.ca_files {
             if !f.is_file() {
-                errs.push(format!("--ca-file {}: no such file", f.display()));
+                errs.push(format!(
+                    "CA file {} (from --ca-file or SSL_CERT_FILE): no such file",
+                    f.display()
+                ));
             }
         }
         errs

@@ -9,10 +9,11 @@
 //!      └─ publishes the unary client of its rung ─────────────────────────┘
 //! ```
 //!
-//! The events channel holds [`EVENT_BUFFER`] entries; when full, executors
-//! wait (results are never dropped). The reporter sends at most
-//! [`REPORT_BATCH`] events per `Report` and keeps them until the backend
-//! acknowledges their seq.
+//! The events channel holds [`EVENT_BUFFER`] entries and the reporter keeps
+//! at most [`MAX_UNACKED_EVENTS`] unacknowledged ones; when both are full,
+//! executors wait (results are never dropped, memory stays bounded). The
+//! reporter sends at most [`REPORT_BATCH`] events per `Report` and keeps
+//! them until the backend acknowledges their seq.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -35,6 +36,9 @@ use crate::secret::Secret;
 const EVENT_BUFFER: usize = 1024;
 /// Events per `Report` at most.
 const REPORT_BATCH: usize = 500;
+/// Events the reporter holds unacknowledged at most; beyond, it stops
+/// taking events and executors wait on the full channel.
+const MAX_UNACKED_EVENTS: usize = 4096;
 /// Commands executing at once at most.
 const MAX_RUNNING: u32 = 256;
 /// How long a new stream may take to deliver its first frame.
@@ -48,7 +52,7 @@ const AGENT_SERVICE: &str = "uplink.v1.AgentService";
 #[derive(Clone)]
 enum Unary {
     Grpc(AgentServiceClient<Channel>),
-    Connect(ConnectClient),
+    Connect(Box<ConnectClient>),
 }
 
 fn grpc_request<T>(msg: T, credential: Option<&Secret>) -> Result<tonic::Request<T>, CallError> {
@@ -124,6 +128,10 @@ struct Agent {
     events: mpsc::Sender<proto::event::Kind>,
     unary: watch::Sender<Option<Unary>>,
     running: Arc<Semaphore>,
+    /// Events emitted and not yet acknowledged by the backend.
+    unacked: watch::Sender<usize>,
+    /// The last ack the backend confirmed receiving.
+    ack_delivered: watch::Sender<u64>,
 }
 
 pub(super) async fn run(
@@ -172,10 +180,11 @@ pub(super) async fn run(
             events: events_tx,
             unary: watch::channel(None).0,
             running: Arc::new(Semaphore::new(MAX_RUNNING as usize)),
+            unacked: watch::channel(0).0,
+            ack_delivered: watch::channel(0).0,
         });
+        let reporter = tokio::spawn(agent.clone().reporter(events_rx));
         agent.recover().await;
-        let (idle_tx, mut idle_rx) = watch::channel(true);
-        let reporter = tokio::spawn(agent.clone().reporter(events_rx, idle_tx));
         agent.rungs(stop.clone()).await;
 
         // Shutdown: let running commands finish, then pending reports.
@@ -186,12 +195,17 @@ pub(super) async fn run(
                 "commands still running at the end of the grace time; they will be reported as interrupted after restart"
             );
         }
-        tokio::task::yield_now().await;
-        if tokio::time::timeout_at(grace, idle_rx.wait_for(|idle| *idle))
-            .await
-            .is_err()
-        {
-            tracing::warn!("reports still pending at the end of the grace time");
+        let ack = *agent.ack.borrow();
+        let mut unacked = agent.unacked.subscribe();
+        let mut delivered = agent.ack_delivered.subscribe();
+        let flushed = async {
+            let _ = unacked.wait_for(|n| *n == 0).await;
+            let _ = delivered.wait_for(|a| *a >= ack).await;
+        };
+        if tokio::time::timeout_at(grace, flushed).await.is_err() {
+            tracing::warn!(
+                "reports still pending at the end of the grace time; they are sent again after restart"
+            );
         }
         reporter.abort();
         tracing::info!("agent stopped");
@@ -237,7 +251,9 @@ async fn enrolled(
                     client::grpc_channel(&cfg.backend, tls, cfg.keepalive, cfg.keepalive_timeout)
                         .await?,
                 )),
-                TransportMode::Longpoll => Unary::Connect(ConnectClient::new(&cfg.backend, tls)),
+                TransportMode::Longpoll => {
+                    Unary::Connect(Box::new(ConnectClient::new(&cfg.backend, tls)))
+                }
             };
             unary
                 .enroll(proto::EnrollRequest {
@@ -337,7 +353,15 @@ impl Agent {
     }
 
     async fn emit_result(&self, r: proto::CommandResult) {
-        let _ = self.events.send(proto::event::Kind::Result(r)).await;
+        self.unacked.send_modify(|n| *n += 1);
+        if self
+            .events
+            .send(proto::event::Kind::Result(r))
+            .await
+            .is_err()
+        {
+            self.unacked.send_modify(|n| *n = n.saturating_sub(1));
+        }
     }
 
     /// The rung loop: runs sessions on the configured rung, with backoff.
@@ -476,13 +500,15 @@ impl Agent {
         let client =
             ConnectClient::new(&self.cfg.backend, &self.tls).with_auth(self.credential.clone());
         self.unary
-            .send_replace(Some(Unary::Connect(client.clone())));
+            .send_replace(Some(Unary::Connect(Box::new(client.clone()))));
         let hold = self.cfg.poll_hold;
         let mut first = true;
         loop {
+            // The first poll of a session returns at once, so the rung is
+            // known to work without waiting for a hold.
             let req = proto::PollRequest {
                 ack: *self.ack.borrow(),
-                hold_ms: hold.as_millis() as u32,
+                hold_ms: if first { 1 } else { hold.as_millis() as u32 },
                 info: Some(self.info.clone()),
             };
             let resp: proto::PollResponse = tokio::select! {
@@ -526,7 +552,24 @@ impl Agent {
             let mut j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
             match j.decide(c.seq, &c.id) {
                 Decision::Duplicate => {
-                    tracing::debug!(command = %c.id, seq = c.seq, "duplicate delivery ignored");
+                    // Delivered again: the backend has not seen our ack or
+                    // result. Never run it again; send the result we have.
+                    tracing::debug!(command = %c.id, seq = c.seq, "duplicate delivery; not executed again");
+                    let done = j.get(&c.id).and_then(|e| e.done.clone());
+                    drop(j);
+                    if let Some((status, message)) = done {
+                        let agent = self.clone();
+                        tokio::spawn(async move {
+                            agent
+                                .emit_result(proto::CommandResult {
+                                    command_id: c.id,
+                                    status,
+                                    message,
+                                    detail: None,
+                                })
+                                .await;
+                        });
+                    }
                     return Ok(());
                 }
                 Decision::Gap { expected } => {
@@ -576,11 +619,7 @@ impl Agent {
 
     /// Sends events and acks to the backend on the current rung's unary
     /// client; keeps events until acknowledged.
-    async fn reporter(
-        self: Arc<Self>,
-        mut events: mpsc::Receiver<proto::event::Kind>,
-        idle: watch::Sender<bool>,
-    ) {
+    async fn reporter(self: Arc<Self>, mut events: mpsc::Receiver<proto::event::Kind>) {
         let epoch = fastrand::u64(1..u64::MAX / 2);
         let mut pending: VecDeque<proto::Event> = VecDeque::new();
         let mut next_seq = 1u64;
@@ -597,12 +636,14 @@ impl Agent {
             next_seq += 1;
         };
         loop {
-            while let Ok(k) = events.try_recv() {
-                push(&mut pending, k);
+            while pending.len() < MAX_UNACKED_EVENTS {
+                match events.try_recv() {
+                    Ok(k) => push(&mut pending, k),
+                    Err(_) => break,
+                }
             }
             let ack = *ack_rx.borrow_and_update();
             if pending.is_empty() && ack == sent_ack {
-                idle.send_replace(true);
                 tokio::select! {
                     k = events.recv() => match k {
                         Some(k) => push(&mut pending, k),
@@ -612,7 +653,6 @@ impl Agent {
                 }
                 continue;
             }
-            idle.send_replace(false);
             let unary = unary_rx.borrow_and_update().clone();
             let Some(unary) = unary else {
                 if unary_rx.changed().await.is_err() {
@@ -629,6 +669,8 @@ impl Agent {
                 Ok(resp) => {
                     retry.reset();
                     sent_ack = ack;
+                    self.ack_delivered.send_replace(ack);
+                    let before = pending.len();
                     while pending
                         .front()
                         .map(|e| e.seq <= resp.acked_seq)
@@ -645,6 +687,8 @@ impl Agent {
                             }
                         }
                     }
+                    let done = before - pending.len();
+                    self.unacked.send_modify(|n| *n = n.saturating_sub(done));
                 }
                 Err(e) => {
                     let d = retry.next_delay();

@@ -141,6 +141,17 @@ impl Core {
         &self.cfg
     }
 
+    /// The durable store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Wakes the streams and held polls of `agent` after a command was
+    /// queued for it directly in the store.
+    pub fn wake(&self, agent: &str, seq: u64) {
+        self.hub.notify_queued(agent, seq);
+    }
+
     /// The agent whose credential is in `authorization`.
     pub fn authenticate_agent(&self, authorization: Option<&str>) -> Result<String, Status> {
         let token = bearer(authorization).ok_or_else(|| {
@@ -434,9 +445,16 @@ impl Core {
                 continue; // A retried event: already stored.
             }
             match ev.kind {
-                Some(proto::event::Kind::Result(r)) => {
-                    if r.status == proto::CommandStatus::Unspecified as i32 {
-                        tracing::warn!(%agent, command = %r.command_id, "result without a status; stored as failed");
+                Some(proto::event::Kind::Result(mut r)) => {
+                    if proto::CommandStatus::try_from(r.status).unwrap_or_default()
+                        == proto::CommandStatus::Unspecified
+                    {
+                        tracing::warn!(%agent, command = %r.command_id, status = r.status, "result without a known status; stored as failed");
+                        r.message = format!(
+                            "agent sent status {} (not in the contract): {}",
+                            r.status, r.message
+                        );
+                        r.status = proto::CommandStatus::Failed as i32;
                     }
                     match self
                         .store

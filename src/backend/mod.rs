@@ -39,7 +39,8 @@ pub struct BackendConfig {
     /// Where the store, the generated CA and tokens live.
     pub data_dir: PathBuf,
     /// Names in the generated certificate; the first is also used in the
-    /// public URL when none is given.
+    /// public URL when none is given. Default: this host's name,
+    /// `localhost`, `127.0.0.1`.
     pub hostnames: Vec<String>,
     /// Operator-provided certificate chain and key (PEM).
     pub tls_cert: Option<PathBuf>,
@@ -66,7 +67,7 @@ impl BackendConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         BackendConfig {
             data_dir: data_dir.into(),
-            hostnames: vec!["localhost".into(), "127.0.0.1".into()],
+            hostnames: default_hostnames(),
             tls_cert: None,
             tls_key: None,
             admin_token: None,
@@ -113,21 +114,32 @@ impl BackendConfig {
             ("--admin-token", &self.admin_token),
             ("--enroll-token", &self.enroll_token),
         ] {
-            if let Some(t) = token {
-                if t.expose().len() < 16
+            if let Some(t) = token
+                && (t.expose().len() < 16
                     || t.expose().len() > 256
                     || t.expose()
                         .chars()
-                        .any(|c| c.is_whitespace() || c.is_control())
-                {
-                    errs.push(format!(
-                        "{name}: must be 16 to 256 characters without spaces"
-                    ));
-                }
+                        .any(|c| c.is_whitespace() || c.is_control()))
+            {
+                errs.push(format!(
+                    "{name}: must be 16 to 256 characters without spaces"
+                ));
             }
         }
         errs
     }
+}
+
+/// This host's name (when it has one), `localhost` and `127.0.0.1`.
+pub fn default_hostnames() -> Vec<String> {
+    let mut names = Vec::new();
+    let host = crate::agent::default_hostname();
+    if host != "unknown" && host != "localhost" {
+        names.push(host);
+    }
+    names.push("localhost".into());
+    names.push("127.0.0.1".into());
+    names
 }
 
 /// Failures that stop the backend.
@@ -183,6 +195,13 @@ impl Server {
             path: config.data_dir.clone(),
             source,
         })?;
+        let mut config = config;
+        // Absolute, so the printed host command and CA path work from anywhere.
+        config.data_dir =
+            std::fs::canonicalize(&config.data_dir).map_err(|source| BackendError::DataDir {
+                path: config.data_dir.clone(),
+                source,
+            })?;
         let addr = listener.local_addr().map_err(BackendError::Listen)?;
         let identity = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => ServerIdentity::Files {

@@ -88,14 +88,14 @@ async fn handle(
             ),
         );
     };
-    if let Some(ce) = req.headers().get(header::CONTENT_ENCODING) {
-        if ce.as_bytes() != b"identity" {
-            return error(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                Code::Unimplemented,
-                &format!("content-encoding {ce:?} is not supported: send identity"),
-            );
-        }
+    if let Some(ce) = req.headers().get(header::CONTENT_ENCODING)
+        && ce.as_bytes() != b"identity"
+    {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Code::Unimplemented,
+            &format!("content-encoding {ce:?} is not supported: send identity"),
+        );
     }
     let authorization = auth(req.headers());
     let body = match http_body_util::Limited::new(req.into_body(), st.limit)
