@@ -1,6 +1,8 @@
-//! Command-line flags. Every flag has an `UPLINK_*` environment fallback
-//! (the ecosystem's names where they exist, such as `SSL_CERT_FILE`), so a
-//! `docker run -e ...` line configures everything. Bad settings exit with
+//! Command-line flags. The flags of `backend` and `agent`, and the
+//! connection flags of `ctl` and `doctor`, have `UPLINK_*` environment
+//! fallbacks (and the ecosystem's names where they exist: `HTTPS_PROXY`,
+//! `NO_PROXY`, `SSL_CERT_FILE`), so a `docker run -e ...` line configures
+//! everything. Bad settings exit with
 //! status 64 and one line per problem.
 
 use std::path::PathBuf;
@@ -105,9 +107,25 @@ pub struct AgentArgs {
     /// Extra CA bundle to trust (PEM, repeatable); SSL_CERT_FILE is read too.
     #[arg(long = "ca-file", env = "UPLINK_CA_FILE", value_delimiter = ',')]
     pub ca_files: Vec<PathBuf>,
-    /// Rung: grpc (HTTP/2 stream) or longpoll (HTTPS long-polling).
-    #[arg(long, env = "UPLINK_TRANSPORT", default_value = "grpc")]
+    /// Rung: auto (gRPC stream, falling back to long-polling when HTTP/2
+    /// cannot pass), grpc, or longpoll.
+    #[arg(long, env = "UPLINK_TRANSPORT", default_value = "auto")]
     pub transport: String,
+    /// HTTP CONNECT proxy (http://[user:pass@]host:port); default HTTPS_PROXY / ALL_PROXY.
+    #[arg(long, env = "UPLINK_PROXY", hide_env_values = true)]
+    pub proxy: Option<String>,
+    /// Hosts, domains, IPs or CIDR ranges reached without the proxy; default NO_PROXY.
+    #[arg(long, env = "UPLINK_NO_PROXY")]
+    pub no_proxy: Option<String>,
+    /// First wait before probing gRPC again while on long-poll (auto mode).
+    #[arg(long, env = "UPLINK_PROBE_INITIAL", default_value = "60s", value_parser = parse_duration)]
+    pub probe_initial: Duration,
+    /// Longest wait between probes of gRPC (auto mode).
+    #[arg(long, env = "UPLINK_PROBE_MAX", default_value = "15m", value_parser = parse_duration)]
+    pub probe_max: Duration,
+    /// Replace a stream older than this (a new one opens before the old closes).
+    #[arg(long, env = "UPLINK_STREAM_MAX_AGE", default_value = "1h", value_parser = parse_duration)]
+    pub stream_max_age: Duration,
     /// Where identity and journal live.
     #[arg(long, env = "UPLINK_STATE_DIR", default_value = "/var/lib/uplink")]
     pub state_dir: PathBuf,
@@ -153,6 +171,12 @@ pub struct CtlArgs {
         global = true
     )]
     pub ca_files: Vec<PathBuf>,
+    /// HTTP CONNECT proxy; default HTTPS_PROXY / ALL_PROXY.
+    #[arg(long, env = "UPLINK_PROXY", hide_env_values = true, global = true)]
+    pub proxy: Option<String>,
+    /// Reached without the proxy; default NO_PROXY.
+    #[arg(long, env = "UPLINK_NO_PROXY", global = true)]
+    pub no_proxy: Option<String>,
     #[command(subcommand)]
     pub command: CtlCommand,
 }

@@ -1,8 +1,8 @@
-//! HTTPS clients for both rungs and for `ctl`, over one rustls
-//! configuration: a tonic channel for the gRPC rung (ALPN `h2`), and a
-//! Connect unary client (ALPN `http/1.1`, keep-alive) for the long-poll
-//! rung and the admin API. Also the classification of failures into what a
-//! person can act on.
+//! HTTPS clients for both rungs and for `ctl`, over one [`Net`] (rustls
+//! configuration and proxy settings): a tonic channel for the gRPC rung
+//! (ALPN `h2`), and a Connect unary client (ALPN `http/1.1`, keep-alive)
+//! for the long-poll rung and the admin API. Also the classification of
+//! failures into what a person can act on.
 
 use std::error::Error as StdError;
 use std::time::Duration;
@@ -10,18 +10,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Uri;
 use http_body_util::{BodyExt, Full};
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tonic::Code;
 
 use crate::connect::{self, Encoding};
+use crate::net::{Alpn, ConnectError, Connector, Net, ProxyError};
 use crate::proto::Named;
 use crate::secret::Secret;
-
-/// Time allowed for TCP connect plus TLS handshake.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Checks a backend URL: `https://host[:port]`.
 pub fn parse_backend_url(s: &str) -> Result<Uri, String> {
@@ -63,31 +59,6 @@ pub fn parse_backend_url(s: &str) -> Result<Uri, String> {
     text.parse().map_err(|e| format!("backend URL {s:?}: {e}"))
 }
 
-/// Which HTTP version a connector offers in ALPN.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Alpn {
-    /// `h2` only: the gRPC rung.
-    H2,
-    /// `http/1.1` only: the long-poll rung.
-    Http1,
-}
-
-/// An HTTPS connector with our TLS configuration.
-pub fn https_connector(tls: &rustls::ClientConfig, alpn: Alpn) -> HttpsConnector<HttpConnector> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-    http.set_keepalive(Some(Duration::from_secs(30)));
-    let b = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls.clone())
-        .https_only();
-    match alpn {
-        Alpn::H2 => b.enable_http2().wrap_connector(http),
-        Alpn::Http1 => b.enable_http1().wrap_connector(http),
-    }
-}
-
 /// What kind of failure a call met: decides the log line and the retry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailureKind {
@@ -99,6 +70,12 @@ pub enum FailureKind {
     Timeout,
     /// The TLS handshake failed (trust, protocol).
     Tls,
+    /// The proxy refused or failed the tunnel; `operator` when only the
+    /// operator can fix it (credentials, policy).
+    Proxy { operator: bool },
+    /// The path does not carry HTTP/2 (ALPN not h2, h2 handshake failed,
+    /// stream cut before its first frame).
+    NoH2,
     /// The backend answered with an error status.
     Status(Code),
     /// The connection broke or the protocol failed.
@@ -128,6 +105,32 @@ impl CallError {
         let mut kind = FailureKind::Other;
         let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
         while let Some(e) = cur {
+            if let Some(c) = e.downcast_ref::<ConnectError>() {
+                kind = match c {
+                    ConnectError::Dns { .. } => FailureKind::Dns,
+                    ConnectError::Tcp { source, .. } => match source.kind() {
+                        std::io::ErrorKind::ConnectionRefused => FailureKind::Refused,
+                        std::io::ErrorKind::TimedOut => FailureKind::Timeout,
+                        _ => FailureKind::Other,
+                    },
+                    ConnectError::Proxy(p) => FailureKind::Proxy {
+                        operator: p.needs_operator(),
+                    },
+                    ConnectError::Tls { .. } => FailureKind::Tls,
+                    ConnectError::NoH2 { .. } => FailureKind::NoH2,
+                    ConnectError::Timeout(..) => FailureKind::Timeout,
+                    ConnectError::BadUri(_) => FailureKind::Other,
+                };
+                return CallError { kind, message };
+            }
+            if let Some(p) = e.downcast_ref::<ProxyError>() {
+                return CallError {
+                    kind: FailureKind::Proxy {
+                        operator: p.needs_operator(),
+                    },
+                    message,
+                };
+            }
             if let Some(io) = e.downcast_ref::<std::io::Error>() {
                 match io.kind() {
                     std::io::ErrorKind::ConnectionRefused => kind = FailureKind::Refused,
@@ -187,6 +190,8 @@ impl CallError {
             FailureKind::Refused => "refused",
             FailureKind::Timeout => "timeout",
             FailureKind::Tls => "tls",
+            FailureKind::Proxy { .. } => "proxy",
+            FailureKind::NoH2 => "no-h2",
             FailureKind::Status(_) => "status",
             FailureKind::Other => "connection",
         }
@@ -210,6 +215,10 @@ pub fn describe(err: &(dyn StdError + 'static)) -> String {
         if !s.is_empty() && !parts.iter().any(|p| p.contains(&s)) {
             parts.push(s);
         }
+        // A connection error already tells its whole story.
+        if e.downcast_ref::<ConnectError>().is_some() {
+            break;
+        }
         cur = e.source();
     }
     parts.join(": ")
@@ -218,19 +227,19 @@ pub fn describe(err: &(dyn StdError + 'static)) -> String {
 /// A Connect unary client (HTTP/1.1 with keep-alive).
 #[derive(Clone)]
 pub struct ConnectClient {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<Connector, Full<Bytes>>,
     base: String,
     auth: Option<Secret>,
     encoding: Encoding,
 }
 
 impl ConnectClient {
-    /// A client for the backend at `base`.
-    pub fn new(base: &Uri, tls: &rustls::ClientConfig) -> Self {
+    /// A client for the backend at `base` (HTTP/1.1, keep-alive).
+    pub fn new(base: &Uri, net: &Net) -> Self {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(50))
             .pool_max_idle_per_host(4)
-            .build(https_connector(tls, Alpn::Http1));
+            .build(net.connector(Alpn::Http1));
         ConnectClient {
             client,
             base: base.to_string().trim_end_matches('/').to_string(),
@@ -324,17 +333,15 @@ impl ConnectClient {
 /// answered within `keepalive_timeout`.
 pub async fn grpc_channel(
     base: &Uri,
-    tls: &rustls::ClientConfig,
+    net: &Net,
     keepalive: Duration,
     keepalive_timeout: Duration,
 ) -> Result<tonic::transport::Channel, CallError> {
     tonic::transport::Endpoint::from(base.clone())
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
         .http2_keep_alive_interval(keepalive)
         .keep_alive_timeout(keepalive_timeout)
         .keep_alive_while_idle(true)
-        .connect_with_connector(https_connector(tls, Alpn::H2))
+        .connect_with_connector(net.connector(Alpn::H2))
         .await
         .map_err(|e| CallError::transport(&e))
 }

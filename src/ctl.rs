@@ -31,9 +31,9 @@ pub struct PingOutcome {
 
 impl Admin {
     /// An admin client for `backend`.
-    pub fn new(backend: &Uri, tls: &rustls::ClientConfig, token: Secret) -> Self {
+    pub fn new(backend: &Uri, net: &crate::net::Net, token: Secret) -> Self {
         Admin {
-            client: ConnectClient::new(backend, tls).with_auth(token),
+            client: ConnectClient::new(backend, net).with_auth(token),
         }
     }
 

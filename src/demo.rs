@@ -86,6 +86,7 @@ async fn run_in(cfg: &DemoConfig, dir: &std::path::Path) -> Result<(), DemoError
         acfg.token = Some(enroll_token.clone());
         acfg.trust = trust.clone();
         acfg.transport = mode;
+        acfg.proxy = crate::net::ProxySettings::direct();
         acfg.hostname = format!("demo-{}", mode.name());
         acfg.grace = Duration::from_secs(2);
         agents.push(tokio::spawn(agent::run(acfg, stopped(stop_rx.clone()))));
@@ -93,7 +94,8 @@ async fn run_in(cfg: &DemoConfig, dir: &std::path::Path) -> Result<(), DemoError
     }
 
     let tls = crate::tls::client_config(&trust).map_err(fail)?;
-    let admin = Admin::new(&url, &tls, admin_token);
+    let net = crate::net::Net::new(tls, crate::net::ProxySettings::direct());
+    let admin = Admin::new(&url, &net, admin_token);
     let outcome = exercise(&admin, cfg.rounds).await;
 
     let _ = stop_tx.send(true);

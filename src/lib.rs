@@ -16,6 +16,8 @@
 //! - [`backend`]: `uplink backend`: one TLS port serving gRPC and Connect.
 //! - [`agent`]: `uplink agent`: enrollment, the session on its rung, the
 //!   journal that makes commands run at most once, and the executor.
+//! - [`net`]: outbound connections: DNS, TCP, the proxy's CONNECT tunnel,
+//!   TLS with the rung's ALPN, each failure named by hop.
 //! - [`client`]: HTTPS clients for both rungs and for `ctl`.
 //! - [`ctl`]: `uplink ctl`, the operator's command line.
 //! - [`demo`]: `uplink demo`, a backend and agents on this machine.
@@ -30,6 +32,7 @@ pub mod client;
 pub mod connect;
 pub mod ctl;
 pub mod demo;
+pub mod net;
 pub mod proto;
 pub mod secret;
 pub mod store;

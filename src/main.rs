@@ -181,11 +181,12 @@ async fn agent(a: cli::AgentArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let transport = match a.transport.as_str() {
+        "auto" => TransportMode::Auto,
         "grpc" => TransportMode::Grpc,
         "longpoll" => TransportMode::Longpoll,
         other => {
-            problems.push(format!("--transport {other:?}: use grpc or longpoll"));
-            TransportMode::Grpc
+            problems.push(format!("--transport {other:?}: use auto, grpc or longpoll"));
+            TransportMode::Auto
         }
     };
     let Some(backend) = backend else {
@@ -198,6 +199,10 @@ async fn agent(a: cli::AgentArgs) -> anyhow::Result<ExitCode> {
         skip_os_store: false,
     };
     cfg.transport = transport;
+    cfg.proxy = uplink::net::ProxySettings::from_flags_and_env(a.proxy, a.no_proxy);
+    cfg.probe_initial = a.probe_initial;
+    cfg.probe_max = a.probe_max;
+    cfg.stream_max_age = a.stream_max_age;
     if let Some(h) = a.hostname {
         cfg.hostname = h;
     }
@@ -235,8 +240,10 @@ async fn ctl(a: cli::CtlArgs) -> anyhow::Result<ExitCode> {
         ca_files: cli::ca_files_with_env(a.ca_files),
         skip_os_store: false,
     };
+    let proxy = uplink::net::ProxySettings::from_flags_and_env(a.proxy, a.no_proxy);
+    problems.extend(proxy.validate());
     let tls = match uplink::tls::client_config(&trust) {
-        Ok(t) => Some(t),
+        Ok(t) => Some(uplink::net::Net::new(t, proxy)),
         Err(e) => {
             problems.push(e.to_string());
             None

@@ -21,11 +21,8 @@ async fn post(
     auth: Option<&str>,
     body: Vec<u8>,
 ) -> (u16, Vec<u8>) {
-    let tls = uplink::tls::client_config(&b.trust()).unwrap();
-    let client =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(
-            uplink::client::https_connector(&tls, uplink::client::Alpn::Http1),
-        );
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(b.net().connector(uplink::net::Alpn::Http1));
     let mut req = http::Request::post(format!("https://127.0.0.1:{}{path}", b.addr.port()))
         .header("content-type", content_type);
     if let Some(a) = auth {
@@ -177,10 +174,9 @@ async fn bad_bodies_get_4xx_with_a_reason_and_the_backend_keeps_serving() {
 
     // gRPC: a message over the limit gets a status, not a crash.
     {
-        let tls = uplink::tls::client_config(&b.trust()).unwrap();
         let channel = uplink::client::grpc_channel(
             &b.url,
-            &tls,
+            &b.net(),
             Duration::from_secs(10),
             Duration::from_secs(10),
         )

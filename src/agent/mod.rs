@@ -6,6 +6,7 @@
 pub mod executor;
 pub mod identity;
 pub mod journal;
+pub mod ladder;
 mod session;
 
 use std::future::Future;
@@ -21,6 +22,9 @@ use crate::tls::Trust;
 /// Which rung the agent uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TransportMode {
+    /// Start on gRPC, fall to long-polling when HTTP/2 cannot pass, climb
+    /// back when it can (the ladder).
+    Auto,
     /// The gRPC server stream over HTTP/2.
     Grpc,
     /// HTTPS long-polling (Connect unary over HTTP/1.1).
@@ -31,6 +35,7 @@ impl TransportMode {
     /// The name used in flags and logs.
     pub fn name(self) -> &'static str {
         match self {
+            TransportMode::Auto => "auto",
             TransportMode::Grpc => "grpc",
             TransportMode::Longpoll => "longpoll",
         }
@@ -46,8 +51,16 @@ pub struct AgentConfig {
     pub token: Option<Secret>,
     /// Which CAs to trust.
     pub trust: Trust,
-    /// The rung.
+    /// The rung, or `Auto` for the ladder.
     pub transport: TransportMode,
+    /// The proxy to reach the backend through.
+    pub proxy: crate::net::ProxySettings,
+    /// First wait before probing gRPC again from long-poll.
+    pub probe_initial: Duration,
+    /// Longest wait between probes.
+    pub probe_max: Duration,
+    /// A stream older than this is replaced (make before break).
+    pub stream_max_age: Duration,
     /// Where identity and journal live.
     pub state_dir: PathBuf,
     /// The name the agent reports.
@@ -74,7 +87,11 @@ impl AgentConfig {
             backend,
             token: None,
             trust: Trust::default(),
-            transport: TransportMode::Grpc,
+            transport: TransportMode::Auto,
+            proxy: crate::net::ProxySettings::direct(),
+            probe_initial: Duration::from_secs(60),
+            probe_max: Duration::from_secs(15 * 60),
+            stream_max_age: Duration::from_secs(3600),
             state_dir: state_dir.into(),
             hostname: default_hostname(),
             poll_hold: Duration::from_secs(25),
@@ -108,6 +125,19 @@ impl AgentConfig {
                 self.keepalive
             ));
         }
+        if self.probe_initial < Duration::from_secs(1) || self.probe_max < self.probe_initial {
+            errs.push(format!(
+                "--probe-initial {:?} / --probe-max {:?}: the first must be at least 1s and at most the second",
+                self.probe_initial, self.probe_max
+            ));
+        }
+        if self.stream_max_age < Duration::from_secs(5) {
+            errs.push(format!(
+                "--stream-max-age {:?} is too short: at least 5s",
+                self.stream_max_age
+            ));
+        }
+        errs.extend(self.proxy.validate());
         if self.hostname.is_empty() || self.hostname.len() > 255 {
             errs.push("--hostname: must be 1 to 255 characters".into());
         }

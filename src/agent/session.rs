@@ -17,6 +17,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,9 +27,11 @@ use tonic::transport::Channel;
 
 use super::identity::{self, Identity};
 use super::journal::{Decision, Journal};
+use super::ladder::{Ladder, LadderConfig, Move, Rung, StreamEnd, jitter as ld_jitter};
 use super::{AgentConfig, AgentError, TransportMode, executor};
 use crate::backoff::Retry;
 use crate::client::{self, CallError, ConnectClient, FailureKind};
+use crate::net::Net;
 use crate::proto::{self, agent_service_client::AgentServiceClient};
 use crate::secret::Secret;
 
@@ -41,8 +44,10 @@ const REPORT_BATCH: usize = 500;
 const MAX_UNACKED_EVENTS: usize = 4096;
 /// Commands executing at once at most.
 const MAX_RUNNING: u32 = 256;
-/// How long a new stream may take to deliver its first frame.
-const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new stream may take to deliver its first frame (the backend
+/// sends a heartbeat at once). Short, so that a path that swallows HTTP/2
+/// costs the ladder seconds, not minutes.
+const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(4);
 /// Timeout of unary calls.
 const UNARY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -99,9 +104,23 @@ impl Unary {
     }
 }
 
+/// A gRPC stream that delivered its first frame.
+struct OpenStream {
+    client: AgentServiceClient<Channel>,
+    stream: tonic::Streaming<proto::SubscribeResponse>,
+    first: proto::SubscribeResponse,
+    /// The ack it was opened with.
+    ack: u64,
+}
+
+/// A stream being opened.
+type Opening = Pin<Box<dyn Future<Output = Result<OpenStream, CallError>> + Send>>;
+
 /// How a rung session ended.
 enum Outcome {
     Shutdown,
+    /// A probe's stream is up: climb to gRPC with it.
+    Climb(Box<OpenStream>),
     /// Reconnect at once (the backend asked, or a gap needs redelivery).
     Reconnect(String),
     /// Reconnect after backoff.
@@ -120,8 +139,10 @@ impl Stop {
 
 struct Agent {
     cfg: AgentConfig,
-    tls: rustls::ClientConfig,
+    net: Net,
     info: proto::AgentInfo,
+    /// Why the agent is on its rung, sent with every `Subscribe`/`Poll`.
+    reason: Mutex<String>,
     credential: Secret,
     journal: Mutex<Journal>,
     ack: watch::Sender<u64>,
@@ -142,11 +163,11 @@ pub(super) async fn run(
         path: cfg.state_dir.clone(),
         source,
     })?;
-    let tls = crate::tls::client_config(&cfg.trust)?;
+    let net = Net::new(crate::tls::client_config(&cfg.trust)?, cfg.proxy.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut stop = Stop(stop_rx);
     let body = async {
-        let reason = format!("configured (--transport {})", cfg.transport.name());
+        let reason = String::new();
         let info = proto::AgentInfo {
             hostname: cfg.hostname.clone(),
             version: crate::VERSION.into(),
@@ -154,7 +175,7 @@ pub(super) async fn run(
             arch: std::env::consts::ARCH.into(),
             transport_reason: reason,
         };
-        let Some(ident) = enrolled(&cfg, &tls, &info, &mut stop).await? else {
+        let Some(ident) = enrolled(&cfg, &net, &info, &mut stop).await? else {
             return Ok(());
         };
         tracing::info!(agent = %ident.agent_id, provider = %ident.provider, backend = %cfg.backend,
@@ -175,7 +196,8 @@ pub(super) async fn run(
             journal: Mutex::new(journal),
             credential: Secret::new(ident.credential.clone()),
             cfg: cfg.clone(),
-            tls: tls.clone(),
+            net: net.clone(),
+            reason: Mutex::new(String::new()),
             info,
             events: events_tx,
             unary: watch::channel(None).0,
@@ -229,7 +251,7 @@ pub(super) async fn run(
 /// Loads the identity, or enrolls. None when stopped before enrolling.
 async fn enrolled(
     cfg: &AgentConfig,
-    tls: &rustls::ClientConfig,
+    net: &Net,
     info: &proto::AgentInfo,
     stop: &mut Stop,
 ) -> Result<Option<Identity>, AgentError> {
@@ -248,11 +270,12 @@ async fn enrolled(
         let attempt = async {
             let unary = match cfg.transport {
                 TransportMode::Grpc => Unary::Grpc(AgentServiceClient::new(
-                    client::grpc_channel(&cfg.backend, tls, cfg.keepalive, cfg.keepalive_timeout)
+                    client::grpc_channel(&cfg.backend, net, cfg.keepalive, cfg.keepalive_timeout)
                         .await?,
                 )),
-                TransportMode::Longpoll => {
-                    Unary::Connect(Box::new(ConnectClient::new(&cfg.backend, tls)))
+                // Enrollment is one unary call: HTTP/1.1 passes everywhere.
+                TransportMode::Longpoll | TransportMode::Auto => {
+                    Unary::Connect(Box::new(ConnectClient::new(&cfg.backend, net)))
                 }
             };
             unary
@@ -364,26 +387,86 @@ impl Agent {
         }
     }
 
-    /// The rung loop: runs sessions on the configured rung, with backoff.
+    /// The current `AgentInfo`, with the ladder's reason.
+    fn info(&self) -> proto::AgentInfo {
+        let mut info = self.info.clone();
+        info.transport_reason = self
+            .reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        info
+    }
+
+    fn set_reason(&self, ladder: &Ladder) {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = ladder.reason().to_string();
+    }
+
+    /// The rung loop: runs sessions on the ladder's rung, moves along the
+    /// ladder, and backs off between failed attempts.
     async fn rungs(self: &Arc<Self>, mut stop: Stop) {
+        let mut ladder = Ladder::new(LadderConfig {
+            auto: self.cfg.transport == TransportMode::Auto,
+            start: match self.cfg.transport {
+                TransportMode::Longpoll => Rung::Longpoll,
+                _ => Rung::Grpc,
+            },
+            probe_initial: self.cfg.probe_initial,
+            probe_max: self.cfg.probe_max,
+        });
+        self.set_reason(&ladder);
+        tracing::info!(
+            rung = ladder.rung().name(),
+            reason = ladder.reason(),
+            "transport"
+        );
         let mut retry = Retry::new(self.cfg.backoff);
-        let rung = self.cfg.transport.name();
+        let mut preopened: Option<OpenStream> = None;
         loop {
-            let outcome = match self.cfg.transport {
-                TransportMode::Grpc => self.grpc_session(&mut retry, stop.clone()).await,
-                TransportMode::Longpoll => self.poll_session(&mut retry, stop.clone()).await,
+            let rung = ladder.rung();
+            let outcome = match rung {
+                Rung::Grpc => {
+                    let (outcome, end) = self
+                        .grpc_session(&mut retry, stop.clone(), preopened.take())
+                        .await;
+                    if let Outcome::Failed(e) = &outcome
+                        && let Move::Fall(why) =
+                            ladder.grpc_failed(e, end, std::time::Instant::now(), fastrand::f64())
+                    {
+                        self.set_reason(&ladder);
+                        tracing::warn!(from = "grpc", to = "longpoll", reason = %why, "switching rung");
+                        retry.reset();
+                        continue;
+                    }
+                    outcome
+                }
+                Rung::Longpoll => {
+                    self.poll_session(&mut retry, stop.clone(), &mut ladder)
+                        .await
+                }
             };
             let delay = match outcome {
                 Outcome::Shutdown => return,
+                Outcome::Climb(open) => {
+                    self.set_reason(&ladder);
+                    tracing::info!(
+                        from = "longpoll",
+                        to = "grpc",
+                        reason = ladder.reason(),
+                        "switching rung"
+                    );
+                    preopened = Some(*open);
+                    continue;
+                }
                 Outcome::Reconnect(reason) => {
-                    tracing::info!(rung, %reason, "reconnecting");
+                    tracing::info!(rung = rung.name(), %reason, "reconnecting");
                     continue;
                 }
                 Outcome::Failed(e) => {
                     if e.needs_operator() {
                         let d = jitter(self.cfg.operator_retry);
                         tracing::error!(
-                            rung,
+                            rung = rung.name(),
                             failure = e.label(),
                             "cannot connect: {e}; retrying in {d:.0?}"
                         );
@@ -391,7 +474,7 @@ impl Agent {
                     } else {
                         let d = retry.next_delay();
                         tracing::warn!(
-                            rung,
+                            rung = rung.name(),
                             failure = e.label(),
                             "backend unreachable: {e}; retrying in {d:.1?}"
                         );
@@ -406,72 +489,154 @@ impl Agent {
         }
     }
 
-    async fn grpc_session(self: &Arc<Self>, retry: &mut Retry, mut stop: Stop) -> Outcome {
-        let channel = tokio::select! {
-            _ = stop.wait() => return Outcome::Shutdown,
-            r = client::grpc_channel(&self.cfg.backend, &self.tls, self.cfg.keepalive, self.cfg.keepalive_timeout) => match r {
-                Ok(c) => c,
-                Err(e) => return Outcome::Failed(e),
-            },
-        };
+    /// Opens a gRPC stream and waits for its first frame.
+    async fn open_stream(self: &Arc<Self>) -> Result<OpenStream, CallError> {
+        let channel = client::grpc_channel(
+            &self.cfg.backend,
+            &self.net,
+            self.cfg.keepalive,
+            self.cfg.keepalive_timeout,
+        )
+        .await?;
         let client = AgentServiceClient::new(channel)
             .max_decoding_message_size(16 * 1024 * 1024)
             .max_encoding_message_size(16 * 1024 * 1024);
-        self.unary.send_replace(Some(Unary::Grpc(client.clone())));
         let ack = *self.ack.borrow();
-        let mut req = match grpc_request(
+        let mut req = grpc_request(
             proto::SubscribeRequest {
                 ack,
-                info: Some(self.info.clone()),
+                info: Some(self.info()),
             },
             Some(&self.credential),
-        ) {
-            Ok(r) => r,
-            Err(e) => return Outcome::Failed(e),
-        };
-        // A stream has no deadline; the dead-stream timer below guards it.
+        )?;
+        // A stream has no deadline; the dead-stream timer guards it.
         req.set_timeout(Duration::from_secs(365 * 24 * 3600));
-        let mut subscriber = client.clone();
-        let mut stream = tokio::select! {
-            _ = stop.wait() => return Outcome::Shutdown,
-            r = subscriber.subscribe(req) => match r {
-                Ok(s) => s.into_inner(),
-                Err(s) => return Outcome::Failed(CallError::from_tonic(&s)),
+        let first = async {
+            let mut stream = client
+                .clone()
+                .subscribe(req)
+                .await
+                .map_err(|s| CallError::from_tonic(&s))?
+                .into_inner();
+            match stream.message().await {
+                Ok(Some(first)) => Ok((stream, first)),
+                Ok(None) => Err(CallError {
+                    kind: FailureKind::Other,
+                    message: "the stream ended before its first frame".into(),
+                }),
+                Err(s) => Err(CallError::from_tonic(&s)),
+            }
+        };
+        let (stream, first) = tokio::time::timeout(FIRST_FRAME_TIMEOUT, first)
+            .await
+            .map_err(|_| CallError {
+                kind: FailureKind::NoH2,
+                message: format!(
+                    "the stream delivered no frame within {FIRST_FRAME_TIMEOUT:?} (the backend sends a heartbeat at once)"
+                ),
+            })??;
+        Ok(OpenStream {
+            client,
+            stream,
+            first,
+            ack,
+        })
+    }
+
+    /// One gRPC session: a stream (opened here, or handed over by a
+    /// successful probe), kept alive and rotated make-before-break.
+    async fn grpc_session(
+        self: &Arc<Self>,
+        retry: &mut Retry,
+        mut stop: Stop,
+        preopened: Option<OpenStream>,
+    ) -> (Outcome, StreamEnd) {
+        let open = match preopened {
+            Some(o) => o,
+            None => tokio::select! {
+                _ = stop.wait() => return (Outcome::Shutdown, StreamEnd::BeforeFirstFrame),
+                r = self.open_stream() => match r {
+                    Ok(o) => o,
+                    Err(e) => return (Outcome::Failed(e), StreamEnd::BeforeFirstFrame),
+                },
             },
         };
+        retry.reset();
+        self.unary
+            .send_replace(Some(Unary::Grpc(open.client.clone())));
+        tracing::info!(rung = "grpc", ack = open.ack, "stream open");
+        let mut stream = open.stream;
+        let mut opened = tokio::time::Instant::now();
         let mut dead_after = FIRST_FRAME_TIMEOUT;
-        let mut first = true;
+        let mut pending_frame = Some(open.first);
+        let mut next: Option<Opening> = None;
+        let max_age = self.cfg.stream_max_age;
+        let mut rotate_at = opened + ld_jitter(max_age, fastrand::f64());
         loop {
-            let msg = tokio::select! {
-                biased;
-                _ = stop.wait() => return Outcome::Shutdown,
-                r = tokio::time::timeout(dead_after, stream.message()) => r,
-            };
-            let frame = match msg {
-                Err(_) => {
-                    return Outcome::Failed(CallError {
-                        kind: FailureKind::Timeout,
-                        message: format!(
-                            "no frame from the backend for {dead_after:?}; stream declared dead"
-                        ),
-                    });
+            let frame = match pending_frame.take() {
+                Some(f) => f,
+                None => {
+                    let msg = tokio::select! {
+                        biased;
+                        _ = stop.wait() => return (Outcome::Shutdown, StreamEnd::After(opened.elapsed())),
+                        r = async { next.as_mut().expect("guarded by if").await }, if next.is_some() => {
+                            next = None;
+                            match r {
+                                Ok(o) => {
+                                    // Make before break: the new stream is up, drop the old.
+                                    tracing::info!(ack = o.ack, "stream rotated");
+                                    self.unary.send_replace(Some(Unary::Grpc(o.client.clone())));
+                                    stream = o.stream;
+                                    opened = tokio::time::Instant::now();
+                                    rotate_at = opened + ld_jitter(max_age, fastrand::f64());
+                                    pending_frame = Some(o.first);
+                                }
+                                Err(e) => tracing::warn!(failure = e.label(), "could not open the replacement stream: {e}; keeping the current one"),
+                            }
+                            continue;
+                        }
+                        _ = tokio::time::sleep_until(rotate_at), if next.is_none() => {
+                            tracing::info!(age = ?opened.elapsed(), "stream reached its maximum age; opening a replacement");
+                            let me = self.clone();
+                            next = Some(Box::pin(async move { me.open_stream().await }));
+                            rotate_at = tokio::time::Instant::now() + max_age;
+                            continue;
+                        }
+                        r = tokio::time::timeout(dead_after, stream.message()) => r,
+                    };
+                    match msg {
+                        Err(_) => {
+                            return (
+                                Outcome::Failed(CallError {
+                                    kind: FailureKind::Timeout,
+                                    message: format!(
+                                        "no frame from the backend for {dead_after:?}; stream declared dead"
+                                    ),
+                                }),
+                                StreamEnd::After(opened.elapsed()),
+                            );
+                        }
+                        Ok(Err(s)) => {
+                            return (
+                                Outcome::Failed(CallError::from_tonic(&s)),
+                                StreamEnd::After(opened.elapsed()),
+                            );
+                        }
+                        Ok(Ok(None)) => {
+                            return (
+                                Outcome::Failed(CallError {
+                                    kind: FailureKind::Other,
+                                    message: "the stream ended".into(),
+                                }),
+                                StreamEnd::After(opened.elapsed()),
+                            );
+                        }
+                        Ok(Ok(Some(resp))) => resp,
+                    }
                 }
-                Ok(Err(s)) => return Outcome::Failed(CallError::from_tonic(&s)),
-                Ok(Ok(None)) => {
-                    return Outcome::Failed(CallError {
-                        kind: FailureKind::Other,
-                        message: "the backend ended the stream".into(),
-                    });
-                }
-                Ok(Ok(Some(resp))) => resp.frame.and_then(|f| f.kind),
             };
-            if first {
-                first = false;
-                retry.reset();
-                tracing::info!(rung = "grpc", ack, "stream open");
-            }
             use proto::server_frame::Kind;
-            match frame {
+            match frame.frame.and_then(|f| f.kind) {
                 Some(Kind::Heartbeat(h)) => {
                     // Two intervals plus a margin without any frame: dead.
                     let interval = Duration::from_millis(h.interval_ms.clamp(100, 60_000) as u64);
@@ -479,12 +644,15 @@ impl Agent {
                 }
                 Some(Kind::Command(c)) => {
                     if let Err(o) = self.intake(c) {
-                        return o;
+                        return (o, StreamEnd::After(opened.elapsed()));
                     }
                 }
-                Some(Kind::Rotate(r)) => {
-                    return Outcome::Reconnect(format!("backend asked to rotate: {}", r.reason));
+                Some(Kind::Rotate(r)) if next.is_none() => {
+                    tracing::info!(reason = %r.reason, "backend asked to rotate; opening a replacement stream");
+                    let me = self.clone();
+                    next = Some(Box::pin(async move { me.open_stream().await }));
                 }
+                Some(Kind::Rotate(_)) => {}
                 Some(Kind::Reconfigure(r)) => {
                     tracing::info!(
                         heartbeat_ms = r.heartbeat_interval_ms,
@@ -496,28 +664,68 @@ impl Agent {
         }
     }
 
-    async fn poll_session(self: &Arc<Self>, retry: &mut Retry, mut stop: Stop) -> Outcome {
+    /// One long-poll session. In auto mode it also probes gRPC when the
+    /// ladder says so, and hands over a probe's stream that delivered a frame.
+    async fn poll_session(
+        self: &Arc<Self>,
+        retry: &mut Retry,
+        mut stop: Stop,
+        ladder: &mut Ladder,
+    ) -> Outcome {
         let client =
-            ConnectClient::new(&self.cfg.backend, &self.tls).with_auth(self.credential.clone());
+            ConnectClient::new(&self.cfg.backend, &self.net).with_auth(self.credential.clone());
         self.unary
             .send_replace(Some(Unary::Connect(Box::new(client.clone()))));
         let hold = self.cfg.poll_hold;
         let mut first = true;
+        let mut probe: Option<Opening> = None;
         loop {
             // The first poll of a session returns at once, so the rung is
             // known to work without waiting for a hold.
             let req = proto::PollRequest {
                 ack: *self.ack.borrow(),
                 hold_ms: if first { 1 } else { hold.as_millis() as u32 },
-                info: Some(self.info.clone()),
+                info: Some(self.info()),
             };
-            let resp: proto::PollResponse = tokio::select! {
-                biased;
-                _ = stop.wait() => return Outcome::Shutdown,
-                r = client.call(AGENT_SERVICE, "Poll", &req, hold + Duration::from_secs(15)) => match r {
-                    Ok(r) => r,
-                    Err(e) => return Outcome::Failed(e),
-                },
+            let probe_at = ladder
+                .next_probe()
+                .map(tokio::time::Instant::from_std)
+                .filter(|_| probe.is_none());
+            let poll = client.call(AGENT_SERVICE, "Poll", &req, hold + Duration::from_secs(15));
+            tokio::pin!(poll);
+            let resp: proto::PollResponse = loop {
+                tokio::select! {
+                    biased;
+                    _ = stop.wait() => return Outcome::Shutdown,
+                    r = async { probe.as_mut().expect("guarded by if").await }, if probe.is_some() => {
+                        probe = None;
+                        match r {
+                            Ok(open) => {
+                                ladder.probe_result(true, std::time::Instant::now(), fastrand::f64());
+                                // The poll in flight is dropped: commands it
+                                // may carry are unacked, so the stream
+                                // delivers them again (the journal drops any
+                                // duplicate).
+                                return Outcome::Climb(Box::new(open));
+                            }
+                            Err(e) => {
+                                ladder.probe_result(false, std::time::Instant::now(), fastrand::f64());
+                                tracing::info!(failure = e.label(), next_in = ?ladder.next_probe().map(|t| t.saturating_duration_since(std::time::Instant::now())),
+                                    "gRPC probe failed: {e}; staying on long-poll");
+                                self.set_reason(ladder);
+                            }
+                        }
+                    }
+                    _ = async { tokio::time::sleep_until(probe_at.expect("guarded by if")).await }, if probe_at.is_some() && probe.is_none() => {
+                        tracing::debug!("probing the gRPC stream");
+                        let me = self.clone();
+                        probe = Some(Box::pin(async move { me.open_stream().await }));
+                    }
+                    r = &mut poll => match r {
+                        Ok(r) => break r,
+                        Err(e) => return Outcome::Failed(e),
+                    },
+                }
             };
             if first {
                 first = false;

@@ -130,8 +130,13 @@ impl TestBackend {
 
     /// An admin client.
     pub fn admin(&self) -> Admin {
+        Admin::new(&self.url, &self.net(), self.admin_token.clone())
+    }
+
+    /// Direct connections trusting the backend's CA.
+    pub fn net(&self) -> uplink::net::Net {
         let tls = uplink::tls::client_config(&self.trust()).expect("client TLS");
-        Admin::new(&self.url, &tls, self.admin_token.clone())
+        uplink::net::Net::new(tls, uplink::net::ProxySettings::direct())
     }
 }
 
