@@ -57,6 +57,8 @@ pub enum Command {
     Ctl(CtlArgs),
     /// Run a backend and two agents (one per rung) on this machine and show commands flowing.
     Demo(DemoArgs),
+    /// Walk the path to the backend hop by hop (DNS, proxy, TLS, ALPN, both rungs) and say what works.
+    Doctor(DoctorArgs),
 }
 
 #[derive(Args, Debug)]
@@ -138,6 +140,25 @@ pub struct AgentArgs {
     /// HTTP/2 keepalive ping interval on the gRPC rung.
     #[arg(long, env = "UPLINK_KEEPALIVE", default_value = "10s", value_parser = parse_duration)]
     pub keepalive: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// The backend, https://HOST[:PORT].
+    #[arg(long, env = "UPLINK_BACKEND")]
+    pub backend: String,
+    /// Extra CA bundle to trust (PEM, repeatable); SSL_CERT_FILE is read too.
+    #[arg(long = "ca-file", env = "UPLINK_CA_FILE", value_delimiter = ',')]
+    pub ca_files: Vec<PathBuf>,
+    /// HTTP CONNECT proxy; default HTTPS_PROXY / ALL_PROXY.
+    #[arg(long, env = "UPLINK_PROXY", hide_env_values = true)]
+    pub proxy: Option<String>,
+    /// Reached without the proxy; default NO_PROXY.
+    #[arg(long, env = "UPLINK_NO_PROXY")]
+    pub no_proxy: Option<String>,
+    /// State dir of an enrolled agent: its credential lets doctor open the stream and poll for real.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

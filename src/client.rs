@@ -116,7 +116,17 @@ impl CallError {
                     ConnectError::Proxy(p) => FailureKind::Proxy {
                         operator: p.needs_operator(),
                     },
-                    ConnectError::Tls { .. } => FailureKind::Tls,
+                    // A certificate or protocol verdict of rustls is about
+                    // trust; a connection cut in the middle of the handshake
+                    // is about the path (a proxy that does not like what it
+                    // sees, e.g. ALPN h2).
+                    ConnectError::Tls { source, .. } => {
+                        if source.get_ref().is_some_and(|i| i.is::<rustls::Error>()) {
+                            FailureKind::Tls
+                        } else {
+                            FailureKind::Other
+                        }
+                    }
                     ConnectError::NoH2 { .. } => FailureKind::NoH2,
                     ConnectError::Timeout(..) => FailureKind::Timeout,
                     ConnectError::BadUri(_) => FailureKind::Other,
@@ -149,11 +159,6 @@ impl CallError {
                 kind = FailureKind::Dns;
             } else if lower.contains("timed out") || lower.contains("deadline has elapsed") {
                 kind = FailureKind::Timeout;
-            } else if lower.contains("certificate")
-                || lower.contains("tls")
-                || lower.contains("handshake")
-            {
-                kind = FailureKind::Tls;
             }
         }
         CallError { kind, message }

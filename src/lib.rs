@@ -21,6 +21,8 @@
 //! - [`client`]: HTTPS clients for both rungs and for `ctl`.
 //! - [`ctl`]: `uplink ctl`, the operator's command line.
 //! - [`demo`]: `uplink demo`, a backend and agents on this machine.
+//! - [`doctor`]: `uplink doctor`, a verdict per hop from this host to the
+//!   backend, and which rung would be used.
 //! - [`cli`]: flag parsing and the exit-status convention (64 on bad config).
 #![forbid(unsafe_code)]
 
@@ -32,6 +34,7 @@ pub mod client;
 pub mod connect;
 pub mod ctl;
 pub mod demo;
+pub mod doctor;
 pub mod net;
 pub mod proto;
 pub mod secret;

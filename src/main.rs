@@ -63,7 +63,7 @@ async fn shutdown_signal() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Demo(_) | Command::Ctl(_) => "warn",
+        Command::Demo(_) | Command::Ctl(_) | Command::Doctor(_) => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -99,6 +99,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backend(a) => backend(a).await,
         Command::Agent(a) => agent(a).await,
         Command::Ctl(a) => ctl(a).await,
+        Command::Doctor(a) => doctor(a).await,
         Command::Demo(a) => {
             uplink::demo::run(uplink::demo::DemoConfig {
                 rounds: a.rounds,
@@ -218,6 +219,29 @@ async fn agent(a: cli::AgentArgs) -> anyhow::Result<ExitCode> {
         Err(e) if e.is_config() => Ok(config_error(&[e.to_string()])),
         Err(e) => Err(e.into()),
     }
+}
+
+async fn doctor(a: cli::DoctorArgs) -> anyhow::Result<ExitCode> {
+    let backend = match uplink::client::parse_backend_url(&a.backend) {
+        Ok(u) => u,
+        Err(e) => return Ok(config_error(&[format!("--backend: {e}")])),
+    };
+    let report = uplink::doctor::run(uplink::doctor::DoctorConfig {
+        backend,
+        trust: Trust {
+            ca_files: cli::ca_files_with_env(a.ca_files),
+            skip_os_store: false,
+        },
+        proxy: uplink::net::ProxySettings::from_flags_and_env(a.proxy, a.no_proxy),
+        state_dir: a.state_dir,
+    })
+    .await;
+    out_raw!("{}", report.text);
+    Ok(if report.rung.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn ctl(a: cli::CtlArgs) -> anyhow::Result<ExitCode> {

@@ -340,16 +340,15 @@ impl ServerCertVerifier for NamingVerifier {
                     "the server's certificate was issued by \"{issuer}\", which is not trusted; \
                      add that CA with --ca-file PEM (or SSL_CERT_FILE)"
                 );
-                if !self.ca_files.is_empty() {
-                    let held = match self.extra_subjects.len() {
-                        1..=3 => self
-                            .extra_subjects
-                            .iter()
-                            .map(|s| format!("\"{s}\""))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        n => format!("{n} certificates"),
-                    };
+                // A small bundle is a private CA the operator added; a large
+                // one is a system store, where interception says nothing.
+                if !self.ca_files.is_empty() && self.extra_subjects.len() <= 3 {
+                    let held = self
+                        .extra_subjects
+                        .iter()
+                        .map(|s| format!("\"{s}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ");
                     message.push_str(&format!(
                         ". The CA file(s) given ({}) hold {held}, not that issuer; if one of them is the \
                          backend's CA, a TLS-intercepting proxy is the likely cause: add the proxy's CA with --ca-file",

@@ -4,7 +4,9 @@
 //! - Mode `auto` starts on the gRPC stream. It falls to long-polling at once
 //!   when HTTP/2 cannot pass: ALPN not `h2`, the h2 handshake failing, a
 //!   stream reset or cut before its first frame, or [`EARLY_DEATHS`] streams
-//!   in a row dying within [`EARLY`] of opening. Failures that would fail
+//!   in a row dying before [`EARLY_HEARTBEATS`] heartbeats. (Streams cut at
+//!   a fixed age by a proxy live longer than that: the agent reconnects at
+//!   once and stays on gRPC.) Failures that would fail
 //!   every rung (DNS, refused, proxy, TLS trust, credentials) never cause a
 //!   fall: they are reported as what they are.
 //! - On long-poll, gRPC is probed again after a jittered, growing interval
@@ -16,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use crate::client::{CallError, FailureKind};
 
-/// A stream that dies sooner than this after opening died early.
-pub const EARLY: Duration = Duration::from_secs(20);
+/// A stream that dies before delivering this many heartbeats died early.
+pub const EARLY_HEARTBEATS: u32 = 3;
 /// Early deaths in a row that make the ladder fall.
 pub const EARLY_DEATHS: u32 = 2;
 
@@ -58,8 +60,8 @@ pub struct LadderConfig {
 pub enum StreamEnd {
     /// It failed before delivering any frame.
     BeforeFirstFrame,
-    /// It delivered frames and lived this long.
-    After(Duration),
+    /// It delivered frames, among them this many heartbeats.
+    After { heartbeats: u32 },
 }
 
 /// What the session should do after a gRPC failure.
@@ -151,16 +153,16 @@ impl Ladder {
         let reason = match end {
             StreamEnd::BeforeFirstFrame if blames_h2(e) => Some(format!("HTTP/2 cannot pass: {e}")),
             StreamEnd::BeforeFirstFrame => None,
-            StreamEnd::After(lived) if lived < EARLY => {
+            StreamEnd::After { heartbeats } if heartbeats < EARLY_HEARTBEATS => {
                 self.early_deaths += 1;
                 (self.early_deaths >= EARLY_DEATHS).then(|| {
                     format!(
-                        "{} streams in a row died within {EARLY:?} of opening (last: {e})",
+                        "{} streams in a row died before {EARLY_HEARTBEATS} heartbeats (last: {e})",
                         self.early_deaths
                     )
                 })
             }
-            StreamEnd::After(_) => {
+            StreamEnd::After { .. } => {
                 self.early_deaths = 0;
                 None
             }
@@ -277,25 +279,25 @@ mod tests {
         // Streams cut at a fixed age of 60 s: healthy enough, stay.
         for _ in 0..10 {
             assert_eq!(
-                l.grpc_failed(&e, StreamEnd::After(Duration::from_secs(60)), now, 0.5),
+                l.grpc_failed(&e, StreamEnd::After { heartbeats: 6 }, now, 0.5),
                 Move::Stay
             );
         }
         assert_eq!(
-            l.grpc_failed(&e, StreamEnd::After(Duration::from_secs(2)), now, 0.5),
+            l.grpc_failed(&e, StreamEnd::After { heartbeats: 0 }, now, 0.5),
             Move::Stay
         );
         // A long-lived one in between resets the count.
         assert_eq!(
-            l.grpc_failed(&e, StreamEnd::After(Duration::from_secs(600)), now, 0.5),
+            l.grpc_failed(&e, StreamEnd::After { heartbeats: 60 }, now, 0.5),
             Move::Stay
         );
         assert_eq!(
-            l.grpc_failed(&e, StreamEnd::After(Duration::from_secs(2)), now, 0.5),
+            l.grpc_failed(&e, StreamEnd::After { heartbeats: 0 }, now, 0.5),
             Move::Stay
         );
         assert!(matches!(
-            l.grpc_failed(&e, StreamEnd::After(Duration::from_secs(3)), now, 0.5),
+            l.grpc_failed(&e, StreamEnd::After { heartbeats: 0 }, now, 0.5),
             Move::Fall(_)
         ));
     }

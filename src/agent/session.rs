@@ -399,7 +399,17 @@ impl Agent {
     }
 
     fn set_reason(&self, ladder: &Ladder) {
-        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = ladder.reason().to_string();
+        // The contract allows 256 bytes; error texts can be longer.
+        let mut reason = ladder.reason().to_string();
+        if reason.len() > 250 {
+            let mut cut = 240;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason.truncate(cut);
+            reason.push('…');
+        }
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
     }
 
     /// The rung loop: runs sessions on the ladder's rung, moves along the
@@ -569,6 +579,7 @@ impl Agent {
         let mut opened = tokio::time::Instant::now();
         let mut dead_after = FIRST_FRAME_TIMEOUT;
         let mut pending_frame = Some(open.first);
+        let mut heartbeats = 0u32;
         let mut next: Option<Opening> = None;
         let max_age = self.cfg.stream_max_age;
         let mut rotate_at = opened + ld_jitter(max_age, fastrand::f64());
@@ -578,7 +589,7 @@ impl Agent {
                 None => {
                     let msg = tokio::select! {
                         biased;
-                        _ = stop.wait() => return (Outcome::Shutdown, StreamEnd::After(opened.elapsed())),
+                        _ = stop.wait() => return (Outcome::Shutdown, StreamEnd::After { heartbeats }),
                         r = async { next.as_mut().expect("guarded by if").await }, if next.is_some() => {
                             next = None;
                             match r {
@@ -587,6 +598,7 @@ impl Agent {
                                     tracing::info!(ack = o.ack, "stream rotated");
                                     self.unary.send_replace(Some(Unary::Grpc(o.client.clone())));
                                     stream = o.stream;
+                                    heartbeats = 0;
                                     opened = tokio::time::Instant::now();
                                     rotate_at = opened + ld_jitter(max_age, fastrand::f64());
                                     pending_frame = Some(o.first);
@@ -613,13 +625,13 @@ impl Agent {
                                         "no frame from the backend for {dead_after:?}; stream declared dead"
                                     ),
                                 }),
-                                StreamEnd::After(opened.elapsed()),
+                                StreamEnd::After { heartbeats },
                             );
                         }
                         Ok(Err(s)) => {
                             return (
                                 Outcome::Failed(CallError::from_tonic(&s)),
-                                StreamEnd::After(opened.elapsed()),
+                                StreamEnd::After { heartbeats },
                             );
                         }
                         Ok(Ok(None)) => {
@@ -628,7 +640,7 @@ impl Agent {
                                     kind: FailureKind::Other,
                                     message: "the stream ended".into(),
                                 }),
-                                StreamEnd::After(opened.elapsed()),
+                                StreamEnd::After { heartbeats },
                             );
                         }
                         Ok(Ok(Some(resp))) => resp,
@@ -638,13 +650,14 @@ impl Agent {
             use proto::server_frame::Kind;
             match frame.frame.and_then(|f| f.kind) {
                 Some(Kind::Heartbeat(h)) => {
+                    heartbeats = heartbeats.saturating_add(1);
                     // Two intervals plus a margin without any frame: dead.
                     let interval = Duration::from_millis(h.interval_ms.clamp(100, 60_000) as u64);
                     dead_after = interval * 2 + Duration::from_secs(1);
                 }
                 Some(Kind::Command(c)) => {
                     if let Err(o) = self.intake(c) {
-                        return (o, StreamEnd::After(opened.elapsed()));
+                        return (o, StreamEnd::After { heartbeats });
                     }
                 }
                 Some(Kind::Rotate(r)) if next.is_none() => {
@@ -687,13 +700,10 @@ impl Agent {
                 hold_ms: if first { 1 } else { hold.as_millis() as u32 },
                 info: Some(self.info()),
             };
-            let probe_at = ladder
-                .next_probe()
-                .map(tokio::time::Instant::from_std)
-                .filter(|_| probe.is_none());
             let poll = client.call(AGENT_SERVICE, "Poll", &req, hold + Duration::from_secs(15));
             tokio::pin!(poll);
             let resp: proto::PollResponse = loop {
+                let probe_at = ladder.next_probe().map(tokio::time::Instant::from_std);
                 tokio::select! {
                     biased;
                     _ = stop.wait() => return Outcome::Shutdown,

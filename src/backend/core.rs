@@ -245,6 +245,11 @@ impl Core {
     }
 
     fn apply_ack(&self, agent: &str, ack: u64) -> Result<u64, Status> {
+        if ack > i64::MAX as u64 {
+            return Err(Status::invalid_argument(format!(
+                "ack {ack} is out of range"
+            )));
+        }
         let now = crate::now_unix_ms();
         let acked = self.store.ack(agent, ack, now).map_err(internal)?;
         self.hub.notify_acked(agent, acked);
@@ -252,12 +257,21 @@ impl Core {
         Ok(acked)
     }
 
+    /// Records what the agent says about itself; a request without a
+    /// hostname and version (`doctor` with the agent's credential) keeps
+    /// the stored values.
     fn record_info(
         &self,
         agent: &str,
         info: &proto::AgentInfo,
         transport: Transport,
     ) -> Result<(), Status> {
+        if info.hostname.is_empty() && info.version.is_empty() {
+            return self
+                .store
+                .touch_agent(agent, crate::now_unix_ms())
+                .map_err(internal);
+        }
         self.store
             .update_agent_info(
                 agent,

@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+pub mod relay;
+pub mod squid;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -193,6 +196,10 @@ impl Proc {
         cmd.args(args)
             .env_remove("HTTPS_PROXY")
             .env_remove("https_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
             .env_remove("SSL_CERT_FILE")
             .env("UPLINK_LOG", "info")
             .stdin(Stdio::null())
@@ -303,6 +310,36 @@ impl Proc {
             })
             .expect("wait")
     }
+}
+
+/// Starts an agent process for `b`'s enrollment token and CA, reaching the
+/// backend at `url` (the backend itself, or a relay in front of it), with
+/// extra flags and environment.
+pub fn agent_via(
+    b: &TestBackend,
+    url: &str,
+    state_dir: &Path,
+    hostname: &str,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> Proc {
+    let mut argv = vec![
+        "agent",
+        "--backend",
+        url,
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+        "--hostname",
+        hostname,
+    ];
+    let ca = b.ca.to_str().unwrap().to_string();
+    if !args.contains(&"--ca-file") {
+        argv.extend(["--ca-file", ca.as_str()]);
+    }
+    argv.extend_from_slice(args);
+    let mut env: Vec<(&str, &str)> = vec![("UPLINK_TOKEN", b.enroll_token.expose())];
+    env.extend_from_slice(envs);
+    Proc::spawn(&argv, &env)
 }
 
 /// Starts an agent process against `b`.

@@ -1,0 +1,211 @@
+//! Debian's squid (squid-openssl), started per test on a loopback port with
+//! its own configuration, logs and state in a temporary directory, and
+//! stopped when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+/// What the squid should do.
+#[derive(Clone, Debug, Default)]
+pub struct SquidOpts {
+    /// Require Basic auth with this user and password (basic_ncsa_auth).
+    pub auth: Option<(String, String)>,
+    /// TLS interception (ssl_bump) with a CA generated here; the backend's
+    /// CA is what squid trusts upstream.
+    pub bump_upstream_ca: Option<PathBuf>,
+    /// `client_lifetime`: every client connection (tunnel) is cut at this age.
+    pub client_lifetime: Option<Duration>,
+    /// `read_timeout`: idle tunnels are cut after this long without data.
+    pub read_timeout: Option<Duration>,
+}
+
+/// A running squid.
+pub struct Squid {
+    child: Child,
+    pub port: u16,
+    pub dir: PathBuf,
+    /// The interception CA (PEM), when bumping.
+    pub bump_ca: Option<PathBuf>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn secs(d: Duration) -> u64 {
+    d.as_secs().max(1)
+}
+
+impl Squid {
+    /// Starts squid and waits until it accepts connections.
+    pub async fn start(dir: &Path, opts: SquidOpts) -> Squid {
+        std::fs::create_dir_all(dir).unwrap();
+        // squid drops root for the `proxy` user: let it write here.
+        let _ = std::process::Command::new("chmod")
+            .args(["-R", "a+rwX"])
+            .arg(dir)
+            .status();
+        let _ = std::process::Command::new("chmod")
+            .args(["a+rx"])
+            .arg(dir.parent().unwrap())
+            .status();
+        let port = free_port();
+        let d = dir.display();
+        let mut conf = String::new();
+        let mut bump_ca = None;
+        if let Some(upstream) = &opts.bump_upstream_ca {
+            let ca = generate_ca(dir);
+            conf.push_str(&format!(
+                "http_port 127.0.0.1:{port} ssl-bump generate-host-certificates=on dynamic_cert_mem_cache_size=4MB tls-cert={d}/bump-ca.pem tls-key={d}/bump-ca-key.pem\n\
+                 sslcrtd_program /usr/lib/squid/security_file_certgen -s {d}/ssl_db -M 4MB\n\
+                 sslcrtd_children 2 startup=1 idle=1\n\
+                 acl step1 at_step SslBump1\n\
+                 ssl_bump peek step1\n\
+                 ssl_bump bump all\n\
+                 tls_outgoing_options cafile={}\n",
+                upstream.display()
+            ));
+            let db = dir.join("ssl_db");
+            let st = std::process::Command::new("/usr/lib/squid/security_file_certgen")
+                .args(["-c", "-s"])
+                .arg(&db)
+                .args(["-M", "4MB"])
+                .stdout(Stdio::null())
+                .status()
+                .expect("security_file_certgen runs");
+            assert!(st.success(), "security_file_certgen -c failed");
+            let _ = std::process::Command::new("chown")
+                .args(["-R", "proxy:proxy"])
+                .arg(&db)
+                .status();
+            bump_ca = Some(ca);
+        } else {
+            conf.push_str(&format!("http_port 127.0.0.1:{port}\n"));
+        }
+        conf.push_str(&format!(
+            "pid_filename {d}/squid.pid\n\
+             cache_log {d}/cache.log\n\
+             access_log stdio:{d}/access.log\n\
+             cache deny all\n\
+             cache_mem 8 MB\n\
+             coredump_dir {d}\n\
+             visible_hostname uplink-test\n\
+             shutdown_lifetime 0 seconds\n\
+             acl localnet src 127.0.0.0/8\n\
+             acl CONNECT method CONNECT\n"
+        ));
+        if let Some((user, pass)) = &opts.auth {
+            let out = std::process::Command::new("htpasswd")
+                .args(["-b", "-c"])
+                .arg(dir.join("passwd"))
+                .args([user, pass])
+                .output()
+                .expect("htpasswd runs");
+            assert!(
+                out.status.success(),
+                "htpasswd: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let _ = std::process::Command::new("chmod")
+                .args(["a+r"])
+                .arg(dir.join("passwd"))
+                .status();
+            conf.push_str(&format!(
+                "auth_param basic program /usr/lib/squid/basic_ncsa_auth {d}/passwd\n\
+                 auth_param basic realm uplink-test\n\
+                 acl authed proxy_auth REQUIRED\n\
+                 http_access deny !authed\n"
+            ));
+        }
+        conf.push_str("http_access allow localnet\nhttp_access deny all\n");
+        if let Some(l) = opts.client_lifetime {
+            conf.push_str(&format!("client_lifetime {} seconds\n", secs(l)));
+        }
+        if let Some(t) = opts.read_timeout {
+            conf.push_str(&format!("read_timeout {} seconds\n", secs(t)));
+        }
+        let conf_path = dir.join("squid.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let _ = std::process::Command::new("chmod")
+            .args(["-R", "a+rwX"])
+            .arg(dir)
+            .status();
+        let child = Command::new("squid")
+            .args(["-N", "-f"])
+            .arg(&conf_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("squid starts (apt-get install squid-openssl)");
+        let s = Squid {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+            bump_ca,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return s;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!(
+                    "squid did not listen on {port} within 20 s; cache.log:\n{}",
+                    std::fs::read_to_string(dir.join("cache.log")).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The proxy URL, with credentials when given.
+    pub fn url(&self, creds: Option<(&str, &str)>) -> String {
+        match creds {
+            Some((u, p)) => format!("http://{u}:{p}@127.0.0.1:{}", self.port),
+            None => format!("http://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// The access log so far.
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Squid {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// A CA for interception, written as `bump-ca.pem` and `bump-ca-key.pem`.
+fn generate_ca(dir: &Path) -> PathBuf {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, "Corp Intercept CA");
+    dn.push(rcgen::DnType::OrganizationName, "Example Corp");
+    params.distinguished_name = dn;
+    let cert = params.self_signed(&key).unwrap();
+    let pem = dir.join("bump-ca.pem");
+    std::fs::write(&pem, cert.pem()).unwrap();
+    std::fs::write(dir.join("bump-ca-key.pem"), key.serialize_pem()).unwrap();
+    pem
+}
