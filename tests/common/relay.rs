@@ -24,11 +24,14 @@ pub enum Mode {
     Blackhole = 2,
 }
 
+/// Open connections: whether each offered only h2, and its task.
+type Conns = Arc<Mutex<Vec<(Arc<AtomicBool>, JoinHandle<()>)>>>;
+
 /// A running relay.
 pub struct Relay {
     pub addr: SocketAddr,
     mode: Arc<AtomicU8>,
-    conns: Arc<Mutex<Vec<(Arc<AtomicBool>, JoinHandle<()>)>>>,
+    conns: Conns,
     task: JoinHandle<()>,
 }
 
@@ -49,7 +52,7 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mode = Arc::new(AtomicU8::new(Mode::Forward as u8));
-        let conns: Arc<Mutex<Vec<(Arc<AtomicBool>, JoinHandle<()>)>>> = Arc::default();
+        let conns: Conns = Arc::default();
         let (m, c) = (mode.clone(), conns.clone());
         let task = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
