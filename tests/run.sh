@@ -10,6 +10,16 @@ cd "$(dirname "$0")/.."
 log() { printf '\n== %s\n' "$*"; }
 
 log "tools"
+# Real parts the tests drive: squid with OpenSSL (CONNECT, Basic auth,
+# ssl_bump), htpasswd for its password file, curl for Connect requests.
+need=()
+[ -x /usr/lib/squid/security_file_certgen ] || need+=(squid-openssl)
+command -v htpasswd >/dev/null 2>&1 || need+=(apache2-utils)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
 if ! command -v buf >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check buf-bin
   hash -r
