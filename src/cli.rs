@@ -140,6 +140,9 @@ pub struct AgentArgs {
     /// HTTP/2 keepalive ping interval on the gRPC rung.
     #[arg(long, env = "UPLINK_KEEPALIVE", default_value = "10s", value_parser = parse_duration)]
     pub keepalive: Duration,
+    /// Serve the agent's own metrics (Prometheus text at /metrics) on this address, e.g. 127.0.0.1:9464.
+    #[arg(long, env = "UPLINK_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug)]

@@ -23,6 +23,7 @@
 //! - [`demo`]: `uplink demo`, a backend and agents on this machine.
 //! - [`doctor`]: `uplink doctor`, a verdict per hop from this host to the
 //!   backend, and which rung would be used.
+//! - [`telemetry`]: the agent's self-metrics (names, recorder, endpoint).
 //! - [`cli`]: flag parsing and the exit-status convention (64 on bad config).
 #![forbid(unsafe_code)]
 
@@ -39,6 +40,7 @@ pub mod net;
 pub mod proto;
 pub mod secret;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 
 /// The version of this build, reported by agents and shown by `ctl agents`.

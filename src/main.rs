@@ -202,6 +202,7 @@ async fn agent(a: cli::AgentArgs) -> anyhow::Result<ExitCode> {
     cfg.transport = transport;
     cfg.proxy = uplink::net::ProxySettings::from_flags_and_env(a.proxy, a.no_proxy);
     cfg.probe_initial = a.probe_initial;
+    cfg.metrics_listen = a.metrics_listen;
     cfg.probe_max = a.probe_max;
     cfg.stream_max_age = a.stream_max_age;
     if let Some(h) = a.hostname {

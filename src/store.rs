@@ -33,6 +33,8 @@ pub enum StoreError {
     },
     #[error("the store's lock was poisoned by a crashed thread")]
     Poisoned,
+    #[error("cannot start the checkpoint thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// An enrolled agent as stored.
@@ -71,6 +73,55 @@ pub struct CommandRecord {
 /// The store. Cheap to share behind an `Arc`.
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Stops the checkpointer thread when the store is dropped.
+    checkpointer: Option<Checkpointer>,
+}
+
+/// Moves WAL checkpoints off the request path: SQLite would otherwise run
+/// one inside whichever commit crosses the threshold, stalling that request
+/// (and every other waiting on the store lock) for milliseconds. A thread
+/// with its own connection runs a passive checkpoint every
+/// [`CHECKPOINT_EVERY`], which never blocks writers.
+struct Checkpointer {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Interval of background WAL checkpoints.
+pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+impl Checkpointer {
+    fn start(path: std::path::PathBuf) -> Result<Self, StoreError> {
+        let conn = Connection::open(&path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(1))?;
+        let (stop, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("uplink-checkpoint".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    rx.recv_timeout(CHECKPOINT_EVERY)
+                {
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::debug!(error = %e, "background checkpoint failed; retrying later");
+                    }
+                }
+            })
+            .map_err(StoreError::Thread)?;
+        Ok(Checkpointer {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 const SCHEMA: &str = "
@@ -119,7 +170,14 @@ CREATE TABLE IF NOT EXISTS cursors (
 impl Store {
     /// Opens (creating if needed) `dir/uplink.db`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        Self::from_connection(Connection::open(dir.join("uplink.db"))?)
+        let path = dir.join("uplink.db");
+        let mut store = Self::from_connection(Connection::open(&path)?)?;
+        store.with(|c| {
+            c.pragma_update(None, "wal_autocheckpoint", 0)?;
+            Ok(())
+        })?;
+        store.checkpointer = Some(Checkpointer::start(path)?);
+        Ok(store)
     }
 
     /// An in-memory store, for unit tests.
@@ -135,6 +193,7 @@ impl Store {
         conn.execute_batch(SCHEMA)?;
         Ok(Store {
             conn: Mutex::new(conn),
+            checkpointer: None,
         })
     }
 

@@ -46,6 +46,33 @@ async fn doctor(
     )
 }
 
+/// Reads an agent's self-metrics from the address it logged.
+async fn scrape(agent: &Proc) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let line = agent
+        .wait_log(&["metrics listening on http://"], Duration::from_secs(10))
+        .await;
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}"
+    );
+    out
+}
+
 async fn ping_ok(admin: &uplink::ctl::Admin, id: &str) {
     let p = admin.ping(id, "x", Duration::from_secs(15)).await.unwrap();
     assert_eq!(
@@ -263,7 +290,12 @@ async fn tls_interception_ends_on_longpoll_with_its_ca_and_fails_closed_without(
         &url,
         &dir.path().join("trusted"),
         "bumped",
-        &["--ca-file", bump_ca.to_str().unwrap()],
+        &[
+            "--ca-file",
+            bump_ca.to_str().unwrap(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
         &[("HTTPS_PROXY", &proxy)],
     );
     let v = connected_agent(&admin, "bumped", "longpoll").await;
@@ -271,6 +303,22 @@ async fn tls_interception_ends_on_longpoll_with_its_ca_and_fails_closed_without(
     assert!(v.transport_reason.contains("HTTP/2 cannot pass"), "{v:?}");
     ping_ok(&admin, &v.id).await;
     assert!(a.count(&["switching rung"]) >= 1, "{}", a.logs());
+    // The rung and the reason show in the agent's self-metrics too.
+    let m = scrape(&a).await;
+    assert!(m.contains("uplink_agent_rung{rung=\"longpoll\"} 1"), "{m}");
+    assert!(m.contains("uplink_agent_rung{rung=\"grpc\"} 0"), "{m}");
+    assert!(
+        m.contains("uplink_agent_rung_reason{reason=\"h2_blocked\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("uplink_agent_rung_switches_total{from=\"grpc\",to=\"longpoll\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("uplink_agent_commands_total{status=\"COMMAND_STATUS_OK\"} 1"),
+        "{m}"
+    );
 
     // Without it: fails closed, naming the issuer and the interception.
     let c = agent_via(

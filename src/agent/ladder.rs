@@ -83,6 +83,7 @@ pub struct Ladder {
     probe_interval: Duration,
     next_probe: Option<Instant>,
     switches: u64,
+    code: &'static str,
 }
 
 /// True when a failure says HTTP/2 itself is the problem.
@@ -122,6 +123,7 @@ impl Ladder {
             probe_interval: cfg.probe_initial,
             next_probe: None,
             switches: 0,
+            code: if cfg.auto { "auto_start" } else { "configured" },
         }
     }
 
@@ -133,6 +135,11 @@ impl Ladder {
     /// Why the agent is on it.
     pub fn reason(&self) -> &str {
         &self.reason
+    }
+
+    /// A short code for the reason, for metrics.
+    pub fn reason_code(&self) -> &'static str {
+        self.code
     }
 
     /// Rung switches so far.
@@ -151,10 +158,16 @@ impl Ladder {
             return Move::Stay;
         }
         let reason = match end {
-            StreamEnd::BeforeFirstFrame if blames_h2(e) => Some(format!("HTTP/2 cannot pass: {e}")),
+            StreamEnd::BeforeFirstFrame if blames_h2(e) => {
+                self.code = "h2_blocked";
+                Some(format!("HTTP/2 cannot pass: {e}"))
+            }
             StreamEnd::BeforeFirstFrame => None,
             StreamEnd::After { heartbeats } if heartbeats < EARLY_HEARTBEATS => {
                 self.early_deaths += 1;
+                if self.early_deaths >= EARLY_DEATHS {
+                    self.code = "early_deaths";
+                }
                 (self.early_deaths >= EARLY_DEATHS).then(|| {
                     format!(
                         "{} streams in a row died before {EARLY_HEARTBEATS} heartbeats (last: {e})",
@@ -193,6 +206,7 @@ impl Ladder {
         if ok {
             self.rung = Rung::Grpc;
             self.reason = "auto: back on the gRPC stream (a probe delivered a heartbeat)".into();
+            self.code = "probe_ok";
             self.next_probe = None;
             self.early_deaths = 0;
             self.switches += 1;

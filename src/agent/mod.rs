@@ -78,6 +78,8 @@ pub struct AgentConfig {
     pub operator_retry: Duration,
     /// Time given to running commands and pending reports on shutdown.
     pub grace: Duration,
+    /// Where to serve the self-metrics (Prometheus text at `/metrics`).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl AgentConfig {
@@ -100,6 +102,7 @@ impl AgentConfig {
             backoff: Backoff::default(),
             operator_retry: Duration::from_secs(60),
             grace: Duration::from_secs(5),
+            metrics_listen: None,
         }
     }
 
@@ -188,12 +191,20 @@ pub enum AgentError {
         "not enrolled yet and no enrollment token: pass --token (or UPLINK_TOKEN) with the provider's token"
     )]
     NoToken,
+    #[error("--metrics-listen {addr}: {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 impl AgentError {
     /// True when the operator's settings are at fault (exit status 64).
     pub fn is_config(&self) -> bool {
-        matches!(self, AgentError::NoToken | AgentError::Tls(_))
+        matches!(
+            self,
+            AgentError::NoToken | AgentError::Tls(_) | AgentError::MetricsListen { .. }
+        )
     }
 }
 

@@ -164,6 +164,33 @@ pub(super) async fn run(
         source,
     })?;
     let net = Net::new(crate::tls::client_config(&cfg.trust)?, cfg.proxy.clone());
+    let metrics_task = match cfg.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::MetricsListen { addr, source })?;
+            let local = listener
+                .local_addr()
+                .map_err(|source| AgentError::MetricsListen { addr, source })?;
+            match crate::telemetry::install() {
+                Some(handle) => {
+                    tracing::info!(addr = %local, "metrics listening on http://{local}/metrics");
+                    Some(tokio::spawn(crate::telemetry::serve(
+                        listener,
+                        handle,
+                        std::future::pending(),
+                    )))
+                }
+                None => {
+                    tracing::warn!(
+                        "another metrics recorder is installed in this process; --metrics-listen serves nothing"
+                    );
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut stop = Stop(stop_rx);
     let body = async {
@@ -230,6 +257,9 @@ pub(super) async fn run(
             );
         }
         reporter.abort();
+        if let Some(t) = &metrics_task {
+            t.abort();
+        }
         tracing::info!("agent stopped");
         Ok(())
     };
@@ -425,6 +455,7 @@ impl Agent {
             probe_max: self.cfg.probe_max,
         });
         self.set_reason(&ladder);
+        crate::telemetry::rung(ladder.rung().name(), ladder.reason_code());
         tracing::info!(
             rung = ladder.rung().name(),
             reason = ladder.reason(),
@@ -444,6 +475,9 @@ impl Agent {
                             ladder.grpc_failed(e, end, std::time::Instant::now(), fastrand::f64())
                     {
                         self.set_reason(&ladder);
+                        crate::telemetry::reconnect("grpc", e.label());
+                        crate::telemetry::switch("grpc", "longpoll");
+                        crate::telemetry::rung(ladder.rung().name(), ladder.reason_code());
                         tracing::warn!(from = "grpc", to = "longpoll", reason = %why, "switching rung");
                         retry.reset();
                         continue;
@@ -459,6 +493,8 @@ impl Agent {
                 Outcome::Shutdown => return,
                 Outcome::Climb(open) => {
                     self.set_reason(&ladder);
+                    crate::telemetry::switch("longpoll", "grpc");
+                    crate::telemetry::rung(ladder.rung().name(), ladder.reason_code());
                     tracing::info!(
                         from = "longpoll",
                         to = "grpc",
@@ -473,6 +509,7 @@ impl Agent {
                     continue;
                 }
                 Outcome::Failed(e) => {
+                    crate::telemetry::reconnect(rung.name(), e.label());
                     if e.needs_operator() {
                         let d = jitter(self.cfg.operator_retry);
                         tracing::error!(
@@ -574,6 +611,7 @@ impl Agent {
         retry.reset();
         self.unary
             .send_replace(Some(Unary::Grpc(open.client.clone())));
+        crate::telemetry::stream_opened();
         tracing::info!(rung = "grpc", ack = open.ack, "stream open");
         let mut stream = open.stream;
         let mut opened = tokio::time::Instant::now();
@@ -773,6 +811,7 @@ impl Agent {
                     // Delivered again: the backend has not seen our ack or
                     // result. Never run it again; send the result we have.
                     tracing::debug!(command = %c.id, seq = c.seq, "duplicate delivery; not executed again");
+                    crate::telemetry::duplicate();
                     let done = j.get(&c.id).and_then(|e| e.done.clone());
                     drop(j);
                     if let Some((status, message)) = done {
@@ -829,7 +868,11 @@ impl Agent {
             if let Err(e) = finished {
                 tracing::warn!(command = %c.id, error = %e, "journal write failed");
             }
-            tracing::info!(command = %c.id, status = result.status, "command finished");
+            let status = proto::CommandStatus::try_from(result.status)
+                .map(|s| s.as_str_name())
+                .unwrap_or("COMMAND_STATUS_UNSPECIFIED");
+            crate::telemetry::command(status);
+            tracing::info!(command = %c.id, status, "command finished");
             agent.emit_result(result).await;
         });
         Ok(())
