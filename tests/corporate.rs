@@ -205,6 +205,100 @@ async fn proxy_basic_auth_works_and_a_wrong_password_is_named_without_fallback()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_refusals_are_named_and_never_make_the_ladder_fall() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBackend::start(&dir.path().join("backend")).await;
+    let url = b.url.to_string();
+    // 403: the proxy's policy refuses the destination port.
+    let strict = Squid::start(
+        &dir.path().join("strict"),
+        SquidOpts {
+            only_port_443: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let a = agent_via(
+        &b,
+        &url,
+        &dir.path().join("a"),
+        "forbidden",
+        &[],
+        &[("HTTPS_PROXY", &strict.url(None))],
+    );
+    let line = a.wait_log(&["403"], Duration::from_secs(20)).await;
+    assert!(
+        line.contains("refused the tunnel") && line.contains("policy"),
+        "{line}"
+    );
+    // 503: the proxy cannot reach the backend (nothing listens there).
+    let open = Squid::start(&dir.path().join("open"), SquidOpts::default()).await;
+    let dead = format!(
+        "https://127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    );
+    let c = agent_via(
+        &b,
+        &dead,
+        &dir.path().join("c"),
+        "unreachable",
+        &[],
+        &[("HTTPS_PROXY", &open.url(None))],
+    );
+    let line = c
+        .wait_log(&["could not reach"], Duration::from_secs(20))
+        .await;
+    assert!(line.contains("503") || line.contains("502"), "{line}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for p in [&a, &c] {
+        assert_eq!(p.count(&["switching rung"]), 0, "{}", p.logs());
+    }
+    let (ok, out) = doctor(&b, &url, &[], &[("HTTPS_PROXY", &strict.url(None))]).await;
+    assert!(
+        !ok && out.contains("[FAIL] connect") && out.contains("403"),
+        "{out}"
+    );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_rotated_make_before_break_without_losing_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = TestBackend::config(&dir.path().join("backend"));
+    cfg.heartbeat = Duration::from_secs(1);
+    let b = TestBackend::start_with(cfg, "127.0.0.1:0".parse().unwrap()).await;
+    let admin = b.admin();
+    let a = agent_via(
+        &b,
+        &b.url.to_string(),
+        &dir.path().join("a"),
+        "rotating",
+        &["--stream-max-age", "5s"],
+        &[],
+    );
+    let v = connected_agent(&admin, "rotating", "grpc").await;
+    let (stop, task) = steady_pings(admin.clone(), v.id.clone(), Duration::from_millis(100));
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    *stop.lock().unwrap() = true;
+    let ids = task.await.unwrap();
+    all_exactly_once(&admin, &[&a], &ids).await;
+    assert!(a.count(&["stream rotated"]) >= 2, "{}", a.logs());
+    // Make before break: no stream was lost, so nothing failed and nothing
+    // was reconnected.
+    assert_eq!(a.count(&["failure="]), 0, "{}", a.logs());
+    eprintln!(
+        "{} commands across {} rotations",
+        ids.len(),
+        a.count(&["stream rotated"])
+    );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_proxy_bypasses_the_proxy() {
     let dir = tempfile::tempdir().unwrap();
     let b = TestBackend::start(&dir.path().join("backend")).await;
@@ -472,7 +566,12 @@ async fn proxies_that_cut_idle_or_old_tunnels_lose_no_command() {
     let vc = connected_agent(&admin, "age-cut", "grpc").await;
     let (stop_a, ta) = steady_pings(admin.clone(), va.id.clone(), Duration::from_millis(300));
     let (stop_c, tc) = steady_pings(admin.clone(), vc.id.clone(), Duration::from_millis(300));
-    tokio::time::sleep(Duration::from_secs(40)).await;
+    // Two minutes by default; UPLINK_SOAK_SECS changes it.
+    let soak = std::env::var("UPLINK_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    tokio::time::sleep(Duration::from_secs(soak)).await;
     *stop_a.lock().unwrap() = true;
     *stop_c.lock().unwrap() = true;
     let (ia, ic) = (ta.await.unwrap(), tc.await.unwrap());

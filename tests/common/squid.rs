@@ -20,6 +20,8 @@ pub struct SquidOpts {
     pub client_lifetime: Option<Duration>,
     /// `read_timeout`: idle tunnels are cut after this long without data.
     pub read_timeout: Option<Duration>,
+    /// Refuse CONNECT to any port but 443 (squid's stock policy): 403.
+    pub only_port_443: bool,
 }
 
 /// A running squid.
@@ -123,6 +125,9 @@ impl Squid {
                  acl authed proxy_auth REQUIRED\n\
                  http_access deny !authed\n"
             ));
+        }
+        if opts.only_port_443 {
+            conf.push_str("acl SSL_ports port 443\nhttp_access deny CONNECT !SSL_ports\n");
         }
         conf.push_str("http_access allow localnet\nhttp_access deny all\n");
         if let Some(l) = opts.client_lifetime {
