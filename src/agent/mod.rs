@@ -7,6 +7,7 @@ pub mod executor;
 pub mod identity;
 pub mod journal;
 pub mod ladder;
+pub mod policy;
 mod session;
 
 use std::future::Future;
