@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/uplink/v1/agent.proto",
         "proto/uplink/v1/admin.proto",
+        "proto/uplink/v1/containers.proto",
         "proto/uplink/v1/metrics.proto",
     ];
     println!("cargo:rerun-if-changed=proto");

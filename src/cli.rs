@@ -143,6 +143,16 @@ pub struct AgentArgs {
     /// Serve the agent's own metrics (Prometheus text at /metrics) on this address, e.g. 127.0.0.1:9464.
     #[arg(long, env = "UPLINK_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Local policy for container commands, a JSON file (see README); default: dangerous settings denied, limits required.
+    #[arg(long = "policy", env = "UPLINK_POLICY")]
+    pub policy_file: Option<PathBuf>,
+    /// Image patterns that may run (`*` wildcard; repeatable); replaces the policy's allowed_images.
+    #[arg(
+        long = "allow-image",
+        env = "UPLINK_ALLOW_IMAGES",
+        value_delimiter = ','
+    )]
+    pub allow_images: Vec<String>,
 }
 
 #[derive(Args, Debug)]

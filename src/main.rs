@@ -203,6 +203,21 @@ async fn agent(a: cli::AgentArgs) -> anyhow::Result<ExitCode> {
     cfg.proxy = uplink::net::ProxySettings::from_flags_and_env(a.proxy, a.no_proxy);
     cfg.probe_initial = a.probe_initial;
     cfg.metrics_listen = a.metrics_listen;
+    if let Some(path) = &a.policy_file {
+        match std::fs::read_to_string(path) {
+            Ok(text) => match serde_json::from_str::<uplink::agent::policy::Policy>(&text) {
+                Ok(p) => cfg.policy = p,
+                Err(e) => problems.push(format!(
+                    "--policy {}: not a valid policy: {e}",
+                    path.display()
+                )),
+            },
+            Err(e) => problems.push(format!("--policy {}: {e}", path.display())),
+        }
+    }
+    if !a.allow_images.is_empty() {
+        cfg.policy.allowed_images = a.allow_images.clone();
+    }
     cfg.probe_max = a.probe_max;
     cfg.stream_max_age = a.stream_max_age;
     if let Some(h) = a.hostname {

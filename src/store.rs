@@ -158,6 +158,12 @@ CREATE TABLE IF NOT EXISTS commands (
     result BLOB,
     UNIQUE (agent_id, seq)
 );
+CREATE TABLE IF NOT EXISTS container_events (
+    agent_id TEXT NOT NULL,
+    time_ms INTEGER NOT NULL,
+    event BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS container_events_agent ON container_events (agent_id, time_ms);
 CREATE TABLE IF NOT EXISTS cursors (
     agent_id TEXT NOT NULL,
     stream TEXT NOT NULL,
@@ -619,6 +625,48 @@ impl Store {
                 )
                 .optional()?;
             Ok(v.unwrap_or(0) as u64)
+        })
+    }
+
+    /// Records a container event an agent reported.
+    pub fn container_event(
+        &self,
+        agent_id: &str,
+        ev: &proto::ContainerEvent,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO container_events (agent_id, time_ms, event) VALUES (?1, ?2, ?3)",
+                params![agent_id, now, ev.encode_to_vec()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The container events of `agent_id`, oldest first.
+    pub fn container_events(
+        &self,
+        agent_id: &str,
+    ) -> Result<Vec<proto::ContainerEvent>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT event FROM container_events WHERE agent_id = ?1 ORDER BY time_ms, rowid",
+            )?;
+            let rows = st.query_map([agent_id], |r| r.get::<_, Vec<u8>>(0))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let bytes = row?;
+                out.push(
+                    proto::ContainerEvent::decode(bytes.as_slice()).map_err(|source| {
+                        StoreError::Corrupt {
+                            what: format!("container event of {agent_id}"),
+                            source,
+                        }
+                    })?,
+                );
+            }
+            Ok(out)
         })
     }
 

@@ -1,39 +1,201 @@
-//! Executes commands. Knows `Ping`; any other kind gets an UNSUPPORTED
-//! result naming this agent's version, never silence. The Docker commands
-//! arrive with the executor proper.
+//! Executes commands: `Ping` here, container commands through the Docker
+//! engine after the local policy agreed. A kind this agent does not know
+//! gets an UNSUPPORTED result naming its version, never silence.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::proto::{self, CommandStatus};
+use tokio::sync::Mutex;
 
-/// Runs `command` and returns its result.
-pub async fn execute(command: &proto::Command, received_ms: i64) -> proto::CommandResult {
-    use proto::command_spec::Kind;
-    let id = command.id.clone();
-    match command.spec.as_ref().and_then(|s| s.kind.as_ref()) {
-        Some(Kind::Ping(p)) => {
+use super::docker::{self, Engine, Failure};
+use super::policy::Policy;
+use crate::proto::{self, CommandStatus, command_result::Detail, command_spec::Kind};
+
+/// Runs commands for one agent.
+pub struct Executor {
+    agent: String,
+    policy: Policy,
+    engine: Mutex<Option<Arc<Engine>>>,
+}
+
+fn result(
+    id: &str,
+    status: CommandStatus,
+    message: impl Into<String>,
+    detail: Option<Detail>,
+) -> proto::CommandResult {
+    proto::CommandResult {
+        command_id: id.to_string(),
+        status: status as i32,
+        message: message.into(),
+        detail,
+    }
+}
+
+fn from_failure(id: &str, f: Failure) -> proto::CommandResult {
+    result(id, f.status, f.message, None)
+}
+
+/// A short name of a command's kind, for logs.
+pub fn kind_name(c: &proto::Command) -> &'static str {
+    match c.spec.as_ref().and_then(|s| s.kind.as_ref()) {
+        Some(Kind::Ping(_)) => "ping",
+        Some(Kind::PullImage(_)) => "pull_image",
+        Some(Kind::RunContainer(_)) => "run_container",
+        Some(Kind::StopContainer(_)) => "stop_container",
+        Some(Kind::RemoveContainer(_)) => "remove_container",
+        Some(Kind::ListContainers(_)) => "list_containers",
+        Some(Kind::ContainerLogs(_)) => "container_logs",
+        None => "unknown",
+    }
+}
+
+impl Executor {
+    /// An executor for `agent` under `policy`.
+    pub fn new(agent: &str, policy: Policy) -> Self {
+        Executor {
+            agent: agent.to_string(),
+            policy,
+            engine: Mutex::new(None),
+        }
+    }
+
+    /// The Docker engine, connecting when needed (so an engine that comes
+    /// back is noticed without a restart).
+    pub async fn engine(&self) -> Result<Arc<Engine>, Failure> {
+        let mut slot = self.engine.lock().await;
+        if let Some(e) = slot.as_ref() {
+            return Ok(e.clone());
+        }
+        let e = Arc::new(Engine::new(docker::connect().await?, &self.agent));
+        *slot = Some(e.clone());
+        Ok(e)
+    }
+
+    /// Forgets the engine after a failure, so the next command reconnects.
+    async fn forget_engine_if_gone(&self) {
+        let mut slot = self.engine.lock().await;
+        if slot.is_some() && docker::connect().await.is_err() {
+            *slot = None;
+        }
+    }
+
+    /// Runs `command`; `progress` receives intermediate progress.
+    pub async fn execute(
+        &self,
+        command: &proto::Command,
+        received_ms: i64,
+        mut progress: impl FnMut(proto::CommandProgress),
+    ) -> proto::CommandResult {
+        let id = command.id.as_str();
+        let Some(kind) = command.spec.as_ref().and_then(|s| s.kind.as_ref()) else {
+            return result(
+                id,
+                CommandStatus::Unsupported,
+                format!(
+                    "command kind not supported by this agent (uplink {}); upgrade the agent",
+                    crate::VERSION
+                ),
+                None,
+            );
+        };
+        if let Kind::Ping(p) = kind {
             if p.delay_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(p.delay_ms.min(600_000) as u64)).await;
             }
-            proto::CommandResult {
-                command_id: id,
-                status: CommandStatus::Ok as i32,
-                message: "pong".into(),
-                detail: Some(proto::command_result::Detail::Ping(proto::PingResult {
+            return result(
+                id,
+                CommandStatus::Ok,
+                "pong",
+                Some(Detail::Ping(proto::PingResult {
                     payload: p.payload.clone(),
                     received_unix_ms: received_ms,
                 })),
+            );
+        }
+        let out = match self.engine().await {
+            Ok(engine) => self.container(&engine, id, kind, &mut progress).await,
+            Err(f) => Err(f),
+        };
+        match out {
+            Ok(r) => r,
+            Err(f) => {
+                if f.message.contains("docker") {
+                    self.forget_engine_if_gone().await;
+                }
+                from_failure(id, f)
             }
         }
-        None => proto::CommandResult {
-            command_id: id,
-            status: CommandStatus::Unsupported as i32,
-            message: format!(
-                "command kind not supported by this agent (uplink {}); upgrade the agent",
-                crate::VERSION
-            ),
-            detail: None,
-        },
+    }
+
+    async fn container(
+        &self,
+        engine: &Engine,
+        id: &str,
+        kind: &Kind,
+        progress: &mut impl FnMut(proto::CommandProgress),
+    ) -> Result<proto::CommandResult, Failure> {
+        match kind {
+            Kind::Ping(_) => Err(docker::Failure {
+                status: CommandStatus::Failed,
+                message: "ping is not a container command".into(),
+            }),
+            Kind::PullImage(p) => engine
+                .pull(&p.image, p.auth.as_ref(), |percent, message| {
+                    progress(proto::CommandProgress {
+                        command_id: id.to_string(),
+                        percent,
+                        message,
+                    })
+                })
+                .await
+                .map(|()| result(id, CommandStatus::Ok, format!("pulled {}", p.image), None)),
+            Kind::RunContainer(r) => engine.run(&self.policy, id, r).await.map(|r| {
+                let msg = if r.existed {
+                    format!(
+                        "container {} already existed (command delivered again)",
+                        r.name
+                    )
+                } else {
+                    format!("container {} started", r.name)
+                };
+                result(id, CommandStatus::Ok, msg, Some(Detail::RunContainer(r)))
+            }),
+            Kind::StopContainer(s) => engine.stop(&s.container, s.timeout_s).await.map(|()| {
+                result(
+                    id,
+                    CommandStatus::Ok,
+                    format!("stopped {}", s.container),
+                    None,
+                )
+            }),
+            Kind::RemoveContainer(r) => engine.remove(&r.container, r.force).await.map(|()| {
+                result(
+                    id,
+                    CommandStatus::Ok,
+                    format!("removed {}", r.container),
+                    None,
+                )
+            }),
+            Kind::ListContainers(_) => engine.list().await.map(|containers| {
+                result(
+                    id,
+                    CommandStatus::Ok,
+                    format!("{} containers", containers.len()),
+                    Some(Detail::ListContainers(proto::ListContainersResult {
+                        containers,
+                    })),
+                )
+            }),
+            Kind::ContainerLogs(l) => engine.logs(&l.container, l.tail).await.map(|lines| {
+                result(
+                    id,
+                    CommandStatus::Ok,
+                    format!("{} lines", lines.len()),
+                    Some(Detail::ContainerLogs(proto::ContainerLogsResult { lines })),
+                )
+            }),
+        }
     }
 }
 
@@ -41,36 +203,36 @@ pub async fn execute(command: &proto::Command, received_ms: i64) -> proto::Comma
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn unknown_kinds_get_a_clear_failure() {
-        let c = proto::Command {
+    fn cmd(kind: Option<Kind>) -> proto::Command {
+        proto::Command {
             id: "c1".into(),
             seq: 1,
             created_unix_ms: 0,
-            spec: Some(proto::CommandSpec { kind: None }),
-        };
-        let r = execute(&c, 0).await;
+            spec: Some(proto::CommandSpec { kind }),
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_kinds_get_a_clear_failure() {
+        let r = Executor::new("a", Policy::default())
+            .execute(&cmd(None), 0, |_| {})
+            .await;
         assert_eq!(r.status, CommandStatus::Unsupported as i32);
         assert!(r.message.contains("not supported"));
     }
 
     #[tokio::test]
     async fn ping_echoes_its_payload() {
-        let c = proto::Command {
-            id: "c1".into(),
-            seq: 1,
-            created_unix_ms: 0,
-            spec: Some(proto::CommandSpec {
-                kind: Some(proto::command_spec::Kind::Ping(proto::Ping {
-                    delay_ms: 0,
-                    payload: "hi".into(),
-                })),
-            }),
-        };
-        let r = execute(&c, 5).await;
+        let c = cmd(Some(Kind::Ping(proto::Ping {
+            delay_ms: 0,
+            payload: "hi".into(),
+        })));
+        let r = Executor::new("a", Policy::default())
+            .execute(&c, 5, |_| {})
+            .await;
         assert_eq!(r.status, CommandStatus::Ok as i32);
         match r.detail {
-            Some(proto::command_result::Detail::Ping(p)) => {
+            Some(Detail::Ping(p)) => {
                 assert_eq!((p.payload.as_str(), p.received_unix_ms), ("hi", 5))
             }
             other => panic!("unexpected detail {other:?}"),

@@ -3,6 +3,7 @@
 //! journal (at most once per id, across restarts), executes them, and
 //! reports results.
 
+pub mod docker;
 pub mod executor;
 pub mod identity;
 pub mod journal;
@@ -81,6 +82,8 @@ pub struct AgentConfig {
     pub grace: Duration,
     /// Where to serve the self-metrics (Prometheus text at `/metrics`).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// What container commands may do on this host.
+    pub policy: policy::Policy,
 }
 
 impl AgentConfig {
@@ -104,6 +107,7 @@ impl AgentConfig {
             operator_retry: Duration::from_secs(60),
             grace: Duration::from_secs(5),
             metrics_listen: None,
+            policy: policy::Policy::default(),
         }
     }
 
@@ -142,6 +146,7 @@ impl AgentConfig {
             ));
         }
         errs.extend(self.proxy.validate());
+        errs.extend(self.policy.validate());
         if self.hostname.is_empty() || self.hostname.len() > 255 {
             errs.push("--hostname: must be 1 to 255 characters".into());
         }

@@ -151,6 +151,8 @@ struct Agent {
     running: Arc<Semaphore>,
     /// Events emitted and not yet acknowledged by the backend.
     unacked: watch::Sender<usize>,
+    /// Runs the commands.
+    executor: Arc<executor::Executor>,
     /// The last ack the backend confirmed receiving.
     ack_delivered: watch::Sender<u64>,
 }
@@ -230,9 +232,11 @@ pub(super) async fn run(
             unary: watch::channel(None).0,
             running: Arc::new(Semaphore::new(MAX_RUNNING as usize)),
             unacked: watch::channel(0).0,
+            executor: Arc::new(executor::Executor::new(&ident.agent_id, cfg.policy.clone())),
             ack_delivered: watch::channel(0).0,
         });
         let reporter = tokio::spawn(agent.clone().reporter(events_rx));
+        let watcher = tokio::spawn(agent.clone().watch_containers());
         agent.recover().await;
         agent.rungs(stop.clone()).await;
 
@@ -257,6 +261,7 @@ pub(super) async fn run(
             );
         }
         reporter.abort();
+        watcher.abort();
         if let Some(t) = &metrics_task {
             t.abort();
         }
@@ -406,13 +411,41 @@ impl Agent {
     }
 
     async fn emit_result(&self, r: proto::CommandResult) {
+        self.emit(proto::event::Kind::Result(r)).await;
+    }
+
+    /// Reports the exits of this agent's containers, from Docker's event
+    /// stream; reconnects when the engine goes and comes back.
+    async fn watch_containers(self: Arc<Self>) {
+        loop {
+            match self.executor.engine().await {
+                Ok(engine) => {
+                    let (tx, mut rx) = mpsc::unbounded_channel();
+                    let watch = async move {
+                        engine
+                            .watch_exits(move |ev| {
+                                let _ = tx.send(ev);
+                            })
+                            .await;
+                    };
+                    let forward = async {
+                        while let Some(ev) = rx.recv().await {
+                            tracing::info!(container = %ev.name, exit_code = ev.exit_code, oom_killed = ev.oom_killed, "container exited");
+                            self.emit(proto::event::Kind::Container(ev)).await;
+                        }
+                    };
+                    tokio::join!(watch, forward);
+                }
+                Err(f) => tracing::debug!("not watching containers: {}", f.message),
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    }
+
+    /// Queues an event for the reporter; waits when its buffer is full.
+    async fn emit(&self, kind: proto::event::Kind) {
         self.unacked.send_modify(|n| *n += 1);
-        if self
-            .events
-            .send(proto::event::Kind::Result(r))
-            .await
-            .is_err()
-        {
+        if self.events.send(kind).await.is_err() {
             self.unacked.send_modify(|n| *n = n.saturating_sub(1));
         }
     }
@@ -848,10 +881,7 @@ impl Agent {
             j.ack()
         };
         self.ack.send_replace(ack);
-        let kind = match c.spec.as_ref().and_then(|s| s.kind.as_ref()) {
-            Some(proto::command_spec::Kind::Ping(_)) => "ping",
-            None => "unknown",
-        };
+        let kind = executor::kind_name(&c);
         tracing::info!(command = %c.id, seq = c.seq, kind, "executing command");
         let agent = self.clone();
         let running = self.running.clone();
@@ -859,7 +889,24 @@ impl Agent {
             let Ok(_permit) = running.acquire_owned().await else {
                 return;
             };
-            let result = executor::execute(&c, received).await;
+            // Progress is sent as it comes; it never blocks the command.
+            let (ptx, mut prx) = mpsc::unbounded_channel();
+            let forward = {
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    while let Some(p) = prx.recv().await {
+                        agent.emit(proto::event::Kind::Progress(p)).await;
+                    }
+                })
+            };
+            let result = agent
+                .executor
+                .execute(&c, received, |p| {
+                    let _ = ptx.send(p);
+                })
+                .await;
+            drop(ptx);
+            let _ = forward.await;
             let finished = agent
                 .journal
                 .lock()

@@ -107,7 +107,56 @@ pub fn check_spec(spec: &proto::CommandSpec) -> Result<(), Status> {
             }
             Ok(())
         }
+        Some(K::PullImage(p)) => check_image("pull_image.image", &p.image),
+        Some(K::RunContainer(r)) => {
+            check_image("run_container.image", &r.image)?;
+            check_name("run_container.name", &r.name, true)?;
+            if !r.cpus.is_finite() || r.cpus < 0.0 {
+                return Err(Status::invalid_argument(format!(
+                    "run_container.cpus {} is not a non-negative number of cores",
+                    r.cpus
+                )));
+            }
+            if r.env.len() + r.labels.len() + r.command.len() + r.entrypoint.len() > 1000 {
+                return Err(Status::invalid_argument(
+                    "run_container has more than 1000 env, label, command and entrypoint entries",
+                ));
+            }
+            Ok(())
+        }
+        Some(K::StopContainer(c)) => check_name("stop_container.container", &c.container, false),
+        Some(K::RemoveContainer(c)) => {
+            check_name("remove_container.container", &c.container, false)
+        }
+        Some(K::ContainerLogs(c)) => check_name("container_logs.container", &c.container, false),
+        Some(K::ListContainers(_)) => Ok(()),
     }
+}
+
+fn check_image(field: &str, image: &str) -> Result<(), Status> {
+    if image.is_empty()
+        || image.len() > 512
+        || image.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(Status::invalid_argument(format!(
+            "{field} {image:?} is not an image reference (1 to 512 characters, no spaces)"
+        )));
+    }
+    Ok(())
+}
+
+fn check_name(field: &str, name: &str, may_be_empty: bool) -> Result<(), Status> {
+    if (name.is_empty() && !may_be_empty)
+        || name.len() > 128
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        return Err(Status::invalid_argument(format!(
+            "{field} {name:?} is not a container id or name (1 to 128 of A-Z a-z 0-9 . _ -)"
+        )));
+    }
+    Ok(())
 }
 
 /// Reads a bearer token from an `authorization` header value.
@@ -480,6 +529,13 @@ impl Core {
                             tracing::debug!(%agent, command = %r.command_id, "result for an unknown or finished command ignored")
                         }
                     }
+                }
+                Some(proto::event::Kind::Container(c)) => {
+                    tracing::info!(%agent, container = %c.name, command = %c.command_id, run = %c.run_id,
+                        exit_code = c.exit_code, oom_killed = c.oom_killed, "container exited");
+                    self.store
+                        .container_event(&agent, &c, crate::now_unix_ms())
+                        .map_err(internal)?;
                 }
                 Some(proto::event::Kind::Progress(p)) => {
                     tracing::debug!(%agent, command = %p.command_id, percent = p.percent, "progress");

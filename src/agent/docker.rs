@@ -1,0 +1,570 @@
+//! The Docker engine, through bollard on the local socket: the container
+//! commands of the contract, each checked against the local policy first.
+//!
+//! Every container the agent creates carries its labels (`uplink.agent`,
+//! `uplink.command`, `uplink.run`). The agent touches no other container:
+//! stop, remove and logs refuse a container without its `uplink.agent`
+//! label. A RunContainer delivered again finds its container by
+//! `uplink.command` and creates nothing.
+//!
+//! When the socket is missing or refused, every container command fails
+//! with `docker: unavailable (reason)`; each command tries to connect again,
+//! so an engine that comes back is noticed without restarting the agent.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, DeviceMapping, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, EventsOptions, InspectContainerOptions,
+    ListContainersOptions, LogsOptions, RemoveContainerOptions, StartContainerOptions,
+    StopContainerOptions,
+};
+use futures_util::StreamExt;
+
+use super::policy::{Ask, Policy, Usage};
+use crate::proto;
+
+/// Label with the agent's id.
+pub const LABEL_AGENT: &str = "uplink.agent";
+/// Label with the id of the RunContainer command.
+pub const LABEL_COMMAND: &str = "uplink.command";
+/// Label with the run id.
+pub const LABEL_RUN: &str = "uplink.run";
+
+/// A failed container command: the result's status and message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub status: proto::CommandStatus,
+    pub message: String,
+}
+
+fn failed(message: impl Into<String>) -> Failure {
+    Failure {
+        status: proto::CommandStatus::Failed,
+        message: message.into(),
+    }
+}
+
+/// Connects to the local engine (negotiating the API version) and pings it.
+pub async fn connect() -> Result<Docker, Failure> {
+    let docker = Docker::connect_with_local_defaults()
+        .map_err(|e| failed(format!("docker: unavailable ({e})")))?;
+    let docker = tokio::time::timeout(Duration::from_secs(5), docker.negotiate_version())
+        .await
+        .map_err(|_| failed("docker: unavailable (no answer from the engine within 5s)"))?
+        .map_err(|e| failed(format!("docker: unavailable ({e})")))?;
+    docker
+        .ping()
+        .await
+        .map_err(|e| failed(format!("docker: unavailable ({e})")))?;
+    Ok(docker)
+}
+
+/// The engine as this agent uses it.
+pub struct Engine {
+    docker: Docker,
+    agent: String,
+}
+
+fn labels_filter(agent: &str, extra: Option<(&str, &str)>) -> HashMap<String, Vec<String>> {
+    let mut labels = vec![format!("{LABEL_AGENT}={agent}")];
+    if let Some((k, v)) = extra {
+        labels.push(format!("{k}={v}"));
+    }
+    HashMap::from([("label".to_string(), labels)])
+}
+
+impl Engine {
+    /// Wraps a connected client for `agent`.
+    pub fn new(docker: Docker, agent: &str) -> Self {
+        Engine {
+            docker,
+            agent: agent.to_string(),
+        }
+    }
+
+    /// Pulls `image`, calling `progress(percent, line)` at most once a second.
+    pub async fn pull(
+        &self,
+        image: &str,
+        auth: Option<&proto::RegistryAuth>,
+        mut progress: impl FnMut(f32, String),
+    ) -> Result<(), Failure> {
+        let creds = auth.map(|a| bollard::auth::DockerCredentials {
+            username: Some(a.username.clone()),
+            password: Some(a.password.clone()),
+            ..Default::default()
+        });
+        let opts = CreateImageOptions {
+            from_image: Some(image.to_string()),
+            ..Default::default()
+        };
+        let mut stream = self.docker.create_image(Some(opts), None, creds);
+        let mut layers: HashMap<String, (i64, i64)> = HashMap::new();
+        let mut last = Instant::now() - Duration::from_secs(2);
+        while let Some(item) = stream.next().await {
+            let info =
+                item.map_err(|e| failed(format!("pull {image}: {}", pull_reason(&e.to_string()))))?;
+            if let Some(err) = info.error_detail.and_then(|d| d.message) {
+                return Err(failed(format!("pull {image}: {}", pull_reason(&err))));
+            }
+            if let (Some(id), Some(d)) = (info.id.clone(), info.progress_detail) {
+                if let (Some(cur), Some(total)) = (d.current, d.total) {
+                    layers.insert(id, (cur, total));
+                }
+            }
+            if last.elapsed() >= Duration::from_secs(1) {
+                last = Instant::now();
+                tracing::info!(%image, "pull progress");
+                let (cur, total) = layers
+                    .values()
+                    .fold((0, 0), |(c, t), (a, b)| (c + a, t + b));
+                let pct = if total > 0 {
+                    (cur as f32 / total as f32 * 100.0).min(100.0)
+                } else {
+                    0.0
+                };
+                progress(pct, info.status.unwrap_or_default());
+            }
+        }
+        progress(100.0, format!("pulled {image}"));
+        Ok(())
+    }
+
+    /// The container a RunContainer command created, if any.
+    async fn by_command(&self, command_id: &str) -> Result<Option<(String, String)>, Failure> {
+        let opts = ListContainersOptions {
+            all: true,
+            filters: Some(labels_filter(
+                &self.agent,
+                Some((LABEL_COMMAND, command_id)),
+            )),
+            ..Default::default()
+        };
+        let list = self
+            .docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(|e| failed(format!("docker: {e}")))?;
+        Ok(list.into_iter().next().map(|c| {
+            let name = c
+                .names
+                .and_then(|n| n.into_iter().next())
+                .unwrap_or_default()
+                .trim_start_matches('/')
+                .to_string();
+            (c.id.unwrap_or_default(), name)
+        }))
+    }
+
+    /// CPU and memory limits held by this agent's running containers.
+    pub async fn usage(&self) -> Result<Usage, Failure> {
+        let opts = ListContainersOptions {
+            all: false,
+            filters: Some(labels_filter(&self.agent, None)),
+            ..Default::default()
+        };
+        let list = self
+            .docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(|e| failed(format!("docker: {e}")))?;
+        let mut u = Usage::default();
+        for c in list {
+            let Some(id) = c.id else { continue };
+            if let Ok(i) = self
+                .docker
+                .inspect_container(&id, None::<InspectContainerOptions>)
+                .await
+            {
+                let hc = i.host_config.unwrap_or_default();
+                u.cpus += hc.nano_cpus.unwrap_or(0) as f64 / 1e9;
+                u.memory += hc.memory.unwrap_or(0).max(0) as u64;
+            }
+        }
+        Ok(u)
+    }
+
+    /// Creates and starts the container of `command_id`, after the policy
+    /// agreed; pulls the image first when it is missing.
+    pub async fn run(
+        &self,
+        policy: &Policy,
+        command_id: &str,
+        spec: &proto::RunContainer,
+    ) -> Result<proto::RunContainerResult, Failure> {
+        if let Some((id, name)) = self.by_command(command_id).await? {
+            // Delivered again: the container exists; make sure it started.
+            let _ = self
+                .docker
+                .start_container(&id, None::<StartContainerOptions>)
+                .await;
+            return Ok(proto::RunContainerResult {
+                container_id: id,
+                name,
+                existed: true,
+            });
+        }
+        let ask = Ask {
+            image: spec.image.clone(),
+            privileged: spec.privileged,
+            network: if spec.network.is_empty() {
+                "bridge".into()
+            } else {
+                spec.network.clone()
+            },
+            host_pid: spec.host_pid,
+            host_ipc: spec.host_ipc,
+            binds: spec
+                .binds
+                .iter()
+                .map(|b| {
+                    (
+                        PathBuf::from(&b.host_path),
+                        PathBuf::from(&b.container_path),
+                    )
+                })
+                .collect(),
+            capabilities: spec.cap_add.clone(),
+            devices: spec.devices.iter().map(PathBuf::from).collect(),
+            cpus: spec.cpus,
+            memory: spec.memory_bytes,
+        };
+        let usage = self.usage().await?;
+        if let Err(r) = policy.check(&ask, usage) {
+            tracing::warn!(audit = true, command = %command_id, rule = r.rule, image = %spec.image, "refused by local policy: {}", r.message);
+            return Err(Failure {
+                status: proto::CommandStatus::Refused,
+                message: r.to_string(),
+            });
+        }
+        if spec.image.is_empty() {
+            return Err(failed("RunContainer.image is empty"));
+        }
+        if self.docker.inspect_image(&spec.image).await.is_err() {
+            self.pull(&spec.image, None, |_, _| {}).await?;
+        }
+        let mut labels = spec.labels.clone();
+        labels.retain(|k, _| !k.starts_with("uplink."));
+        labels.insert(LABEL_AGENT.into(), self.agent.clone());
+        labels.insert(LABEL_COMMAND.into(), command_id.into());
+        if !spec.run_id.is_empty() {
+            labels.insert(LABEL_RUN.into(), spec.run_id.clone());
+        }
+        let name = if spec.name.is_empty() {
+            format!("uplink-{}", command_id.trim_start_matches("cmd_"))
+        } else {
+            spec.name.clone()
+        };
+        let host = HostConfig {
+            nano_cpus: (spec.cpus > 0.0).then(|| (spec.cpus * 1e9) as i64),
+            memory: (spec.memory_bytes > 0).then_some(spec.memory_bytes as i64),
+            // No swap beyond the limit: a container over it is OOM-killed,
+            // as a load generator's operator expects, instead of thrashing.
+            memory_swap: (spec.memory_bytes > 0).then_some(spec.memory_bytes as i64),
+            pids_limit: (spec.pids_limit > 0).then_some(spec.pids_limit),
+            network_mode: Some(ask.network.clone()),
+            privileged: Some(spec.privileged),
+            pid_mode: spec.host_pid.then(|| "host".to_string()),
+            ipc_mode: spec.host_ipc.then(|| "host".to_string()),
+            binds: (!spec.binds.is_empty()).then(|| {
+                spec.binds
+                    .iter()
+                    .map(|b| {
+                        format!(
+                            "{}:{}{}",
+                            b.host_path,
+                            b.container_path,
+                            if b.read_only { ":ro" } else { "" }
+                        )
+                    })
+                    .collect()
+            }),
+            cap_add: (!spec.cap_add.is_empty()).then(|| spec.cap_add.clone()),
+            devices: (!spec.devices.is_empty()).then(|| {
+                spec.devices
+                    .iter()
+                    .map(|d| DeviceMapping {
+                        path_on_host: Some(d.clone()),
+                        path_in_container: Some(d.clone()),
+                        cgroup_permissions: Some("rwm".into()),
+                    })
+                    .collect()
+            }),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
+            entrypoint: (!spec.entrypoint.is_empty()).then(|| spec.entrypoint.clone()),
+            env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            labels: Some(labels),
+            host_config: Some(host),
+            ..Default::default()
+        };
+        let created = self
+            .docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name.clone()),
+                    ..Default::default()
+                }),
+                body,
+            )
+            .await
+            .map_err(|e| failed(format!("docker create {name}: {e}")))?;
+        self.docker
+            .start_container(&created.id, None::<StartContainerOptions>)
+            .await
+            .map_err(|e| failed(format!("docker start {name}: {e}")))?;
+        Ok(proto::RunContainerResult {
+            container_id: created.id,
+            name,
+            existed: false,
+        })
+    }
+
+    /// Resolves a container by id or name, insisting that it is ours.
+    async fn ours(&self, container: &str) -> Result<String, Failure> {
+        let i = self
+            .docker
+            .inspect_container(container, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| failed(format!("no container {container:?}: {e}")))?;
+        let labels = i.config.and_then(|c| c.labels).unwrap_or_default();
+        if labels.get(LABEL_AGENT) != Some(&self.agent) {
+            return Err(Failure {
+                status: proto::CommandStatus::Refused,
+                message: format!(
+                    "container {container:?} was not created by this agent; uplink touches only its own containers"
+                ),
+            });
+        }
+        Ok(i.id.unwrap_or_else(|| container.to_string()))
+    }
+
+    /// Stops a container: SIGTERM, then SIGKILL after `timeout_s`.
+    pub async fn stop(&self, container: &str, timeout_s: u32) -> Result<(), Failure> {
+        let id = self.ours(container).await?;
+        let t = if timeout_s == 0 {
+            10
+        } else {
+            timeout_s.min(3600)
+        } as i32;
+        self.docker
+            .stop_container(
+                &id,
+                Some(StopContainerOptions {
+                    t: Some(t),
+                    signal: None,
+                }),
+            )
+            .await
+            .or_else(|e| {
+                if e.to_string().contains("304") {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(|e| failed(format!("docker stop {container}: {e}")))
+    }
+
+    /// Removes a container.
+    pub async fn remove(&self, container: &str, force: bool) -> Result<(), Failure> {
+        let id = self.ours(container).await?;
+        self.docker
+            .remove_container(
+                &id,
+                Some(RemoveContainerOptions {
+                    force,
+                    ..Default::default()
+                }),
+            )
+            .await
+            .map_err(|e| failed(format!("docker rm {container}: {e}")))
+    }
+
+    /// This agent's containers.
+    pub async fn list(&self) -> Result<Vec<proto::ContainerView>, Failure> {
+        let opts = ListContainersOptions {
+            all: true,
+            filters: Some(labels_filter(&self.agent, None)),
+            ..Default::default()
+        };
+        let list = self
+            .docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(|e| failed(format!("docker: {e}")))?;
+        let mut out: Vec<proto::ContainerView> = list
+            .into_iter()
+            .map(|c| {
+                let labels = c.labels.unwrap_or_default();
+                proto::ContainerView {
+                    id: c.id.unwrap_or_default(),
+                    name: c
+                        .names
+                        .and_then(|n| n.into_iter().next())
+                        .unwrap_or_default()
+                        .trim_start_matches('/')
+                        .to_string(),
+                    image: c.image.unwrap_or_default(),
+                    state: c.state.map(|s| s.to_string()).unwrap_or_default(),
+                    command_id: labels.get(LABEL_COMMAND).cloned().unwrap_or_default(),
+                    run_id: labels.get(LABEL_RUN).cloned().unwrap_or_default(),
+                    exit_code: 0,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// The last `tail` log lines, with values of secret-looking environment
+    /// variables replaced.
+    pub async fn logs(&self, container: &str, tail: u32) -> Result<Vec<String>, Failure> {
+        let id = self.ours(container).await?;
+        let env = self
+            .docker
+            .inspect_container(&id, None::<InspectContainerOptions>)
+            .await
+            .ok()
+            .and_then(|i| i.config)
+            .and_then(|c| c.env)
+            .unwrap_or_default();
+        let secrets = secret_values(&env);
+        let tail = if tail == 0 { 100 } else { tail.min(10_000) };
+        let mut stream = self.docker.logs(
+            &id,
+            Some(LogsOptions {
+                stdout: true,
+                stderr: true,
+                tail: tail.to_string(),
+                ..Default::default()
+            }),
+        );
+        let mut text = String::new();
+        while let Some(item) = stream.next().await {
+            let chunk = item.map_err(|e| failed(format!("docker logs {container}: {e}")))?;
+            text.push_str(&chunk.to_string());
+        }
+        Ok(text.lines().map(|l| redact_line(l, &secrets)).collect())
+    }
+
+    /// Watches this agent's containers die and calls `exited` with each
+    /// exit, until the engine's event stream ends.
+    pub async fn watch_exits(&self, mut exited: impl FnMut(proto::ContainerEvent)) {
+        let mut filters = labels_filter(&self.agent, None);
+        filters.insert("type".into(), vec!["container".into()]);
+        filters.insert("event".into(), vec!["die".into()]);
+        let mut events = self.docker.events(Some(EventsOptions {
+            filters: Some(filters),
+            ..Default::default()
+        }));
+        while let Some(Ok(ev)) = events.next().await {
+            let Some(id) = ev.actor.and_then(|a| a.id) else {
+                continue;
+            };
+            let Ok(i) = self
+                .docker
+                .inspect_container(&id, None::<InspectContainerOptions>)
+                .await
+            else {
+                continue;
+            };
+            let state = i.state.unwrap_or_default();
+            let labels = i.config.and_then(|c| c.labels).unwrap_or_default();
+            exited(proto::ContainerEvent {
+                container_id: id,
+                name: i
+                    .name
+                    .unwrap_or_default()
+                    .trim_start_matches('/')
+                    .to_string(),
+                command_id: labels.get(LABEL_COMMAND).cloned().unwrap_or_default(),
+                run_id: labels.get(LABEL_RUN).cloned().unwrap_or_default(),
+                kind: proto::ContainerEventKind::Exited as i32,
+                exit_code: state.exit_code.unwrap_or(-1),
+                oom_killed: state.oom_killed.unwrap_or(false),
+            });
+        }
+    }
+}
+
+/// What a registry error means for an operator.
+fn pull_reason(e: &str) -> String {
+    let l = e.to_lowercase();
+    if l.contains("not found") || l.contains("manifest unknown") {
+        format!("image not found in the registry ({e})")
+    } else if l.contains("unauthorized")
+        || l.contains("authentication required")
+        || l.contains("denied")
+    {
+        format!("registry authentication failed ({e})")
+    } else if l.contains("connection refused")
+        || l.contains("no such host")
+        || l.contains("timeout")
+    {
+        format!("registry unreachable ({e})")
+    } else {
+        e.to_string()
+    }
+}
+
+/// Values of environment variables whose names look secret.
+fn secret_values(env: &[String]) -> Vec<String> {
+    const HINTS: [&str; 7] = [
+        "PASSWORD",
+        "SECRET",
+        "TOKEN",
+        "KEY",
+        "CREDENTIAL",
+        "AUTH",
+        "PASS",
+    ];
+    env.iter()
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, v)| v.len() >= 4 && HINTS.iter().any(|h| k.to_ascii_uppercase().contains(h)))
+        .map(|(_, v)| v.to_string())
+        .collect()
+}
+
+fn redact_line(line: &str, secrets: &[String]) -> String {
+    let mut out = line.to_string();
+    for s in secrets {
+        out = out.replace(s.as_str(), "[redacted]");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_looking_values_are_redacted_in_logs() {
+        let env = vec![
+            "API_TOKEN=s3cr3t-value".to_string(),
+            "DB_PASSWORD=hunter22".to_string(),
+            "TARGET_URL=http://sut:8080".to_string(),
+            "KEY=ab".to_string(),
+        ];
+        let s = secret_values(&env);
+        assert_eq!(s, vec!["s3cr3t-value".to_string(), "hunter22".to_string()]);
+        assert_eq!(
+            redact_line("login with hunter22 to http://sut:8080", &s),
+            "login with [redacted] to http://sut:8080"
+        );
+    }
+
+    #[test]
+    fn registry_errors_are_named() {
+        assert!(pull_reason("manifest unknown: manifest unknown").contains("not found"));
+        assert!(pull_reason("unauthorized: authentication required").contains("authentication"));
+        assert!(pull_reason("dial tcp 127.0.0.1:1: connection refused").contains("unreachable"));
+    }
+}

@@ -1,0 +1,382 @@
+//! The executor against the real Docker engine on this machine: pulls from
+//! a registry on loopback, containers run to completion, stopped, OOM-killed,
+//! refused by the local policy, and an engine that is not there.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::docker::{LOCAL_IMAGE, Registry, containers_of, remove_containers_of};
+use common::*;
+use uplink::proto::{self, CommandStatus, command_spec::Kind};
+
+fn spec(kind: Kind) -> proto::CommandSpec {
+    proto::CommandSpec { kind: Some(kind) }
+}
+
+fn run(image: &str, cmd: &[&str]) -> proto::RunContainer {
+    proto::RunContainer {
+        image: image.into(),
+        command: cmd.iter().map(|s| s.to_string()).collect(),
+        cpus: 0.5,
+        memory_bytes: 64 << 20,
+        ..Default::default()
+    }
+}
+
+async fn exec(b: &TestBackend, agent: &str, kind: Kind, timeout: Duration) -> proto::CommandResult {
+    let admin = b.admin();
+    let c = admin.enqueue(agent, spec(kind)).await.expect("enqueue");
+    result_of(&admin, &c.id, timeout)
+        .await
+        .result
+        .expect("result")
+}
+
+/// Waits for the exit event of the container created by `command`.
+async fn exit_of(b: &TestBackend, agent: &str, command: &str) -> proto::ContainerEvent {
+    wait_for(
+        Duration::from_secs(30),
+        &format!("exit event of {command}"),
+        || async {
+            b.core
+                .store()
+                .container_events(agent)
+                .ok()?
+                .into_iter()
+                .find(|e| e.command_id == command)
+        },
+    )
+    .await
+}
+
+struct Cleanup(String);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        remove_containers_of(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_runs_stops_and_reports_exits_through_the_real_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::start(dir.path()).await;
+    let b = TestBackend::start(&dir.path().join("backend")).await;
+    let admin = b.admin();
+    let a = agent_via(
+        &b,
+        &b.url.to_string(),
+        &dir.path().join("a"),
+        "docker-host",
+        &[],
+        &[],
+    );
+    let v = connected_agent(&admin, "docker-host", "grpc").await;
+    let _cleanup = Cleanup(v.id.clone());
+
+    // Pull from the registry on loopback, with progress.
+    let r = exec(
+        &b,
+        &v.id,
+        Kind::PullImage(proto::PullImage {
+            image: reg.image(),
+            auth: None,
+        }),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(r.status, CommandStatus::Ok as i32, "{r:?}");
+    assert!(a.count(&["pull progress"]) >= 1, "{}", a.logs());
+    // A missing image is named as such.
+    let missing = format!("127.0.0.1:{}/loadgen/nope:1", reg.port);
+    let r = exec(
+        &b,
+        &v.id,
+        Kind::PullImage(proto::PullImage {
+            image: missing,
+            auth: None,
+        }),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(r.status, CommandStatus::Failed as i32);
+    assert!(r.message.contains("not found"), "{}", r.message);
+
+    // Run to completion: started, then the exit code arrives as an event.
+    let c = admin
+        .enqueue(
+            &v.id,
+            spec(Kind::RunContainer(run(
+                &reg.image(),
+                &["sh", "-c", "echo hi; exit 3"],
+            ))),
+        )
+        .await
+        .unwrap();
+    let r = result_of(&admin, &c.id, Duration::from_secs(60))
+        .await
+        .result
+        .unwrap();
+    assert_eq!(r.status, CommandStatus::Ok as i32, "{r:?}");
+    let Some(proto::command_result::Detail::RunContainer(rc)) = r.detail else {
+        panic!("{r:?}")
+    };
+    let ev = exit_of(&b, &v.id, &c.id).await;
+    assert_eq!(
+        (ev.exit_code, ev.oom_killed, ev.container_id.as_str()),
+        (3, false, rc.container_id.as_str())
+    );
+    // Its logs come back through the command path, secrets redacted.
+    let mut with_secret = run(&reg.image(), &["sh", "-c", "echo token is $API_TOKEN"]);
+    with_secret.env = HashMap::from([("API_TOKEN".to_string(), "tok-123456".to_string())]);
+    let c2 = admin
+        .enqueue(&v.id, spec(Kind::RunContainer(with_secret)))
+        .await
+        .unwrap();
+    let r = result_of(&admin, &c2.id, Duration::from_secs(60))
+        .await
+        .result
+        .unwrap();
+    let Some(proto::command_result::Detail::RunContainer(rc2)) = r.detail else {
+        panic!("{r:?}")
+    };
+    exit_of(&b, &v.id, &c2.id).await;
+    let r = exec(
+        &b,
+        &v.id,
+        Kind::ContainerLogs(proto::ContainerLogs {
+            container: rc2.name.clone(),
+            tail: 10,
+        }),
+        Duration::from_secs(30),
+    )
+    .await;
+    let Some(proto::command_result::Detail::ContainerLogs(logs)) = r.detail else {
+        panic!("{r:?}")
+    };
+    assert_eq!(logs.lines, vec!["token is [redacted]".to_string()]);
+
+    // Stop a long-running one.
+    let c = admin
+        .enqueue(
+            &v.id,
+            spec(Kind::RunContainer(run(&reg.image(), &["sleep", "300"]))),
+        )
+        .await
+        .unwrap();
+    let r = result_of(&admin, &c.id, Duration::from_secs(60))
+        .await
+        .result
+        .unwrap();
+    let Some(proto::command_result::Detail::RunContainer(long)) = r.detail else {
+        panic!("{r:?}")
+    };
+    let r = exec(
+        &b,
+        &v.id,
+        Kind::StopContainer(proto::StopContainer {
+            container: long.name.clone(),
+            timeout_s: 1,
+        }),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(r.status, CommandStatus::Ok as i32, "{r:?}");
+    let ev = exit_of(&b, &v.id, &c.id).await;
+    assert_eq!(ev.exit_code, 137, "SIGKILL after the grace time: {ev:?}");
+
+    // OOM-killed under its memory limit.
+    let mut hog = run(
+        &reg.image(),
+        &["sh", "-c", "x=a; while true; do x=$x$x; done"],
+    );
+    hog.memory_bytes = 16 << 20;
+    let c = admin
+        .enqueue(&v.id, spec(Kind::RunContainer(hog)))
+        .await
+        .unwrap();
+    result_of(&admin, &c.id, Duration::from_secs(60)).await;
+    let ev = exit_of(&b, &v.id, &c.id).await;
+    assert!(ev.oom_killed, "{ev:?}");
+
+    // List shows only this agent's containers, with their labels.
+    let r = exec(
+        &b,
+        &v.id,
+        Kind::ListContainers(proto::ListContainers {}),
+        Duration::from_secs(30),
+    )
+    .await;
+    let Some(proto::command_result::Detail::ListContainers(list)) = r.detail else {
+        panic!("{r:?}")
+    };
+    assert_eq!(list.containers.len(), 4, "{list:?}");
+    assert!(
+        list.containers
+            .iter()
+            .all(|c| c.command_id.starts_with("cmd_"))
+    );
+
+    // Remove.
+    let r = exec(
+        &b,
+        &v.id,
+        Kind::RemoveContainer(proto::RemoveContainer {
+            container: long.name,
+            force: true,
+        }),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(r.status, CommandStatus::Ok as i32, "{r:?}");
+    assert_eq!(containers_of(&v.id).len(), 3);
+    // A container that is not this agent's is refused.
+    let r = exec(
+        &b,
+        &v.id,
+        Kind::StopContainer(proto::StopContainer {
+            container: "not-ours".into(),
+            timeout_s: 1,
+        }),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_ne!(r.status, CommandStatus::Ok as i32);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_policy_refuses_before_any_docker_call() {
+    let dir = tempfile::tempdir().unwrap();
+    common::docker::ensure_image(dir.path());
+    let b = TestBackend::start(&dir.path().join("backend")).await;
+    let admin = b.admin();
+    let _a = agent_via(
+        &b,
+        &b.url.to_string(),
+        &dir.path().join("a"),
+        "strict-host",
+        &["--allow-image", "uplink-test/*"],
+        &[],
+    );
+    let v = connected_agent(&admin, "strict-host", "grpc").await;
+    let _cleanup = Cleanup(v.id.clone());
+    let ok = run(LOCAL_IMAGE, &["true"]);
+    let cases: Vec<(proto::RunContainer, &str)> = vec![
+        (
+            proto::RunContainer {
+                privileged: true,
+                ..ok.clone()
+            },
+            "privileged",
+        ),
+        (
+            proto::RunContainer {
+                binds: vec![proto::BindMount {
+                    host_path: "/".into(),
+                    container_path: "/host".into(),
+                    read_only: false,
+                }],
+                ..ok.clone()
+            },
+            "bind_mount",
+        ),
+        (
+            proto::RunContainer {
+                network: "host".into(),
+                ..ok.clone()
+            },
+            "host_network",
+        ),
+        (
+            proto::RunContainer {
+                image: "docker.io/library/alpine:3".into(),
+                ..ok.clone()
+            },
+            "image_not_allowed",
+        ),
+        (
+            proto::RunContainer {
+                cpus: 0.0,
+                memory_bytes: 0,
+                ..ok.clone()
+            },
+            "limits_required",
+        ),
+    ];
+    for (spec_, rule) in cases {
+        let r = exec(
+            &b,
+            &v.id,
+            Kind::RunContainer(spec_),
+            Duration::from_secs(30),
+        )
+        .await;
+        assert_eq!(r.status, CommandStatus::Refused as i32, "{rule}: {r:?}");
+        assert!(r.message.contains(rule), "{rule}: {}", r.message);
+    }
+    assert!(
+        containers_of(&v.id).is_empty(),
+        "a refused command created a container"
+    );
+    // And an allowed one runs.
+    let r = exec(&b, &v.id, Kind::RunContainer(ok), Duration::from_secs(30)).await;
+    assert_eq!(r.status, CommandStatus::Ok as i32, "{r:?}");
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_docker_engine_is_named_and_the_agent_stays_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBackend::start(&dir.path().join("backend")).await;
+    let admin = b.admin();
+    let _a = agent_via(
+        &b,
+        &b.url.to_string(),
+        &dir.path().join("a"),
+        "no-docker",
+        &[],
+        &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")],
+    );
+    let v = connected_agent(&admin, "no-docker", "grpc").await;
+    let r = exec(
+        &b,
+        &v.id,
+        Kind::RunContainer(run(LOCAL_IMAGE, &["true"])),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(r.status, CommandStatus::Failed as i32);
+    assert!(
+        r.message.starts_with("docker: unavailable ("),
+        "{}",
+        r.message
+    );
+    // Still connected: pings work.
+    let p = admin
+        .ping(&v.id, "", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(p.view.state, proto::CommandState::Done as i32);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_the_same_command_again_creates_no_second_container() {
+    let dir = tempfile::tempdir().unwrap();
+    common::docker::ensure_image(dir.path());
+    let agent = format!("agt_test{}", std::process::id());
+    let _cleanup = Cleanup(agent.clone());
+    let engine = uplink::agent::docker::Engine::new(
+        uplink::agent::docker::connect().await.expect("docker"),
+        &agent,
+    );
+    let policy = uplink::agent::policy::Policy::default();
+    let spec_ = run(LOCAL_IMAGE, &["sleep", "30"]);
+    let first = engine.run(&policy, "cmd_same", &spec_).await.unwrap();
+    let second = engine.run(&policy, "cmd_same", &spec_).await.unwrap();
+    assert!(!first.existed && second.existed);
+    assert_eq!(first.container_id, second.container_id);
+    assert_eq!(containers_of(&agent).len(), 1);
+}
