@@ -111,10 +111,10 @@ impl Engine {
             if let Some(err) = info.error_detail.and_then(|d| d.message) {
                 return Err(failed(format!("pull {image}: {}", pull_reason(&err))));
             }
-            if let (Some(id), Some(d)) = (info.id.clone(), info.progress_detail) {
-                if let (Some(cur), Some(total)) = (d.current, d.total) {
-                    layers.insert(id, (cur, total));
-                }
+            if let (Some(id), Some(d)) = (info.id.clone(), info.progress_detail)
+                && let (Some(cur), Some(total)) = (d.current, d.total)
+            {
+                layers.insert(id, (cur, total));
             }
             if last.elapsed() >= Duration::from_secs(1) {
                 last = Instant::now();
@@ -260,7 +260,7 @@ impl Engine {
             spec.name.clone()
         };
         let host = HostConfig {
-            nano_cpus: (spec.cpus > 0.0).then(|| (spec.cpus * 1e9) as i64),
+            nano_cpus: (spec.cpus > 0.0).then_some((spec.cpus * 1e9) as i64),
             memory: (spec.memory_bytes > 0).then_some(spec.memory_bytes as i64),
             // No swap beyond the limit: a container over it is OOM-killed,
             // as a load generator's operator expects, instead of thrashing.
