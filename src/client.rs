@@ -66,6 +66,8 @@ pub enum FailureKind {
     Dns,
     /// Nothing listens at the address.
     Refused,
+    /// The address cannot be reached (no route, reset, no address).
+    Unreachable,
     /// No answer in time.
     Timeout,
     /// The TLS handshake failed (trust, protocol).
@@ -111,7 +113,10 @@ impl CallError {
                     ConnectError::Tcp { source, .. } => match source.kind() {
                         std::io::ErrorKind::ConnectionRefused => FailureKind::Refused,
                         std::io::ErrorKind::TimedOut => FailureKind::Timeout,
-                        _ => FailureKind::Other,
+                        // Unreachable hosts and networks, resets by the
+                        // proxy, names without addresses: every rung
+                        // meets them alike.
+                        _ => FailureKind::Unreachable,
                     },
                     ConnectError::Proxy(p) => FailureKind::Proxy {
                         operator: p.needs_operator(),
@@ -193,6 +198,7 @@ impl CallError {
         match self.kind {
             FailureKind::Dns => "dns",
             FailureKind::Refused => "refused",
+            FailureKind::Unreachable => "unreachable",
             FailureKind::Timeout => "timeout",
             FailureKind::Tls => "tls",
             FailureKind::Proxy { .. } => "proxy",

@@ -124,6 +124,9 @@ pub fn redact_url(url: &str) -> String {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
         }
+        // No scheme (`user:pass@host:port`): everything before the last
+        // `@` is userinfo.
+        (None, Some(at)) => format!("***@{}", &url[at + 1..]),
         _ => url.to_string(),
     }
 }
@@ -159,5 +162,6 @@ mod tests {
             "http://***@proxy:3128"
         );
         assert_eq!(redact_url("http://proxy:3128"), "http://proxy:3128");
+        assert_eq!(redact_url("alice:pa/ss@proxy:3128"), "***@proxy:3128");
     }
 }

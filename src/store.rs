@@ -461,10 +461,10 @@ impl Store {
     /// accepted. Returns the agent's ack after the update.
     ///
     /// An ack above the last issued seq means this store lost commits (a
-    /// power loss, or a data dir restored from an older copy) and has been
-    /// reusing seqs the agent already saw: the agent would take those
-    /// commands for duplicates. They are failed with a clear result, and
-    /// numbering continues above the agent's ack.
+    /// power loss, or a data dir restored from an older copy): numbering
+    /// continues above the agent's ack. (Commands queued after the loss and
+    /// before the agent reconnected may reuse seqs the agent saw; the agent
+    /// answers those with a failure that says so.)
     pub fn ack(&self, agent_id: &str, ack: u64, now: i64) -> Result<u64, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
@@ -477,37 +477,21 @@ impl Store {
                 .optional()?;
             let Some((acked, next)) = row else { return Ok(0) };
             if ack as i64 > next - 1 {
-                let lost = proto::CommandResult {
-                    command_id: String::new(),
-                    status: proto::CommandStatus::Failed as i32,
-                    message: "not delivered: the backend's store lost recent commits and reused this \
-                              command's seq, which the agent had already seen; queue the command again"
-                        .into(),
-                    detail: None,
-                };
-                let ids: Vec<String> = {
-                    let mut st = tx.prepare(
-                        "SELECT id FROM commands WHERE agent_id = ?1 AND seq > ?2 AND done_ms = 0",
-                    )?;
-                    let rows = st.query_map(params![agent_id, acked], |r| r.get(0))?;
-                    rows.collect::<Result<_, _>>()?
-                };
-                for id in ids {
-                    let mut r = lost.clone();
-                    r.command_id = id.clone();
-                    tx.execute(
-                        "UPDATE commands SET done_ms = ?2, result = ?3 WHERE id = ?1",
-                        params![id, now, r.encode_to_vec()],
-                    )?;
-                }
+                // The agent saw seqs this store no longer knows: commits
+                // were lost. Take the agent's word for what it accepted and
+                // number new commands above it, so none is mistaken for a
+                // duplicate.
                 tx.execute(
                     "UPDATE agents SET acked_seq = ?2, next_seq = ?2 + 1 WHERE id = ?1",
                     params![agent_id, ack as i64],
                 )?;
+                tx.execute(
+                    "UPDATE commands SET accepted_ms = ?3 WHERE agent_id = ?1 AND seq > ?4 AND seq <= ?2 AND accepted_ms = 0",
+                    params![agent_id, ack as i64, now, acked],
+                )?;
                 tx.commit()?;
                 tracing::warn!(agent = agent_id, ack, issued = next - 1,
-                    "agent acknowledges seqs this store never issued (lost commits or an older data dir); \
-                     unfinished commands above its previous ack were failed, numbering moves on");
+                    "agent acknowledges seqs this store never issued (lost commits or an older data dir); numbering moves on above its ack");
                 return Ok(ack);
             }
             let new = ack as i64;
@@ -731,7 +715,7 @@ mod tests {
     }
 
     #[test]
-    fn an_ack_beyond_issued_seqs_fails_reused_commands_and_moves_numbering_on() {
+    fn an_ack_beyond_issued_seqs_moves_numbering_on() {
         let s = store_with_agent();
         s.enqueue("a1", "c1", &ping(), 10).unwrap();
         s.enqueue("a1", "c2", &ping(), 10).unwrap();
@@ -739,9 +723,11 @@ mod tests {
         assert_eq!(s.ack("a1", 5, 20).unwrap(), 5);
         for id in ["c1", "c2"] {
             let c = s.command(id).unwrap().unwrap();
-            let r = c.result.unwrap();
-            assert_eq!(r.status, proto::CommandStatus::Failed as i32);
-            assert!(r.message.contains("queue the command again"));
+            assert_eq!(
+                (c.accepted_ms, c.done_ms),
+                (20, 0),
+                "{id}: its result may still come"
+            );
         }
         let c = s.enqueue("a1", "c3", &ping(), 30).unwrap().unwrap();
         assert_eq!(c.seq, 6);

@@ -51,13 +51,17 @@ enum Line {
 /// What to do with a delivered command.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
-    /// New and next in sequence: accept and execute.
-    Execute,
+    /// New: accept and execute. `skipped` counts seqs between the ack and
+    /// this one; the backend delivers in order from the highest ack it
+    /// holds, so a skip means this journal is behind what the agent once
+    /// acknowledged (a lost or restored state dir), never a lost command.
+    Execute { skipped: u64 },
     /// Already accepted (a redelivery): do not execute again.
     Duplicate,
-    /// A seq beyond the next expected one: something was lost in transit;
-    /// do not accept, reconnect so the backend redelivers in order.
-    Gap { expected: u64 },
+    /// A seq at or below the ack under an id this journal never saw: the
+    /// backend reused a seq (its store lost commits). Not executed; the
+    /// command gets a failure result that says so.
+    Reused,
 }
 
 /// The journal.
@@ -70,6 +74,8 @@ pub struct Journal {
     order: VecDeque<String>,
     /// Lines skipped at open because they were torn or corrupt.
     pub skipped_lines: u64,
+    /// Set between a compaction's rename and the reopen of the new file.
+    needs_reopen: bool,
 }
 
 impl Journal {
@@ -88,9 +94,9 @@ impl Journal {
                 match serde_json::from_slice::<Line>(&line) {
                     Ok(Line::Ack { ack: a }) => ack = ack.max(a),
                     Ok(Line::Accepted { a, id }) => {
-                        if a == ack + 1 {
-                            ack = a;
-                        }
+                        // Accepts are written in seq order: the highest is
+                        // the ack, even if a line before it was damaged.
+                        ack = ack.max(a);
                         if !entries.contains_key(&id) {
                             order.push_back(id.clone());
                         }
@@ -134,6 +140,7 @@ impl Journal {
             entries,
             order,
             skipped_lines: skipped,
+            needs_reopen: false,
         };
         if skipped > 0 {
             // Rewrite without the bad lines, so appends start on a clean line.
@@ -167,36 +174,59 @@ impl Journal {
 
     /// Decides what to do with command `id` at `seq`.
     pub fn decide(&self, seq: u64, id: &str) -> Decision {
-        if self.entries.contains_key(id) || seq <= self.ack {
+        if self.entries.contains_key(id) {
             Decision::Duplicate
-        } else if seq == self.ack + 1 {
-            Decision::Execute
+        } else if seq <= self.ack {
+            // Ids older than the compaction window are forgotten; those
+            // seqs are far below anything the backend still delivers.
+            if self.oldest_seq().is_some_and(|o| seq < o) {
+                Decision::Duplicate
+            } else {
+                Decision::Reused
+            }
         } else {
-            Decision::Gap {
-                expected: self.ack + 1,
+            Decision::Execute {
+                skipped: seq - self.ack - 1,
             }
         }
     }
 
+    fn oldest_seq(&self) -> Option<u64> {
+        self.order
+            .front()
+            .and_then(|id| self.entries.get(id))
+            .map(|e| e.seq)
+    }
+
     fn append(&mut self, line: &Line) -> std::io::Result<()> {
+        if self.needs_reopen {
+            self.file = OpenOptions::new().append(true).open(&self.path)?;
+            self.size = self.file.metadata()?.len();
+            self.needs_reopen = false;
+        }
         let mut bytes = serde_json::to_vec(line).map_err(std::io::Error::other)?;
         bytes.push(b'\n');
-        self.file.write_all(&bytes)?;
-        self.file.sync_data()?;
+        let written = self
+            .file
+            .write_all(&bytes)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            // Cut a partial line, so the next append starts clean.
+            let _ = self.file.set_len(self.size);
+            return Err(e);
+        }
         self.size += bytes.len() as u64;
         Ok(())
     }
 
-    /// Durably records that `id` (at `seq`, which must be `ack + 1`) is
-    /// accepted. After this returns, the command is never executed again.
+    /// Durably records that `id` (at `seq`, above the ack) is accepted.
+    /// After this returns, the command is never executed again.
     pub fn accept(&mut self, seq: u64, id: &str) -> std::io::Result<()> {
         self.append(&Line::Accepted {
             a: seq,
             id: id.to_string(),
         })?;
-        if seq == self.ack + 1 {
-            self.ack = seq;
-        }
+        self.ack = self.ack.max(seq);
         self.entries.insert(
             id.to_string(),
             Entry {
@@ -207,7 +237,11 @@ impl Journal {
         );
         self.order.push_back(id.to_string());
         if self.size > COMPACT_BYTES {
-            self.compact()?;
+            // The accept is durable already; a failed compaction only
+            // leaves a longer file, and is tried again later.
+            if let Err(e) = self.compact() {
+                tracing::warn!(path = %self.path.display(), error = %e, "journal compaction failed; will retry");
+            }
         }
         Ok(())
     }
@@ -259,7 +293,17 @@ impl Journal {
     /// Rewrites the journal with the newest entries only (write a temporary
     /// file, sync, rename over).
     pub fn compact(&mut self) -> std::io::Result<()> {
+        // Only entries whose result reached the backend may go: anything
+        // running, unfinished or unreported must survive a restart.
         while self.order.len() > KEEP_ENTRIES {
+            let settled = self
+                .order
+                .front()
+                .and_then(|id| self.entries.get(id))
+                .is_some_and(|e| e.done.is_some() && e.reported);
+            if !settled {
+                break;
+            }
             if let Some(old) = self.order.pop_front() {
                 self.entries.remove(&old);
             }
@@ -303,8 +347,15 @@ impl Journal {
             f.sync_all()?;
         }
         std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            let _ = File::open(dir).and_then(|d| d.sync_all());
+        }
+        // From here the old handle points at the replaced file: until the
+        // new one is open, appends must not use it.
+        self.needs_reopen = true;
         self.file = OpenOptions::new().append(true).open(&self.path)?;
         self.size = self.file.metadata()?.len();
+        self.needs_reopen = false;
         Ok(())
     }
 }
@@ -319,7 +370,7 @@ mod tests {
         let p = dir.path().join("journal");
         {
             let mut j = Journal::open(&p).unwrap();
-            assert_eq!(j.decide(1, "c1"), Decision::Execute);
+            assert_eq!(j.decide(1, "c1"), Decision::Execute { skipped: 0 });
             j.accept(1, "c1").unwrap();
             j.finish("c1", 1, "pong").unwrap();
             j.accept(2, "c2").unwrap();
@@ -334,8 +385,27 @@ mod tests {
             j.unreported(),
             vec![("c1".to_string(), 1, 1, "pong".to_string())]
         );
-        assert_eq!(j.decide(3, "c3"), Decision::Execute);
-        assert_eq!(j.decide(5, "c5"), Decision::Gap { expected: 3 });
+        assert_eq!(j.decide(3, "c3"), Decision::Execute { skipped: 0 });
+        assert_eq!(j.decide(5, "c5"), Decision::Execute { skipped: 2 });
+        assert_eq!(j.decide(2, "other"), Decision::Reused);
+    }
+
+    #[test]
+    fn a_damaged_line_in_the_middle_keeps_the_highest_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("journal");
+        {
+            let mut j = Journal::open(&p).unwrap();
+            for s in 1..=3 {
+                j.accept(s, &format!("c{s}")).unwrap();
+            }
+        }
+        let text = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("\"c2\"", "\"c2");
+        std::fs::write(&p, text).unwrap();
+        let j = Journal::open(&p).unwrap();
+        assert_eq!((j.ack(), j.skipped_lines), (3, 1));
     }
 
     #[test]
@@ -366,13 +436,26 @@ mod tests {
         for seq in 1..=n {
             j.accept(seq, &format!("c{seq}")).unwrap();
             j.finish(&format!("c{seq}"), 1, "").unwrap();
+            if seq > 1 {
+                j.mark_reported(&format!("c{seq}")).unwrap();
+            }
         }
         j.compact().unwrap();
         drop(j);
         let j = Journal::open(&p).unwrap();
         assert_eq!(j.ack(), n);
-        assert!(j.get("c1").is_none());
+        // c1 was never reported: it stays, and blocks dropping what follows.
+        assert!(j.get("c1").is_some());
         assert!(j.get(&format!("c{n}")).is_some());
+        assert_eq!(j.decide(1, "c1"), Decision::Duplicate);
+        drop(j);
+        let mut j = Journal::open(&p).unwrap();
+        j.mark_reported("c1").unwrap();
+        j.compact().unwrap();
+        drop(j);
+        let j = Journal::open(&p).unwrap();
+        assert_eq!(j.ack(), n);
+        assert!(j.get("c1").is_none() && j.get("c2").is_none());
         // Old seqs are still duplicates by seq.
         assert_eq!(j.decide(1, "c1"), Decision::Duplicate);
     }

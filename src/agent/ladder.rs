@@ -102,6 +102,7 @@ fn blames_h2(e: &CallError) -> bool {
         ),
         FailureKind::Dns
         | FailureKind::Refused
+        | FailureKind::Unreachable
         | FailureKind::Timeout
         | FailureKind::Tls
         | FailureKind::Proxy { .. } => false,
@@ -163,7 +164,7 @@ impl Ladder {
                 Some(format!("HTTP/2 cannot pass: {e}"))
             }
             StreamEnd::BeforeFirstFrame => None,
-            StreamEnd::After { heartbeats } if heartbeats < EARLY_HEARTBEATS => {
+            StreamEnd::After { heartbeats } if heartbeats < EARLY_HEARTBEATS && blames_h2(e) => {
                 self.early_deaths += 1;
                 if self.early_deaths >= EARLY_DEATHS {
                     self.code = "early_deaths";
@@ -269,6 +270,7 @@ mod tests {
         for kind in [
             FailureKind::Dns,
             FailureKind::Refused,
+            FailureKind::Unreachable,
             FailureKind::Timeout,
             FailureKind::Tls,
             FailureKind::Proxy { operator: true },

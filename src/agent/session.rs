@@ -121,8 +121,6 @@ enum Outcome {
     Shutdown,
     /// A probe's stream is up: climb to gRPC with it.
     Climb(Box<OpenStream>),
-    /// Reconnect at once (the backend asked, or a gap needs redelivery).
-    Reconnect(String),
     /// Reconnect after backoff.
     Failed(CallError),
 }
@@ -236,8 +234,13 @@ pub(super) async fn run(
             ack_delivered: watch::channel(0).0,
         });
         let reporter = tokio::spawn(agent.clone().reporter(events_rx));
+        // Recovery reports through the reporter, which needs a rung: run it
+        // beside the rung loop, never before it.
+        let recovering = {
+            let a = agent.clone();
+            tokio::spawn(async move { a.recover().await })
+        };
         let watcher = tokio::spawn(agent.clone().watch_containers());
-        agent.recover().await;
         agent.rungs(stop.clone()).await;
 
         // Shutdown: let running commands finish, then pending reports.
@@ -261,6 +264,7 @@ pub(super) async fn run(
             );
         }
         reporter.abort();
+        recovering.abort();
         watcher.abort();
         if let Some(t) = &metrics_task {
             t.abort();
@@ -320,7 +324,11 @@ async fn enrolled(
                 })
                 .await
         };
-        let delay = match attempt.await {
+        let attempt = tokio::select! {
+            _ = stop.wait() => return Ok(None),
+            r = attempt => r,
+        };
+        let delay = match attempt {
             Ok(resp) => {
                 let id = Identity {
                     backend: backend.clone(),
@@ -537,10 +545,6 @@ impl Agent {
                     preopened = Some(*open);
                     continue;
                 }
-                Outcome::Reconnect(reason) => {
-                    tracing::info!(rung = rung.name(), %reason, "reconnecting");
-                    continue;
-                }
                 Outcome::Failed(e) => {
                     crate::telemetry::reconnect(rung.name(), e.label());
                     if e.needs_operator() {
@@ -705,6 +709,45 @@ impl Agent {
                                 StreamEnd::After { heartbeats },
                             );
                         }
+                        Ok(Ok(None)) if next.is_some() => {
+                            // The backend ended this stream after asking for
+                            // a rotation: wait for the replacement.
+                            let replacement = next
+                                .take()
+                                .map(|f| tokio::time::timeout(FIRST_FRAME_TIMEOUT * 2, f));
+                            match replacement {
+                                Some(r) => match r.await {
+                                    Ok(Ok(o)) => {
+                                        tracing::info!(ack = o.ack, "stream rotated");
+                                        self.unary
+                                            .send_replace(Some(Unary::Grpc(o.client.clone())));
+                                        stream = o.stream;
+                                        heartbeats = 0;
+                                        opened = tokio::time::Instant::now();
+                                        rotate_at = opened + ld_jitter(max_age, fastrand::f64());
+                                        pending_frame = Some(o.first);
+                                        continue;
+                                    }
+                                    Ok(Err(e)) => {
+                                        return (
+                                            Outcome::Failed(e),
+                                            StreamEnd::After { heartbeats },
+                                        );
+                                    }
+                                    Err(_) => {
+                                        return (
+                                            Outcome::Failed(CallError {
+                                                kind: FailureKind::Timeout,
+                                                message: "the replacement stream did not open"
+                                                    .into(),
+                                            }),
+                                            StreamEnd::After { heartbeats },
+                                        );
+                                    }
+                                },
+                                None => continue,
+                            }
+                        }
                         Ok(Ok(None)) => {
                             return (
                                 Outcome::Failed(CallError {
@@ -818,11 +861,6 @@ impl Agent {
                 match frame.kind {
                     Some(Kind::Command(c)) => match self.intake(c) {
                         Ok(()) => {}
-                        Err(Outcome::Reconnect(reason)) => {
-                            // The next poll asks again from the ack.
-                            tracing::info!(%reason, "polling again for redelivery");
-                            break;
-                        }
                         Err(o) => return o,
                     },
                     Some(Kind::Rotate(r)) => {
@@ -862,13 +900,36 @@ impl Agent {
                     }
                     return Ok(());
                 }
-                Decision::Gap { expected } => {
-                    return Err(Outcome::Reconnect(format!(
-                        "command seq {} arrived while {expected} was expected",
+                Decision::Reused => {
+                    drop(j);
+                    let message = format!(
+                        "not executed: seq {} was already used by another command on this agent; the backend's \
+                         store lost recent commits and reused it; queue the command again",
                         c.seq
-                    )));
+                    );
+                    tracing::warn!(command = %c.id, seq = c.seq, "{message}");
+                    let agent = self.clone();
+                    tokio::spawn(async move {
+                        agent
+                            .emit_result(proto::CommandResult {
+                                command_id: c.id,
+                                status: proto::CommandStatus::Failed as i32,
+                                message,
+                                detail: None,
+                            })
+                            .await;
+                    });
+                    return Ok(());
                 }
-                Decision::Execute => {}
+                Decision::Execute { skipped } => {
+                    if skipped > 0 {
+                        tracing::warn!(
+                            seq = c.seq,
+                            skipped,
+                            "the journal is behind the backend's ack (state dir lost or restored?); the skipped commands were accepted before and are not run again"
+                        );
+                    }
+                }
             }
             if let Err(e) = j.accept(c.seq, &c.id) {
                 return Err(Outcome::Failed(CallError {
@@ -890,7 +951,9 @@ impl Agent {
                 return;
             };
             // Progress is sent as it comes; it never blocks the command.
-            let (ptx, mut prx) = mpsc::unbounded_channel();
+            // Bounded: progress is advisory, so a full buffer drops an
+            // update rather than holding the command up.
+            let (ptx, mut prx) = mpsc::channel(64);
             let forward = {
                 let agent = agent.clone();
                 tokio::spawn(async move {
@@ -902,7 +965,7 @@ impl Agent {
             let result = agent
                 .executor
                 .execute(&c, received, |p| {
-                    let _ = ptx.send(p);
+                    let _ = ptx.try_send(p);
                 })
                 .await;
             drop(ptx);
@@ -963,8 +1026,14 @@ impl Agent {
             }
             let unary = unary_rx.borrow_and_update().clone();
             let Some(unary) = unary else {
-                if unary_rx.changed().await.is_err() {
-                    return;
+                // No rung yet: keep taking events (up to the bound) so that
+                // nobody waits on a full channel before the first connect.
+                tokio::select! {
+                    r = unary_rx.changed() => if r.is_err() { return },
+                    k = events.recv(), if pending.len() < MAX_UNACKED_EVENTS => match k {
+                        Some(k) => push(&mut pending, k),
+                        None => return,
+                    },
                 }
                 continue;
             };
@@ -997,6 +1066,12 @@ impl Agent {
                     }
                     let done = before - pending.len();
                     self.unacked.send_modify(|n| *n = n.saturating_sub(done));
+                    if done == 0 && !pending.is_empty() {
+                        // The backend stored none of them: do not hammer it.
+                        let d = retry.next_delay();
+                        tracing::debug!("report stored nothing; retrying in {d:.1?}");
+                        tokio::time::sleep(d).await;
+                    }
                 }
                 Err(e) => {
                     let d = retry.next_delay();

@@ -294,7 +294,7 @@ impl Core {
     }
 
     fn apply_ack(&self, agent: &str, ack: u64) -> Result<u64, Status> {
-        if ack > i64::MAX as u64 {
+        if ack > 1 << 53 {
             return Err(Status::invalid_argument(format!(
                 "ack {ack} is out of range"
             )));
@@ -361,12 +361,15 @@ impl Core {
         self.record_info(&agent, &info, Transport::Grpc)?;
         let (tx, rx) = mpsc::channel(64);
         let core = self.clone();
-        let conn = self.hub.open(
-            &agent,
-            Transport::Grpc,
-            &info.transport_reason,
-            crate::now_unix_ms(),
-        );
+        let anonymous = info.hostname.is_empty() && info.version.is_empty();
+        let conn = (!anonymous).then(|| {
+            self.hub.open(
+                &agent,
+                Transport::Grpc,
+                &info.transport_reason,
+                crate::now_unix_ms(),
+            )
+        });
         tracing::info!(%agent, ack = req.ack, "stream opened");
         tokio::spawn(async move {
             let _conn = conn;
@@ -398,15 +401,21 @@ impl Core {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             queued.borrow_and_update();
-            for c in self
+            let batch = self
                 .store
                 .pending(agent, sent, MAX_COMMANDS_PER_POLL)
-                .map_err(internal)?
-            {
+                .map_err(internal)?;
+            let full = batch.len() == MAX_COMMANDS_PER_POLL;
+            for c in batch {
                 sent = c.seq;
                 if tx.send(frame(Self::command_frame(c))).await.is_err() {
                     return Ok("agent went away");
                 }
+            }
+            if full {
+                // A backlog: keep sending (the channel paces it) rather than
+                // waiting for the next wake-up.
+                continue;
             }
             tokio::select! {
                 biased;
@@ -448,12 +457,17 @@ impl Core {
         {
             self.record_info(&agent, &info, Transport::Longpoll)?;
         }
-        let _conn = self.hub.open(
-            &agent,
-            Transport::Longpoll,
-            &info.transport_reason,
-            crate::now_unix_ms(),
-        );
+        // A request without AgentInfo (`doctor` with the agent's
+        // credential) is not the agent's connection: leave presence alone.
+        let anonymous = info.hostname.is_empty() && info.version.is_empty();
+        let _conn = (!anonymous).then(|| {
+            self.hub.open(
+                &agent,
+                Transport::Longpoll,
+                &info.transport_reason,
+                crate::now_unix_ms(),
+            )
+        });
         let hold = match req.hold_ms {
             0 => self.cfg.poll_hold,
             ms => Duration::from_millis(ms as u64).min(self.cfg.poll_hold),

@@ -98,6 +98,20 @@ async fn handle(
         );
     }
     let authorization = auth(req.headers());
+    // Refuse unauthenticated calls before buffering their bodies.
+    let needs = match (service.as_str(), method.as_str()) {
+        ("uplink.v1.AgentService", "Enroll") => None,
+        ("uplink.v1.AgentService", _) => Some(
+            st.core
+                .authenticate_agent(authorization.as_deref())
+                .map(|_| ()),
+        ),
+        ("uplink.v1.AdminService", _) => Some(st.core.authenticate_admin(authorization.as_deref())),
+        _ => None,
+    };
+    if let Some(Err(s)) = needs {
+        return status_response(&s);
+    }
     let body = match http_body_util::Limited::new(req.into_body(), st.limit)
         .collect()
         .await
