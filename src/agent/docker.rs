@@ -134,6 +134,27 @@ impl Engine {
         Ok(())
     }
 
+    /// This agent's containers (all, or only running), optionally only
+    /// those of one command.
+    async fn ours_listed(
+        &self,
+        all: bool,
+        command: Option<&str>,
+    ) -> Result<Vec<bollard::models::ContainerSummary>, Failure> {
+        let opts = ListContainersOptions {
+            all,
+            filters: Some(labels_filter(
+                &self.agent,
+                command.map(|c| (LABEL_COMMAND, c)),
+            )),
+            ..Default::default()
+        };
+        self.docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(|e| failed(format!("docker: {e}")))
+    }
+
     /// The container a RunContainer command created, if any.
     async fn by_command(&self, command_id: &str) -> Result<Option<(String, String)>, Failure> {
         let opts = ListContainersOptions {
@@ -162,16 +183,7 @@ impl Engine {
 
     /// CPU and memory limits held by this agent's running containers.
     pub async fn usage(&self) -> Result<Usage, Failure> {
-        let opts = ListContainersOptions {
-            all: false,
-            filters: Some(labels_filter(&self.agent, None)),
-            ..Default::default()
-        };
-        let list = self
-            .docker
-            .list_containers(Some(opts))
-            .await
-            .map_err(|e| failed(format!("docker: {e}")))?;
+        let list = self.ours_listed(false, None).await?;
         let mut u = Usage::default();
         for c in list {
             let Some(id) = c.id else { continue };
@@ -390,16 +402,7 @@ impl Engine {
 
     /// This agent's containers.
     pub async fn list(&self) -> Result<Vec<proto::ContainerView>, Failure> {
-        let opts = ListContainersOptions {
-            all: true,
-            filters: Some(labels_filter(&self.agent, None)),
-            ..Default::default()
-        };
-        let list = self
-            .docker
-            .list_containers(Some(opts))
-            .await
-            .map_err(|e| failed(format!("docker: {e}")))?;
+        let list = self.ours_listed(true, None).await?;
         let mut out: Vec<proto::ContainerView> = list
             .into_iter()
             .map(|c| {
