@@ -153,6 +153,9 @@ pub struct AgentArgs {
         value_delimiter = ','
     )]
     pub allow_images: Vec<String>,
+    /// Keep containers that no successful command accounts for this long, then remove them.
+    #[arg(long, env = "UPLINK_ORPHAN_GRACE", default_value = "10m", value_parser = parse_duration)]
+    pub orphan_grace: Duration,
 }
 
 #[derive(Args, Debug)]

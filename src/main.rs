@@ -203,6 +203,7 @@ async fn agent(a: cli::AgentArgs) -> anyhow::Result<ExitCode> {
     cfg.proxy = uplink::net::ProxySettings::from_flags_and_env(a.proxy, a.no_proxy);
     cfg.probe_initial = a.probe_initial;
     cfg.metrics_listen = a.metrics_listen;
+    cfg.orphan_grace = a.orphan_grace;
     if let Some(path) = &a.policy_file {
         match std::fs::read_to_string(path) {
             Ok(text) => match serde_json::from_str::<uplink::agent::policy::Policy>(&text) {

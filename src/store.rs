@@ -160,8 +160,11 @@ CREATE TABLE IF NOT EXISTS commands (
 );
 CREATE TABLE IF NOT EXISTS container_events (
     agent_id TEXT NOT NULL,
+    container_id TEXT NOT NULL,
+    kind INTEGER NOT NULL,
     time_ms INTEGER NOT NULL,
-    event BLOB NOT NULL
+    event BLOB NOT NULL,
+    UNIQUE (agent_id, container_id, kind)
 );
 CREATE INDEX IF NOT EXISTS container_events_agent ON container_events (agent_id, time_ms);
 CREATE TABLE IF NOT EXISTS cursors (
@@ -612,19 +615,21 @@ impl Store {
         })
     }
 
-    /// Records a container event an agent reported.
+    /// Records a container event an agent reported; false when the same
+    /// event of the same container was recorded before.
     pub fn container_event(
         &self,
         agent_id: &str,
         ev: &proto::ContainerEvent,
         now: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         self.with(|c| {
-            c.execute(
-                "INSERT INTO container_events (agent_id, time_ms, event) VALUES (?1, ?2, ?3)",
-                params![agent_id, now, ev.encode_to_vec()],
+            let n = c.execute(
+                "INSERT OR IGNORE INTO container_events (agent_id, container_id, kind, time_ms, event)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![agent_id, ev.container_id, ev.kind, now, ev.encode_to_vec()],
             )?;
-            Ok(())
+            Ok(n == 1)
         })
     }
 

@@ -380,3 +380,122 @@ async fn running_the_same_command_again_creates_no_second_container() {
     assert_eq!(first.container_id, second.container_id);
     assert_eq!(containers_of(&agent).len(), 1);
 }
+
+fn docker_out(args: &[&str]) -> String {
+    let out = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+async fn event_of(
+    b: &TestBackend,
+    agent: &str,
+    container: &str,
+    kind: proto::ContainerEventKind,
+) -> proto::ContainerEvent {
+    wait_for(
+        Duration::from_secs(30),
+        &format!("{kind:?} event of {container}"),
+        || async {
+            b.core
+                .store()
+                .container_events(agent)
+                .ok()?
+                .into_iter()
+                .find(|e| {
+                    e.kind == kind as i32 && (e.container_id == container || e.name == container)
+                })
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_the_agent_adopts_running_containers_reports_exits_and_removes_orphans() {
+    let dir = tempfile::tempdir().unwrap();
+    common::docker::ensure_image(dir.path());
+    let b = TestBackend::start(&dir.path().join("backend")).await;
+    let admin = b.admin();
+    let state = dir.path().join("a");
+    let args = ["--orphan-grace", "2s"];
+    let mut a = agent_via(&b, &b.url.to_string(), &state, "crashy", &args, &[]);
+    let v = connected_agent(&admin, "crashy", "grpc").await;
+    let _cleanup = Cleanup(v.id.clone());
+    let started = |cmd: &[&str]| {
+        let admin = admin.clone();
+        let agent = v.id.clone();
+        let spec_ = run(LOCAL_IMAGE, cmd);
+        async move {
+            let c = admin
+                .enqueue(&agent, spec(Kind::RunContainer(spec_)))
+                .await
+                .unwrap();
+            let r = result_of(&admin, &c.id, Duration::from_secs(30))
+                .await
+                .result
+                .unwrap();
+            match r.detail {
+                Some(proto::command_result::Detail::RunContainer(rc)) => rc,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let long = started(&["sleep", "300"]).await;
+    let short = started(&["sh", "-c", "sleep 3; exit 7"]).await;
+    let started_at = docker_out(&["inspect", "-f", "{{.State.StartedAt}}", &long.container_id]);
+    a.kill9().await;
+
+    // While the agent is down: the short one exits, and an orphan appears
+    // (a container with this agent's labels that no command accounts for).
+    let orphan = docker_out(&[
+        "run",
+        "-d",
+        "--label",
+        &format!("uplink.agent={}", v.id),
+        "--label",
+        "uplink.command=cmd_lost",
+        LOCAL_IMAGE,
+        "sleep",
+        "300",
+    ]);
+    wait_for(
+        Duration::from_secs(20),
+        "the short container to exit",
+        || async {
+            (docker_out(&["inspect", "-f", "{{.State.Running}}", &short.container_id]) == "false")
+                .then_some(())
+        },
+    )
+    .await;
+
+    let _a2 = agent_via(&b, &b.url.to_string(), &state, "crashy", &args, &[]);
+    let ev = event_of(
+        &b,
+        &v.id,
+        &short.container_id,
+        proto::ContainerEventKind::Exited,
+    )
+    .await;
+    assert_eq!(ev.exit_code, 7, "{ev:?}");
+    event_of(
+        &b,
+        &v.id,
+        &long.container_id,
+        proto::ContainerEventKind::Adopted,
+    )
+    .await;
+    assert_eq!(
+        docker_out(&["inspect", "-f", "{{.State.StartedAt}}", &long.container_id]),
+        started_at,
+        "the adopted container was restarted"
+    );
+    event_of(&b, &v.id, &orphan, proto::ContainerEventKind::Orphaned).await;
+    event_of(&b, &v.id, &orphan, proto::ContainerEventKind::Removed).await;
+    assert!(
+        docker_out(&["ps", "-aq", "--filter", &format!("id={orphan}")]).is_empty(),
+        "orphan not removed"
+    );
+    b.stop().await;
+}

@@ -358,6 +358,18 @@ impl Engine {
         Ok(i.id.unwrap_or_else(|| container.to_string()))
     }
 
+    /// Exit code and OOM verdict of an exited container.
+    pub async fn exit_of(&self, id: &str) -> Option<(i64, bool)> {
+        let i = self
+            .docker
+            .inspect_container(id, None::<InspectContainerOptions>)
+            .await
+            .ok()?;
+        let s = i.state?;
+        (s.running != Some(true))
+            .then(|| (s.exit_code.unwrap_or(-1), s.oom_killed.unwrap_or(false)))
+    }
+
     /// Stops a container: SIGTERM, then SIGKILL after `timeout_s`.
     pub async fn stop(&self, container: &str, timeout_s: u32) -> Result<(), Failure> {
         let id = self.ours(container).await?;

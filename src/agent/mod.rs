@@ -84,6 +84,9 @@ pub struct AgentConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// What container commands may do on this host.
     pub policy: policy::Policy,
+    /// How long an orphaned container (one no successful command accounts
+    /// for) is kept before the agent removes it.
+    pub orphan_grace: Duration,
 }
 
 impl AgentConfig {
@@ -108,6 +111,7 @@ impl AgentConfig {
             grace: Duration::from_secs(5),
             metrics_listen: None,
             policy: policy::Policy::default(),
+            orphan_grace: Duration::from_secs(600),
         }
     }
 

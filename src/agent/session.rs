@@ -240,7 +240,16 @@ pub(super) async fn run(
             let a = agent.clone();
             tokio::spawn(async move { a.recover().await })
         };
-        let watcher = tokio::spawn(agent.clone().watch_containers());
+        // Containers are reconciled after recovery, which settles what the
+        // journal says about each command.
+        let watcher = {
+            let a = agent.clone();
+            let recovered = recovering;
+            tokio::spawn(async move {
+                let _ = recovered.await;
+                a.watch_containers().await
+            })
+        };
         agent.rungs(stop.clone()).await;
 
         // Shutdown: let running commands finish, then pending reports.
@@ -264,7 +273,6 @@ pub(super) async fn run(
             );
         }
         reporter.abort();
-        recovering.abort();
         watcher.abort();
         if let Some(t) = &metrics_task {
             t.abort();
@@ -428,6 +436,7 @@ impl Agent {
         loop {
             match self.executor.engine().await {
                 Ok(engine) => {
+                    self.reconcile(&engine).await;
                     let (tx, mut rx) = mpsc::unbounded_channel();
                     let watch = async move {
                         engine
@@ -447,6 +456,91 @@ impl Agent {
                 Err(f) => tracing::debug!("not watching containers: {}", f.message),
             }
             tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    }
+
+    /// Looks at this agent's containers as they are now: running ones whose
+    /// command succeeded are adopted (not restarted), exited ones have their
+    /// exit reported (the backend keeps the first report), and containers
+    /// no successful command accounts for are reported as orphans and
+    /// removed after the orphan grace period.
+    async fn reconcile(self: &Arc<Self>, engine: &Arc<super::docker::Engine>) {
+        let list = match engine.list().await {
+            Ok(l) => l,
+            Err(f) => {
+                tracing::warn!("cannot list containers to reconcile: {}", f.message);
+                return;
+            }
+        };
+        for c in list {
+            let accounted = {
+                let j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+                match j.get(&c.command_id) {
+                    Some(e) => match &e.done {
+                        Some((status, _)) => Some(*status == proto::CommandStatus::Ok as i32),
+                        None => None, // Still running: leave it alone.
+                    },
+                    None => Some(false),
+                }
+            };
+            let event = |kind: proto::ContainerEventKind, exit_code: i64, oom: bool| {
+                proto::ContainerEvent {
+                    container_id: c.id.clone(),
+                    name: c.name.clone(),
+                    command_id: c.command_id.clone(),
+                    run_id: c.run_id.clone(),
+                    kind: kind as i32,
+                    exit_code,
+                    oom_killed: oom,
+                }
+            };
+            match accounted {
+                None => {}
+                Some(true) if c.state == "running" => {
+                    tracing::info!(container = %c.name, "adopted a running container");
+                    self.emit(proto::event::Kind::Container(event(
+                        proto::ContainerEventKind::Adopted,
+                        0,
+                        false,
+                    )))
+                    .await;
+                }
+                Some(true) => {
+                    if let Some((code, oom)) = engine.exit_of(&c.id).await {
+                        self.emit(proto::event::Kind::Container(event(
+                            proto::ContainerEventKind::Exited,
+                            code,
+                            oom,
+                        )))
+                        .await;
+                    }
+                }
+                Some(false) => {
+                    let grace = self.cfg.orphan_grace;
+                    tracing::warn!(container = %c.name, command = %c.command_id, ?grace,
+                        "container carries this agent's labels but no successful command accounts for it; removing it after the grace period");
+                    self.emit(proto::event::Kind::Container(event(
+                        proto::ContainerEventKind::Orphaned,
+                        0,
+                        false,
+                    )))
+                    .await;
+                    let (agent, engine, id) = (self.clone(), engine.clone(), c.id.clone());
+                    let removed = event(proto::ContainerEventKind::Removed, 0, false);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(grace).await;
+                        match engine.remove(&id, true).await {
+                            Ok(()) => {
+                                tracing::info!(container = %removed.name, "removed an orphaned container");
+                                agent.emit(proto::event::Kind::Container(removed)).await;
+                            }
+                            Err(f) => {
+                                tracing::warn!(container = %removed.name, "cannot remove orphan: {}", f.message)
+                            }
+                        }
+                    });
+                }
+            }
         }
     }
 

@@ -545,11 +545,17 @@ impl Core {
                     }
                 }
                 Some(proto::event::Kind::Container(c)) => {
-                    tracing::info!(%agent, container = %c.name, command = %c.command_id, run = %c.run_id,
-                        exit_code = c.exit_code, oom_killed = c.oom_killed, "container exited");
-                    self.store
+                    let new = self
+                        .store
                         .container_event(&agent, &c, crate::now_unix_ms())
                         .map_err(internal)?;
+                    if new {
+                        let kind = proto::ContainerEventKind::try_from(c.kind)
+                            .map(|k| k.as_str_name())
+                            .unwrap_or("CONTAINER_EVENT_KIND_UNSPECIFIED");
+                        tracing::info!(%agent, container = %c.name, command = %c.command_id, run = %c.run_id,
+                            kind, exit_code = c.exit_code, oom_killed = c.oom_killed, "container event");
+                    }
                 }
                 Some(proto::event::Kind::Progress(p)) => {
                     tracing::debug!(%agent, command = %p.command_id, percent = p.percent, "progress");
