@@ -476,10 +476,11 @@ impl Agent {
             let accounted = {
                 let j = self.journal.lock().unwrap_or_else(|e| e.into_inner());
                 match j.get(&c.command_id) {
-                    Some(e) => match &e.done {
-                        Some((status, _)) => Some(*status == proto::CommandStatus::Ok as i32),
-                        None => None, // Still running: leave it alone.
-                    },
+                    // Still running (not done): None, leave it alone.
+                    Some(e) => e
+                        .done
+                        .as_ref()
+                        .map(|(status, _)| *status == proto::CommandStatus::Ok as i32),
                     None => Some(false),
                 }
             };
