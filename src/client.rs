@@ -132,7 +132,9 @@ impl CallError {
                             FailureKind::Other
                         }
                     }
-                    ConnectError::NoH2 { .. } => FailureKind::NoH2,
+                    ConnectError::NoH2 { .. } | ConnectError::NoH2Answer { .. } => {
+                        FailureKind::NoH2
+                    }
                     ConnectError::Timeout(..) => FailureKind::Timeout,
                     ConnectError::BadUri(_) => FailureKind::Other,
                 };

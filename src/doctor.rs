@@ -214,7 +214,7 @@ pub async fn run(cfg: DoctorConfig) -> Report {
                 }
                 ConnectError::Proxy(_) => "connect",
                 ConnectError::Tls { .. } => "tls",
-                ConnectError::NoH2 { .. } => "alpn",
+                ConnectError::NoH2 { .. } | ConnectError::NoH2Answer { .. } => "alpn",
             };
             r.step(Verdict::Fail, step, e.to_string());
             r.text.push_str("verdict: no rung works: the failure above happens before any HTTP, so both rungs meet it\n");

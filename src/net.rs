@@ -31,6 +31,9 @@ use crate::secret::redact_url;
 
 /// Time allowed for DNS, TCP, CONNECT and TLS together.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for the TLS handshake of the gRPC rung once TCP (and the
+/// proxy's tunnel) are up; silence past it means HTTP/2 is swallowed.
+pub const H2_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Which HTTP version a connection offers in ALPN.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,6 +187,11 @@ pub enum ConnectError {
         got: Option<String>,
         via_proxy: bool,
     },
+    #[error(
+        "HTTP/2 cannot pass: a TLS handshake offering only h2 got no answer within {H2_HANDSHAKE_TIMEOUT:?}{}",
+        if *.via_proxy { " (through the proxy)" } else { "" }
+    )]
+    NoH2Answer { via_proxy: bool },
     #[error("no connection within {0:?} ({1})")]
     Timeout(Duration, &'static str),
     #[error("invalid destination {0}")]
@@ -415,13 +423,21 @@ impl Connector {
         };
         let name = rustls::pki_types::ServerName::try_from(bare_host.clone())
             .map_err(|_| ConnectError::BadUri(dst.to_string()))?;
-        let stream = tokio_rustls::TlsConnector::from(self.tls.clone())
-            .connect(name, tcp)
-            .await
-            .map_err(|source| ConnectError::Tls {
-                host: host.clone(),
-                source,
-            })?;
+        let handshake = tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, tcp);
+        let stream = if self.alpn == Alpn::H2 {
+            // The path carried TCP (and the tunnel); a TLS handshake that
+            // offers only h2 and then hears nothing is a path that swallows
+            // HTTP/2, not a slow backend.
+            tokio::time::timeout(H2_HANDSHAKE_TIMEOUT, handshake)
+                .await
+                .map_err(|_| ConnectError::NoH2Answer { via_proxy })?
+        } else {
+            handshake.await
+        }
+        .map_err(|source| ConnectError::Tls {
+            host: host.clone(),
+            source,
+        })?;
         let alpn = stream.get_ref().1.alpn_protocol().map(|p| p.to_vec());
         if self.alpn == Alpn::H2 && alpn.as_deref() != Some(b"h2") {
             return Err(ConnectError::NoH2 {

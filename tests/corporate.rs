@@ -628,6 +628,27 @@ async fn a_half_open_line_is_detected_within_keepalive_and_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_that_swallows_http2_silently_still_ends_on_longpoll() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBackend::start(&dir.path().join("backend")).await;
+    let relay = Relay::start(b.addr).await;
+    relay.set(Mode::SwallowH2);
+    let admin = b.admin();
+    let url = format!("https://127.0.0.1:{}", relay.addr.port());
+    let started = Instant::now();
+    let a = agent_via(&b, &url, &dir.path().join("a"), "swallowed", &[], &[]);
+    let v = connected_agent(&admin, "swallowed", "longpoll").await;
+    eprintln!(
+        "h2 swallowed: on long-poll {:.1?} after start",
+        started.elapsed()
+    );
+    assert!(v.transport_reason.contains("no answer"), "{v:?}");
+    assert!(started.elapsed() < Duration::from_secs(15), "{}", a.logs());
+    ping_ok(&admin, &v.id).await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forced_rung_switches_under_steady_commands_run_each_command_once() {
     let dir = tempfile::tempdir().unwrap();
     let b = TestBackend::start(&dir.path().join("backend")).await;

@@ -22,6 +22,9 @@ pub enum Mode {
     BlockH2 = 1,
     /// Stop forwarding in both directions, keep sockets open.
     Blackhole = 2,
+    /// Hold connections that offer only h2 open without forwarding
+    /// anything: a path that swallows HTTP/2 instead of refusing it.
+    SwallowH2 = 3,
 }
 
 /// Open connections: whether each offered only h2, and its task.
@@ -56,6 +59,7 @@ impl Relay {
         let (m, c) = (mode.clone(), conns.clone());
         let task = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
+                let _ = client.set_nodelay(true);
                 let m = m.clone();
                 let is_h2 = Arc::new(AtomicBool::new(false));
                 let flag = is_h2.clone();
@@ -71,9 +75,16 @@ impl Relay {
                     if h2 && m.load(Ordering::SeqCst) == Mode::BlockH2 as u8 {
                         return; // Cut: the path does not carry HTTP/2.
                     }
+                    if h2 && m.load(Ordering::SeqCst) == Mode::SwallowH2 as u8 {
+                        // Silence until the client gives up.
+                        let mut sink = [0u8; 1024];
+                        while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
+                        return;
+                    }
                     let Ok(mut server) = TcpStream::connect(target).await else {
                         return;
                     };
+                    let _ = server.set_nodelay(true);
                     if server.write_all(&hello).await.is_err() {
                         return;
                     }

@@ -146,8 +146,7 @@ impl Squid {
             .args(["-N", "-f"])
             .arg(&conf_path)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
+            .stderr(Stdio::null())
             .spawn()
             .expect("squid starts (apt-get install squid-openssl)");
         let s = Squid {
@@ -190,7 +189,13 @@ impl Squid {
 
 impl Drop for Squid {
     fn drop(&mut self) {
-        let _ = self.child.start_kill();
+        // SIGTERM, so squid removes its shared memory segments in /dev/shm
+        // (shutdown_lifetime is 0); SIGKILL would leave them behind.
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
     }
 }
 

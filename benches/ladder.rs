@@ -1,0 +1,1009 @@
+//! Through proxies: the transport ladder and dispatch latency behind an
+//! HTTP CONNECT proxy, a TLS-intercepting proxy, and a path that does not
+//! carry HTTP/2, all on loopback.
+//!
+//! Three measurements, in one run, against one backend running in-process
+//! (agents run in-process too, each with its own state directory):
+//!
+//! 1. **First command with HTTP/2 blocked.** A fresh agent
+//!    (`--transport auto`, empty state dir) starts. As soon as it has
+//!    enrolled (its `identity.json` appears), a `Ping` is queued for it.
+//!    Measured from the agent's start until its ack, and until its result,
+//!    reach the backend. Paths: through a relay that cuts every TLS
+//!    connection offering only `h2` (`tests/common/relay.rs`, mode
+//!    `BlockH2`), and through Debian's squid with ssl_bump (TLS
+//!    interception that speaks only HTTP/1.1; the agent trusts only the
+//!    interception CA, so it cannot reach the backend unless squid
+//!    intercepts). For reference, the same start directly and through
+//!    squid's plain CONNECT, where HTTP/2 passes. One unmeasured warm-up
+//!    start per path, then `UPLINK_BENCH_RUNS` (default 10).
+//! 2. **Climb back to gRPC.** One agent with `--probe-initial 2s
+//!    --probe-max 2s` behind the relay. Each round blocks h2, waits until
+//!    the backend shows the agent long-polling, keeps h2 blocked for a
+//!    dwell spread evenly over two probe intervals (round i of n, from 0:
+//!    2i/n of one), unblocks, and measures until the backend's `ListAgents`
+//!    shows the agent on gRPC. Short dwells unblock before the first probe;
+//!    long ones after it has failed, while the next one is pending.
+//!    `UPLINK_BENCH_CLIMBS` rounds (default 10).
+//! 3. **Dispatch latency per path.** Enqueue -> ack, as in
+//!    `benches/dispatch.rs`, for agents pinned to a rung: gRPC direct and
+//!    through squid CONNECT; long-poll direct, through squid CONNECT and
+//!    through squid ssl_bump. The criterion group `through_proxies`, then
+//!    percentiles over `UPLINK_BENCH_DISPATCHES` dispatches per path
+//!    (default 1000, after 100 warm-up), the paths taking turns so that
+//!    load on the machine falls on all of them alike.
+//!
+//! squid needs root and the `squid-openssl` package (`tests/run.sh`
+//! installs it). Everything lives in a temporary directory under
+//! `UPLINK_BENCH_DIR` (default: the system's temporary directory), removed
+//! at the end, after the squids have stopped. `UPLINK_LOG` (e.g. `debug`)
+//! prints the agents' and backend's logs on stderr.
+//!
+//! Run: `cargo bench --bench ladder`.
+
+#[allow(dead_code)]
+#[path = "../tests/common/relay.rs"]
+mod relay;
+#[allow(dead_code)]
+#[path = "../tests/common/squid.rs"]
+mod squid;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion};
+use http::Uri;
+use tokio::net::TcpListener;
+use tokio::runtime::Runtime;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use relay::{Mode, Relay};
+use squid::{Squid, SquidOpts};
+use uplink::agent::{self, AgentConfig, AgentError, TransportMode, identity};
+use uplink::backend::{BackendConfig, BackendError, Core, Server};
+use uplink::net::ProxySettings;
+use uplink::proto::{
+    AgentView, CommandSpec, CommandState, CreateProviderRequest, EnqueueCommandRequest,
+    GetCommandRequest, ListAgentsRequest, Ping, command_spec,
+};
+use uplink::secret::{Kind, Secret};
+use uplink::tls::Trust;
+
+/// The probe interval of the climb-back agent (`--probe-initial` and
+/// `--probe-max` alike).
+const PROBE: Duration = Duration::from_secs(2);
+/// Goal: from start to the first command with HTTP/2 blocked.
+const START_GOAL: Duration = Duration::from_secs(5);
+/// Goal: from unblocking HTTP/2 to the agent back on gRPC.
+const CLIMB_GOAL: Duration = Duration::from_secs(3); // PROBE + 1 s
+
+/// Starts per path in pass 1, unless overridden.
+const DEFAULT_RUNS: usize = 10;
+/// Rounds of block / unblock in pass 2, unless overridden.
+const DEFAULT_CLIMBS: usize = 10;
+/// Dispatches per path in the percentile pass, unless overridden.
+const DEFAULT_DISPATCHES: usize = 1000;
+/// Dispatches per path before the percentile pass starts measuring.
+const WARM_UP_DISPATCHES: usize = 100;
+
+/// Longest wait for an agent to enroll.
+const ENROLL_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest wait for a fresh agent's first ack and result.
+const FIRST_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for an agent to show on a rung.
+const RUNG_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest wait for one ack in the latency pass.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for an agent to stop.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the backend's agent list is read while waiting for a rung.
+const RUNG_POLL: Duration = Duration::from_millis(5);
+
+const RUNS_ENV: &str = "UPLINK_BENCH_RUNS";
+const CLIMBS_ENV: &str = "UPLINK_BENCH_CLIMBS";
+const DISPATCHES_ENV: &str = "UPLINK_BENCH_DISPATCHES";
+const DIR_ENV: &str = "UPLINK_BENCH_DIR";
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// The backend, in-process on `127.0.0.1:0`, with default heartbeat and
+/// poll hold.
+struct Backend {
+    core: Arc<Core>,
+    addr: SocketAddr,
+    ca: PathBuf,
+    enroll_token: Secret,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), BackendError>>,
+}
+
+impl Backend {
+    async fn start(dir: &Path) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("cannot bind 127.0.0.1:0");
+        let enroll_token = Secret::generate(Kind::Enrollment);
+        let mut cfg = BackendConfig::new(dir);
+        cfg.hostnames = vec!["127.0.0.1".into()];
+        cfg.admin_token = Some(Secret::generate(Kind::Admin));
+        cfg.enroll_token = Some(enroll_token.clone());
+        cfg.grace = Duration::from_secs(2);
+        let server = Server::new(cfg, listener).expect("backend does not start");
+        let info = server.info().clone();
+        let core = server.core();
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(server.run(stopped(rx)));
+        Backend {
+            core,
+            addr: info.addr,
+            ca: info.ca_file.expect("the backend generated no CA file"),
+            enroll_token,
+            stop,
+            task,
+        }
+    }
+
+    /// A provider of its own, so that listing its agents stays cheap.
+    fn provider(&self, name: &str) -> Secret {
+        let r = self
+            .core
+            .create_provider(CreateProviderRequest { name: name.into() })
+            .expect("create_provider failed");
+        Secret::new(r.enrollment_token)
+    }
+
+    /// Queues a ping for `agent`; returns its id and seq.
+    fn enqueue_ping(&self, agent: &str) -> (String, u64) {
+        let c = self
+            .core
+            .enqueue(EnqueueCommandRequest {
+                agent_id: agent.to_string(),
+                spec: Some(CommandSpec {
+                    kind: Some(command_spec::Kind::Ping(Ping::default())),
+                }),
+            })
+            .expect("enqueue failed")
+            .command
+            .expect("enqueue returned no command");
+        (c.id, c.seq)
+    }
+
+    fn view(&self, provider: &str, agent: &str) -> Option<AgentView> {
+        self.core
+            .list_agents(ListAgentsRequest {
+                provider: provider.into(),
+            })
+            .expect("list_agents failed")
+            .agents
+            .into_iter()
+            .find(|a| a.id == agent)
+    }
+
+    /// Waits until the backend shows `agent` connected on `rung`; returns
+    /// how long that took.
+    async fn wait_on(&self, provider: &str, agent: &str, rung: &str, what: &str) -> Duration {
+        let start = Instant::now();
+        loop {
+            let v = self.view(provider, agent);
+            if let Some(v) = &v
+                && v.connected
+                && uplink::ctl::transport_name(v.transport) == rung
+            {
+                return start.elapsed();
+            }
+            if start.elapsed() > RUNG_TIMEOUT {
+                panic!(
+                    "{what}: not connected on {rung} within {RUNG_TIMEOUT:?}; the backend shows {v:?}"
+                );
+            }
+            tokio::time::sleep(RUNG_POLL).await;
+        }
+    }
+
+    async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        self.task
+            .await
+            .expect("backend task panicked")
+            .expect("backend failed");
+    }
+}
+
+/// How an agent reaches the backend.
+#[derive(Clone)]
+struct Route {
+    name: &'static str,
+    /// Whether HTTP/2 passes on this route.
+    h2: bool,
+    url: Uri,
+    proxy: Option<String>,
+    ca_files: Vec<PathBuf>,
+}
+
+/// An agent running in-process.
+struct RunningAgent {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), AgentError>>,
+    state_dir: PathBuf,
+    name: String,
+}
+
+struct AgentOpts {
+    transport: TransportMode,
+    probe: Option<Duration>,
+}
+
+fn start_agent(
+    route: &Route,
+    token: &Secret,
+    state_dir: PathBuf,
+    name: &str,
+    opts: AgentOpts,
+) -> RunningAgent {
+    let mut cfg = AgentConfig::new(route.url.clone(), state_dir.clone());
+    cfg.token = Some(token.clone());
+    cfg.trust = Trust {
+        ca_files: route.ca_files.clone(),
+        skip_os_store: true,
+    };
+    cfg.transport = opts.transport;
+    cfg.proxy = ProxySettings {
+        proxy: route.proxy.clone(),
+        source: "--proxy",
+        no_proxy: String::new(),
+    };
+    cfg.hostname = name.into();
+    cfg.grace = Duration::from_secs(2);
+    if let Some(p) = opts.probe {
+        cfg.probe_initial = p;
+        cfg.probe_max = p;
+    }
+    let problems = cfg.validate();
+    assert!(problems.is_empty(), "agent {name}: {problems:?}");
+    let (stop, rx) = watch::channel(false);
+    RunningAgent {
+        stop,
+        task: tokio::spawn(agent::run(cfg, stopped(rx))),
+        state_dir,
+        name: name.into(),
+    }
+}
+
+impl RunningAgent {
+    /// Waits until the agent has enrolled (its identity file exists);
+    /// returns its id.
+    async fn enrolled(&self) -> String {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(id)) = identity::load(&self.state_dir) {
+                return id.agent_id;
+            }
+            if self.task.is_finished() {
+                panic!("agent {} stopped before it enrolled", self.name);
+            }
+            if start.elapsed() > ENROLL_TIMEOUT {
+                panic!(
+                    "agent {} did not enroll within {ENROLL_TIMEOUT:?}",
+                    self.name
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        match tokio::time::timeout(STOP_TIMEOUT, self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => panic!("agent {} failed: {e}", self.name),
+            Ok(Err(e)) => panic!("agent {} panicked: {e}", self.name),
+            Err(_) => panic!("agent {} did not stop within {STOP_TIMEOUT:?}", self.name),
+        }
+    }
+}
+
+/// Sorted samples.
+struct Distribution {
+    sorted: Vec<Duration>,
+}
+
+impl Distribution {
+    fn new(mut samples: Vec<Duration>) -> Self {
+        samples.sort_unstable();
+        Distribution { sorted: samples }
+    }
+
+    /// Nearest-rank percentile, `p` in (0, 100].
+    fn percentile(&self, p: f64) -> Duration {
+        let n = self.sorted.len();
+        let rank = ((p / 100.0) * n as f64).ceil() as usize;
+        self.sorted[rank.clamp(1, n) - 1]
+    }
+
+    fn min(&self) -> Duration {
+        self.sorted[0]
+    }
+
+    fn max(&self) -> Duration {
+        self.sorted[self.sorted.len() - 1]
+    }
+
+    fn mean(&self) -> Duration {
+        self.sorted.iter().sum::<Duration>() / self.sorted.len() as u32
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+fn ms3(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+fn s(d: Duration) -> String {
+    format!("{:.3} s", d.as_secs_f64())
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "NOT met" }
+}
+
+// ---- pass 1: first command -------------------------------------------
+
+struct StartSample {
+    enrolled: Duration,
+    ack: Duration,
+    result: Duration,
+}
+
+/// One fresh agent on `route`: start, enroll, first ping acked and done.
+async fn first_command(b: &Backend, route: &Route, state_dir: PathBuf, name: &str) -> StartSample {
+    let started = Instant::now();
+    let agent = start_agent(
+        route,
+        &b.enroll_token,
+        state_dir,
+        name,
+        AgentOpts {
+            transport: TransportMode::Auto,
+            probe: None,
+        },
+    );
+    let id = agent.enrolled().await;
+    let enrolled = started.elapsed();
+    let (command, seq) = b.enqueue_ping(&id);
+    if tokio::time::timeout(FIRST_COMMAND_TIMEOUT, b.core.wait_acked(&id, seq))
+        .await
+        .is_err()
+    {
+        panic!(
+            "agent {name}: no ack for its first command within {FIRST_COMMAND_TIMEOUT:?}; the backend shows {:?}",
+            b.view("", &id)
+        );
+    }
+    let ack = started.elapsed();
+    let view = b
+        .core
+        .get_command(GetCommandRequest {
+            command_id: command.clone(),
+            wait_ms: FIRST_COMMAND_TIMEOUT.as_millis() as u32,
+        })
+        .await
+        .expect("get_command failed")
+        .command
+        .expect("get_command returned no command");
+    assert_eq!(
+        view.state,
+        CommandState::Done as i32,
+        "agent {name}: no result for {command}: {view:?}"
+    );
+    let result = started.elapsed();
+    // The rung it delivered on must be the one the route allows.
+    let v = b.view("", &id).expect("the agent is not listed");
+    let rung = uplink::ctl::transport_name(v.transport);
+    let expected = if route.h2 { "grpc" } else { "longpoll" };
+    assert_eq!(
+        rung, expected,
+        "agent {name} on {}: delivered on {rung} ({})",
+        route.name, v.transport_reason
+    );
+    if !route.h2 {
+        assert!(
+            v.transport_reason.contains("HTTP/2 cannot pass"),
+            "agent {name} on {}: {}",
+            route.name,
+            v.transport_reason
+        );
+    }
+    agent.stop().await;
+    StartSample {
+        enrolled,
+        ack,
+        result,
+    }
+}
+
+struct StartRow {
+    route: &'static str,
+    h2: bool,
+    samples: Vec<StartSample>,
+}
+
+async fn pass_first_command(
+    b: &Backend,
+    routes: &[Route],
+    dir: &Path,
+    runs: usize,
+) -> Vec<StartRow> {
+    let mut rows = Vec::new();
+    for route in routes {
+        let _warm = first_command(
+            b,
+            route,
+            dir.join(format!("start-{}-warm", route.name)),
+            &format!("start-{}-warm", route.name),
+        )
+        .await;
+        let mut samples = Vec::with_capacity(runs);
+        for i in 1..=runs {
+            let name = format!("start-{}-{i}", route.name);
+            samples.push(first_command(b, route, dir.join(&name), &name).await);
+        }
+        rows.push(StartRow {
+            route: route.name,
+            h2: route.h2,
+            samples,
+        });
+    }
+    rows
+}
+
+fn print_first_command(rows: &[StartRow], runs: usize) {
+    println!();
+    println!(
+        "1. first command of a fresh agent (--transport auto), from agent start; {runs} starts per path after 1 warm-up"
+    );
+    println!(
+        "{:<16} {:<8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}  goal <= {}",
+        "path",
+        "h2",
+        "enrolled",
+        "ack min",
+        "ack p50",
+        "ack max",
+        "done p50",
+        "done max",
+        s(START_GOAL)
+    );
+    for r in rows {
+        let enrolled = Distribution::new(r.samples.iter().map(|x| x.enrolled).collect());
+        let ack = Distribution::new(r.samples.iter().map(|x| x.ack).collect());
+        let done = Distribution::new(r.samples.iter().map(|x| x.result).collect());
+        let goal = if r.h2 {
+            "(reference)"
+        } else {
+            verdict(done.max() <= START_GOAL)
+        };
+        println!(
+            "{:<16} {:<8} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}  {goal}",
+            r.route,
+            if r.h2 { "passes" } else { "blocked" },
+            ms(enrolled.percentile(50.0)),
+            ms(ack.min()),
+            ms(ack.percentile(50.0)),
+            ms(ack.max()),
+            ms(done.percentile(50.0)),
+            ms(done.max()),
+        );
+    }
+    println!("per start, ack (ms):");
+    for r in rows {
+        let each: Vec<String> = r
+            .samples
+            .iter()
+            .map(|x| format!("{:.0}", x.ack.as_secs_f64() * 1e3))
+            .collect();
+        println!("  {:<16} {}", r.route, each.join(" "));
+    }
+}
+
+// ---- pass 2: climb back ----------------------------------------------
+
+struct ClimbSample {
+    fall: Duration,
+    dwell: Duration,
+    climb: Duration,
+}
+
+async fn pass_climb(b: &Backend, dir: &Path, climbs: usize) -> Vec<ClimbSample> {
+    let relay = Relay::start(b.addr).await;
+    let route = Route {
+        name: "relay",
+        h2: true,
+        url: format!("https://127.0.0.1:{}", relay.addr.port())
+            .parse()
+            .expect("relay URL"),
+        proxy: None,
+        ca_files: vec![b.ca.clone()],
+    };
+    let provider = "climb";
+    let token = b.provider(provider);
+    let agent = start_agent(
+        &route,
+        &token,
+        dir.join("climb"),
+        "climb",
+        AgentOpts {
+            transport: TransportMode::Auto,
+            probe: Some(PROBE),
+        },
+    );
+    let id = agent.enrolled().await;
+    b.wait_on(provider, &id, "grpc", "climb agent at start")
+        .await;
+    let mut out = Vec::with_capacity(climbs);
+    for i in 0..climbs {
+        relay.set(Mode::BlockH2);
+        let fall = b
+            .wait_on(
+                provider,
+                &id,
+                "longpoll",
+                "climb agent after h2 was blocked",
+            )
+            .await;
+        let dwell = PROBE.mul_f64(2.0 * i as f64 / climbs as f64);
+        tokio::time::sleep(dwell).await;
+        relay.set(Mode::Forward);
+        let climb = b
+            .wait_on(provider, &id, "grpc", "climb agent after h2 was unblocked")
+            .await;
+        out.push(ClimbSample { fall, dwell, climb });
+        // Let the new stream settle before the next cut.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // A command still gets through after all the switches.
+    let (_, seq) = b.enqueue_ping(&id);
+    tokio::time::timeout(ACK_TIMEOUT, b.core.wait_acked(&id, seq))
+        .await
+        .expect("the climb agent did not ack a ping after the rounds");
+    agent.stop().await;
+    out
+}
+
+fn print_climb(samples: &[ClimbSample]) {
+    println!();
+    println!(
+        "2. climb back to gRPC after h2 is unblocked; --probe-initial {p:?} --probe-max {p:?} (each probe {lo:?} to {hi:?} after the last)",
+        p = PROBE,
+        lo = PROBE.mul_f64(0.75),
+        hi = PROBE.mul_f64(1.25),
+    );
+    println!(
+        "{:<5} {:>20} {:>8} {:>22}  goal <= {}",
+        "round",
+        "block -> longpoll",
+        "dwell",
+        "unblock -> grpc",
+        s(CLIMB_GOAL)
+    );
+    for (i, c) in samples.iter().enumerate() {
+        println!(
+            "{:<5} {:>20} {:>8} {:>22}  {}",
+            i + 1,
+            s(c.fall),
+            s(c.dwell),
+            s(c.climb),
+            verdict(c.climb <= CLIMB_GOAL)
+        );
+    }
+    let climb = Distribution::new(samples.iter().map(|c| c.climb).collect());
+    let fall = Distribution::new(samples.iter().map(|c| c.fall).collect());
+    println!(
+        "unblock -> grpc: min {} p50 {} max {}; block -> longpoll: min {} p50 {} max {}",
+        s(climb.min()),
+        s(climb.percentile(50.0)),
+        s(climb.max()),
+        s(fall.min()),
+        s(fall.percentile(50.0)),
+        s(fall.max()),
+    );
+}
+
+// ---- pass 3: latency -------------------------------------------------
+
+struct LatencyPath {
+    rung: &'static str,
+    route: &'static str,
+    agent: String,
+}
+
+async fn start_latency_agents(
+    b: &Backend,
+    routes: &[(&Route, TransportMode)],
+    dir: &Path,
+) -> (Vec<LatencyPath>, Vec<RunningAgent>) {
+    let provider = "latency";
+    let token = b.provider(provider);
+    let mut agents = Vec::new();
+    for (route, mode) in routes {
+        let name = format!("lat-{}-{}", mode.name(), route.name);
+        agents.push(start_agent(
+            route,
+            &token,
+            dir.join(&name),
+            &name,
+            AgentOpts {
+                transport: *mode,
+                probe: None,
+            },
+        ));
+    }
+    let mut paths = Vec::new();
+    for ((route, mode), a) in routes.iter().zip(&agents) {
+        let id = a.enrolled().await;
+        b.wait_on(provider, &id, mode.name(), &a.name).await;
+        paths.push(LatencyPath {
+            rung: mode.name(),
+            route: route.name,
+            agent: id,
+        });
+    }
+    (paths, agents)
+}
+
+/// One dispatch: enqueue a ping, wait for its ack at the backend.
+async fn dispatch(b: &Backend, agent: &str) -> Duration {
+    let start = Instant::now();
+    let (_, seq) = b.enqueue_ping(agent);
+    if tokio::time::timeout(ACK_TIMEOUT, b.core.wait_acked(agent, seq))
+        .await
+        .is_err()
+    {
+        panic!("agent {agent} did not ack command seq {seq} within {ACK_TIMEOUT:?}");
+    }
+    start.elapsed()
+}
+
+/// Dispatches to every path in turn, `warm_up` rounds unmeasured, then
+/// `n` measured rounds.
+async fn latency_percentiles(
+    b: &Backend,
+    paths: &[LatencyPath],
+    warm_up: usize,
+    n: usize,
+) -> Vec<Distribution> {
+    for _ in 0..warm_up {
+        for p in paths {
+            dispatch(b, &p.agent).await;
+        }
+    }
+    let mut samples: Vec<Vec<Duration>> = paths.iter().map(|_| Vec::with_capacity(n)).collect();
+    for _ in 0..n {
+        for (p, out) in paths.iter().zip(&mut samples) {
+            out.push(dispatch(b, &p.agent).await);
+        }
+    }
+    samples.into_iter().map(Distribution::new).collect()
+}
+
+fn print_latency(paths: &[LatencyPath], dists: &[Distribution], n: usize, warm_up: usize) {
+    println!();
+    println!(
+        "3. dispatch latency, enqueue to ack at the backend: {n} dispatches per path after {warm_up} warm-up, paths taking turns"
+    );
+    println!(
+        "{:<9} {:<16} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}",
+        "rung", "path", "n", "p50", "p90", "p99", "max", "mean", "p50 / direct"
+    );
+    for (p, d) in paths.iter().zip(dists) {
+        let direct = paths
+            .iter()
+            .zip(dists)
+            .find(|(q, _)| q.rung == p.rung && q.route == "direct")
+            .map(|(_, d)| d.percentile(50.0));
+        let ratio = direct
+            .map(|base| {
+                format!(
+                    "{:.2}x",
+                    d.percentile(50.0).as_secs_f64() / base.as_secs_f64()
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<9} {:<16} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}",
+            p.rung,
+            p.route,
+            d.sorted.len(),
+            ms3(d.percentile(50.0)),
+            ms3(d.percentile(90.0)),
+            ms3(d.percentile(99.0)),
+            ms3(d.max()),
+            ms3(d.mean()),
+            ratio,
+        );
+    }
+}
+
+// ---- setup and main --------------------------------------------------
+
+fn count_from_env(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a count (a non-negative integer)")),
+        Err(_) => default,
+    }
+}
+
+/// The system's load averages, for the record: other work on the machine
+/// moves every figure here.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// True when process `pid` has exited (gone, or a zombie not reaped yet).
+fn exited(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => true,
+    }
+}
+
+/// Stops a squid with SIGTERM and waits up to 5 s for it to exit: that
+/// way it removes its shared memory segments (`/dev/shm/squid-*.shm`),
+/// which a SIGKILL leaves behind. Dropping it afterwards kills it if it is
+/// still there. True when it exited in time.
+async fn stop_squid(squid: Squid) -> bool {
+    let pid = std::fs::read_to_string(squid.dir.join("squid.pid"))
+        .map(|p| p.trim().to_string())
+        .unwrap_or_default();
+    let mut stopped = false;
+    if !pid.is_empty() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if exited(&pid) {
+                stopped = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    drop(squid);
+    stopped
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` does not, and
+    // `cargo bench -- --test` adds `--test`: then every pass runs small.
+    // `--list` only lists the criterion functions.
+    let args: Vec<String> = std::env::args().collect();
+    let has = |flag: &str| args.iter().any(|a| a == flag);
+    let list_only = has("--list");
+    let full = has("--bench") && !has("--test");
+    let (runs, climbs, dispatches, warm_up) = if full {
+        (
+            count_from_env(RUNS_ENV, DEFAULT_RUNS),
+            count_from_env(CLIMBS_ENV, DEFAULT_CLIMBS),
+            count_from_env(DISPATCHES_ENV, DEFAULT_DISPATCHES),
+            WARM_UP_DISPATCHES,
+        )
+    } else {
+        (
+            count_from_env(RUNS_ENV, 2),
+            count_from_env(CLIMBS_ENV, 2),
+            count_from_env(DISPATCHES_ENV, 20),
+            5,
+        )
+    };
+    if list_only {
+        for rung in ["grpc", "longpoll"] {
+            for path in ["direct", "squid-connect"] {
+                println!("through_proxies/{rung}/{path}: benchmark");
+            }
+        }
+        println!("through_proxies/longpoll/squid-bump: benchmark");
+        return;
+    }
+    if let Ok(filter) = std::env::var("UPLINK_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    if std::process::Command::new("squid")
+        .arg("-v")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true)
+    {
+        panic!(
+            "squid is not installed: this benchmark needs Debian's squid-openssl (tests/run.sh installs it) and root"
+        );
+    }
+
+    let parent = std::env::var_os(DIR_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    // Dropped last: removed after the squids are killed.
+    let dir = tempfile::Builder::new()
+        .prefix("uplink-ladder-")
+        .tempdir_in(&parent)
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot create a temporary directory in {}: {e}",
+                parent.display()
+            )
+        });
+    let runtime = Runtime::new().expect("cannot build the tokio runtime");
+    // Squids are killed on drop, also when a pass panics; that needs the
+    // runtime's context.
+    let _context = runtime.enter();
+    let total = Instant::now();
+    println!(
+        "load average (1, 5, 15 min) at start: {}; state in {}",
+        load_average(),
+        dir.path().display()
+    );
+
+    let backend = runtime.block_on(Backend::start(&dir.path().join("backend")));
+    let (plain, bump) = runtime.block_on(async {
+        let plain = Squid::start(&dir.path().join("squid-plain"), SquidOpts::default()).await;
+        let bump = Squid::start(
+            &dir.path().join("squid-bump"),
+            SquidOpts {
+                bump_upstream_ca: Some(backend.ca.clone()),
+                ..Default::default()
+            },
+        )
+        .await;
+        (plain, bump)
+    });
+    let blocker = runtime.block_on(Relay::start(backend.addr));
+    blocker.set(Mode::BlockH2);
+
+    let backend_url: Uri = format!("https://127.0.0.1:{}", backend.addr.port())
+        .parse()
+        .expect("backend URL");
+    let direct = Route {
+        name: "direct",
+        h2: true,
+        url: backend_url.clone(),
+        proxy: None,
+        ca_files: vec![backend.ca.clone()],
+    };
+    let squid_connect = Route {
+        name: "squid-connect",
+        h2: true,
+        url: backend_url.clone(),
+        proxy: Some(plain.url(None)),
+        ca_files: vec![backend.ca.clone()],
+    };
+    let relay_block = Route {
+        name: "relay-blockh2",
+        h2: false,
+        url: format!("https://127.0.0.1:{}", blocker.addr.port())
+            .parse()
+            .expect("relay URL"),
+        proxy: None,
+        ca_files: vec![backend.ca.clone()],
+    };
+    // Only the interception CA: the agent cannot get through unless squid
+    // really intercepts.
+    let squid_bump = Route {
+        name: "squid-bump",
+        h2: false,
+        url: backend_url,
+        proxy: Some(bump.url(None)),
+        ca_files: vec![bump.bump_ca.clone().expect("the bumping squid has a CA")],
+    };
+
+    // 1. First command with h2 blocked (and, for reference, not blocked).
+    let starts = runtime.block_on(pass_first_command(
+        &backend,
+        &[
+            direct.clone(),
+            squid_connect.clone(),
+            relay_block,
+            squid_bump.clone(),
+        ],
+        dir.path(),
+        runs,
+    ));
+    print_first_command(&starts, runs);
+    drop(blocker);
+
+    // 2. Climb back after h2 is unblocked.
+    let climbs = runtime.block_on(pass_climb(&backend, dir.path(), climbs));
+    print_climb(&climbs);
+
+    // 3. Dispatch latency per rung and path.
+    let (paths, agents) = runtime.block_on(start_latency_agents(
+        &backend,
+        &[
+            (&direct, TransportMode::Grpc),
+            (&squid_connect, TransportMode::Grpc),
+            (&direct, TransportMode::Longpoll),
+            (&squid_connect, TransportMode::Longpoll),
+            (&squid_bump, TransportMode::Longpoll),
+        ],
+        dir.path(),
+    ));
+    let mut criterion = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
+    {
+        let mut group = criterion.benchmark_group("through_proxies");
+        for p in &paths {
+            group.bench_function(BenchmarkId::new(p.rung, p.route), |bencher| {
+                bencher.iter_custom(|iters| {
+                    runtime.block_on(async {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            total += dispatch(&backend, &p.agent).await;
+                        }
+                        total
+                    })
+                })
+            });
+        }
+        group.finish();
+    }
+    criterion.final_summary();
+    if dispatches > 0 {
+        let dists = runtime.block_on(latency_percentiles(&backend, &paths, warm_up, dispatches));
+        print_latency(&paths, &dists, dispatches, warm_up);
+    }
+
+    // Teardown: agents, backend, squids; then the directory.
+    runtime.block_on(async {
+        for a in agents {
+            a.stop().await;
+        }
+        backend.shutdown().await;
+    });
+    let squids_stopped =
+        runtime.block_on(async { stop_squid(plain).await & stop_squid(bump).await });
+    println!();
+    println!(
+        "goals: first command with h2 blocked <= {}: {}; climb back <= {} (probe interval + 1 s): {}",
+        s(START_GOAL),
+        verdict(
+            starts
+                .iter()
+                .filter(|r| !r.h2)
+                .all(|r| r.samples.iter().all(|x| x.result <= START_GOAL))
+        ),
+        s(CLIMB_GOAL),
+        verdict(climbs.iter().all(|c| c.climb <= CLIMB_GOAL)),
+    );
+    println!(
+        "whole run {:.0} s; load average at the end: {}; squids {}",
+        total.elapsed().as_secs_f64(),
+        load_average(),
+        if squids_stopped {
+            "stopped"
+        } else {
+            "killed (they did not exit within 5 s of SIGTERM)"
+        }
+    );
+}
