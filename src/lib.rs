@@ -16,6 +16,7 @@
 //! - [`backend`]: `uplink backend`: one TLS port serving gRPC and Connect.
 //! - [`agent`]: `uplink agent`: enrollment, the session on its rung, the
 //!   journal that makes commands run at most once, and the executor.
+//! - [`metrics`]: `MetricBatch` encoding, decoding (the validator), compression.
 //! - [`net`]: outbound connections: DNS, TCP, the proxy's CONNECT tunnel,
 //!   TLS with the rung's ALPN, each failure named by hop.
 //! - [`client`]: HTTPS clients for both rungs and for `ctl`.
@@ -36,6 +37,7 @@ pub mod connect;
 pub mod ctl;
 pub mod demo;
 pub mod doctor;
+pub mod metrics;
 pub mod net;
 pub mod proto;
 pub mod secret;

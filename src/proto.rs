@@ -186,6 +186,7 @@ mod tests {
             sample_series: vec![0, 0, 0],
             sample_time_delta_ms: vec![0, 1000, -5],
             sample_values: vec![0.25, 0.5, 1.0],
+            ..Default::default()
         };
         let bytes = batch.encode_to_vec();
         assert_eq!(MetricBatch::decode(bytes.as_slice()).unwrap(), batch);

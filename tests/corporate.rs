@@ -581,7 +581,13 @@ async fn proxies_that_cut_idle_or_old_tunnels_lose_no_command() {
     assert_eq!(a.count(&["stream open"]), 1, "{}", a.logs());
     // The age limit did cut (the scenario happened), and the agent stayed
     // on gRPC through it.
-    assert!(c.count(&["stream open"]) >= 4, "{}", c.logs());
+    // (Cut every 8 s: at least one reconnect per 10 s of soak.)
+    let expected = 1 + (soak / 10) as usize;
+    assert!(
+        c.count(&["stream open"]) >= expected,
+        "fewer than {expected} streams:\n{}",
+        c.logs()
+    );
     assert_eq!(c.count(&["switching rung"]), 0, "{}", c.logs());
     eprintln!("{} + {} pings, each executed once", ia.len(), ic.len());
     b.stop().await;

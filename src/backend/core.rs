@@ -776,48 +776,13 @@ impl Core {
     }
 }
 
-/// Checks that a batch is internally consistent.
+/// Checks that a batch is internally consistent. The decoder in
+/// [`crate::metrics::encode`] is the one validator of batches; its error
+/// names the offending sample, series or field.
 pub fn validate_batch(b: &proto::MetricBatch) -> Result<(), Status> {
-    let n = b.sample_series.len();
-    if b.sample_time_delta_ms.len() != n || b.sample_values.len() != n {
-        return Err(Status::invalid_argument(format!(
-            "metric batch columns differ in length: {} series indexes, {} time deltas, {} values",
-            n,
-            b.sample_time_delta_ms.len(),
-            b.sample_values.len()
-        )));
-    }
-    let symbols = b.symbols.len() as u32;
-    for (i, s) in b.series.iter().enumerate() {
-        if s.name >= symbols || s.unit >= symbols && s.unit != 0 {
-            return Err(Status::invalid_argument(format!(
-                "metric batch series {i} refers to symbol {} but the table has {symbols}",
-                s.name.max(s.unit)
-            )));
-        }
-        if s.labels.len() % 2 != 0 {
-            return Err(Status::invalid_argument(format!(
-                "metric batch series {i} has an odd number of label symbols"
-            )));
-        }
-        if let Some(l) = s.labels.iter().find(|l| **l >= symbols) {
-            return Err(Status::invalid_argument(format!(
-                "metric batch series {i} refers to label symbol {l} but the table has {symbols}"
-            )));
-        }
-    }
-    let series = b.series.len() as u32;
-    if let Some((i, s)) = b
-        .sample_series
-        .iter()
-        .enumerate()
-        .find(|(_, s)| **s >= series)
-    {
-        return Err(Status::invalid_argument(format!(
-            "metric batch sample {i} refers to series {s} but the batch defines {series}"
-        )));
-    }
-    Ok(())
+    crate::metrics::encode::decode(b)
+        .map(|_| ())
+        .map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 #[cfg(test)]
