@@ -113,6 +113,18 @@ struct OpenStream {
     ack: u64,
 }
 
+/// The stream a gRPC session reads.
+struct LiveStream {
+    stream: tonic::Streaming<proto::SubscribeResponse>,
+    /// Its first frame, not yet handled.
+    first: Option<proto::SubscribeResponse>,
+    /// Heartbeats it delivered (the ladder judges early deaths by them).
+    heartbeats: u32,
+    opened: tokio::time::Instant,
+    /// When it is replaced, make before break.
+    rotate_at: tokio::time::Instant,
+}
+
 /// A stream being opened.
 type Opening = Pin<Box<dyn Future<Output = Result<OpenStream, CallError>> + Send>>;
 
@@ -722,6 +734,21 @@ impl Agent {
         })
     }
 
+    /// Makes `open` the stream in use: its client carries the unary calls,
+    /// and its maximum age starts now.
+    fn adopt(&self, open: OpenStream) -> LiveStream {
+        self.unary.send_replace(Some(Unary::Grpc(open.client)));
+        crate::telemetry::stream_opened();
+        let opened = tokio::time::Instant::now();
+        LiveStream {
+            stream: open.stream,
+            first: Some(open.first),
+            heartbeats: 0,
+            opened,
+            rotate_at: opened + ld_jitter(self.cfg.stream_max_age, fastrand::f64()),
+        }
+    }
+
     /// One gRPC session: a stream (opened here, or handed over by a
     /// successful probe), kept alive and rotated make-before-break.
     async fn grpc_session(
@@ -741,20 +768,13 @@ impl Agent {
             },
         };
         retry.reset();
-        self.unary
-            .send_replace(Some(Unary::Grpc(open.client.clone())));
-        crate::telemetry::stream_opened();
         tracing::info!(rung = "grpc", ack = open.ack, "stream open");
-        let mut stream = open.stream;
-        let mut opened = tokio::time::Instant::now();
+        let mut live = self.adopt(open);
         let mut dead_after = FIRST_FRAME_TIMEOUT;
-        let mut pending_frame = Some(open.first);
-        let mut heartbeats = 0u32;
         let mut next: Option<Opening> = None;
-        let max_age = self.cfg.stream_max_age;
-        let mut rotate_at = opened + ld_jitter(max_age, fastrand::f64());
         loop {
-            let frame = match pending_frame.take() {
+            let heartbeats = live.heartbeats;
+            let frame = match live.first.take() {
                 Some(f) => f,
                 None => {
                     let msg = tokio::select! {
@@ -766,26 +786,22 @@ impl Agent {
                                 Ok(o) => {
                                     // Make before break: the new stream is up, drop the old.
                                     tracing::info!(ack = o.ack, "stream rotated");
-                                    self.unary.send_replace(Some(Unary::Grpc(o.client.clone())));
-                                    stream = o.stream;
-                                    heartbeats = 0;
-                                    opened = tokio::time::Instant::now();
-                                    rotate_at = opened + ld_jitter(max_age, fastrand::f64());
-                                    pending_frame = Some(o.first);
+                                    live = self.adopt(o);
                                 }
                                 Err(e) => tracing::warn!(failure = e.label(), "could not open the replacement stream: {e}; keeping the current one"),
                             }
                             continue;
                         }
-                        _ = tokio::time::sleep_until(rotate_at), if next.is_none() => {
-                            tracing::info!(age = ?opened.elapsed(), "stream reached its maximum age; opening a replacement");
+                        _ = tokio::time::sleep_until(live.rotate_at), if next.is_none() => {
+                            tracing::info!(age = ?live.opened.elapsed(), "stream reached its maximum age; opening a replacement");
                             let me = self.clone();
                             next = Some(Box::pin(async move { me.open_stream().await }));
-                            rotate_at = tokio::time::Instant::now() + max_age;
+                            live.rotate_at = tokio::time::Instant::now() + self.cfg.stream_max_age;
                             continue;
                         }
-                        r = tokio::time::timeout(dead_after, stream.message()) => r,
+                        r = tokio::time::timeout(dead_after, live.stream.message()) => r,
                     };
+                    let end = StreamEnd::After { heartbeats };
                     match msg {
                         Err(_) => {
                             return (
@@ -795,40 +811,23 @@ impl Agent {
                                         "no frame from the backend for {dead_after:?}; stream declared dead"
                                     ),
                                 }),
-                                StreamEnd::After { heartbeats },
+                                end,
                             );
                         }
-                        Ok(Err(s)) => {
-                            return (
-                                Outcome::Failed(CallError::from_tonic(&s)),
-                                StreamEnd::After { heartbeats },
-                            );
-                        }
-                        Ok(Ok(None)) if next.is_some() => {
+                        Ok(Err(s)) => return (Outcome::Failed(CallError::from_tonic(&s)), end),
+                        Ok(Ok(None)) => match next.take() {
                             // The backend ended this stream after asking for
                             // a rotation: wait for the replacement.
-                            let replacement = next
-                                .take()
-                                .map(|f| tokio::time::timeout(FIRST_FRAME_TIMEOUT * 2, f));
-                            match replacement {
-                                Some(r) => match r.await {
+                            Some(replacement) => {
+                                match tokio::time::timeout(FIRST_FRAME_TIMEOUT * 2, replacement)
+                                    .await
+                                {
                                     Ok(Ok(o)) => {
                                         tracing::info!(ack = o.ack, "stream rotated");
-                                        self.unary
-                                            .send_replace(Some(Unary::Grpc(o.client.clone())));
-                                        stream = o.stream;
-                                        heartbeats = 0;
-                                        opened = tokio::time::Instant::now();
-                                        rotate_at = opened + ld_jitter(max_age, fastrand::f64());
-                                        pending_frame = Some(o.first);
+                                        live = self.adopt(o);
                                         continue;
                                     }
-                                    Ok(Err(e)) => {
-                                        return (
-                                            Outcome::Failed(e),
-                                            StreamEnd::After { heartbeats },
-                                        );
-                                    }
+                                    Ok(Err(e)) => return (Outcome::Failed(e), end),
                                     Err(_) => {
                                         return (
                                             Outcome::Failed(CallError {
@@ -836,22 +835,21 @@ impl Agent {
                                                 message: "the replacement stream did not open"
                                                     .into(),
                                             }),
-                                            StreamEnd::After { heartbeats },
+                                            end,
                                         );
                                     }
-                                },
-                                None => continue,
+                                }
                             }
-                        }
-                        Ok(Ok(None)) => {
-                            return (
-                                Outcome::Failed(CallError {
-                                    kind: FailureKind::Other,
-                                    message: "the stream ended".into(),
-                                }),
-                                StreamEnd::After { heartbeats },
-                            );
-                        }
+                            None => {
+                                return (
+                                    Outcome::Failed(CallError {
+                                        kind: FailureKind::Other,
+                                        message: "the stream ended".into(),
+                                    }),
+                                    end,
+                                );
+                            }
+                        },
                         Ok(Ok(Some(resp))) => resp,
                     }
                 }
@@ -859,7 +857,7 @@ impl Agent {
             use proto::server_frame::Kind;
             match frame.frame.and_then(|f| f.kind) {
                 Some(Kind::Heartbeat(h)) => {
-                    heartbeats = heartbeats.saturating_add(1);
+                    live.heartbeats = live.heartbeats.saturating_add(1);
                     // Two intervals plus a margin without any frame: dead.
                     let interval = Duration::from_millis(h.interval_ms.clamp(100, 60_000) as u64);
                     dead_after = interval * 2 + Duration::from_secs(1);
