@@ -157,28 +157,11 @@ impl Engine {
 
     /// The container a RunContainer command created, if any.
     async fn by_command(&self, command_id: &str) -> Result<Option<(String, String)>, Failure> {
-        let opts = ListContainersOptions {
-            all: true,
-            filters: Some(labels_filter(
-                &self.agent,
-                Some((LABEL_COMMAND, command_id)),
-            )),
-            ..Default::default()
-        };
-        let list = self
-            .docker
-            .list_containers(Some(opts))
-            .await
-            .map_err(|e| failed(format!("docker: {e}")))?;
-        Ok(list.into_iter().next().map(|c| {
-            let name = c
-                .names
-                .and_then(|n| n.into_iter().next())
-                .unwrap_or_default()
-                .trim_start_matches('/')
-                .to_string();
-            (c.id.unwrap_or_default(), name)
-        }))
+        let list = self.ours_listed(true, Some(command_id)).await?;
+        Ok(list
+            .into_iter()
+            .next()
+            .map(|c| (c.id.unwrap_or_default(), first_name(c.names))))
     }
 
     /// CPU and memory limits held by this agent's running containers.
@@ -421,12 +404,7 @@ impl Engine {
                 let labels = c.labels.unwrap_or_default();
                 proto::ContainerView {
                     id: c.id.unwrap_or_default(),
-                    name: c
-                        .names
-                        .and_then(|n| n.into_iter().next())
-                        .unwrap_or_default()
-                        .trim_start_matches('/')
-                        .to_string(),
+                    name: first_name(c.names),
                     image: c.image.unwrap_or_default(),
                     state: c.state.map(|s| s.to_string()).unwrap_or_default(),
                     command_id: labels.get(LABEL_COMMAND).cloned().unwrap_or_default(),
@@ -508,6 +486,15 @@ impl Engine {
             });
         }
     }
+}
+
+/// A container's name as listed by Docker, without the leading slash.
+fn first_name(names: Option<Vec<String>>) -> String {
+    names
+        .and_then(|n| n.into_iter().next())
+        .unwrap_or_default()
+        .trim_start_matches('/')
+        .to_string()
 }
 
 /// What a registry error means for an operator.
