@@ -24,12 +24,15 @@
 //!
 //! Run: `cargo bench --bench dispatch`.
 
+mod common;
+
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::Distribution;
 use criterion::Criterion;
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
@@ -199,33 +202,6 @@ impl Bench {
     }
 }
 
-/// Latencies of one rung, sorted.
-struct Distribution {
-    sorted: Vec<Duration>,
-}
-
-impl Distribution {
-    fn new(mut samples: Vec<Duration>) -> Self {
-        samples.sort_unstable();
-        Distribution { sorted: samples }
-    }
-
-    /// Nearest-rank percentile, `p` in (0, 100].
-    fn percentile(&self, p: f64) -> Duration {
-        let n = self.sorted.len();
-        let rank = ((p / 100.0) * n as f64).ceil() as usize;
-        self.sorted[rank.clamp(1, n) - 1]
-    }
-
-    fn mean(&self) -> Duration {
-        self.sorted.iter().sum::<Duration>() / self.sorted.len() as u32
-    }
-
-    fn max(&self) -> Duration {
-        self.sorted[self.sorted.len() - 1]
-    }
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)
 }
@@ -349,7 +325,7 @@ fn main() {
             println!(
                 "{:<10} {:>7} {:>11} {:>11} {:>11} {:>11} {:>11}",
                 name,
-                d.sorted.len(),
+                d.len(),
                 ms(d.percentile(50.0)),
                 ms(d.percentile(90.0)),
                 ms(d.percentile(99.0)),
@@ -360,7 +336,7 @@ fn main() {
         println!(
             "{:<10} {:>7} {:>11} {:>11} {:>11} {:>11} {:>11}   (journal append + fsync alone, same filesystem)",
             "fsync",
-            fsync.sorted.len(),
+            fsync.len(),
             ms(fsync.percentile(50.0)),
             ms(fsync.percentile(90.0)),
             ms(fsync.percentile(99.0)),

@@ -52,7 +52,7 @@
 //! Run: `cargo bench --bench encoding`.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -607,8 +607,11 @@ fn kv(key: &str, value: &str) -> KeyValue {
 fn otlp_request(samples: &[Sample]) -> ExportMetricsServiceRequest {
     // As in the uplink builder, a series seen before is found by the
     // address of its `Arc`.
-    let mut seen: HashMap<usize, (usize, usize), BuildHasherDefault<AddressHasher>> =
-        HashMap::default();
+    let mut seen: HashMap<
+        usize,
+        (usize, usize),
+        BuildHasherDefault<uplink::metrics::encode::WordHasher>,
+    > = HashMap::default();
     let mut resources: HashMap<Vec<(&str, &str)>, usize> = HashMap::new();
     let mut metrics: HashMap<(usize, &str), usize> = HashMap::new();
     let mut out: Vec<ResourceMetrics> = Vec::new();
@@ -627,31 +630,6 @@ fn otlp_request(samples: &[Sample]) -> ExportMetricsServiceRequest {
     }
     ExportMetricsServiceRequest {
         resource_metrics: out,
-    }
-}
-
-/// Hashes an `Arc`'s address (as the uplink builder does).
-#[derive(Default)]
-struct AddressHasher(u64);
-
-impl Hasher for AddressHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        let x = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        self.0 = x ^ (x >> 32);
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.write_u64(n as u64);
     }
 }
 

@@ -48,11 +48,14 @@ mod relay;
 #[path = "../tests/common/squid.rs"]
 mod squid;
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::Distribution;
 use criterion::{BenchmarkId, Criterion};
 use http::Uri;
 use tokio::net::TcpListener;
@@ -304,37 +307,6 @@ impl RunningAgent {
             Ok(Err(e)) => panic!("agent {} panicked: {e}", self.name),
             Err(_) => panic!("agent {} did not stop within {STOP_TIMEOUT:?}", self.name),
         }
-    }
-}
-
-/// Sorted samples.
-struct Distribution {
-    sorted: Vec<Duration>,
-}
-
-impl Distribution {
-    fn new(mut samples: Vec<Duration>) -> Self {
-        samples.sort_unstable();
-        Distribution { sorted: samples }
-    }
-
-    /// Nearest-rank percentile, `p` in (0, 100].
-    fn percentile(&self, p: f64) -> Duration {
-        let n = self.sorted.len();
-        let rank = ((p / 100.0) * n as f64).ceil() as usize;
-        self.sorted[rank.clamp(1, n) - 1]
-    }
-
-    fn min(&self) -> Duration {
-        self.sorted[0]
-    }
-
-    fn max(&self) -> Duration {
-        self.sorted[self.sorted.len() - 1]
-    }
-
-    fn mean(&self) -> Duration {
-        self.sorted.iter().sum::<Duration>() / self.sorted.len() as u32
     }
 }
 
@@ -720,7 +692,7 @@ fn print_latency(paths: &[LatencyPath], dists: &[Distribution], n: usize, warm_u
             "{:<9} {:<16} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}",
             p.rung,
             p.route,
-            d.sorted.len(),
+            d.len(),
             ms3(d.percentile(50.0)),
             ms3(d.percentile(90.0)),
             ms3(d.percentile(99.0)),

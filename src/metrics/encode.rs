@@ -155,7 +155,7 @@ pub struct Sample {
 /// computed with the builder's random key. A multiply and a fold spread
 /// them over the table.
 #[derive(Default)]
-struct WordHasher(u64);
+pub struct WordHasher(u64);
 
 impl Hasher for WordHasher {
     fn finish(&self) -> u64 {
