@@ -509,18 +509,12 @@ async fn a_rejected_enrollment_token_gets_one_clear_line_and_slow_retries() {
     let b = TestBackend::start(&dir.path().join("backend")).await;
     for rung in ["grpc", "longpoll"] {
         let bad = "upl_e_0000000000000000000000000000000000000000000000000000000000000000";
-        let mut a = Proc::spawn(
-            &[
-                "agent",
-                "--backend",
-                &b.url.to_string(),
-                "--ca-file",
-                b.ca.to_str().unwrap(),
-                "--transport",
-                rung,
-                "--state-dir",
-                dir.path().join(format!("bad-{rung}")).to_str().unwrap(),
-            ],
+        let mut a = agent_via(
+            &b,
+            &b.url.to_string(),
+            &dir.path().join(format!("bad-{rung}")),
+            &format!("bad-{rung}"),
+            &["--transport", rung],
             &[("UPLINK_TOKEN", bad)],
         );
         a.wait_log(

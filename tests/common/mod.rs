@@ -315,7 +315,7 @@ impl Proc {
 
 /// Starts an agent process for `b`'s enrollment token and CA, reaching the
 /// backend at `url` (the backend itself, or a relay in front of it), with
-/// extra flags and environment.
+/// extra flags and environment (which may override `UPLINK_TOKEN`).
 pub fn agent_via(
     b: &TestBackend,
     url: &str,
@@ -345,20 +345,12 @@ pub fn agent_via(
 
 /// Starts an agent process against `b`.
 pub fn agent(b: &TestBackend, transport: &str, state_dir: &Path, hostname: &str) -> Proc {
-    Proc::spawn(
-        &[
-            "agent",
-            "--backend",
-            &b.url.to_string(),
-            "--ca-file",
-            b.ca.to_str().unwrap(),
-            "--transport",
-            transport,
-            "--state-dir",
-            state_dir.to_str().unwrap(),
-            "--hostname",
-            hostname,
-        ],
-        &[("UPLINK_TOKEN", b.enroll_token.expose())],
+    agent_via(
+        b,
+        &b.url.to_string(),
+        state_dir,
+        hostname,
+        &["--transport", transport],
+        &[],
     )
 }
