@@ -36,6 +36,41 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Parses a size: bytes, or a number with k/m/g (powers of 1024, with or
+/// without "i"/"b": 512m, 512MiB, 1.5G).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&t[..i], t[i..].trim()),
+        None => (t, ""),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size; write e.g. 512m, 2g or 1048576"))?;
+    let unit = unit.to_ascii_lowercase();
+    let mult = match unit.trim_end_matches('b').trim_end_matches('i') {
+        "" => 1u64,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use k, m, g or t")),
+    };
+    let bytes = n * mult as f64;
+    if !bytes.is_finite() || !(1.0..=(1u64 << 52) as f64).contains(&bytes) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(bytes as u64)
+}
+
+/// Parses `NAME=VALUE`.
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not NAME=VALUE")),
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "uplink",
@@ -245,6 +280,77 @@ pub enum CtlCommand {
         #[command(subcommand)]
         action: Option<ProviderAction>,
     },
+    /// Start a run: COUNT containers of IMAGE placed evenly across the
+    /// provider's connected agents; waits until all started.
+    Run {
+        /// The provider whose agents run the containers.
+        #[arg(long)]
+        provider: String,
+        /// The image.
+        #[arg(long)]
+        image: String,
+        /// How many containers.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Environment of every container, NAME=VALUE (repeatable).
+        #[arg(long = "env", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        /// CPU limit of each container, in cores.
+        #[arg(long, default_value_t = 1.0)]
+        cpus: f64,
+        /// Memory limit of each container (e.g. 512m, 2g).
+        #[arg(long, default_value = "512m", value_parser = parse_bytes)]
+        memory: u64,
+        /// The run's name; containers are named NAME-0, NAME-1, ...
+        #[arg(long)]
+        name: Option<String>,
+        /// How long to wait for every container to start (0: do not wait).
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        wait: Duration,
+        /// Print the run as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The command of each container (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// List runs.
+    Runs {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only runs of this provider.
+        #[arg(long)]
+        provider: Option<String>,
+    },
+    /// Show a run and each of its containers.
+    RunStatus {
+        /// The run's id or name.
+        run: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop and remove every container of a run; waits until all are gone.
+    Stop {
+        /// The run's id or name.
+        run: String,
+        /// Time each container gets to exit after SIGTERM before SIGKILL.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// How long to wait for every container to be removed (0: do not
+        /// wait).
+        #[arg(long, default_value = "2m", value_parser = parse_duration)]
+        wait: Duration,
+    },
+    /// Print the last log lines of every container of a run.
+    Logs {
+        /// The run's id or name.
+        run: String,
+        /// Lines per container.
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -279,6 +385,62 @@ mod tests {
         assert!(parse_duration("10 parsecs").is_err());
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_bytes("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("1.5g").unwrap(), 3 << 29);
+        assert_eq!(parse_bytes("1048576").unwrap(), 1 << 20);
+        for bad in ["", "x", "5 parsecs", "-1m", "0"] {
+            assert!(parse_bytes(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_env("A=b=c").unwrap(), ("A".into(), "b=c".into()));
+        assert!(parse_env("=x").is_err());
+        assert!(parse_env("novalue").is_err());
+    }
+
+    #[test]
+    fn run_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "uplink",
+            "ctl",
+            "run",
+            "--provider",
+            "p",
+            "--image",
+            "i",
+            "--count",
+            "6",
+            "--env",
+            "A=1",
+            "--memory",
+            "64m",
+            "--",
+            "sleep",
+            "60",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Ctl(c) => match c.command {
+                CtlCommand::Run {
+                    count,
+                    env,
+                    memory,
+                    command,
+                    cpus,
+                    ..
+                } => {
+                    assert_eq!((count, memory, cpus), (6, 64 << 20, 1.0));
+                    assert_eq!(env, vec![("A".to_string(), "1".to_string())]);
+                    assert_eq!(command, vec!["sleep", "60"]);
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

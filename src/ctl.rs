@@ -140,6 +140,102 @@ impl Admin {
         })
     }
 
+    /// `CreateRun`.
+    pub async fn create_run(
+        &self,
+        req: proto::CreateRunRequest,
+    ) -> Result<proto::RunView, CallError> {
+        let r: proto::CreateRunResponse = self
+            .call("CreateRun", &req, Duration::from_secs(60))
+            .await?;
+        r.run.ok_or_else(|| missing("CreateRun", "run"))
+    }
+
+    /// `ListRuns`.
+    pub async fn runs(&self, provider: &str) -> Result<Vec<proto::RunView>, CallError> {
+        let r: proto::ListRunsResponse = self
+            .call(
+                "ListRuns",
+                &proto::ListRunsRequest {
+                    provider: provider.into(),
+                },
+                Duration::from_secs(30),
+            )
+            .await?;
+        Ok(r.runs)
+    }
+
+    /// `GetRun`.
+    pub async fn run(&self, run: &str) -> Result<proto::RunView, CallError> {
+        let r: proto::GetRunResponse = self
+            .call(
+                "GetRun",
+                &proto::GetRunRequest { run: run.into() },
+                Duration::from_secs(30),
+            )
+            .await?;
+        r.run.ok_or_else(|| missing("GetRun", "run"))
+    }
+
+    /// `StopRun`.
+    pub async fn stop_run(
+        &self,
+        run: &str,
+        timeout: Duration,
+    ) -> Result<proto::RunView, CallError> {
+        let r: proto::StopRunResponse = self
+            .call(
+                "StopRun",
+                &proto::StopRunRequest {
+                    run: run.into(),
+                    timeout_s: timeout.as_secs().clamp(1, 3600) as u32,
+                },
+                Duration::from_secs(30),
+            )
+            .await?;
+        r.run.ok_or_else(|| missing("StopRun", "run"))
+    }
+
+    /// `GetRunLogs`.
+    pub async fn run_logs(
+        &self,
+        run: &str,
+        tail: u32,
+    ) -> Result<Vec<proto::ContainerLogLines>, CallError> {
+        let r: proto::GetRunLogsResponse = self
+            .call(
+                "GetRunLogs",
+                &proto::GetRunLogsRequest {
+                    run: run.into(),
+                    tail,
+                    wait_ms: 30_000,
+                },
+                Duration::from_secs(45),
+            )
+            .await?;
+        Ok(r.containers)
+    }
+
+    /// Reads `run` until `done` holds for it or `wait` has passed; returns
+    /// the last view. Polls every 100 ms at first, then less often.
+    pub async fn wait_run(
+        &self,
+        run: &str,
+        wait: Duration,
+        done: impl Fn(&proto::RunView) -> bool,
+    ) -> Result<proto::RunView, CallError> {
+        let deadline = Instant::now() + wait;
+        let mut pause = Duration::from_millis(25);
+        loop {
+            let v = self.run(run).await?;
+            if done(&v) || Instant::now() >= deadline {
+                return Ok(v);
+            }
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
     /// Queues a ping for `agent` and waits up to `timeout` for its result.
     pub async fn ping(
         &self,
@@ -174,6 +270,156 @@ impl Admin {
             }
         }
     }
+}
+
+fn missing(method: &str, field: &str) -> CallError {
+    CallError {
+        kind: crate::client::FailureKind::Other,
+        message: format!("backend answered {method} without a {field}"),
+    }
+}
+
+/// True when no container of the run waits for its start any more.
+pub fn run_started(v: &proto::RunView) -> bool {
+    v.containers
+        .iter()
+        .all(|c| c.state != proto::RunContainerState::Pending as i32)
+}
+
+/// True when every container of the run is removed or never started.
+pub fn run_stopped(v: &proto::RunView) -> bool {
+    v.state == proto::RunState::Stopped as i32
+}
+
+/// A run's state in `ctl` output.
+pub fn run_state_name(s: i32) -> &'static str {
+    match proto::RunState::try_from(s).unwrap_or_default() {
+        proto::RunState::Starting => "starting",
+        proto::RunState::Running => "running",
+        proto::RunState::Finished => "finished",
+        proto::RunState::Stopping => "stopping",
+        proto::RunState::Stopped => "stopped",
+        proto::RunState::Unspecified => "",
+    }
+}
+
+/// A run container's state in `ctl` output.
+pub fn container_state_name(s: i32) -> &'static str {
+    match proto::RunContainerState::try_from(s).unwrap_or_default() {
+        proto::RunContainerState::Pending => "pending",
+        proto::RunContainerState::Running => "running",
+        proto::RunContainerState::Exited => "exited",
+        proto::RunContainerState::Failed => "failed",
+        proto::RunContainerState::Stopping => "stopping",
+        proto::RunContainerState::Removed => "removed",
+        proto::RunContainerState::Unspecified => "",
+    }
+}
+
+/// How many containers of a run are in each state, e.g. "2 running, 1 failed".
+pub fn run_counts(v: &proto::RunView) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for c in &v.containers {
+        let name = container_state_name(c.state);
+        match counts.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, k)) => *k += 1,
+            None => counts.push((name, 1)),
+        }
+    }
+    counts
+        .iter()
+        .map(|(n, k)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A run as JSON.
+pub fn run_json(v: &proto::RunView) -> serde_json::Value {
+    serde_json::json!({
+        "id": v.id,
+        "name": v.name,
+        "provider": v.provider,
+        "image": v.image,
+        "count": v.count,
+        "state": run_state_name(v.state),
+        "created": rfc3339(v.created_unix_ms),
+        "created_unix_ms": v.created_unix_ms,
+        "stop_unix_ms": v.stop_unix_ms,
+        "cpus": v.cpus,
+        "memory_bytes": v.memory_bytes,
+        "containers": v.containers.iter().map(|c| serde_json::json!({
+            "index": c.index,
+            "name": c.name,
+            "agent_id": c.agent_id,
+            "container_id": c.container_id,
+            "state": container_state_name(c.state),
+            "exit_code": c.exit_code,
+            "oom_killed": c.oom_killed,
+            "message": c.message,
+            "started_unix_ms": c.started_unix_ms,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `ctl runs`: a table.
+pub fn runs_table(runs: &[proto::RunView]) -> String {
+    let mut out = format!(
+        "{:<24} {:<16} {:<12} {:<9} {:<21} {:<30} {}\n",
+        "ID", "NAME", "PROVIDER", "STATE", "CREATED", "IMAGE", "CONTAINERS"
+    );
+    for r in runs {
+        let _ = writeln!(
+            out,
+            "{:<24} {:<16} {:<12} {:<9} {:<21} {:<30} {}",
+            r.id,
+            r.name,
+            r.provider,
+            run_state_name(r.state),
+            rfc3339(r.created_unix_ms),
+            r.image,
+            run_counts(r)
+        );
+    }
+    out
+}
+
+/// `ctl run-status`: the run, then a line per container.
+pub fn run_table(r: &proto::RunView) -> String {
+    let mut out = format!(
+        "run {} ({}) on {}: {}, {} x {} ({} cores, {} each)\n",
+        r.id,
+        r.name,
+        r.provider,
+        run_state_name(r.state),
+        r.count,
+        r.image,
+        r.cpus,
+        crate::backend::placement::human_bytes(r.memory_bytes)
+    );
+    let _ = writeln!(
+        out,
+        "{:<5} {:<22} {:<22} {:<9} {:<6} {:<14} MESSAGE",
+        "INDEX", "NAME", "AGENT", "STATE", "EXIT", "CONTAINER"
+    );
+    for c in &r.containers {
+        let exit = match proto::RunContainerState::try_from(c.state).unwrap_or_default() {
+            proto::RunContainerState::Exited if c.oom_killed => format!("{} oom", c.exit_code),
+            proto::RunContainerState::Exited => c.exit_code.to_string(),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<5} {:<22} {:<22} {:<9} {:<6} {:<14} {}",
+            c.index,
+            c.name,
+            c.agent_id,
+            container_state_name(c.state),
+            exit,
+            c.container_id.chars().take(12).collect::<String>(),
+            c.message
+        );
+    }
+    out
 }
 
 /// The name of a transport in `ctl` output.
@@ -229,6 +475,17 @@ pub fn agents_json(agents: &[proto::AgentView]) -> String {
                 "version": a.version,
                 "acked_seq": a.acked_seq,
                 "pending_commands": a.pending_commands,
+                "capacity": a.capacity.as_ref().map(|c| serde_json::json!({
+                    "cpu_cores": c.cpu_cores,
+                    "memory_bytes": c.memory_bytes,
+                    "docker_available": c.docker_available,
+                    "docker_status": c.docker_status,
+                    "running_containers": c.running_containers,
+                    "cpus_in_use": c.cpus_in_use,
+                    "memory_in_use": c.memory_in_use,
+                    "max_cpus_total": c.max_cpus_total,
+                    "max_memory_total": c.max_memory_total,
+                })),
             })
         })
         .collect();
@@ -238,13 +495,29 @@ pub fn agents_json(agents: &[proto::AgentView]) -> String {
 /// `ctl agents`: a table.
 pub fn agents_table(agents: &[proto::AgentView]) -> String {
     let mut out = format!(
-        "{:<22} {:<20} {:<12} {:<9} {:<9} {:<21} {:<8} {}\n",
-        "ID", "HOSTNAME", "PROVIDER", "CONNECTED", "TRANSPORT", "LAST SEEN", "VERSION", "PENDING"
+        "{:<22} {:<20} {:<12} {:<9} {:<9} {:<21} {:<8} {:<7} {:<10} {}\n",
+        "ID",
+        "HOSTNAME",
+        "PROVIDER",
+        "CONNECTED",
+        "TRANSPORT",
+        "LAST SEEN",
+        "VERSION",
+        "PENDING",
+        "CONTAINERS",
+        "DOCKER"
     );
     for a in agents {
+        let (containers, docker) = match &a.capacity {
+            Some(c) if c.docker_available => {
+                (c.running_containers.to_string(), c.docker_status.clone())
+            }
+            Some(c) => (String::new(), c.docker_status.clone()),
+            None => (String::new(), String::new()),
+        };
         let _ = writeln!(
             out,
-            "{:<22} {:<20} {:<12} {:<9} {:<9} {:<21} {:<8} {}",
+            "{:<22} {:<20} {:<12} {:<9} {:<9} {:<21} {:<8} {:<7} {:<10} {}",
             a.id,
             a.hostname,
             a.provider,
@@ -252,7 +525,9 @@ pub fn agents_table(agents: &[proto::AgentView]) -> String {
             transport_name(a.transport),
             rfc3339(a.last_seen_unix_ms),
             a.version,
-            a.pending_commands
+            a.pending_commands,
+            containers,
+            docker
         );
     }
     out

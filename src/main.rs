@@ -365,6 +365,154 @@ async fn ctl(a: cli::CtlArgs) -> anyhow::Result<ExitCode> {
             out!("new enrollment token (shown once): {}", r.enrollment_token);
             out!("run an agent with:\n  {}", r.host_command);
         }
+        CtlCommand::Run {
+            provider,
+            image,
+            count,
+            env,
+            cpus,
+            memory,
+            name,
+            wait,
+            json,
+            command,
+        } => {
+            let start = std::time::Instant::now();
+            let run = admin
+                .create_run(uplink::proto::CreateRunRequest {
+                    provider,
+                    image,
+                    count,
+                    env: env.into_iter().collect(),
+                    cpus,
+                    memory_bytes: memory,
+                    name: name.unwrap_or_default(),
+                    command,
+                })
+                .await?;
+            if !json {
+                let mut per_agent: Vec<(String, u32)> = Vec::new();
+                for c in &run.containers {
+                    match per_agent.iter_mut().find(|(a, _)| *a == c.agent_id) {
+                        Some((_, n)) => *n += 1,
+                        None => per_agent.push((c.agent_id.clone(), 1)),
+                    }
+                }
+                let placed: Vec<String> = per_agent
+                    .iter()
+                    .map(|(a, n)| format!("{n} on {a}"))
+                    .collect();
+                out!(
+                    "run {} ({}) created: {}",
+                    run.id,
+                    run.name,
+                    placed.join(", ")
+                );
+            }
+            let run = if wait.is_zero() {
+                run
+            } else {
+                admin
+                    .wait_run(&run.id, wait, uplink::ctl::run_started)
+                    .await?
+            };
+            let failed = run
+                .containers
+                .iter()
+                .filter(|c| c.state == uplink::proto::RunContainerState::Failed as i32)
+                .count();
+            if json {
+                out!(
+                    "{}",
+                    serde_json::to_string_pretty(&uplink::ctl::run_json(&run)).unwrap_or_default()
+                );
+            } else if !wait.is_zero() {
+                out!(
+                    "{} after {:.2} s: {}",
+                    if uplink::ctl::run_started(&run) {
+                        "started"
+                    } else {
+                        "still starting"
+                    },
+                    start.elapsed().as_secs_f64(),
+                    uplink::ctl::run_counts(&run)
+                );
+                for c in run.containers.iter().filter(|c| !c.message.is_empty()) {
+                    out!("  {} on {}: {}", c.name, c.agent_id, c.message);
+                }
+            }
+            if failed > 0 || (!wait.is_zero() && !uplink::ctl::run_started(&run)) {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        CtlCommand::Runs { json, provider } => {
+            let runs = admin.runs(provider.as_deref().unwrap_or("")).await?;
+            if json {
+                let arr: Vec<_> = runs.iter().map(uplink::ctl::run_json).collect();
+                out!("{}", serde_json::to_string_pretty(&arr).unwrap_or_default());
+            } else {
+                out_raw!("{}", uplink::ctl::runs_table(&runs));
+            }
+        }
+        CtlCommand::RunStatus { run, json } => {
+            let run = admin.run(&run).await?;
+            if json {
+                out!(
+                    "{}",
+                    serde_json::to_string_pretty(&uplink::ctl::run_json(&run)).unwrap_or_default()
+                );
+            } else {
+                out_raw!("{}", uplink::ctl::run_table(&run));
+            }
+        }
+        CtlCommand::Stop { run, timeout, wait } => {
+            let start = std::time::Instant::now();
+            let v = admin.stop_run(&run, timeout).await?;
+            out!(
+                "stopping run {} ({}): {}",
+                v.id,
+                v.name,
+                uplink::ctl::run_counts(&v)
+            );
+            if !wait.is_zero() {
+                let v = admin
+                    .wait_run(&v.id, wait, uplink::ctl::run_stopped)
+                    .await?;
+                if uplink::ctl::run_stopped(&v) {
+                    out!(
+                        "stopped after {:.2} s: {}",
+                        start.elapsed().as_secs_f64(),
+                        uplink::ctl::run_counts(&v)
+                    );
+                } else {
+                    eprintln!(
+                        "not every container is removed after {wait:?} ({}); `uplink ctl run-status {}` shows which, `uplink ctl stop {}` tries again",
+                        uplink::ctl::run_counts(&v),
+                        v.id,
+                        v.id
+                    );
+                    for c in v.containers.iter().filter(|c| !c.message.is_empty()) {
+                        eprintln!("  {} on {}: {}", c.name, c.agent_id, c.message);
+                    }
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+        CtlCommand::Logs { run, tail } => {
+            let mut failed = false;
+            for c in admin.run_logs(&run, tail).await? {
+                if !c.error.is_empty() {
+                    failed = true;
+                    eprintln!("{}: {}", c.name, c.error);
+                }
+                for line in &c.lines {
+                    out!("{} | {line}", c.name);
+                }
+            }
+            if failed {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

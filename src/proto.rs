@@ -68,6 +68,16 @@ named!(
     EnqueueCommandResponse,
     GetCommandRequest,
     GetCommandResponse,
+    CreateRunRequest,
+    CreateRunResponse,
+    ListRunsRequest,
+    ListRunsResponse,
+    GetRunRequest,
+    GetRunResponse,
+    StopRunRequest,
+    StopRunResponse,
+    GetRunLogsRequest,
+    GetRunLogsResponse,
     MetricBatch,
 );
 

@@ -2,9 +2,10 @@
 //!
 //! It holds what must survive a restart: the admin token's hash, providers
 //! and their enrollment tokens' hashes, agents with their credentials'
-//! hashes and ack state, per-agent command queues, and the cursors that
-//! deduplicate agent events and metric batches. Presence (who is connected
-//! right now) lives in memory, in the backend's hub.
+//! hashes and ack state, per-agent command queues, the cursors that
+//! deduplicate agent events and metric batches, each agent's last reported
+//! capacity, and runs with their containers ([`runs`]). Presence (who is
+//! connected right now) lives in memory, in the backend's hub.
 //!
 //! The journal runs in WAL mode with `synchronous=NORMAL`: a committed
 //! change survives a crash or `kill -9` of the backend; only a power loss
@@ -20,6 +21,9 @@ use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::proto;
+
+mod runs;
+pub use runs::{FollowUp, LiveContainer, NewContainer, Role, RunContainerRecord, RunRecord};
 
 /// A failure of the store.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +171,45 @@ CREATE TABLE IF NOT EXISTS container_events (
     UNIQUE (agent_id, container_id, kind)
 );
 CREATE INDEX IF NOT EXISTS container_events_agent ON container_events (agent_id, time_ms);
+CREATE TABLE IF NOT EXISTS capacities (
+    agent_id TEXT PRIMARY KEY REFERENCES agents(id),
+    capacity BLOB NOT NULL,
+    time_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    image TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    cpus REAL NOT NULL,
+    memory INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    stop_ms INTEGER NOT NULL DEFAULT 0,
+    stop_timeout_s INTEGER NOT NULL DEFAULT 10
+);
+CREATE INDEX IF NOT EXISTS runs_name ON runs (name);
+CREATE TABLE IF NOT EXISTS run_containers (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    idx INTEGER NOT NULL,
+    agent_id TEXT NOT NULL REFERENCES agents(id),
+    name TEXT NOT NULL,
+    command_id TEXT NOT NULL,
+    container_id TEXT NOT NULL DEFAULT '',
+    state INTEGER NOT NULL,
+    exit_code INTEGER NOT NULL DEFAULT 0,
+    oom INTEGER NOT NULL DEFAULT 0,
+    message TEXT NOT NULL DEFAULT '',
+    started_ms INTEGER NOT NULL DEFAULT 0,
+    pending_command TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (run_id, idx)
+);
+CREATE TABLE IF NOT EXISTS run_commands (
+    command_id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    role INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS cursors (
     agent_id TEXT NOT NULL,
     stream TEXT NOT NULL,
@@ -175,6 +218,39 @@ CREATE TABLE IF NOT EXISTS cursors (
     PRIMARY KEY (agent_id, stream, epoch)
 );
 ";
+
+/// Queues a command inside a transaction; None when the agent does not
+/// exist.
+fn enqueue_in(
+    tx: &rusqlite::Transaction<'_>,
+    agent_id: &str,
+    id: &str,
+    spec: &proto::CommandSpec,
+    now: i64,
+) -> Result<Option<proto::Command>, StoreError> {
+    let seq: Option<i64> = tx
+        .query_row(
+            "SELECT next_seq FROM agents WHERE id = ?1",
+            [agent_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(seq) = seq else { return Ok(None) };
+    tx.execute(
+        "INSERT INTO commands (id, agent_id, seq, spec, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id, agent_id, seq, spec.encode_to_vec(), now],
+    )?;
+    tx.execute(
+        "UPDATE agents SET next_seq = ?2 WHERE id = ?1",
+        params![agent_id, seq + 1],
+    )?;
+    Ok(Some(proto::Command {
+        id: id.to_string(),
+        seq: seq as u64,
+        created_unix_ms: now,
+        spec: Some(spec.clone()),
+    }))
+}
 
 impl Store {
     /// Opens (creating if needed) `dir/uplink.db`.
@@ -400,22 +476,9 @@ impl Store {
     ) -> Result<Option<proto::Command>, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            let seq: Option<i64> = tx
-                .query_row("SELECT next_seq FROM agents WHERE id = ?1", [agent_id], |r| r.get(0))
-                .optional()?;
-            let Some(seq) = seq else { return Ok(None) };
-            tx.execute(
-                "INSERT INTO commands (id, agent_id, seq, spec, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![id, agent_id, seq, spec.encode_to_vec(), now],
-            )?;
-            tx.execute("UPDATE agents SET next_seq = ?2 WHERE id = ?1", params![agent_id, seq + 1])?;
+            let command = enqueue_in(&tx, agent_id, id, spec, now)?;
             tx.commit()?;
-            Ok(Some(proto::Command {
-                id: id.to_string(),
-                seq: seq as u64,
-                created_unix_ms: now,
-                spec: Some(spec.clone()),
-            }))
+            Ok(command)
         })
     }
 

@@ -326,20 +326,41 @@ async fn the_local_policy_refuses_before_any_docker_call() {
     b.stop().await;
 }
 
+/// Forwards connections on the unix socket `at` to the real engine's
+/// socket: an engine that "comes back" at the path an agent was given.
+fn docker_socket_at(at: &std::path::Path) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::UnixListener::bind(at).expect("bind the forwarding socket");
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut engine) =
+                    tokio::net::UnixStream::connect("/var/run/docker.sock").await
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut engine).await;
+                }
+            });
+        }
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_docker_engine_is_named_and_the_agent_stays_connected() {
+async fn a_missing_docker_engine_is_named_and_the_agent_stays_connected_until_it_comes_back() {
     let dir = tempfile::tempdir().unwrap();
+    common::docker::ensure_image(dir.path());
     let b = TestBackend::start(&dir.path().join("backend")).await;
     let admin = b.admin();
+    let socket = dir.path().join("docker.sock");
+    let docker_host = format!("unix://{}", socket.display());
     let _a = agent_via(
         &b,
         &b.url.to_string(),
         &dir.path().join("a"),
         "no-docker",
         &[],
-        &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")],
+        &[("DOCKER_HOST", docker_host.as_str())],
     );
     let v = connected_agent(&admin, "no-docker", "grpc").await;
+    let _cleanup = Cleanup(v.id.clone());
     let r = exec(
         &b,
         &v.id,
@@ -353,12 +374,66 @@ async fn a_missing_docker_engine_is_named_and_the_agent_stays_connected() {
         "{}",
         r.message
     );
+    // Its capacity says so, with the reason, and placement names it.
+    let cap = wait_for(Duration::from_secs(20), "a capacity report", || async {
+        admin
+            .agents("")
+            .await
+            .ok()?
+            .into_iter()
+            .find(|a| a.id == v.id)?
+            .capacity
+    })
+    .await;
+    assert!(!cap.docker_available, "{cap:?}");
+    assert!(
+        cap.docker_status.starts_with("docker: unavailable ("),
+        "{cap:?}"
+    );
+    assert!(cap.cpu_cores >= 1 && cap.memory_bytes > 0, "{cap:?}");
+    let e = admin
+        .create_run(proto::CreateRunRequest {
+            provider: "default".into(),
+            image: LOCAL_IMAGE.into(),
+            count: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("docker: unavailable"), "{e:?}");
     // Still connected: pings work.
     let p = admin
         .ping(&v.id, "", Duration::from_secs(10))
         .await
         .unwrap();
     assert_eq!(p.view.state, proto::CommandState::Done as i32);
+
+    // The engine appears at the agent's socket: noticed without a restart.
+    let _forward = docker_socket_at(&socket);
+    let cap = wait_for(
+        Duration::from_secs(30),
+        "docker available again",
+        || async {
+            admin
+                .agents("")
+                .await
+                .ok()?
+                .into_iter()
+                .find(|a| a.id == v.id)?
+                .capacity
+                .filter(|c| c.docker_available)
+        },
+    )
+    .await;
+    assert!(cap.docker_status.starts_with("docker "), "{cap:?}");
+    let r = exec(
+        &b,
+        &v.id,
+        Kind::RunContainer(run(LOCAL_IMAGE, &["true"])),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(r.status, CommandStatus::Ok as i32, "{r:?}");
     b.stop().await;
 }
 

@@ -67,6 +67,8 @@ pub async fn connect() -> Result<Docker, Failure> {
 pub struct Engine {
     docker: Docker,
     agent: String,
+    /// Held from the policy's total check to the container's creation.
+    create_lock: tokio::sync::Mutex<()>,
 }
 
 fn labels_filter(agent: &str, extra: Option<(&str, &str)>) -> HashMap<String, Vec<String>> {
@@ -83,6 +85,7 @@ impl Engine {
         Engine {
             docker,
             agent: agent.to_string(),
+            create_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -164,12 +167,21 @@ impl Engine {
             .map(|c| (c.id.unwrap_or_default(), first_name(c.names))))
     }
 
-    /// CPU and memory limits held by this agent's running containers.
+    /// CPU and memory limits held by this agent's containers that run or
+    /// are about to (created, running, restarting, paused).
     pub async fn usage(&self) -> Result<Usage, Failure> {
-        let list = self.ours_listed(false, None).await?;
+        let list = self.ours_listed(true, None).await?;
         let mut u = Usage::default();
         for c in list {
-            let Some(id) = c.id else { continue };
+            let live = c.state.as_ref().is_some_and(|s| {
+                matches!(
+                    s.to_string().as_str(),
+                    "created" | "running" | "restarting" | "paused"
+                )
+            });
+            let Some(id) = c.id.filter(|_| live) else {
+                continue;
+            };
             if let Ok(i) = self
                 .docker
                 .inspect_container(&id, None::<InspectContainerOptions>)
@@ -178,9 +190,33 @@ impl Engine {
                 let hc = i.host_config.unwrap_or_default();
                 u.cpus += hc.nano_cpus.unwrap_or(0) as f64 / 1e9;
                 u.memory += hc.memory.unwrap_or(0).max(0) as u64;
+                u.containers += 1;
             }
         }
         Ok(u)
+    }
+
+    /// The engine's host: logical CPUs, memory in bytes, and the engine's
+    /// version.
+    pub async fn host(&self) -> Result<(u32, u64, String), Failure> {
+        let info = self
+            .docker
+            .info()
+            .await
+            .map_err(|e| failed(format!("docker: unavailable ({e})")))?;
+        Ok((
+            info.ncpu.unwrap_or(0).clamp(0, u32::MAX as i64) as u32,
+            info.mem_total.unwrap_or(0).max(0) as u64,
+            info.server_version.unwrap_or_default(),
+        ))
+    }
+
+    /// Answers whether the engine still responds.
+    pub async fn alive(&self) -> bool {
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.docker.ping()).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Creates and starts the container of `command_id`, after the policy
@@ -228,20 +264,25 @@ impl Engine {
             cpus: spec.cpus,
             memory: spec.memory_bytes,
         };
-        let usage = self.usage().await?;
-        if let Err(r) = policy.check(&ask, usage) {
+        let refuse = |r: super::policy::Refusal| {
             tracing::warn!(audit = true, command = %command_id, rule = r.rule, image = %spec.image, "refused by local policy: {}", r.message);
-            return Err(Failure {
+            Failure {
                 status: proto::CommandStatus::Refused,
                 message: r.to_string(),
-            });
-        }
+            }
+        };
+        // Checked before any change to the engine (a refused image is not
+        // even pulled), and again with the totals under the create lock,
+        // so that concurrent commands cannot together pass the total caps.
+        policy.check(&ask, self.usage().await?).map_err(refuse)?;
         if spec.image.is_empty() {
             return Err(failed("RunContainer.image is empty"));
         }
         if self.docker.inspect_image(&spec.image).await.is_err() {
             self.pull(&spec.image, None, |_, _| {}).await?;
         }
+        let creating = self.create_lock.lock().await;
+        policy.check(&ask, self.usage().await?).map_err(refuse)?;
         let mut labels = spec.labels.clone();
         labels.retain(|k, _| !k.starts_with("uplink."));
         labels.insert(LABEL_AGENT.into(), self.agent.clone());
@@ -311,6 +352,7 @@ impl Engine {
             )
             .await
             .map_err(|e| failed(format!("docker create {name}: {e}")))?;
+        drop(creating);
         self.docker
             .start_container(&created.id, None::<StartContainerOptions>)
             .await
@@ -380,8 +422,19 @@ impl Engine {
             .map_err(|e| failed(format!("docker stop {container}: {e}")))
     }
 
-    /// Removes a container.
-    pub async fn remove(&self, container: &str, force: bool) -> Result<(), Failure> {
+    /// Removes a container. A container that does not exist (any more) is
+    /// not an error: the outcome the command asks for holds, and a removal
+    /// delivered again must not fail.
+    pub async fn remove(&self, container: &str, force: bool) -> Result<bool, Failure> {
+        if let Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) = self
+            .docker
+            .inspect_container(container, None::<InspectContainerOptions>)
+            .await
+        {
+            return Ok(false);
+        }
         let id = self.ours(container).await?;
         self.docker
             .remove_container(
@@ -392,6 +445,7 @@ impl Engine {
                 }),
             )
             .await
+            .map(|_| true)
             .map_err(|e| failed(format!("docker rm {container}: {e}")))
     }
 

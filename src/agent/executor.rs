@@ -72,12 +72,26 @@ impl Executor {
         Ok(e)
     }
 
-    /// Forgets the engine after a failure, so the next command reconnects.
-    async fn forget_engine_if_gone(&self) {
-        let mut slot = self.engine.lock().await;
-        if slot.is_some() && docker::connect().await.is_err() {
-            *slot = None;
+    /// The Docker engine if it answers now: a cached engine is pinged, and
+    /// forgotten (then connected afresh) when it does not answer.
+    pub async fn live_engine(&self) -> Result<Arc<Engine>, Failure> {
+        let cached = self.engine.lock().await.clone();
+        if let Some(e) = cached {
+            if e.alive().await {
+                return Ok(e);
+            }
+            let mut slot = self.engine.lock().await;
+            if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, &e)) {
+                *slot = None;
+            }
         }
+        self.engine().await
+    }
+
+    /// Forgets the engine after a failure when it no longer answers, so the
+    /// next command connects afresh. The ping runs without the slot lock.
+    async fn forget_engine_if_gone(&self) {
+        let _ = self.live_engine().await;
     }
 
     /// Runs `command`; `progress` receives intermediate progress.
@@ -169,13 +183,13 @@ impl Executor {
                     None,
                 )
             }),
-            Kind::RemoveContainer(r) => engine.remove(&r.container, r.force).await.map(|()| {
-                result(
-                    id,
-                    CommandStatus::Ok,
-                    format!("removed {}", r.container),
-                    None,
-                )
+            Kind::RemoveContainer(r) => engine.remove(&r.container, r.force).await.map(|existed| {
+                let message = if existed {
+                    format!("removed {}", r.container)
+                } else {
+                    format!("{} does not exist (already removed)", r.container)
+                };
+                result(id, CommandStatus::Ok, message, None)
             }),
             Kind::ListContainers(_) => engine.list().await.map(|containers| {
                 result(

@@ -3,6 +3,7 @@
 //! journal (at most once per id, across restarts), executes them, and
 //! reports results.
 
+pub mod capacity;
 pub mod docker;
 pub mod executor;
 pub mod identity;

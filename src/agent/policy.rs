@@ -89,6 +89,8 @@ pub struct Ask {
 pub struct Usage {
     pub cpus: f64,
     pub memory: u64,
+    /// How many containers hold them.
+    pub containers: u32,
 }
 
 /// A refusal: the rule, and a sentence for the result and the audit log.
@@ -481,7 +483,8 @@ mod tests {
                 &a,
                 Usage {
                     cpus: 1.0,
-                    memory: 512 << 20
+                    memory: 512 << 20,
+                    ..Usage::default()
                 }
             )
             .is_ok()
@@ -491,7 +494,8 @@ mod tests {
                 &a,
                 Usage {
                     cpus: 1.5,
-                    memory: 0
+                    memory: 0,
+                    ..Usage::default()
                 }
             )
             .unwrap_err()
@@ -503,7 +507,8 @@ mod tests {
                 &a,
                 Usage {
                     cpus: 0.0,
-                    memory: 800 << 20
+                    memory: 800 << 20,
+                    ..Usage::default()
                 }
             )
             .unwrap_err()

@@ -165,7 +165,13 @@ struct Agent {
     executor: Arc<executor::Executor>,
     /// The last ack the backend confirmed receiving.
     ack_delivered: watch::Sender<u64>,
+    /// Wakes the capacity reporter: something may have changed it.
+    capacity_changed: tokio::sync::Notify,
 }
+
+/// How often capacity is measured when nothing wakes the reporter earlier
+/// (it notices an engine that went or came back).
+const CAPACITY_INTERVAL: Duration = Duration::from_secs(10);
 
 pub(super) async fn run(
     cfg: AgentConfig,
@@ -244,6 +250,7 @@ pub(super) async fn run(
             unacked: watch::channel(0).0,
             executor: Arc::new(executor::Executor::new(&ident.agent_id, cfg.policy.clone())),
             ack_delivered: watch::channel(0).0,
+            capacity_changed: tokio::sync::Notify::new(),
         });
         let reporter = tokio::spawn(agent.clone().reporter(events_rx));
         // Recovery reports through the reporter, which needs a rung: run it
@@ -262,6 +269,7 @@ pub(super) async fn run(
                 a.watch_containers().await
             })
         };
+        let capacity = tokio::spawn(agent.clone().report_capacity());
         agent.rungs(stop.clone()).await;
 
         // Shutdown: let running commands finish, then pending reports.
@@ -286,6 +294,7 @@ pub(super) async fn run(
         }
         reporter.abort();
         watcher.abort();
+        capacity.abort();
         if let Some(t) = &metrics_task {
             t.abort();
         }
@@ -438,6 +447,36 @@ impl Agent {
         }
     }
 
+    /// Sends this agent's capacity when it starts, on every new connection,
+    /// and whenever a figure changed; measures it after container commands
+    /// and exits, and every [`CAPACITY_INTERVAL`].
+    async fn report_capacity(self: Arc<Self>) {
+        let mut connections = self.unary.subscribe();
+        let mut last: Option<proto::Capacity> = None;
+        loop {
+            let now = super::capacity::measure(&self.executor, &self.cfg.policy).await;
+            if last.as_ref() != Some(&now) {
+                if last.as_ref().map(|l| l.docker_available) != Some(now.docker_available) {
+                    tracing::info!(docker = %now.docker_status, cores = now.cpu_cores, memory = now.memory_bytes, "capacity");
+                }
+                self.emit(proto::event::Kind::Capacity(now.clone())).await;
+                last = Some(now);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(CAPACITY_INTERVAL) => {}
+                _ = self.capacity_changed.notified() => {}
+                r = connections.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    if connections.borrow_and_update().is_some() {
+                        last = None;
+                    }
+                }
+            }
+        }
+    }
+
     async fn emit_result(&self, r: proto::CommandResult) {
         self.emit(proto::event::Kind::Result(r)).await;
     }
@@ -461,6 +500,7 @@ impl Agent {
                         while let Some(ev) = rx.recv().await {
                             tracing::info!(container = %ev.name, exit_code = ev.exit_code, oom_killed = ev.oom_killed, "container exited");
                             self.emit(proto::event::Kind::Container(ev)).await;
+                            self.capacity_changed.notify_one();
                         }
                     };
                     tokio::join!(watch, forward);
@@ -543,7 +583,7 @@ impl Agent {
                     tokio::spawn(async move {
                         tokio::time::sleep(grace).await;
                         match engine.remove(&id, true).await {
-                            Ok(()) => {
+                            Ok(_) => {
                                 tracing::info!(container = %removed.name, "removed an orphaned container");
                                 agent.emit(proto::event::Kind::Container(removed)).await;
                             }
@@ -1077,6 +1117,9 @@ impl Agent {
             crate::telemetry::command(status);
             tracing::info!(command = %c.id, status, "command finished");
             agent.emit_result(result).await;
+            if !matches!(kind, "ping" | "list_containers" | "container_logs") {
+                agent.capacity_changed.notify_one();
+            }
         });
         Ok(())
     }

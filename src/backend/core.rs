@@ -37,11 +37,11 @@ pub struct Core {
     pub(crate) hub: Arc<Hub>,
     cfg: CoreConfig,
     admin_hash: String,
-    results: watch::Sender<u64>,
+    pub(super) results: watch::Sender<u64>,
     draining: watch::Receiver<bool>,
 }
 
-fn internal(e: StoreError) -> Status {
+pub(super) fn internal(e: StoreError) -> Status {
     tracing::error!(error = %e, "store failure");
     Status::internal(format!("backend store failure: {e}"))
 }
@@ -133,7 +133,7 @@ pub fn check_spec(spec: &proto::CommandSpec) -> Result<(), Status> {
     }
 }
 
-fn check_image(field: &str, image: &str) -> Result<(), Status> {
+pub(super) fn check_image(field: &str, image: &str) -> Result<(), Status> {
     if image.is_empty()
         || image.len() > 512
         || image.chars().any(|c| c.is_whitespace() || c.is_control())
@@ -538,7 +538,10 @@ impl Core {
                         .complete(&agent, &r, crate::now_unix_ms())
                         .map_err(internal)?
                     {
-                        true => any_result = true,
+                        true => {
+                            any_result = true;
+                            self.run_result(&r)?;
+                        }
                         false => {
                             tracing::debug!(%agent, command = %r.command_id, "result for an unknown or finished command ignored")
                         }
@@ -555,7 +558,14 @@ impl Core {
                             .unwrap_or("CONTAINER_EVENT_KIND_UNSPECIFIED");
                         tracing::info!(%agent, container = %c.name, command = %c.command_id, run = %c.run_id,
                             kind, exit_code = c.exit_code, oom_killed = c.oom_killed, "container event");
+                        self.run_container_event(&agent, &c)?;
                     }
+                }
+                Some(proto::event::Kind::Capacity(c)) => {
+                    tracing::debug!(%agent, cores = c.cpu_cores, running = c.running_containers, docker = %c.docker_status, "capacity");
+                    self.store
+                        .set_capacity(&agent, &c, crate::now_unix_ms())
+                        .map_err(internal)?;
                 }
                 Some(proto::event::Kind::Progress(p)) => {
                     tracing::debug!(%agent, command = %p.command_id, percent = p.percent, "progress");
@@ -597,6 +607,7 @@ impl Core {
         req: proto::ListAgentsRequest,
     ) -> Result<proto::ListAgentsResponse, Status> {
         let now = crate::now_unix_ms();
+        let mut capacities = self.store.capacities().map_err(internal)?;
         let mut agents = Vec::new();
         for a in self.store.agents(&req.provider).map_err(internal)? {
             let presence = self.hub.presence(&a.id, now);
@@ -613,6 +624,7 @@ impl Core {
                 ),
                 None => (false, a.transport, a.transport_reason, a.last_seen_ms),
             };
+            let capacity = capacities.remove(&a.id).map(|(c, _)| c);
             agents.push(proto::AgentView {
                 id: a.id,
                 hostname: a.hostname,
@@ -625,6 +637,7 @@ impl Core {
                 acked_seq: a.acked_seq,
                 pending_commands: pending,
                 enrolled_unix_ms: a.enrolled_ms,
+                capacity,
             });
         }
         Ok(proto::ListAgentsResponse { agents })

@@ -129,4 +129,44 @@ impl AdminService for Admin {
             .await
             .map(Response::new)
     }
+
+    async fn create_run(
+        &self,
+        req: Request<proto::CreateRunRequest>,
+    ) -> Result<Response<proto::CreateRunResponse>, Status> {
+        self.0.authenticate_admin(auth(&req))?;
+        self.0.create_run(req.into_inner()).map(Response::new)
+    }
+
+    async fn list_runs(
+        &self,
+        req: Request<proto::ListRunsRequest>,
+    ) -> Result<Response<proto::ListRunsResponse>, Status> {
+        self.0.authenticate_admin(auth(&req))?;
+        self.0.list_runs(req.into_inner()).map(Response::new)
+    }
+
+    async fn get_run(
+        &self,
+        req: Request<proto::GetRunRequest>,
+    ) -> Result<Response<proto::GetRunResponse>, Status> {
+        self.0.authenticate_admin(auth(&req))?;
+        self.0.get_run(req.into_inner()).map(Response::new)
+    }
+
+    async fn stop_run(
+        &self,
+        req: Request<proto::StopRunRequest>,
+    ) -> Result<Response<proto::StopRunResponse>, Status> {
+        self.0.authenticate_admin(auth(&req))?;
+        self.0.stop_run(req.into_inner()).map(Response::new)
+    }
+
+    async fn get_run_logs(
+        &self,
+        req: Request<proto::GetRunLogsRequest>,
+    ) -> Result<Response<proto::GetRunLogsResponse>, Status> {
+        self.0.authenticate_admin(auth(&req))?;
+        self.0.run_logs(req.into_inner()).await.map(Response::new)
+    }
 }

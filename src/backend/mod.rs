@@ -6,6 +6,8 @@
 pub mod core;
 pub mod grpc;
 pub mod hub;
+pub mod placement;
+pub mod runs;
 pub mod unary;
 
 use std::future::Future;

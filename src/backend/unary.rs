@@ -186,6 +186,11 @@ async fn handle(
                 }
                 "EnqueueCommand" => call(enc, body, |r| async move { core.enqueue(r) }).await,
                 "GetCommand" => call(enc, body, |r| async move { core.get_command(r).await }).await,
+                "CreateRun" => call(enc, body, |r| async move { core.create_run(r) }).await,
+                "ListRuns" => call(enc, body, |r| async move { core.list_runs(r) }).await,
+                "GetRun" => call(enc, body, |r| async move { core.get_run(r) }).await,
+                "StopRun" => call(enc, body, |r| async move { core.stop_run(r) }).await,
+                "GetRunLogs" => call(enc, body, |r| async move { core.run_logs(r).await }).await,
                 other => unknown(&service, other),
             }
         }

@@ -343,6 +343,18 @@ pub fn agent_via(
     Proc::spawn(&argv, &env)
 }
 
+/// Runs `uplink ctl ARGS` against `b` with its admin token and CA.
+pub async fn ctl(b: &TestBackend, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(BIN)
+        .args(["ctl", "--backend", &b.url.to_string(), "--ca-file"])
+        .arg(&b.ca)
+        .args(args)
+        .env("UPLINK_ADMIN_TOKEN", b.admin_token.expose())
+        .output()
+        .await
+        .expect("uplink ctl runs")
+}
+
 /// Starts an agent process against `b`.
 pub fn agent(b: &TestBackend, transport: &str, state_dir: &Path, hostname: &str) -> Proc {
     agent_via(
