@@ -131,6 +131,21 @@ pub struct BackendArgs {
     /// Largest message accepted or sent, on both rungs.
     #[arg(long, env = "UPLINK_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
+    /// Most series whose latest value /metrics keeps (default 1000000); new series beyond are dropped and counted.
+    #[arg(long, env = "UPLINK_METRICS_MAX_SERIES")]
+    pub metrics_max_series: Option<usize>,
+    /// Series not updated for this long leave /metrics (default 15m).
+    #[arg(long, env = "UPLINK_METRICS_SERIES_TTL", value_parser = parse_duration)]
+    pub metrics_series_ttl: Option<Duration>,
+    /// Also write every ingested sample as JSON lines into this directory (default: off).
+    #[arg(long, env = "UPLINK_METRICS_JSONL_DIR")]
+    pub metrics_jsonl_dir: Option<PathBuf>,
+    /// Start a new JSON-lines file at this size (default 64m).
+    #[arg(long, env = "UPLINK_METRICS_JSONL_MAX_BYTES", value_parser = parse_bytes)]
+    pub metrics_jsonl_max_bytes: Option<u64>,
+    /// JSON-lines files kept; older ones are deleted (default 20).
+    #[arg(long, env = "UPLINK_METRICS_JSONL_KEEP")]
+    pub metrics_jsonl_keep: Option<usize>,
 }
 
 #[derive(Args, Debug)]

@@ -124,6 +124,19 @@ async fn backend(a: cli::BackendArgs) -> anyhow::Result<ExitCode> {
     cfg.poll_hold = a.poll_hold;
     cfg.public_url = a.public_url;
     cfg.max_message_bytes = a.max_message_bytes;
+    if let Some(n) = a.metrics_max_series {
+        cfg.metrics_max_series = n;
+    }
+    if let Some(ttl) = a.metrics_series_ttl {
+        cfg.metrics_series_ttl = ttl;
+    }
+    cfg.metrics_jsonl_dir = a.metrics_jsonl_dir;
+    if let Some(n) = a.metrics_jsonl_max_bytes {
+        cfg.metrics_jsonl_max_bytes = n;
+    }
+    if let Some(n) = a.metrics_jsonl_keep {
+        cfg.metrics_jsonl_keep = n;
+    }
     let mut problems = cfg.validate();
     let addr: Option<std::net::SocketAddr> = match a.listen.parse() {
         Ok(addr) => Some(addr),
@@ -148,7 +161,10 @@ async fn backend(a: cli::BackendArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot listen on {addr}"))?;
     let server = match Server::new(cfg, listener) {
         Ok(s) => s,
-        Err(e @ uplink::backend::BackendError::Tls(_)) => {
+        Err(
+            e @ (uplink::backend::BackendError::Tls(_)
+            | uplink::backend::BackendError::MetricsJsonl(_)),
+        ) => {
             return Ok(config_error(&[e.to_string()]));
         }
         Err(e) => return Err(e.into()),

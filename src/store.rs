@@ -3,7 +3,10 @@
 //! It holds what must survive a restart: the admin token's hash, providers
 //! and their enrollment tokens' hashes, agents with their credentials'
 //! hashes and ack state, per-agent command queues, the cursors that
-//! deduplicate agent events and metric batches, each agent's last reported
+//! deduplicate agent events, the dedup state of metric batches (per
+//! `(agent, epoch)` a contiguous watermark in `cursors` plus the seqs
+//! stored above it in `metric_batches_above`, so batches may arrive in any
+//! order; see [`Store::metric_batch_state`]), each agent's last reported
 //! capacity, and runs with their containers ([`runs`]). Presence (who is
 //! connected right now) lives in memory, in the backend's hub.
 //!
@@ -217,7 +220,40 @@ CREATE TABLE IF NOT EXISTS cursors (
     seq INTEGER NOT NULL,
     PRIMARY KEY (agent_id, stream, epoch)
 );
+CREATE TABLE IF NOT EXISTS metric_batches_above (
+    agent_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, epoch, seq)
+) WITHOUT ROWID;
 ";
+
+/// The `cursors` stream that holds each `(agent, epoch)`'s contiguous
+/// watermark of stored metric batches. (Not `metrics`: that name held a
+/// high-water mark, which is not a contiguous watermark, in older stores.)
+const METRIC_BATCHES: &str = "metric_batches";
+
+/// How far above its `(agent, epoch)`'s watermark a metric batch's seq may
+/// be. Seqs stored above the watermark are kept one row each until the
+/// gap below them fills, so this bounds those rows per `(agent, epoch)`.
+pub const METRIC_SEQ_WINDOW: u64 = 100_000;
+
+/// Where a metric batch's `(epoch, seq)` stands, see
+/// [`Store::metric_batch_state`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchSeq {
+    /// Not stored yet: store it, then [`Store::record_metric_batch`].
+    New,
+    /// Stored before: a duplicate.
+    Seen,
+    /// More than [`METRIC_SEQ_WINDOW`] above the contiguous watermark (the
+    /// highest seq up to which every batch was stored): refused until the
+    /// missing batches above the watermark arrive.
+    TooFarAhead {
+        /// The epoch's contiguous watermark.
+        watermark: u64,
+    },
+}
 
 /// Queues a command inside a transaction; None when the agent does not
 /// exist.
@@ -250,6 +286,44 @@ fn enqueue_in(
         created_unix_ms: now,
         spec: Some(spec.clone()),
     }))
+}
+
+/// The cursor of `(agent, stream, epoch)` (0 when none), on a connection
+/// or inside a transaction.
+fn cursor_in(c: &Connection, agent_id: &str, stream: &str, epoch: u64) -> Result<u64, StoreError> {
+    let v: Option<i64> = c
+        .prepare_cached(
+            "SELECT seq FROM cursors WHERE agent_id = ?1 AND stream = ?2 AND epoch = ?3",
+        )?
+        .query_row(params![agent_id, stream, epoch as i64], |r| r.get(0))
+        .optional()?;
+    Ok(v.unwrap_or(0) as u64)
+}
+
+fn metric_batch_state_in(
+    c: &Connection,
+    agent_id: &str,
+    epoch: u64,
+    seq: u64,
+) -> Result<BatchSeq, StoreError> {
+    let watermark = cursor_in(c, agent_id, METRIC_BATCHES, epoch)?;
+    if seq <= watermark {
+        return Ok(BatchSeq::Seen);
+    }
+    if seq - watermark > METRIC_SEQ_WINDOW {
+        return Ok(BatchSeq::TooFarAhead { watermark });
+    }
+    let above: Option<i64> = c
+        .prepare_cached(
+            "SELECT 1 FROM metric_batches_above WHERE agent_id = ?1 AND epoch = ?2 AND seq = ?3",
+        )?
+        .query_row(params![agent_id, epoch as i64, seq as i64], |r| r.get(0))
+        .optional()?;
+    Ok(if above.is_some() {
+        BatchSeq::Seen
+    } else {
+        BatchSeq::New
+    })
 }
 
 impl Store {
@@ -678,6 +752,99 @@ impl Store {
         })
     }
 
+    /// Where metric batch `seq` of `(agent_id, epoch)` stands: new, a
+    /// duplicate of a stored one, or too far ahead of the watermark.
+    ///
+    /// The dedup state of an `(agent, epoch)` is a contiguous watermark `W`
+    /// (every seq in `1..=W` was stored; the `cursors` row of stream
+    /// `metric_batches`) and the set of seqs above `W` that were stored
+    /// (rows of `metric_batches_above`). So batches may arrive in any order
+    /// and each is stored once.
+    pub fn metric_batch_state(
+        &self,
+        agent_id: &str,
+        epoch: u64,
+        seq: u64,
+    ) -> Result<BatchSeq, StoreError> {
+        self.with(|c| metric_batch_state_in(c, agent_id, epoch, seq))
+    }
+
+    /// Records metric batch `seq` of `(agent_id, epoch)` as stored, and
+    /// moves the watermark over every contiguous seq above it (deleting
+    /// their rows). Returns false, and changes nothing, when the seq was
+    /// recorded before or is too far ahead (see [`BatchSeq`]).
+    pub fn record_metric_batch(
+        &self,
+        agent_id: &str,
+        epoch: u64,
+        seq: u64,
+    ) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            if metric_batch_state_in(&tx, agent_id, epoch, seq)? != BatchSeq::New {
+                return Ok(false);
+            }
+            let watermark = cursor_in(&tx, agent_id, METRIC_BATCHES, epoch)?;
+            if seq == watermark + 1 {
+                // Absorb the seqs stored above the old watermark that are
+                // now contiguous with it.
+                let mut top = seq;
+                {
+                    let mut st = tx.prepare_cached(
+                        "SELECT seq FROM metric_batches_above
+                         WHERE agent_id = ?1 AND epoch = ?2 AND seq > ?3 ORDER BY seq",
+                    )?;
+                    let mut rows = st.query(params![agent_id, epoch as i64, seq as i64])?;
+                    while let Some(r) = rows.next()? {
+                        let s = r.get::<_, i64>(0)? as u64;
+                        if s != top + 1 {
+                            break;
+                        }
+                        top = s;
+                    }
+                }
+                if top > seq {
+                    tx.prepare_cached(
+                        "DELETE FROM metric_batches_above
+                         WHERE agent_id = ?1 AND epoch = ?2 AND seq <= ?3",
+                    )?
+                    .execute(params![agent_id, epoch as i64, top as i64])?;
+                }
+                tx.prepare_cached(
+                    "INSERT INTO cursors (agent_id, stream, epoch, seq) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (agent_id, stream, epoch) DO UPDATE SET seq = excluded.seq",
+                )?
+                .execute(params![
+                    agent_id,
+                    METRIC_BATCHES,
+                    epoch as i64,
+                    top as i64
+                ])?;
+            } else {
+                tx.prepare_cached(
+                    "INSERT INTO metric_batches_above (agent_id, epoch, seq) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![agent_id, epoch as i64, seq as i64])?;
+            }
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    /// The dedup state of `(agent_id, epoch)`'s metric batches: the
+    /// contiguous watermark and how many seqs above it are stored.
+    pub fn metric_batches(&self, agent_id: &str, epoch: u64) -> Result<(u64, u64), StoreError> {
+        self.with(|c| {
+            let watermark = cursor_in(c, agent_id, METRIC_BATCHES, epoch)?;
+            let above: i64 = c.query_row(
+                "SELECT COUNT(*) FROM metric_batches_above WHERE agent_id = ?1 AND epoch = ?2",
+                params![agent_id, epoch as i64],
+                |r| r.get(0),
+            )?;
+            Ok((watermark, above as u64))
+        })
+    }
+
     /// Records a container event an agent reported; false when the same
     /// event of the same container was recorded before.
     pub fn container_event(
@@ -827,6 +994,76 @@ mod tests {
         assert!(!s.advance_cursor("a1", "events", 7, 1).unwrap());
         assert!(s.advance_cursor("a1", "events", 8, 1).unwrap());
         assert_eq!(s.cursor("a1", "events", 7).unwrap(), 2);
+    }
+
+    #[test]
+    fn metric_batches_are_stored_once_in_any_order() {
+        let s = store_with_agent();
+        let new = |seq| s.metric_batch_state("a1", 9, seq).unwrap();
+        let record = |seq| s.record_metric_batch("a1", 9, seq).unwrap();
+        // In order.
+        for seq in 1..=3 {
+            assert_eq!(new(seq), BatchSeq::New);
+            assert!(record(seq));
+            assert_eq!(new(seq), BatchSeq::Seen);
+        }
+        assert_eq!(s.metric_batches("a1", 9).unwrap(), (3, 0));
+        // Out of order: 6 and 5 before 4; a lower seq after a higher one
+        // is still new.
+        assert!(record(6));
+        assert!(record(5));
+        assert_eq!(s.metric_batches("a1", 9).unwrap(), (3, 2));
+        assert_eq!(new(4), BatchSeq::New);
+        assert_eq!(new(5), BatchSeq::Seen);
+        assert!(!record(5), "a duplicate above the watermark");
+        assert!(record(4));
+        // 4 closed the gap: the watermark moves over 5 and 6, their rows go.
+        assert_eq!(s.metric_batches("a1", 9).unwrap(), (6, 0));
+        for seq in 1..=6 {
+            assert_eq!(new(seq), BatchSeq::Seen, "{seq}");
+            assert!(!record(seq), "{seq}");
+        }
+        // A gap that stays open keeps what is above it, and only that.
+        assert!(record(8));
+        assert!(record(10));
+        assert!(record(7));
+        assert_eq!(s.metric_batches("a1", 9).unwrap(), (8, 1));
+        assert_eq!(new(9), BatchSeq::New);
+        // Epochs and agents are independent.
+        assert_eq!(s.metric_batch_state("a1", 10, 1).unwrap(), BatchSeq::New);
+        assert_eq!(s.metric_batch_state("a2", 9, 1).unwrap(), BatchSeq::New);
+        // The event cursors are another stream.
+        assert_eq!(s.cursor("a1", "events", 9).unwrap(), 0);
+    }
+
+    #[test]
+    fn metric_batches_far_above_the_watermark_are_refused() {
+        let s = store_with_agent();
+        assert!(s.record_metric_batch("a1", 1, 1).unwrap());
+        let edge = 1 + METRIC_SEQ_WINDOW;
+        assert_eq!(s.metric_batch_state("a1", 1, edge).unwrap(), BatchSeq::New);
+        assert_eq!(
+            s.metric_batch_state("a1", 1, edge + 1).unwrap(),
+            BatchSeq::TooFarAhead { watermark: 1 }
+        );
+        assert!(!s.record_metric_batch("a1", 1, edge + 1).unwrap());
+        assert!(s.record_metric_batch("a1", 1, edge).unwrap());
+        assert_eq!(s.metric_batches("a1", 1).unwrap(), (1, 1));
+    }
+
+    #[test]
+    fn metric_batch_state_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            for seq in [1, 2, 4] {
+                assert!(s.record_metric_batch("a", 3, seq).unwrap());
+            }
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.metric_batches("a", 3).unwrap(), (2, 1));
+        assert_eq!(s.metric_batch_state("a", 3, 4).unwrap(), BatchSeq::Seen);
+        assert_eq!(s.metric_batch_state("a", 3, 3).unwrap(), BatchSeq::New);
     }
 
     #[test]

@@ -2,21 +2,30 @@
 //! Connect handlers both call these methods, so every rung carries the same
 //! messages with the same meaning.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use super::hub::Hub;
+use super::sinks::{Origin, Rejection, Sinks};
 use crate::proto::{self, Transport};
 use crate::secret::{self, Kind, Secret};
-use crate::store::{AgentRecord, Store, StoreError};
+use crate::store::{AgentRecord, BatchSeq, METRIC_SEQ_WINDOW, Store, StoreError};
 
 /// Commands sent in one `PollResponse` at most; the agent polls again.
 const MAX_COMMANDS_PER_POLL: usize = 256;
 /// Longest `GetCommand` wait.
 const MAX_RESULT_WAIT: Duration = Duration::from_secs(60);
+/// Longest a `PushMetrics` call waits for its batch to be stored. Storing
+/// goes on after that (see [`Core::push_metrics`]); the agent's retry then
+/// learns the outcome.
+const MAX_PUSH_WAIT: Duration = Duration::from_secs(30);
+/// Metric batches with more samples are decoded on a blocking thread
+/// (about a millisecond of work), not on an async worker.
+const DECODE_INLINE_SAMPLES: usize = 20_000;
 
 /// Settings the core needs.
 #[derive(Clone, Debug)]
@@ -39,6 +48,28 @@ pub struct Core {
     admin_hash: String,
     pub(super) results: watch::Sender<u64>,
     draining: watch::Receiver<bool>,
+    /// Where ingested metric batches go.
+    sinks: Sinks,
+    /// `(agent, epoch, seq)` of metric batches being stored right now, so a
+    /// retry that arrives meanwhile cannot store the same batch again.
+    metric_batches_in_flight: Mutex<HashSet<(String, u64, u64)>>,
+}
+
+/// A metric batch's place in `metric_batches_in_flight`, given back on
+/// drop (also when the storing task is cancelled or panics).
+struct InFlight {
+    core: Arc<Core>,
+    key: (String, u64, u64),
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.core
+            .metric_batches_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
 }
 
 pub(super) fn internal(e: StoreError) -> Status {
@@ -182,7 +213,21 @@ impl Core {
             admin_hash: admin_hash.to_string(),
             results: watch::channel(0).0,
             draining,
+            sinks: Sinks::in_memory(),
+            metric_batches_in_flight: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Replaces the metric sinks (the default keeps latest values only,
+    /// with the default limits).
+    pub fn with_sinks(mut self, sinks: Sinks) -> Self {
+        self.sinks = sinks;
+        self
+    }
+
+    /// The metric sinks: `/metrics` and the ingest counters.
+    pub fn sinks(&self) -> &Sinks {
+        &self.sinks
     }
 
     /// The settings.
@@ -583,20 +628,161 @@ impl Core {
         Ok(proto::ReportResponse { acked_seq: stored })
     }
 
-    /// `PushMetrics`: validates the batch and deduplicates it.
-    pub fn push_metrics(
-        &self,
+    /// `PushMetrics`: validates the batch, deduplicates it by `(agent,
+    /// epoch, seq)`, and gives it to the sinks.
+    ///
+    /// Exactly once, in any order: each `(agent, epoch)` has a contiguous
+    /// watermark and the set of seqs stored above it (see
+    /// [`Store::metric_batch_state`]), so a lower seq arriving after a
+    /// higher one is still stored, and a seq stored before answers
+    /// `stored: false` without reaching the sinks again. A seq more than
+    /// [`METRIC_SEQ_WINDOW`] above the watermark is refused with
+    /// FAILED_PRECONDITION until the missing batches below it arrive.
+    ///
+    /// Order: the sinks accept the batch, then its seq is recorded, then it
+    /// is acknowledged. A backend crash between the first two leaves lines
+    /// written for a batch the agent will send again: at least once across
+    /// a crash of the backend, exactly once otherwise. A batch is never
+    /// acknowledged before every sink took it.
+    ///
+    /// Errors: INVALID_ARGUMENT (the batch can never be stored; the message
+    /// starts with the reason; its seq counts as used, so the watermark
+    /// moves past it), FAILED_PRECONDITION (seq too far ahead),
+    /// UNAVAILABLE (a sink is behind or failing, the backend is stopping,
+    /// or the same batch is being stored by another request): keep the
+    /// batch and retry.
+    ///
+    /// Storing runs in its own task, so a caller that goes away (a timeout,
+    /// a cut connection) does not cut it short between the sinks and the
+    /// record: the retry then finds the batch stored.
+    pub async fn push_metrics(
+        self: &Arc<Self>,
         agent: String,
         req: proto::PushMetricsRequest,
     ) -> Result<proto::PushMetricsResponse, Status> {
         self.apply_ack(&agent, req.ack)?;
+        let (epoch, seq) = (req.epoch, req.seq);
         let batch = req.batch.unwrap_or_default();
-        validate_batch(&batch)?;
-        let stored = self
+        let decoded = if batch.sample_series.len() > DECODE_INLINE_SAMPLES {
+            tokio::task::spawn_blocking(move || crate::metrics::encode::decode(&batch))
+                .await
+                .map_err(|e| Status::internal(format!("decoding the metric batch failed: {e}")))?
+        } else {
+            crate::metrics::encode::decode(&batch)
+        };
+        let decoded = match decoded {
+            Ok(d) => d,
+            Err(e) => {
+                let reason = Rejection::of(&e);
+                self.sinks.reject(reason);
+                tracing::debug!(%agent, epoch, seq, reason = reason.as_str(), error = %e, "metric batch rejected");
+                // The agent drops a batch that can never be stored: its seq
+                // is used up, so the watermark can pass it. (A retry of it
+                // is decoded first, so it still gets this error.)
+                if (1..=i64::MAX as u64).contains(&seq)
+                    && let Err(e) = self.store.record_metric_batch(&agent, epoch, seq)
+                {
+                    tracing::warn!(%agent, epoch, seq, error = %e, "cannot record the seq of a rejected metric batch");
+                }
+                return Err(Status::invalid_argument(format!(
+                    "metric batch rejected ({}): {e}",
+                    reason.as_str()
+                )));
+            }
+        };
+        if seq == 0 || seq > i64::MAX as u64 {
+            self.sinks.reject(Rejection::BadSeq);
+            return Err(Status::invalid_argument(format!(
+                "metric batch rejected (bad_seq): seq {seq} is out of range; batches are numbered 1, 2, 3, ... within their epoch"
+            )));
+        }
+        let key = (agent.clone(), epoch, seq);
+        let reserved = self
+            .metric_batches_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone());
+        if !reserved {
+            self.sinks.reject(Rejection::InFlight);
+            return Err(Status::unavailable(format!(
+                "metric batch (epoch {epoch}, seq {seq}) is being stored by another request; retry to learn whether it was stored"
+            )));
+        }
+        let in_flight = InFlight {
+            core: self.clone(),
+            key,
+        };
+        let reject = |reason: Rejection, status: Status| {
+            self.sinks.reject(reason);
+            status
+        };
+        match self
             .store
-            .advance_cursor(&agent, "metrics", req.epoch, req.seq)
-            .map_err(internal)?;
-        Ok(proto::PushMetricsResponse { stored })
+            .metric_batch_state(&agent, epoch, seq)
+            .map_err(|e| reject(Rejection::Store, internal(e)))?
+        {
+            BatchSeq::Seen => {
+                self.sinks.duplicate();
+                return Ok(proto::PushMetricsResponse { stored: false });
+            }
+            BatchSeq::TooFarAhead { watermark } => {
+                return Err(reject(
+                    Rejection::SeqTooFarAhead,
+                    Status::failed_precondition(format!(
+                        "metric batch rejected (seq_too_far_ahead): seq {seq} of epoch {epoch} is more than {METRIC_SEQ_WINDOW} above {watermark}, \
+                         the highest seq up to which every batch of the epoch arrived; send batch {} first and retry this one later, \
+                         or number new batches in a new epoch",
+                        watermark + 1
+                    )),
+                ));
+            }
+            BatchSeq::New => {}
+        }
+        let rec = self
+            .store
+            .agent(&agent)
+            .map_err(|e| reject(Rejection::Store, internal(e)))?
+            .unwrap_or_default();
+        let origin = Arc::new(Origin {
+            agent,
+            provider: rec.provider,
+            hostname: rec.hostname,
+        });
+        let samples = decoded.points.len();
+        let core = self.clone();
+        let task = tokio::spawn(async move {
+            let _in_flight = in_flight;
+            let agent = origin.agent.clone();
+            if let Err(e) = core.sinks.accept(origin, Arc::new(decoded)).await {
+                core.sinks.reject(e.reason());
+                return Err(Status::unavailable(e.to_string()));
+            }
+            // A crash here leaves the batch in the sinks but not recorded:
+            // its retry is stored again (the documented at-least-once window).
+            match core.store.record_metric_batch(&agent, epoch, seq) {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(%agent, epoch, seq, "metric batch was recorded by someone else meanwhile")
+                }
+                Err(e) => {
+                    core.sinks.reject(Rejection::Store);
+                    return Err(internal(e));
+                }
+            }
+            core.sinks.stored(samples);
+            Ok(())
+        });
+        match tokio::time::timeout(MAX_PUSH_WAIT, task).await {
+            Ok(Ok(Ok(()))) => Ok(proto::PushMetricsResponse { stored: true }),
+            Ok(Ok(Err(status))) => Err(status),
+            Ok(Err(e)) => Err(Status::internal(format!(
+                "storing the metric batch failed: {e}"
+            ))),
+            Err(_) => Err(Status::unavailable(format!(
+                "metric batch (epoch {epoch}, seq {seq}) not stored within {MAX_PUSH_WAIT:?}; \
+                 retry to learn whether it was stored"
+            ))),
+        }
     }
 
     // ---- admin service -------------------------------------------------
@@ -791,11 +977,15 @@ impl Core {
 
 /// Checks that a batch is internally consistent. The decoder in
 /// [`crate::metrics::encode`] is the one validator of batches; its error
-/// names the offending sample, series or field.
+/// names the offending sample, series or field, and the message starts with
+/// the reason counted in `uplink_backend_metric_batches_rejected_total`.
 pub fn validate_batch(b: &proto::MetricBatch) -> Result<(), Status> {
-    crate::metrics::encode::decode(b)
-        .map(|_| ())
-        .map_err(|e| Status::invalid_argument(e.to_string()))
+    crate::metrics::encode::decode(b).map(|_| ()).map_err(|e| {
+        Status::invalid_argument(format!(
+            "metric batch rejected ({}): {e}",
+            Rejection::of(&e).as_str()
+        ))
+    })
 }
 
 #[cfg(test)]

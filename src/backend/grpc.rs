@@ -1,5 +1,7 @@
 //! The gRPC face of the backend: thin tonic service implementations over
-//! [`Core`].
+//! [`Core`]. `AgentService` accepts gzip- and zstd-compressed requests
+//! (`grpc-encoding`; set up where the server is built, in `mod.rs`), with
+//! the message size limit applied to the decompressed message.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -73,6 +75,7 @@ impl AgentService for Agents {
         let agent = self.0.authenticate_agent(auth(&req))?;
         self.0
             .push_metrics(agent, req.into_inner())
+            .await
             .map(Response::new)
     }
 }

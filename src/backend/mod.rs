@@ -1,13 +1,16 @@
 //! `uplink backend`: one TLS port (ALPN `h2` and `http/1.1`) serving the
 //! agent and admin services as gRPC (requests with `content-type:
 //! application/grpc*`) and as Connect unary (everything else), over a
-//! durable embedded store.
+//! durable embedded store. The same port serves `GET /metrics` (Prometheus
+//! text, admin token required): the latest value of every ingested series
+//! and the backend's own ingest counters.
 
 pub mod core;
 pub mod grpc;
 pub mod hub;
 pub mod placement;
 pub mod runs;
+pub mod sinks;
 pub mod unary;
 
 use std::future::Future;
@@ -16,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::response::IntoResponse;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -62,6 +66,20 @@ pub struct BackendConfig {
     pub max_message_bytes: usize,
     /// Time given to open connections to finish on shutdown.
     pub grace: Duration,
+    /// Most series whose latest value `/metrics` keeps; samples of new
+    /// series beyond it are dropped and counted, so memory stays bounded
+    /// whatever agents send.
+    pub metrics_max_series: usize,
+    /// A series not updated for this long leaves `/metrics` (a stopped
+    /// container's series should not be scraped forever).
+    pub metrics_series_ttl: Duration,
+    /// Write every ingested sample as JSON lines into this directory; off
+    /// when None.
+    pub metrics_jsonl_dir: Option<PathBuf>,
+    /// Size at which a JSON-lines file is closed and the next begun.
+    pub metrics_jsonl_max_bytes: u64,
+    /// JSON-lines files kept; the oldest are deleted beyond it.
+    pub metrics_jsonl_keep: usize,
 }
 
 impl BackendConfig {
@@ -79,6 +97,27 @@ impl BackendConfig {
             public_url: None,
             max_message_bytes: 4 * 1024 * 1024,
             grace: Duration::from_secs(5),
+            metrics_max_series: sinks::DEFAULT_MAX_SERIES,
+            metrics_series_ttl: sinks::DEFAULT_SERIES_TTL,
+            metrics_jsonl_dir: None,
+            metrics_jsonl_max_bytes: sinks::DEFAULT_JSONL_MAX_BYTES,
+            metrics_jsonl_keep: sinks::DEFAULT_JSONL_KEEP,
+        }
+    }
+
+    /// The settings of the metric sinks.
+    pub fn sinks_config(&self) -> sinks::SinksConfig {
+        sinks::SinksConfig {
+            max_series: self.metrics_max_series,
+            series_ttl: self.metrics_series_ttl,
+            jsonl: self
+                .metrics_jsonl_dir
+                .as_ref()
+                .map(|dir| sinks::JsonlConfig {
+                    dir: dir.clone(),
+                    max_bytes: self.metrics_jsonl_max_bytes,
+                    keep: self.metrics_jsonl_keep,
+                }),
         }
     }
 
@@ -112,6 +151,37 @@ impl BackendConfig {
                 self.max_message_bytes
             ));
         }
+        if self.metrics_max_series == 0 || self.metrics_max_series > 100_000_000 {
+            errs.push(format!(
+                "--metrics-max-series {} is out of range: 1 to 100000000",
+                self.metrics_max_series
+            ));
+        }
+        if self.metrics_series_ttl < Duration::from_secs(1)
+            || self.metrics_series_ttl > Duration::from_secs(7 * 86_400)
+        {
+            errs.push(format!(
+                "--metrics-series-ttl {:?} is out of range: 1s to 7 days",
+                self.metrics_series_ttl
+            ));
+        }
+        if self.metrics_jsonl_max_bytes < 4096 || self.metrics_jsonl_max_bytes > 1 << 40 {
+            errs.push(format!(
+                "--metrics-jsonl-max-bytes {} is out of range: 4096 (4k) to 1099511627776 (1t)",
+                self.metrics_jsonl_max_bytes
+            ));
+        }
+        if self.metrics_jsonl_keep == 0 || self.metrics_jsonl_keep > 100_000 {
+            errs.push(format!(
+                "--metrics-jsonl-keep {} is out of range: 1 to 100000",
+                self.metrics_jsonl_keep
+            ));
+        }
+        if let Some(dir) = &self.metrics_jsonl_dir
+            && dir.as_os_str().is_empty()
+        {
+            errs.push("--metrics-jsonl-dir is empty: give a directory, or leave it out".into());
+        }
         for (name, token) in [
             ("--admin-token", &self.admin_token),
             ("--enroll-token", &self.enroll_token),
@@ -129,6 +199,46 @@ impl BackendConfig {
             }
         }
         errs
+    }
+}
+
+/// `GET /metrics`: the latest value of every series and the backend's own
+/// ingest metrics, as Prometheus text (format 0.0.4). Needs the admin token
+/// (`Authorization: Bearer <admin token>`, Prometheus' `authorization`
+/// setting).
+async fn metrics_page(core: Arc<Core>, headers: http::HeaderMap) -> axum::response::Response {
+    let authorization = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(s) = core.authenticate_admin(authorization) {
+        return (
+            http::StatusCode::UNAUTHORIZED,
+            [
+                (http::header::WWW_AUTHENTICATE, "Bearer realm=\"uplink\""),
+                (http::header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            ],
+            format!(
+                "{}: /metrics needs the admin token, as `Authorization: Bearer <admin token>`\n",
+                s.message()
+            ),
+        )
+            .into_response();
+    }
+    // Rendering walks every series: off the async workers.
+    match tokio::task::spawn_blocking(move || core.sinks().render()).await {
+        Ok(body) => (
+            [(
+                http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => (
+            http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("rendering /metrics failed: {e}\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -156,6 +266,9 @@ pub enum BackendError {
     Tls(#[from] tls::TlsError),
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// The JSON-lines directory cannot be written (a configuration error).
+    #[error(transparent)]
+    MetricsJsonl(#[from] sinks::jsonl::OpenError),
     #[error("cannot listen: {0}")]
     Listen(std::io::Error),
 }
@@ -217,6 +330,7 @@ impl Server {
         };
         let server_tls = tls::server_config(&identity)?;
         let store = Store::open(&config.data_dir)?;
+        let sinks = sinks::Sinks::open(config.sinks_config(), crate::now_unix_ms())?;
 
         // Admin token: the flag wins; otherwise the stored one; otherwise new.
         let mut new_admin_token = None;
@@ -263,17 +377,20 @@ impl Server {
             format!("https://{host}:{}", addr.port())
         });
         let (draining, draining_rx) = watch::channel(false);
-        let core = Arc::new(Core::with_admin_hash(
-            store,
-            CoreConfig {
-                heartbeat: config.heartbeat,
-                poll_hold: config.poll_hold,
-                public_url: url.clone(),
-                ca_file: server_tls.ca_file.clone(),
-            },
-            &admin_hash,
-            draining_rx,
-        ));
+        let core = Arc::new(
+            Core::with_admin_hash(
+                store,
+                CoreConfig {
+                    heartbeat: config.heartbeat,
+                    poll_hold: config.poll_hold,
+                    public_url: url.clone(),
+                    ca_file: server_tls.ca_file.clone(),
+                },
+                &admin_hash,
+                draining_rx,
+            )
+            .with_sinks(sinks),
+        );
         let host_command = core.host_command(
             enroll_token
                 .as_ref()
@@ -327,7 +444,13 @@ impl Server {
         )
         .prepare()
         .into_axum_router();
-        let connect = unary::router(core.clone(), limit);
+        let metrics_core = core.clone();
+        let connect = unary::router(core.clone(), limit).route(
+            "/metrics",
+            axum::routing::get(move |headers: http::HeaderMap| {
+                metrics_page(metrics_core.clone(), headers)
+            }),
+        );
         let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
             let is_grpc = req
                 .headers()
@@ -407,6 +530,13 @@ impl Server {
         {
             tracing::warn!(grace = ?self.grace, "connections still open after the grace time; closing them");
         }
+        // Every acknowledged batch is written already; this lets the writer
+        // finish what is queued (batches whose callers went away), sync and
+        // close its file.
+        self.core
+            .sinks()
+            .close(self.grace.max(Duration::from_secs(5)))
+            .await;
         tracing::info!("backend stopped");
         Ok(())
     }

@@ -1,0 +1,498 @@
+//! Where ingested metric batches go: the latest value of every series for
+//! Prometheus ([`prometheus`], served at `GET /metrics`) and, when
+//! configured, every sample as JSON lines ([`jsonl`]). Also the backend's
+//! own ingest counters, kept as plain atomics here (not in a process-wide
+//! `metrics` recorder, so several backends can share a process) and shown
+//! in the same `/metrics` output.
+//!
+//! A batch is *accepted* when every sink took it: the JSON-lines writer has
+//! written its lines, then the latest values were updated. `Core` records
+//! the batch's seq as seen only after that, and only then acknowledges it.
+
+pub mod jsonl;
+pub mod prometheus;
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+pub use self::jsonl::{JsonlConfig, JsonlError};
+pub use self::prometheus::Origin;
+use crate::metrics::encode::{DecodeError, Decoded};
+
+/// Default cap on series kept for `/metrics`.
+pub const DEFAULT_MAX_SERIES: usize = 1_000_000;
+/// Default time after which a series without updates leaves `/metrics`.
+pub const DEFAULT_SERIES_TTL: Duration = Duration::from_secs(15 * 60);
+/// Default size at which a JSON-lines file is closed and the next begun.
+pub const DEFAULT_JSONL_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// Default number of JSON-lines files kept.
+pub const DEFAULT_JSONL_KEEP: usize = 20;
+
+/// Metric batches stored (not counting duplicates and rejected ones).
+pub const BATCHES: &str = "uplink_backend_metric_batches_total";
+/// Samples in stored batches.
+pub const SAMPLES: &str = "uplink_backend_metric_samples_total";
+/// Batches received again after they were stored.
+pub const DUPLICATES: &str = "uplink_backend_metric_batches_duplicate_total";
+/// Batches refused; label `reason` ([`Rejection`]).
+pub const REJECTED: &str = "uplink_backend_metric_batches_rejected_total";
+/// Series shown at `/metrics` now.
+pub const SERIES: &str = "uplink_backend_metric_series";
+/// New series refused because the cap was reached.
+pub const SERIES_DROPPED: &str = "uplink_backend_metric_series_dropped_total";
+/// Series evicted after the TTL without an update.
+pub const SERIES_EVICTED: &str = "uplink_backend_metric_series_evicted_total";
+/// JSON lines written.
+pub const JSONL_LINES: &str = "uplink_backend_metric_jsonl_lines_total";
+/// Bytes of JSON lines written.
+pub const JSONL_BYTES: &str = "uplink_backend_metric_jsonl_bytes_total";
+/// JSON-lines files started.
+pub const JSONL_FILES: &str = "uplink_backend_metric_jsonl_files_total";
+/// JSON-lines files deleted to keep at most `--metrics-jsonl-keep`.
+pub const JSONL_DELETED: &str = "uplink_backend_metric_jsonl_files_deleted_total";
+/// Batches whose JSON lines could not be written.
+pub const JSONL_ERRORS: &str = "uplink_backend_metric_jsonl_write_errors_total";
+/// Pushes that waited for room in the JSON-lines queue.
+pub const JSONL_WAITS: &str = "uplink_backend_metric_jsonl_queue_waits_total";
+
+const OWN: [&str; 13] = [
+    BATCHES,
+    SAMPLES,
+    DUPLICATES,
+    REJECTED,
+    SERIES,
+    SERIES_DROPPED,
+    SERIES_EVICTED,
+    JSONL_LINES,
+    JSONL_BYTES,
+    JSONL_FILES,
+    JSONL_DELETED,
+    JSONL_ERRORS,
+    JSONL_WAITS,
+];
+
+/// Why a metric batch was refused: the `reason` label of
+/// `uplink_backend_metric_batches_rejected_total`, and the word in
+/// parentheses in the error the agent gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// Invalid batch ([`DecodeError`] variants, one reason each).
+    ColumnLengths,
+    MixedValueEncodings,
+    ScalesLength,
+    BadScale,
+    FirstSymbol,
+    SymbolOutOfRange,
+    EmptyName,
+    OddLabels,
+    EmptyLabelName,
+    UnsortedLabels,
+    UnknownKind,
+    SeriesOutOfRange,
+    TimeOutOfRange,
+    IntegerOutOfRange,
+    /// A decode error this list does not name yet.
+    Invalid,
+    /// `seq` is 0 or beyond 2^63 - 1.
+    BadSeq,
+    /// `seq` is too far above its epoch's watermark.
+    SeqTooFarAhead,
+    /// The same `(epoch, seq)` is being stored by another request.
+    InFlight,
+    /// The JSON-lines queue stayed full.
+    SinkBehind,
+    /// The JSON lines could not be written.
+    SinkError,
+    /// The backend is stopping.
+    Stopping,
+    /// The store failed.
+    Store,
+}
+
+impl Rejection {
+    /// Every reason, in the order `/metrics` lists them.
+    pub const ALL: [Rejection; 22] = [
+        Rejection::ColumnLengths,
+        Rejection::MixedValueEncodings,
+        Rejection::ScalesLength,
+        Rejection::BadScale,
+        Rejection::FirstSymbol,
+        Rejection::SymbolOutOfRange,
+        Rejection::EmptyName,
+        Rejection::OddLabels,
+        Rejection::EmptyLabelName,
+        Rejection::UnsortedLabels,
+        Rejection::UnknownKind,
+        Rejection::SeriesOutOfRange,
+        Rejection::TimeOutOfRange,
+        Rejection::IntegerOutOfRange,
+        Rejection::Invalid,
+        Rejection::BadSeq,
+        Rejection::SeqTooFarAhead,
+        Rejection::InFlight,
+        Rejection::SinkBehind,
+        Rejection::SinkError,
+        Rejection::Stopping,
+        Rejection::Store,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::ColumnLengths => "column_lengths",
+            Rejection::MixedValueEncodings => "mixed_value_encodings",
+            Rejection::ScalesLength => "scales_length",
+            Rejection::BadScale => "bad_scale",
+            Rejection::FirstSymbol => "first_symbol",
+            Rejection::SymbolOutOfRange => "symbol_out_of_range",
+            Rejection::EmptyName => "empty_name",
+            Rejection::OddLabels => "odd_labels",
+            Rejection::EmptyLabelName => "empty_label_name",
+            Rejection::UnsortedLabels => "unsorted_labels",
+            Rejection::UnknownKind => "unknown_kind",
+            Rejection::SeriesOutOfRange => "series_out_of_range",
+            Rejection::TimeOutOfRange => "time_out_of_range",
+            Rejection::IntegerOutOfRange => "integer_out_of_range",
+            Rejection::Invalid => "invalid",
+            Rejection::BadSeq => "bad_seq",
+            Rejection::SeqTooFarAhead => "seq_too_far_ahead",
+            Rejection::InFlight => "in_flight",
+            Rejection::SinkBehind => "sink_behind",
+            Rejection::SinkError => "sink_error",
+            Rejection::Stopping => "stopping",
+            Rejection::Store => "store",
+        }
+    }
+
+    /// The reason of a decode error.
+    pub fn of(e: &DecodeError) -> Rejection {
+        match e {
+            DecodeError::ColumnLengths { .. } => Rejection::ColumnLengths,
+            DecodeError::MixedValueEncodings => Rejection::MixedValueEncodings,
+            DecodeError::ScalesLength { .. } => Rejection::ScalesLength,
+            DecodeError::BadScale { .. } => Rejection::BadScale,
+            DecodeError::FirstSymbolNotEmpty => Rejection::FirstSymbol,
+            DecodeError::SymbolOutOfRange { .. } => Rejection::SymbolOutOfRange,
+            DecodeError::EmptyName { .. } => Rejection::EmptyName,
+            DecodeError::OddLabels { .. } => Rejection::OddLabels,
+            DecodeError::EmptyLabelName { .. } => Rejection::EmptyLabelName,
+            DecodeError::UnsortedLabels { .. } => Rejection::UnsortedLabels,
+            DecodeError::UnknownKind { .. } => Rejection::UnknownKind,
+            DecodeError::SeriesOutOfRange { .. } => Rejection::SeriesOutOfRange,
+            DecodeError::TimeOutOfRange { .. } => Rejection::TimeOutOfRange,
+            DecodeError::IntegerOutOfRange { .. } => Rejection::IntegerOutOfRange,
+            DecodeError::Protobuf(_) => Rejection::Invalid,
+            // Variants added to the decoder later.
+            #[allow(unreachable_patterns)]
+            _ => Rejection::Invalid,
+        }
+    }
+}
+
+/// Settings of the sinks. The defaults are the constants above;
+/// `BackendConfig` carries them from flags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SinksConfig {
+    /// Most series kept for `/metrics`.
+    pub max_series: usize,
+    /// A series not updated for this long leaves `/metrics`.
+    pub series_ttl: Duration,
+    /// JSON lines, when wanted.
+    pub jsonl: Option<JsonlConfig>,
+}
+
+impl Default for SinksConfig {
+    fn default() -> Self {
+        SinksConfig {
+            max_series: DEFAULT_MAX_SERIES,
+            series_ttl: DEFAULT_SERIES_TTL,
+            jsonl: None,
+        }
+    }
+}
+
+/// Why a batch was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error(transparent)]
+    Jsonl(#[from] JsonlError),
+}
+
+impl SinkError {
+    /// The rejection reason to count.
+    pub fn reason(&self) -> Rejection {
+        match self {
+            SinkError::Jsonl(JsonlError::Behind) => Rejection::SinkBehind,
+            SinkError::Jsonl(JsonlError::Write(_)) => Rejection::SinkError,
+            SinkError::Jsonl(JsonlError::Stopping) => Rejection::Stopping,
+        }
+    }
+}
+
+/// The sinks and the ingest counters.
+pub struct Sinks {
+    latest: prometheus::LatestValues,
+    jsonl: Option<jsonl::JsonLines>,
+    batches: AtomicU64,
+    samples: AtomicU64,
+    duplicates: AtomicU64,
+    rejected: [AtomicU64; Rejection::ALL.len()],
+}
+
+impl Sinks {
+    /// Opens the sinks; fails only when the JSON-lines directory cannot be
+    /// written. `start_unix_ms` names the JSON-lines files.
+    pub fn open(cfg: SinksConfig, start_unix_ms: i64) -> Result<Sinks, jsonl::OpenError> {
+        let jsonl = cfg
+            .jsonl
+            .map(|j| jsonl::JsonLines::open(j, start_unix_ms))
+            .transpose()?;
+        Ok(Sinks {
+            latest: prometheus::LatestValues::new(cfg.max_series, cfg.series_ttl),
+            jsonl,
+            batches: AtomicU64::new(0),
+            samples: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            rejected: std::array::from_fn(|_| AtomicU64::new(0)),
+        })
+    }
+
+    /// Latest values only, with the default settings.
+    pub fn in_memory() -> Sinks {
+        Sinks {
+            latest: prometheus::LatestValues::new(DEFAULT_MAX_SERIES, DEFAULT_SERIES_TTL),
+            jsonl: None,
+            batches: AtomicU64::new(0),
+            samples: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            rejected: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    /// Gives `batch` to every sink: first the JSON lines (which may refuse
+    /// it), then the latest values (which cannot).
+    pub async fn accept(&self, origin: Arc<Origin>, batch: Arc<Decoded>) -> Result<(), SinkError> {
+        if let Some(j) = &self.jsonl {
+            j.write(origin.clone(), batch.clone()).await?;
+        }
+        self.latest.update(&origin, &batch, Instant::now());
+        Ok(())
+    }
+
+    /// Counts a stored batch of `samples` samples.
+    pub fn stored(&self, samples: usize) {
+        self.batches.fetch_add(1, Relaxed);
+        self.samples.fetch_add(samples as u64, Relaxed);
+    }
+
+    /// Counts a duplicate.
+    pub fn duplicate(&self) {
+        self.duplicates.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a refused batch.
+    pub fn reject(&self, reason: Rejection) {
+        if let Some(i) = Rejection::ALL.iter().position(|r| *r == reason) {
+            self.rejected[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Batches refused for `reason` so far.
+    pub fn rejected(&self, reason: Rejection) -> u64 {
+        Rejection::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |i| self.rejected[i].load(Relaxed))
+    }
+
+    /// The JSON-lines directory, when configured.
+    pub fn jsonl_dir(&self) -> Option<&std::path::Path> {
+        self.jsonl.as_ref().map(|j| j.dir())
+    }
+
+    /// Stops the JSON-lines writer after it wrote everything queued (at
+    /// most `timeout`). Later batches are refused with
+    /// [`JsonlError::Stopping`].
+    pub async fn close(&self, timeout: Duration) {
+        if let Some(j) = &self.jsonl {
+            j.close(timeout).await;
+        }
+    }
+
+    /// The `/metrics` page: the backend's own ingest metrics, then the
+    /// latest value of every series (text exposition format 0.0.4).
+    pub fn render(&self) -> String {
+        let now = Instant::now();
+        let counts = self.latest.counts(now);
+        let mut out = String::with_capacity(4096 + counts.series * 160);
+        let mut one = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            );
+        };
+        one(
+            BATCHES,
+            "counter",
+            "Metric batches stored (duplicates and rejected batches not counted).",
+            self.batches.load(Relaxed),
+        );
+        one(
+            SAMPLES,
+            "counter",
+            "Samples in stored metric batches.",
+            self.samples.load(Relaxed),
+        );
+        one(
+            DUPLICATES,
+            "counter",
+            "Metric batches received again after they were stored: acknowledged, not stored again.",
+            self.duplicates.load(Relaxed),
+        );
+        one(
+            SERIES,
+            "gauge",
+            "Series whose latest value this page shows.",
+            counts.series as u64,
+        );
+        one(
+            SERIES_DROPPED,
+            "counter",
+            "Updates of new series refused because --metrics-max-series was reached.",
+            counts.dropped,
+        );
+        one(
+            SERIES_EVICTED,
+            "counter",
+            "Series removed after --metrics-series-ttl without an update.",
+            counts.evicted,
+        );
+        if let Some(j) = &self.jsonl {
+            let s = &j.stats;
+            one(
+                JSONL_LINES,
+                "counter",
+                "JSON lines written.",
+                s.lines.load(Relaxed),
+            );
+            one(
+                JSONL_BYTES,
+                "counter",
+                "Bytes of JSON lines written.",
+                s.bytes.load(Relaxed),
+            );
+            one(
+                JSONL_FILES,
+                "counter",
+                "JSON-lines files started.",
+                s.files.load(Relaxed),
+            );
+            one(
+                JSONL_DELETED,
+                "counter",
+                "JSON-lines files deleted to keep at most --metrics-jsonl-keep.",
+                s.deleted.load(Relaxed),
+            );
+            one(
+                JSONL_ERRORS,
+                "counter",
+                "Metric batches whose JSON lines could not be written (refused; the agent retries).",
+                s.write_errors.load(Relaxed),
+            );
+            one(
+                JSONL_WAITS,
+                "counter",
+                "Pushes that found the JSON-lines queue full and waited for room.",
+                s.waits.load(Relaxed),
+            );
+        }
+        let _ = write!(
+            out,
+            "# HELP {REJECTED} Metric batches refused, by reason (the agent's error names it).\n# TYPE {REJECTED} counter\n"
+        );
+        for (i, r) in Rejection::ALL.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{REJECTED}{{reason=\"{}\"}} {}",
+                r.as_str(),
+                self.rejected[i].load(Relaxed)
+            );
+        }
+        self.latest.render(now, &OWN, &mut out);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::encode::{Kind, Point, Series};
+
+    #[test]
+    fn every_reason_has_its_own_label() {
+        let mut names: Vec<&str> = Rejection::ALL.iter().map(|r| r.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), Rejection::ALL.len());
+        assert_eq!(
+            Rejection::of(&DecodeError::SeriesOutOfRange {
+                sample: 0,
+                index: 3,
+                series: 1
+            }),
+            Rejection::SeriesOutOfRange
+        );
+    }
+
+    #[tokio::test]
+    async fn the_page_has_own_metrics_then_series() {
+        let s = Sinks::in_memory();
+        let origin = Arc::new(Origin {
+            agent: "agt_1".into(),
+            provider: "p".into(),
+            hostname: "h".into(),
+        });
+        let batch = Arc::new(Decoded {
+            series: vec![
+                Arc::new(Series::new("load", Kind::Gauge)),
+                // An agent cannot overwrite the backend's own metrics.
+                Arc::new(Series::new(SERIES, Kind::Gauge)),
+            ],
+            points: vec![
+                Point {
+                    series: 0,
+                    time_unix_ms: 5,
+                    value: 1.25,
+                },
+                Point {
+                    series: 1,
+                    time_unix_ms: 5,
+                    value: 99.0,
+                },
+            ],
+        });
+        s.accept(origin, batch).await.unwrap();
+        s.stored(2);
+        s.duplicate();
+        s.reject(Rejection::SeriesOutOfRange);
+        let page = s.render();
+        for line in [
+            "uplink_backend_metric_batches_total 1\n",
+            "uplink_backend_metric_samples_total 2\n",
+            "uplink_backend_metric_batches_duplicate_total 1\n",
+            "uplink_backend_metric_series 2\n",
+            "uplink_backend_metric_batches_rejected_total{reason=\"series_out_of_range\"} 1\n",
+            "uplink_backend_metric_batches_rejected_total{reason=\"bad_seq\"} 0\n",
+            "# TYPE load gauge\nload{agent=\"agt_1\",provider=\"p\",hostname=\"h\"} 1.25 5\n",
+        ] {
+            assert!(page.contains(line), "{line:?} missing from:\n{page}");
+        }
+        assert_eq!(
+            page.matches("# TYPE uplink_backend_metric_series ").count(),
+            1
+        );
+        assert!(!page.contains("99"), "{page}");
+    }
+}

@@ -1,0 +1,848 @@
+//! The backend's metrics path with real clients over real TLS: batches
+//! pushed through a tonic client (zstd and gzip message compression) and
+//! through Connect unary with curl (`Content-Encoding: zstd`/`gzip`),
+//! exactly-once storage in any order, rejected batches, `/metrics` behind
+//! the admin token, and the JSON-lines files (content, rotation, flush on
+//! stop).
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use prost::Message;
+use tonic::codec::CompressionEncoding;
+use uplink::metrics::compress::Compression;
+use uplink::metrics::encode::{BatchBuilder, Kind, Series, ValueEncoding};
+use uplink::proto;
+
+type AgentClient = proto::agent_service_client::AgentServiceClient<tonic::transport::Channel>;
+
+/// An enrolled agent: its id and credential.
+struct Agent {
+    id: String,
+    credential: String,
+}
+
+async fn grpc_client(b: &TestBackend) -> AgentClient {
+    let channel = uplink::client::grpc_channel(
+        &b.url,
+        &b.net(),
+        Duration::from_secs(10),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("gRPC channel");
+    proto::agent_service_client::AgentServiceClient::new(channel)
+}
+
+/// Enrolls with the backend's enrollment token, as an agent does.
+async fn enroll(b: &TestBackend, hostname: &str) -> Agent {
+    let r = grpc_client(b)
+        .await
+        .enroll(proto::EnrollRequest {
+            enrollment_token: b.enroll_token.expose().to_string(),
+            info: Some(proto::AgentInfo {
+                hostname: hostname.into(),
+                version: "test".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("enroll")
+        .into_inner();
+    Agent {
+        id: r.agent_id,
+        credential: r.credential,
+    }
+}
+
+fn push_request(epoch: u64, seq: u64, batch: proto::MetricBatch) -> proto::PushMetricsRequest {
+    proto::PushMetricsRequest {
+        ack: 0,
+        epoch,
+        seq,
+        batch: Some(batch),
+    }
+}
+
+/// Pushes over gRPC with message compression.
+async fn push_grpc(
+    client: &AgentClient,
+    agent: &Agent,
+    encoding: CompressionEncoding,
+    req: proto::PushMetricsRequest,
+) -> Result<bool, tonic::Status> {
+    let mut client = client.clone().send_compressed(encoding);
+    let mut r = tonic::Request::new(req);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", agent.credential).parse().unwrap(),
+    );
+    client.push_metrics(r).await.map(|r| r.into_inner().stored)
+}
+
+/// An HTTP answer: status and body.
+struct Answer {
+    status: u16,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The Connect error's code and message.
+    fn connect_error(&self) -> (String, String) {
+        let v: serde_json::Value = serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not a Connect error: {}", self.text()));
+        (
+            v["code"].as_str().unwrap_or("").to_string(),
+            v["message"].as_str().unwrap_or("").to_string(),
+        )
+    }
+}
+
+/// Runs curl against the backend (without blocking the runtime the
+/// backend runs on); `args` go before the URL.
+async fn curl(b: &TestBackend, path: &str, args: &[&str]) -> Answer {
+    let url = format!("https://localhost:{}{path}", b.addr.port());
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "30", "--cacert"])
+        .arg(&b.ca)
+        .args(["-w", "\n%{http_code}"])
+        .args(args)
+        .arg(&url)
+        .output()
+        .await
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "curl {args:?} {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut body = out.stdout;
+    let nl = body.iter().rposition(|&c| c == b'\n').expect("status line");
+    let status = String::from_utf8_lossy(&body[nl + 1..]).parse().unwrap();
+    body.truncate(nl);
+    Answer { status, body }
+}
+
+/// POSTs a `PushMetrics` body with curl, Connect unary: `application/proto`
+/// compressed with `compression` (sent as `Content-Encoding`, unless
+/// `encoding_header` overrides it).
+async fn push_curl(
+    b: &TestBackend,
+    agent: &Agent,
+    dir: &Path,
+    compression: Compression,
+    encoding_header: Option<&str>,
+    req: &proto::PushMetricsRequest,
+) -> Answer {
+    let body = compression.compress(&req.encode_to_vec()).unwrap();
+    push_curl_raw(
+        b,
+        agent,
+        dir,
+        encoding_header.unwrap_or(compression.name()),
+        &body,
+    )
+    .await
+}
+
+async fn push_curl_raw(
+    b: &TestBackend,
+    agent: &Agent,
+    dir: &Path,
+    content_encoding: &str,
+    body: &[u8],
+) -> Answer {
+    let file = dir.join(format!("body-{}.bin", fastrand::u64(..)));
+    std::fs::write(&file, body).unwrap();
+    let auth = format!("authorization: Bearer {}", agent.credential);
+    let ce = format!("content-encoding: {content_encoding}");
+    let data = format!("@{}", file.display());
+    curl(
+        b,
+        "/uplink.v1.AgentService/PushMetrics",
+        &[
+            "-H",
+            "content-type: application/proto",
+            "-H",
+            &ce,
+            "-H",
+            &auth,
+            "--data-binary",
+            &data,
+        ],
+    )
+    .await
+}
+
+/// `stored` from a successful Connect answer.
+fn stored(a: &Answer) -> bool {
+    assert_eq!(a.status, 200, "{}", a.text());
+    proto::PushMetricsResponse::decode(a.body.as_slice())
+        .expect("a PushMetricsResponse")
+        .stored
+}
+
+/// `GET /metrics` with the admin token.
+async fn scrape(b: &TestBackend) -> String {
+    let auth = format!("authorization: Bearer {}", b.admin_token.expose());
+    let a = curl(b, "/metrics", &["-H", &auth]).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    a.text()
+}
+
+/// The value of the sample line of `/metrics` that starts with `prefix`.
+fn sample(page: &str, prefix: &str) -> Option<String> {
+    page.lines()
+        .find(|l| l.starts_with(prefix))
+        .map(|l| l[prefix.len()..].trim().to_string())
+}
+
+fn counter(page: &str, name: &str) -> u64 {
+    sample(page, &format!("{name} "))
+        .unwrap_or_else(|| panic!("{name} missing from:\n{page}"))
+        .parse()
+        .unwrap()
+}
+
+/// A batch of `n` samples of a counter with container labels and a gauge,
+/// values `first..first + n` (so sums are easy to check).
+fn batch(series: &[Arc<Series>], first: u64, n: u64, time: i64) -> proto::MetricBatch {
+    let mut bb = BatchBuilder::new();
+    for i in 0..n {
+        let s = &series[(i % series.len() as u64) as usize];
+        let id = bb.series(s).unwrap();
+        bb.push(id, time + i as i64, (first + i) as f64).unwrap();
+    }
+    bb.finish()
+}
+
+fn series() -> Vec<Arc<Series>> {
+    vec![
+        Arc::new(
+            Series::new("loadgen_requests", Kind::Counter)
+                .label("com.docker.compose.service", "web")
+                .label("container", "web-1"),
+        ),
+        Arc::new(Series::new("host_load1", Kind::Gauge).unit("ratio")),
+    ]
+}
+
+/// Every JSON line in `dir`, file by file in name order.
+fn json_lines(dir: &Path) -> Vec<serde_json::Value> {
+    jsonl_files(dir)
+        .iter()
+        .flat_map(|p| {
+            let text = std::fs::read_to_string(p).unwrap();
+            assert!(
+                text.is_empty() || text.ends_with('\n'),
+                "{p:?} ends with a partial line"
+            );
+            text.lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{p:?}: {e}: {l}")))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn jsonl_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_batches_on_both_rungs_reach_metrics_and_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = dir.path().join("jsonl");
+    let mut cfg = TestBackend::config(&dir.path().join("backend"));
+    cfg.metrics_jsonl_dir = Some(jsonl.clone());
+    let b = TestBackend::start_with(cfg.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let agent = enroll(&b, "lg-1").await;
+    let client = grpc_client(&b).await;
+    let s = series();
+    let t0 = 1_700_000_000_000;
+
+    // gRPC with zstd and gzip message compression.
+    let r = push_grpc(
+        &client,
+        &agent,
+        CompressionEncoding::Zstd,
+        push_request(7, 1, batch(&s, 1, 10, t0)),
+    )
+    .await;
+    assert!(r.unwrap());
+    let r = push_grpc(
+        &client,
+        &agent,
+        CompressionEncoding::Gzip,
+        push_request(7, 2, batch(&s, 11, 10, t0 + 100)),
+    )
+    .await;
+    assert!(r.unwrap());
+    // Connect unary with curl: a zstd body, a gzip body, a plain body.
+    for (seq, c) in [
+        (3, Compression::Zstd),
+        (4, Compression::Gzip),
+        (5, Compression::Identity),
+    ] {
+        let first = (seq - 1) * 10 + 1;
+        let req = push_request(7, seq, batch(&s, first, 10, t0 + 100 * seq as i64));
+        let a = push_curl(&b, &agent, dir.path(), c, None, &req).await;
+        assert!(stored(&a), "{}: {}", c.name(), a.text());
+    }
+
+    // /metrics needs the admin token, and says so.
+    let a = curl(&b, "/metrics", &[]).await;
+    assert_eq!(a.status, 401);
+    assert!(
+        a.text().contains("Authorization: Bearer <admin token>"),
+        "{}",
+        a.text()
+    );
+    let a = curl(&b, "/metrics", &["-H", "authorization: Bearer upl_a_wrong"]).await;
+    assert_eq!(a.status, 401);
+    assert!(a.text().contains("admin token rejected"), "{}", a.text());
+    let page = scrape(&b).await;
+    let labels = format!(
+        "agent=\"{}\",provider=\"default\",hostname=\"lg-1\"",
+        agent.id
+    );
+    // The latest values: 49 (counter, even index) and 50 (gauge), with the
+    // samples' own times.
+    assert_eq!(
+        sample(
+            &page,
+            &format!(
+                "loadgen_requests{{{labels},com_docker_compose_service=\"web\",container=\"web-1\"}}"
+            )
+        )
+        .as_deref(),
+        Some(format!("49.0 {}", t0 + 500 + 8).as_str()),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, &format!("host_load1{{{labels}}}")).as_deref(),
+        Some(format!("50.0 {}", t0 + 500 + 9).as_str()),
+        "{page}"
+    );
+    assert_eq!(page.matches("# TYPE loadgen_requests counter\n").count(), 1);
+    assert_eq!(page.matches("# TYPE host_load1 gauge\n").count(), 1);
+    assert_eq!(counter(&page, "uplink_backend_metric_batches_total"), 5);
+    assert_eq!(counter(&page, "uplink_backend_metric_samples_total"), 50);
+    assert_eq!(counter(&page, "uplink_backend_metric_series"), 2);
+
+    // Stopping flushes and closes the files; every sample is there once.
+    let (cfg, _) = b.stop().await;
+    let lines = json_lines(&jsonl);
+    assert_eq!(lines.len(), 50);
+    let sum: f64 = lines.iter().map(|l| l["value"].as_f64().unwrap()).sum();
+    assert_eq!(sum, (1..=50).sum::<u64>() as f64);
+    let first = &lines[0];
+    assert_eq!(first["agent"], agent.id.as_str());
+    assert_eq!(first["provider"], "default");
+    assert_eq!(first["hostname"], "lg-1");
+    assert_eq!(first["name"], "loadgen_requests");
+    assert_eq!(first["kind"], "counter");
+    assert_eq!(first["unit"], "");
+    assert_eq!(first["time_unix_ms"], t0);
+    assert_eq!(
+        first["labels"],
+        serde_json::json!({"com.docker.compose.service": "web", "container": "web-1"})
+    );
+    assert_eq!(lines[1]["unit"], "ratio");
+    assert_eq!(lines[1]["kind"], "gauge");
+
+    // After a restart, the same batches are duplicates on either rung.
+    let b = TestBackend::start_with(cfg, "127.0.0.1:0".parse().unwrap()).await;
+    let client = grpc_client(&b).await;
+    let r = push_grpc(
+        &client,
+        &agent,
+        CompressionEncoding::Zstd,
+        push_request(7, 3, batch(&s, 21, 10, t0 + 300)),
+    )
+    .await;
+    assert!(!r.unwrap(), "a stored batch, sent again after a restart");
+    let a = push_curl(
+        &b,
+        &agent,
+        dir.path(),
+        Compression::Zstd,
+        None,
+        &push_request(7, 1, batch(&s, 1, 10, t0)),
+    )
+    .await;
+    assert!(!stored(&a));
+    let page = scrape(&b).await;
+    assert_eq!(counter(&page, "uplink_backend_metric_batches_total"), 0);
+    assert_eq!(
+        counter(&page, "uplink_backend_metric_batches_duplicate_total"),
+        2
+    );
+    b.stop().await;
+    assert_eq!(json_lines(&jsonl).len(), 50, "no line written twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_in_any_order_and_sent_twice_are_stored_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = dir.path().join("jsonl");
+    let mut cfg = TestBackend::config(&dir.path().join("backend"));
+    cfg.metrics_jsonl_dir = Some(jsonl.clone());
+    let b = TestBackend::start_with(cfg, "127.0.0.1:0".parse().unwrap()).await;
+    let agent = Arc::new(enroll(&b, "lg-2").await);
+    let client = grpc_client(&b).await;
+    let s = series();
+    let epoch = 42;
+    const N: u64 = 40;
+    const PER: u64 = 25;
+
+    // Every batch twice, seqs shuffled, all in flight at once; half on
+    // each rung. A copy may meet its twin while it is being stored
+    // (UNAVAILABLE, "retry"): it retries, as an agent does.
+    let mut order: Vec<u64> = (1..=N).chain(1..=N).collect();
+    fastrand::seed(7);
+    fastrand::shuffle(&mut order);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, seq) in order.into_iter().enumerate() {
+        let (client, agent, s) = (client.clone(), agent.clone(), s.clone());
+        let dir = dir.path().to_path_buf();
+        let ca = b.ca.clone();
+        let port = b.addr.port();
+        tasks.spawn(async move {
+            let req = push_request(
+                epoch,
+                seq,
+                batch(&s, (seq - 1) * PER + 1, PER, 1_000 * seq as i64),
+            );
+            for _ in 0..500 {
+                let outcome = if i % 2 == 0 {
+                    push_grpc(&client, &agent, CompressionEncoding::Zstd, req.clone()).await
+                } else {
+                    let body = Compression::Zstd.compress(&req.encode_to_vec()).unwrap();
+                    let file = dir.join(format!("b-{i}.bin"));
+                    std::fs::write(&file, body).unwrap();
+                    let out = tokio::process::Command::new("curl")
+                        .args(["-sS", "--max-time", "30", "--cacert"])
+                        .arg(&ca)
+                        .args([
+                            "-w",
+                            "\n%{http_code}",
+                            "-H",
+                            "content-type: application/proto",
+                        ])
+                        .args(["-H", "content-encoding: zstd", "-H"])
+                        .arg(format!("authorization: Bearer {}", agent.credential))
+                        .arg("--data-binary")
+                        .arg(format!("@{}", file.display()))
+                        .arg(format!(
+                            "https://localhost:{port}/uplink.v1.AgentService/PushMetrics"
+                        ))
+                        .output()
+                        .await
+                        .unwrap();
+                    let mut body = out.stdout;
+                    let nl = body.iter().rposition(|&c| c == b'\n').unwrap();
+                    let status: u16 = String::from_utf8_lossy(&body[nl + 1..]).parse().unwrap();
+                    body.truncate(nl);
+                    if status == 200 {
+                        Ok(proto::PushMetricsResponse::decode(body.as_slice())
+                            .unwrap()
+                            .stored)
+                    } else {
+                        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        let code =
+                            uplink::connect::code_from_name(v["code"].as_str().unwrap()).unwrap();
+                        Err(tonic::Status::new(code, v["message"].as_str().unwrap()))
+                    }
+                };
+                match outcome {
+                    Ok(stored) => return (seq, stored),
+                    Err(s) if s.code() == tonic::Code::Unavailable => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    Err(s) => panic!("seq {seq}: {s:?}"),
+                }
+            }
+            panic!("seq {seq}: still unavailable after 500 tries (10 s)")
+        });
+    }
+    let mut stored_per_seq: HashMap<u64, u32> = HashMap::new();
+    let mut answers = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (seq, stored) = r.unwrap();
+        answers += 1;
+        *stored_per_seq.entry(seq).or_default() += u32::from(stored);
+    }
+    assert_eq!(answers, 2 * N);
+    assert!(
+        (1..=N).all(|seq| stored_per_seq.get(&seq) == Some(&1)),
+        "each seq stored exactly once: {stored_per_seq:?}"
+    );
+    assert_eq!(
+        b.core.store().metric_batches(&agent.id, epoch).unwrap(),
+        (N, 0),
+        "the watermark closed over every seq"
+    );
+    let page = scrape(&b).await;
+    assert_eq!(counter(&page, "uplink_backend_metric_batches_total"), N);
+    assert_eq!(
+        counter(&page, "uplink_backend_metric_samples_total"),
+        N * PER
+    );
+    assert_eq!(
+        counter(&page, "uplink_backend_metric_batches_duplicate_total"),
+        N
+    );
+
+    // A lower seq arriving after higher ones (a replay of spooled
+    // batches) is stored; a seq far beyond the watermark is refused.
+    let other = 43;
+    for seq in [3, 2] {
+        let r = push_grpc(
+            &client,
+            &agent,
+            CompressionEncoding::Zstd,
+            push_request(other, seq, batch(&s, 0, 1, 0)),
+        )
+        .await;
+        assert!(r.unwrap(), "seq {seq}");
+    }
+    assert_eq!(
+        b.core.store().metric_batches(&agent.id, other).unwrap(),
+        (0, 2)
+    );
+    let err = push_grpc(
+        &client,
+        &agent,
+        CompressionEncoding::Zstd,
+        push_request(other, 100_001 + 1, batch(&s, 0, 1, 0)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("send batch 1 first"), "{err:?}");
+    let r = push_grpc(
+        &client,
+        &agent,
+        CompressionEncoding::Zstd,
+        push_request(other, 1, batch(&s, 0, 1, 0)),
+    )
+    .await;
+    assert!(r.unwrap());
+    assert_eq!(
+        b.core.store().metric_batches(&agent.id, other).unwrap(),
+        (3, 0)
+    );
+
+    b.stop().await;
+    let lines = json_lines(&jsonl);
+    assert_eq!(lines.len() as u64, N * PER + 3);
+    let sum: f64 = lines
+        .iter()
+        .filter(|l| l["value"].as_f64() != Some(0.0))
+        .map(|l| l["value"].as_f64().unwrap())
+        .sum();
+    assert_eq!(sum, (1..=N * PER).sum::<u64>() as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_batch_is_rejected_with_its_reason_and_the_next_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBackend::start(&dir.path().join("backend")).await;
+    let agent = enroll(&b, "lg-3").await;
+    let client = grpc_client(&b).await;
+    let s = series();
+    let epoch = 9;
+
+    let r = push_grpc(
+        &client,
+        &agent,
+        CompressionEncoding::Zstd,
+        push_request(epoch, 1, batch(&s, 1, 4, 0)),
+    )
+    .await;
+    assert!(r.unwrap());
+    // A sample that refers to a series the batch does not define.
+    let mut bad = batch(&s, 1, 4, 0);
+    bad.sample_series[2] = 7;
+    let err = push_grpc(
+        &client,
+        &agent,
+        CompressionEncoding::Zstd,
+        push_request(epoch, 2, bad.clone()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().starts_with(
+            "metric batch rejected (series_out_of_range): metric batch sample 2 refers to series 7"
+        ),
+        "{err:?}"
+    );
+    // The same over Connect, and a batch whose columns differ.
+    let a = push_curl(
+        &b,
+        &agent,
+        dir.path(),
+        Compression::Gzip,
+        None,
+        &push_request(epoch, 2, bad),
+    )
+    .await;
+    assert_eq!(a.status, 400);
+    let (code, message) = a.connect_error();
+    assert_eq!(code, "invalid_argument");
+    assert!(message.contains("(series_out_of_range)"), "{message}");
+    let mut uneven = batch(&s, 1, 4, 0);
+    uneven.sample_time_delta_ms.pop();
+    let a = push_curl(
+        &b,
+        &agent,
+        dir.path(),
+        Compression::Zstd,
+        None,
+        &push_request(epoch, 3, uneven),
+    )
+    .await;
+    let (code, message) = a.connect_error();
+    assert_eq!((a.status, code.as_str()), (400, "invalid_argument"));
+    assert!(message.contains("(column_lengths)"), "{message}");
+
+    // The next good batch is stored, and the rejected seqs do not hold
+    // the watermark back.
+    let r = push_grpc(
+        &client,
+        &agent,
+        CompressionEncoding::Zstd,
+        push_request(epoch, 4, batch(&s, 5, 4, 10)),
+    )
+    .await;
+    assert!(r.unwrap());
+    assert_eq!(
+        b.core.store().metric_batches(&agent.id, epoch).unwrap(),
+        (4, 0)
+    );
+    let page = scrape(&b).await;
+    assert_eq!(counter(&page, "uplink_backend_metric_batches_total"), 2);
+    assert_eq!(counter(&page, "uplink_backend_metric_samples_total"), 8);
+    assert_eq!(
+        counter(
+            &page,
+            "uplink_backend_metric_batches_rejected_total{reason=\"series_out_of_range\"}"
+        ),
+        2
+    );
+    assert_eq!(
+        counter(
+            &page,
+            "uplink_backend_metric_batches_rejected_total{reason=\"column_lengths\"}"
+        ),
+        1
+    );
+    // Seq 0 is not a batch number.
+    let err = push_grpc(
+        &client,
+        &agent,
+        CompressionEncoding::Zstd,
+        push_request(epoch, 0, batch(&s, 1, 1, 0)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("(bad_seq)"), "{err:?}");
+
+    // A large batch (decoded, and its body decompressed, off the async
+    // workers) in doubles that barely compress.
+    let mut big = BatchBuilder::with_encoding(ValueEncoding::Doubles);
+    for (i, s) in s.iter().cycle().take(30_000).enumerate() {
+        let id = big.series(s).unwrap();
+        big.push(id, i as i64, fastrand::f64()).unwrap();
+    }
+    let req = push_request(epoch, 5, big.finish());
+    let packed = Compression::Gzip.compress(&req.encode_to_vec()).unwrap();
+    assert!(packed.len() > 100_000, "{} bytes", packed.len());
+    let a = push_curl(&b, &agent, dir.path(), Compression::Gzip, None, &req).await;
+    assert!(stored(&a), "{}", a.text());
+    let page = scrape(&b).await;
+    assert_eq!(
+        counter(&page, "uplink_backend_metric_samples_total"),
+        8 + 30_000
+    );
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_in_unknown_encodings_corrupt_or_too_large_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = TestBackend::config(&dir.path().join("backend"));
+    cfg.max_message_bytes = 64 * 1024;
+    let b = TestBackend::start_with(cfg, "127.0.0.1:0".parse().unwrap()).await;
+    let agent = enroll(&b, "lg-4").await;
+    let s = series();
+    let req = push_request(1, 1, batch(&s, 1, 10, 0));
+
+    // Brotli is not something this backend reads.
+    let a = push_curl(
+        &b,
+        &agent,
+        dir.path(),
+        Compression::Identity,
+        Some("br"),
+        &req,
+    )
+    .await;
+    let (code, message) = a.connect_error();
+    assert_eq!((a.status, code.as_str()), (501, "unimplemented"));
+    assert!(
+        message.contains("\"br\"") && message.contains("zstd, gzip or identity"),
+        "{message}"
+    );
+    // Not zstd at all.
+    let a = push_curl_raw(&b, &agent, dir.path(), "zstd", b"definitely not zstd").await;
+    let (code, message) = a.connect_error();
+    assert_eq!((a.status, code.as_str()), (400, "invalid_argument"));
+    assert!(message.contains("not valid zstd"), "{message}");
+    // Small on the wire, over the limit once decompressed.
+    for c in [Compression::Zstd, Compression::Gzip] {
+        let bomb = c.compress(&vec![0u8; 1 << 20]).unwrap();
+        assert!(bomb.len() < 64 * 1024);
+        let a = push_curl_raw(&b, &agent, dir.path(), c.name(), &bomb).await;
+        let (code, message) = a.connect_error();
+        assert_eq!(
+            (a.status, code.as_str()),
+            (413, "resource_exhausted"),
+            "{message}"
+        );
+        assert!(message.contains("65536"), "{message}");
+    }
+    // The same limit on the gRPC rung, applied after decompression.
+    let mut big = BatchBuilder::new();
+    let id = big.series(&s[0]).unwrap();
+    for i in 0..40_000 {
+        big.push(id, i, 0.0).unwrap();
+    }
+    let err = push_grpc(
+        &grpc_client(&b).await,
+        &agent,
+        CompressionEncoding::Zstd,
+        push_request(1, 2, big.finish()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("65536"), "{err:?}");
+    // And a good compressed batch still goes through.
+    let a = push_curl(&b, &agent, dir.path(), Compression::Zstd, None, &req).await;
+    assert!(stored(&a), "{}", a.text());
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_lines_rotate_at_the_size_limit_and_keep_the_newest_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = dir.path().join("jsonl");
+    let mut cfg = TestBackend::config(&dir.path().join("backend"));
+    cfg.metrics_jsonl_dir = Some(jsonl.clone());
+    cfg.metrics_jsonl_max_bytes = 8192;
+    cfg.metrics_jsonl_keep = 3;
+    let b = TestBackend::start_with(cfg, "127.0.0.1:0".parse().unwrap()).await;
+    let agent = enroll(&b, "lg-5").await;
+    let client = grpc_client(&b).await;
+    let s = series();
+    const N: u64 = 30;
+    const PER: u64 = 20;
+    for seq in 1..=N {
+        let r = push_grpc(
+            &client,
+            &agent,
+            CompressionEncoding::Zstd,
+            push_request(
+                5,
+                seq,
+                batch(&s, (seq - 1) * PER + 1, PER, seq as i64 * 1000),
+            ),
+        )
+        .await;
+        assert!(r.unwrap());
+    }
+    let page = scrape(&b).await;
+    assert_eq!(
+        counter(&page, "uplink_backend_metric_jsonl_lines_total"),
+        N * PER
+    );
+    let started = counter(&page, "uplink_backend_metric_jsonl_files_total");
+    assert!(started > 3, "{started} files for {N} batches");
+    assert_eq!(
+        counter(&page, "uplink_backend_metric_jsonl_files_deleted_total"),
+        started - 3
+    );
+    b.stop().await;
+
+    let files = jsonl_files(&jsonl);
+    assert_eq!(files.len(), 3, "{files:?}");
+    for f in &files {
+        let len = std::fs::metadata(f).unwrap().len();
+        assert!(len <= 8192, "{f:?}: {len} bytes");
+    }
+    // What is kept is the newest lines, whole and in order, ending with
+    // the last sample pushed.
+    let values: Vec<f64> = json_lines(&jsonl)
+        .iter()
+        .map(|l| l["value"].as_f64().unwrap())
+        .collect();
+    assert_eq!(values.last(), Some(&((N * PER) as f64)));
+    assert!(values.windows(2).all(|w| w[1] == w[0] + 1.0), "{values:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_metrics_settings_exit_64_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a dir").unwrap();
+    let data = dir.path().join("data");
+    let under_file = file.join("jsonl");
+    let cases: [(&[&str], &[&str]); 2] = [
+        (
+            &["--metrics-jsonl-dir", under_file.to_str().unwrap()],
+            &["--metrics-jsonl-dir", "a-file/jsonl"],
+        ),
+        (
+            &["--metrics-jsonl-keep", "0", "--metrics-max-series", "0"],
+            &[
+                "--metrics-max-series 0 is out of range",
+                "--metrics-jsonl-keep 0 is out of range",
+            ],
+        ),
+    ];
+    for (extra, expect) in cases {
+        let mut args = vec![
+            "backend",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let mut p = Proc::spawn(&args, &[]);
+        let status = p.exit(Duration::from_secs(30)).await;
+        assert_eq!(status.code(), Some(64), "{extra:?}: {}", p.logs());
+        for e in expect {
+            assert!(p.logs().contains(e), "{extra:?}: {e:?} not in {}", p.logs());
+        }
+    }
+}
