@@ -7,10 +7,14 @@
 //! And it owns the agent's disk spool ([`spool`]: a bounded, segmented,
 //! checksummed store of batches awaiting delivery, read back for replay and
 //! deleted once acknowledged).
+//! And it owns the agent's local ingest endpoint for load generators
+//! ([`ingest`]: Graphite plaintext over TCP and InfluxDB line protocol over
+//! HTTP, turned into samples for the batcher).
 //! Container metrics, how samples are batched, and how they travel are
 //! other modules' concern.
 
 pub mod compress;
 pub mod encode;
 pub mod host;
+pub mod ingest;
 pub mod spool;
