@@ -94,6 +94,24 @@ pub enum Command {
     Demo(DemoArgs),
     /// Walk the path to the backend hop by hop (DNS, proxy, TLS, ALPN, both rungs) and say what works.
     Doctor(DoctorArgs),
+    /// Generate synthetic load-test samples (a tiny load generator for trying uplink).
+    Loadgen(LoadgenArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LoadgenArgs {
+    /// How long to run.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Simulated requests per second.
+    #[arg(long, default_value_t = 100)]
+    pub rate: u32,
+    /// Send Graphite plaintext samples to HOST:PORT (an agent's ingest endpoint).
+    #[arg(long, env = "UPLINK_LOADGEN_GRAPHITE")]
+    pub graphite: Option<String>,
+    /// Prefix of the metric paths.
+    #[arg(long, default_value = "loadgen")]
+    pub prefix: String,
 }
 
 #[derive(Args, Debug)]
@@ -235,6 +253,9 @@ pub struct DemoArgs {
     /// Keep data here instead of a temporary directory.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Skip the container part even when a Docker engine is present.
+    #[arg(long)]
+    pub no_docker: bool,
 }
 
 #[derive(Args, Debug)]

@@ -1,7 +1,12 @@
 //! `uplink demo`: a backend and two agents on this machine, one on each
 //! rung, with embedded defaults; pings flow through the real command path
 //! (admin API -> queue -> rung -> journal -> executor -> report) and their
-//! round-trip times are printed.
+//! round-trip times are printed. When a Docker engine is present, a run of
+//! two small containers ([`image`]: this binary as `uplink loadgen`) is
+//! placed across the agents, followed to its end, its logs shown, and
+//! removed; when there is none, the demo says so.
+
+mod image;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -32,6 +37,8 @@ pub struct DemoConfig {
     pub rounds: u32,
     /// Where to keep data; a temporary directory when `None`.
     pub data_dir: Option<PathBuf>,
+    /// Run containers when a Docker engine is present.
+    pub docker: bool,
 }
 
 /// Runs the demo and prints what happens.
@@ -96,7 +103,10 @@ async fn run_in(cfg: &DemoConfig, dir: &std::path::Path) -> Result<(), DemoError
     let tls = crate::tls::client_config(&trust).map_err(fail)?;
     let net = crate::net::Net::new(tls, crate::net::ProxySettings::direct());
     let admin = Admin::new(&url, &net, admin_token);
-    let outcome = exercise(&admin, cfg.rounds).await;
+    let mut outcome = exercise(&admin, cfg.rounds).await;
+    if outcome.is_ok() && cfg.docker {
+        outcome = containers(&admin).await;
+    }
 
     let _ = stop_tx.send(true);
     for a in agents {
@@ -161,6 +171,117 @@ async fn exercise(admin: &Admin, rounds: u32) -> Result<(), DemoError> {
     );
     if failures > 0 {
         return Err(fail(format!("{failures} pings got no answer")));
+    }
+    Ok(())
+}
+
+/// Runs two containers of the demo image through the agents, when the
+/// agents report a Docker engine.
+async fn containers(admin: &Admin) -> Result<(), DemoError> {
+    // The agents report capacity right after connecting.
+    let start = Instant::now();
+    let agents = loop {
+        let agents = admin.agents("").await.map_err(fail)?;
+        if agents.iter().all(|a| a.capacity.is_some()) || start.elapsed() > Duration::from_secs(10)
+        {
+            break agents;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let with_docker = agents
+        .iter()
+        .filter(|a| a.capacity.as_ref().is_some_and(|c| c.docker_available))
+        .count();
+    if with_docker == 0 {
+        let why = agents
+            .iter()
+            .find_map(|a| a.capacity.as_ref().map(|c| c.docker_status.clone()))
+            .unwrap_or_else(|| "the agents did not report their capacity".into());
+        println!("\ncontainers: skipped, no Docker engine here ({why})");
+        return Ok(());
+    }
+    let docker = match crate::agent::docker::connect().await {
+        Ok(d) => d,
+        Err(f) => {
+            println!("\ncontainers: skipped ({})", f.message);
+            return Ok(());
+        }
+    };
+    let image = match image::ensure(&docker).await {
+        Ok(i) => i,
+        Err(e) => {
+            println!("\ncontainers: skipped, cannot build the demo image: {e}");
+            return Ok(());
+        }
+    };
+    println!("\ncontainers: a run of 2 x {image} (`uplink loadgen`) placed across the agents");
+    let created = Instant::now();
+    let run = admin
+        .create_run(proto::CreateRunRequest {
+            provider: "default".into(),
+            image,
+            count: 2,
+            cpus: 0.25,
+            memory_bytes: 64 << 20,
+            name: String::new(),
+            env: Default::default(),
+            command: vec![
+                "loadgen".into(),
+                "--duration".into(),
+                "3s".into(),
+                "--rate".into(),
+                "50".into(),
+            ],
+        })
+        .await
+        .map_err(fail)?;
+    let started = admin
+        .wait_run(&run.id, Duration::from_secs(60), ctl::run_started)
+        .await
+        .map_err(fail)?;
+    println!(
+        "run {} ({}): {} after {:.0?}",
+        run.id,
+        run.name,
+        ctl::run_counts(&started),
+        created.elapsed()
+    );
+    let finished = admin
+        .wait_run(&run.id, Duration::from_secs(60), |v| {
+            v.state == proto::RunState::Finished as i32
+        })
+        .await
+        .map_err(fail)?;
+    print!("{}", ctl::run_table(&finished));
+    for c in admin.run_logs(&run.id, 3).await.map_err(fail)? {
+        for line in &c.lines {
+            println!("  {} | {line}", c.name);
+        }
+    }
+    let removed = Instant::now();
+    admin
+        .stop_run(&run.id, Duration::from_secs(2))
+        .await
+        .map_err(fail)?;
+    let stopped = admin
+        .wait_run(&run.id, Duration::from_secs(60), ctl::run_stopped)
+        .await
+        .map_err(fail)?;
+    println!(
+        "stopped: {} after {:.0?}",
+        ctl::run_counts(&stopped),
+        removed.elapsed()
+    );
+    let failed = finished
+        .containers
+        .iter()
+        .filter(|c| c.state != proto::RunContainerState::Exited as i32 || c.exit_code != 0)
+        .count();
+    if failed > 0 || !ctl::run_stopped(&stopped) {
+        return Err(fail(format!(
+            "the container run did not go as expected: {}",
+            ctl::run_counts(&finished)
+        )));
     }
     Ok(())
 }

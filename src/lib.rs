@@ -21,7 +21,10 @@
 //!   TLS with the rung's ALPN, each failure named by hop.
 //! - [`client`]: HTTPS clients for both rungs and for `ctl`.
 //! - [`ctl`]: `uplink ctl`, the operator's command line.
-//! - [`demo`]: `uplink demo`, a backend and agents on this machine.
+//! - [`demo`]: `uplink demo`, a backend and agents on this machine, with a
+//!   container run through them when a Docker engine is present.
+//! - [`loadgen`]: `uplink loadgen`, a tiny synthetic load generator (the
+//!   demo's container).
 //! - [`doctor`]: `uplink doctor`, a verdict per hop from this host to the
 //!   backend, and which rung would be used.
 //! - [`telemetry`]: the agent's self-metrics (names, recorder, endpoint).
@@ -37,6 +40,7 @@ pub mod connect;
 pub mod ctl;
 pub mod demo;
 pub mod doctor;
+pub mod loadgen;
 pub mod metrics;
 pub mod net;
 pub mod proto;

@@ -63,7 +63,7 @@ async fn shutdown_signal() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Demo(_) | Command::Ctl(_) | Command::Doctor(_) => "warn",
+        Command::Demo(_) | Command::Ctl(_) | Command::Doctor(_) | Command::Loadgen(_) => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -104,10 +104,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             uplink::demo::run(uplink::demo::DemoConfig {
                 rounds: a.rounds,
                 data_dir: a.data_dir,
+                docker: !a.no_docker,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Loadgen(a) => match uplink::loadgen::run(uplink::loadgen::LoadgenConfig {
+            duration: a.duration,
+            rate: a.rate,
+            graphite: a.graphite,
+            prefix: a.prefix,
+        })
+        .await
+        {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(e) => {
+                eprintln!("uplink loadgen: {e}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
     }
 }
 
