@@ -224,6 +224,30 @@ pub struct AgentArgs {
     /// Keep containers that no successful command accounts for this long, then remove them.
     #[arg(long, env = "UPLINK_ORPHAN_GRACE", default_value = "10m", value_parser = parse_duration)]
     pub orphan_grace: Duration,
+    /// Turn the metrics pipeline off (no host, container or load-generator samples are sent).
+    #[arg(long, env = "UPLINK_NO_METRICS")]
+    pub no_metrics: bool,
+    /// Scrape host, container and self metrics this often (0: do not scrape; ingest still works).
+    #[arg(long, env = "UPLINK_METRICS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub metrics_interval: Duration,
+    /// Flush a metric batch when it holds this many samples.
+    #[arg(long, env = "UPLINK_METRICS_BATCH_SAMPLES", default_value_t = crate::metrics::batcher::DEFAULT_MAX_SAMPLES)]
+    pub metrics_batch_samples: usize,
+    /// Flush a metric batch when its first sample is this old.
+    #[arg(long, env = "UPLINK_METRICS_BATCH_AGE", default_value = "30s", value_parser = parse_duration)]
+    pub metrics_batch_age: Duration,
+    /// Largest on-disk spool of metric batches (in the state dir); the oldest are dropped beyond it.
+    #[arg(long, env = "UPLINK_SPOOL_MAX_BYTES", default_value = "256m", value_parser = parse_bytes)]
+    pub spool_max_bytes: u64,
+    /// Send at most this many samples per second (caps the replay after an outage).
+    #[arg(long, env = "UPLINK_METRICS_REPLAY_RATE", default_value_t = 500_000)]
+    pub metrics_replay_rate: u64,
+    /// Accept Graphite plaintext from load generators on this address (TCP), e.g. 172.17.0.1:2003.
+    #[arg(long, env = "UPLINK_INGEST_GRAPHITE")]
+    pub ingest_graphite: Option<std::net::SocketAddr>,
+    /// Accept InfluxDB line protocol from load generators on this address (HTTP /write, /api/v2/write).
+    #[arg(long, env = "UPLINK_INGEST_INFLUX")]
+    pub ingest_influx: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug)]

@@ -281,7 +281,31 @@ impl ConnectClient {
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, CallError> {
-        let body = match self.encoding {
+        self.call_encoded(service, method, req, timeout, false)
+            .await
+    }
+
+    /// Like [`ConnectClient::call`], with the request body compressed with
+    /// zstd (`Content-Encoding: zstd`).
+    pub async fn call_zstd<Req: Named, Resp: Named>(
+        &self,
+        service: &str,
+        method: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, CallError> {
+        self.call_encoded(service, method, req, timeout, true).await
+    }
+
+    async fn call_encoded<Req: Named, Resp: Named>(
+        &self,
+        service: &str,
+        method: &str,
+        req: &Req,
+        timeout: Duration,
+        zstd: bool,
+    ) -> Result<Resp, CallError> {
+        let mut body = match self.encoding {
             Encoding::Proto => req.encode_to_vec(),
             Encoding::Json => crate::proto::to_json(req).map_err(|e| CallError {
                 kind: FailureKind::Other,
@@ -292,6 +316,15 @@ impl ConnectClient {
             .header(http::header::CONTENT_TYPE, self.encoding.content_type())
             .header("connect-protocol-version", "1")
             .header("connect-timeout-ms", timeout.as_millis().to_string());
+        if zstd {
+            body = crate::metrics::compress::Compression::Zstd
+                .compress(&body)
+                .map_err(|e| CallError {
+                    kind: FailureKind::Other,
+                    message: format!("compressing the request: {e}"),
+                })?;
+            b = b.header(http::header::CONTENT_ENCODING, "zstd");
+        }
         if let Some(a) = &self.auth {
             b = b.header(
                 http::header::AUTHORIZATION,

@@ -235,6 +235,19 @@ async fn agent(a: cli::AgentArgs) -> anyhow::Result<ExitCode> {
     cfg.probe_initial = a.probe_initial;
     cfg.metrics_listen = a.metrics_listen;
     cfg.orphan_grace = a.orphan_grace;
+    cfg.metrics = (!a.no_metrics).then(|| {
+        let mut m = uplink::agent::metrics::MetricsConfig {
+            interval: (!a.metrics_interval.is_zero()).then_some(a.metrics_interval),
+            spool_max_bytes: a.spool_max_bytes,
+            replay_rate: a.metrics_replay_rate,
+            ..Default::default()
+        };
+        m.batcher.max_samples = a.metrics_batch_samples;
+        m.batcher.max_age = a.metrics_batch_age;
+        m.ingest.graphite = a.ingest_graphite;
+        m.ingest.influx = a.ingest_influx;
+        m
+    });
     if let Some(path) = &a.policy_file {
         match std::fs::read_to_string(path) {
             Ok(text) => match serde_json::from_str::<uplink::agent::policy::Policy>(&text) {

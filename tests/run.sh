@@ -20,10 +20,18 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 # on loopback to pull it from.
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 && ldd /bin/busybox 2>&1 | grep -q "not a dynamic" || need+=(busybox-static)
 command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
+# The load-generator ingest tests: JMeter's Graphite backend listener (it
+# needs a JDK to start through the test's launcher) and InfluxDB clients.
+[ -f /usr/share/jmeter/bin/ApacheJMeter.jar ] || need+=(jmeter)
+[ -f /usr/share/jmeter/lib/ext/ApacheJMeter_http.jar ] || need+=(jmeter-http)
+command -v javac >/dev/null 2>&1 || need+=(default-jdk-headless)
+/usr/bin/python3 -c 'import influxdb' >/dev/null 2>&1 || need+=(python3-influxdb)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+python3 -c 'import influxdb_client' >/dev/null 2>&1 ||
+  python3 -m pip install --quiet --disable-pip-version-check influxdb-client
 if ! command -v buf >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check buf-bin
   hash -r

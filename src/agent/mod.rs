@@ -9,6 +9,7 @@ pub mod executor;
 pub mod identity;
 pub mod journal;
 pub mod ladder;
+pub mod metrics;
 pub mod policy;
 mod session;
 
@@ -88,6 +89,8 @@ pub struct AgentConfig {
     /// How long an orphaned container (one no successful command accounts
     /// for) is kept before the agent removes it.
     pub orphan_grace: Duration,
+    /// The metrics pipeline (None: off).
+    pub metrics: Option<metrics::MetricsConfig>,
 }
 
 impl AgentConfig {
@@ -113,12 +116,16 @@ impl AgentConfig {
             metrics_listen: None,
             policy: policy::Policy::default(),
             orphan_grace: Duration::from_secs(600),
+            metrics: Some(metrics::MetricsConfig::default()),
         }
     }
 
     /// Every problem with the settings, at once.
     pub fn validate(&self) -> Vec<String> {
         let mut errs = Vec::new();
+        if let Some(m) = &self.metrics {
+            errs.extend(m.validate(&self.state_dir));
+        }
         if let Some(t) = &self.token
             && (t.is_empty()
                 || t.expose().len() > 256
@@ -207,6 +214,8 @@ pub enum AgentError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("metrics: {0}")]
+    Metrics(String),
 }
 
 impl AgentError {
@@ -214,7 +223,10 @@ impl AgentError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            AgentError::NoToken | AgentError::Tls(_) | AgentError::MetricsListen { .. }
+            AgentError::NoToken
+                | AgentError::Tls(_)
+                | AgentError::MetricsListen { .. }
+                | AgentError::Metrics(_)
         )
     }
 }

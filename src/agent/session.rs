@@ -102,6 +102,27 @@ impl Unary {
             Unary::Connect(c) => c.call(AGENT_SERVICE, "Report", &req, UNARY_TIMEOUT).await,
         }
     }
+
+    /// `PushMetrics`, compressed with zstd on either rung.
+    async fn push_metrics(
+        &self,
+        credential: &Secret,
+        req: proto::PushMetricsRequest,
+    ) -> Result<proto::PushMetricsResponse, CallError> {
+        match self {
+            Unary::Grpc(c) => c
+                .clone()
+                .send_compressed(tonic::codec::CompressionEncoding::Zstd)
+                .push_metrics(grpc_request(req, Some(credential))?)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| CallError::from_tonic(&s)),
+            Unary::Connect(c) => {
+                c.call_zstd(AGENT_SERVICE, "PushMetrics", &req, UNARY_TIMEOUT)
+                    .await
+            }
+        }
+    }
 }
 
 /// A gRPC stream that delivered its first frame.
@@ -270,7 +291,31 @@ pub(super) async fn run(
             })
         };
         let capacity = tokio::spawn(agent.clone().report_capacity());
+        let pipeline = match &cfg.metrics {
+            Some(m) => {
+                let a = agent.clone();
+                let push: super::metrics::Push = Arc::new(move |req| {
+                    let a = a.clone();
+                    Box::pin(async move { a.push_metrics(req).await })
+                });
+                match super::metrics::Pipeline::start(
+                    m,
+                    cfg.state_dir.clone(),
+                    push,
+                    &ident.agent_id,
+                )
+                .await
+                {
+                    Ok(p) => Some(p),
+                    Err(e) => return Err(AgentError::Metrics(e)),
+                }
+            }
+            None => None,
+        };
         agent.rungs(stop.clone()).await;
+        if let Some(p) = pipeline {
+            p.shutdown(tokio::time::Instant::now() + cfg.grace).await;
+        }
 
         // Shutdown: let running commands finish, then pending reports.
         let grace = tokio::time::Instant::now() + cfg.grace;
@@ -445,6 +490,25 @@ impl Agent {
             })
             .await;
         }
+    }
+
+    /// Sends a metric batch on the current rung, waiting for one.
+    async fn push_metrics(
+        &self,
+        req: proto::PushMetricsRequest,
+    ) -> Result<proto::PushMetricsResponse, CallError> {
+        let mut rx = self.unary.subscribe();
+        let unary = match rx.wait_for(|u| u.is_some()).await {
+            Ok(u) => u.clone(),
+            Err(_) => None,
+        };
+        let Some(unary) = unary else {
+            return Err(CallError {
+                kind: FailureKind::Other,
+                message: "the agent is stopping".into(),
+            });
+        };
+        unary.push_metrics(&self.credential, req).await
     }
 
     /// Sends this agent's capacity when it starts, on every new connection,

@@ -1,19 +1,24 @@
-//! Metric samples on the wire. This module owns the encoding of the
-//! contract's self-contained `MetricBatch` ([`encode`]: building a batch
-//! from samples, and decoding and validating one, the single validator the
-//! backend uses) and the compression of encoded batches ([`compress`]).
-//! It also owns the agent's host metrics source ([`host`]: CPU, load,
-//! memory, network interfaces and file systems read through `sysinfo`).
-//! And it owns the agent's disk spool ([`spool`]: a bounded, segmented,
-//! checksummed store of batches awaiting delivery, read back for replay and
-//! deleted once acknowledged).
-//! And it owns the agent's local ingest endpoint for load generators
-//! ([`ingest`]: Graphite plaintext over TCP and InfluxDB line protocol over
-//! HTTP, turned into samples for the batcher).
-//! Container metrics, how samples are batched, and how they travel are
-//! other modules' concern.
+//! Metric samples: where they come from, how they are batched, encoded,
+//! compressed and spooled. The agent's pipeline (`agent::metrics`) wires
+//! these parts together; the backend uses [`encode`] to validate.
+//!
+//! - [`host`]: the host source (CPU, load, memory, network interfaces and
+//!   file systems through `sysinfo`).
+//! - [`containers`]: the container source (Docker stats of this agent's
+//!   containers through bollard).
+//! - [`ingest`]: the local endpoint for load generators (Graphite plaintext
+//!   over TCP, InfluxDB line protocol over HTTP).
+//! - [`batcher`]: samples into batches, flushed on size or age.
+//! - [`encode`]: the contract's self-contained `MetricBatch`: building one
+//!   from samples, and decoding and validating one (the single validator
+//!   the backend uses).
+//! - [`compress`]: zstd and gzip with bounded decompression.
+//! - [`spool`]: the bounded, segmented, checksummed on-disk store of
+//!   batches awaiting the backend's acknowledgment.
 
+pub mod batcher;
 pub mod compress;
+pub mod containers;
 pub mod encode;
 pub mod host;
 pub mod ingest;
