@@ -69,6 +69,7 @@ async fn run_in(cfg: &DemoConfig, dir: &std::path::Path) -> Result<(), DemoError
     bcfg.heartbeat = Duration::from_secs(5);
     bcfg.grace = Duration::from_secs(2);
     let server = Server::new(bcfg, listener).map_err(fail)?;
+    let core = server.core();
     let info = server.info().clone();
     let ca = info
         .ca_file
@@ -87,6 +88,12 @@ async fn run_in(cfg: &DemoConfig, dir: &std::path::Path) -> Result<(), DemoError
         ca_files: vec![ca.clone()],
         skip_os_store: true,
     };
+    // Load generators in containers push their samples to the gRPC agent's
+    // Graphite endpoint, bound on the Docker bridge's gateway.
+    let graphite = match cfg.docker {
+        true => bridge_endpoint().await,
+        false => None,
+    };
     let mut agents = Vec::new();
     for mode in [TransportMode::Grpc, TransportMode::Longpoll] {
         let mut acfg = AgentConfig::new(url.clone(), dir.join(format!("agent-{}", mode.name())));
@@ -96,6 +103,15 @@ async fn run_in(cfg: &DemoConfig, dir: &std::path::Path) -> Result<(), DemoError
         acfg.proxy = crate::net::ProxySettings::direct();
         acfg.hostname = format!("demo-{}", mode.name());
         acfg.grace = Duration::from_secs(2);
+        let mut metrics = crate::agent::metrics::MetricsConfig {
+            interval: Some(Duration::from_secs(1)),
+            ..Default::default()
+        };
+        metrics.batcher.max_age = Duration::from_secs(1);
+        if mode == TransportMode::Grpc {
+            metrics.ingest.graphite = graphite;
+        }
+        acfg.metrics = Some(metrics);
         agents.push(tokio::spawn(agent::run(acfg, stopped(stop_rx.clone()))));
         println!("agent     demo-{} on the {} rung", mode.name(), mode.name());
     }
@@ -105,7 +121,10 @@ async fn run_in(cfg: &DemoConfig, dir: &std::path::Path) -> Result<(), DemoError
     let admin = Admin::new(&url, &net, admin_token);
     let mut outcome = exercise(&admin, cfg.rounds).await;
     if outcome.is_ok() && cfg.docker {
-        outcome = containers(&admin).await;
+        outcome = containers(&admin, graphite).await;
+    }
+    if outcome.is_ok() {
+        outcome = show_metrics(&core).await;
     }
 
     let _ = stop_tx.send(true);
@@ -177,7 +196,10 @@ async fn exercise(admin: &Admin, rounds: u32) -> Result<(), DemoError> {
 
 /// Runs two containers of the demo image through the agents, when the
 /// agents report a Docker engine.
-async fn containers(admin: &Admin) -> Result<(), DemoError> {
+async fn containers(
+    admin: &Admin,
+    graphite: Option<std::net::SocketAddr>,
+) -> Result<(), DemoError> {
     // The agents report capacity right after connecting.
     let start = Instant::now();
     let agents = loop {
@@ -225,13 +247,15 @@ async fn containers(admin: &Admin) -> Result<(), DemoError> {
             memory_bytes: 64 << 20,
             name: String::new(),
             env: Default::default(),
-            command: vec![
-                "loadgen".into(),
-                "--duration".into(),
-                "3s".into(),
-                "--rate".into(),
-                "50".into(),
-            ],
+            command: {
+                let mut c: Vec<String> = ["loadgen", "--duration", "4s", "--rate", "50"]
+                    .map(String::from)
+                    .into();
+                if let Some(g) = graphite {
+                    c.extend(["--graphite".to_string(), g.to_string()]);
+                }
+                c
+            },
         })
         .await
         .map_err(fail)?;
@@ -282,6 +306,82 @@ async fn containers(admin: &Admin) -> Result<(), DemoError> {
             "the container run did not go as expected: {}",
             ctl::run_counts(&finished)
         )));
+    }
+    Ok(())
+}
+
+/// An address on the Docker bridge's gateway with a free port, where the
+/// containers reach the host; None when there is no such bridge.
+async fn bridge_endpoint() -> Option<std::net::SocketAddr> {
+    let docker = crate::agent::docker::connect().await.ok()?;
+    let net = docker
+        .inspect_network(
+            "bridge",
+            None::<bollard::query_parameters::InspectNetworkOptions>,
+        )
+        .await
+        .ok()?;
+    // The gateway, or else the subnet's first address (which Docker gives
+    // the bridge when the network lists no gateway).
+    let gateway: std::net::IpAddr = net.ipam?.config?.into_iter().find_map(|c| {
+        if let Some(g) = c.gateway.and_then(|g| g.parse().ok()) {
+            return Some(g);
+        }
+        let subnet = c.subnet?;
+        let base: std::net::Ipv4Addr = subnet.split('/').next()?.parse().ok()?;
+        Some(std::net::IpAddr::V4((u32::from(base) + 1).into()))
+    })?;
+    let probe = std::net::TcpListener::bind((gateway, 0)).ok()?;
+    probe.local_addr().ok()
+}
+
+/// Series shown from the backend's `/metrics`, in this order.
+const SHOWN: [&str; 6] = [
+    "host_cpu_usage_percent",
+    "host_memory_used_bytes",
+    "container_cpu_usage_seconds_total",
+    "loadgen_requests",
+    "uplink_agent_metric_batches_sent_total",
+    "uplink_backend_metric_samples_total",
+];
+
+/// Prints some of what the backend serves at `/metrics` (the operator
+/// fetches it with the admin token).
+async fn show_metrics(core: &crate::backend::Core) -> Result<(), DemoError> {
+    // Batches are flushed every second; wait for the hosts' first ones.
+    let start = Instant::now();
+    let text = loop {
+        let text = core.sinks().render();
+        let hosts = text
+            .lines()
+            .filter(|l| l.starts_with("host_cpu_usage_percent{"))
+            .count();
+        if hosts >= 2 || start.elapsed() > Duration::from_secs(15) {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!(
+        "\nmetrics at the backend (GET /metrics with the admin token), a few of {} lines:",
+        text.lines().filter(|l| !l.starts_with('#')).count()
+    );
+    for name in SHOWN {
+        for line in text.lines().filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with(['{', ' ']))
+        }) {
+            // Drop the timestamp column, keep name, labels and value.
+            let mut parts: Vec<&str> = line.rsplitn(3, ' ').collect();
+            parts.reverse();
+            let shown = match parts.as_slice() {
+                [series, value, _time] if series.contains('{') => format!("{series} {value}"),
+                _ => line.to_string(),
+            };
+            println!("  {shown}");
+        }
+    }
+    if !text.contains("host_cpu_usage_percent{") {
+        return Err(fail("no host metrics reached the backend within 15 s"));
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The README's main job, `uplink demo`, as a newcomer runs it: pings on
 //! both rungs, then a run of two containers through the agents on this
-//! machine's Docker engine, followed to their exit and removed.
+//! machine's Docker engine, followed to their exit and removed, and the
+//! metrics that reached the backend (hosts, containers, load generators).
 
 mod common;
 
@@ -35,6 +36,17 @@ async fn the_demo_shows_commands_on_both_rungs_and_runs_containers_through_docke
         "logs of the containers:\n{stdout}"
     );
     assert!(stdout.contains("stopped: 2 removed"), "{stdout}");
+    // Metrics reached the backend: both hosts, the containers, and the
+    // load generators' own samples through the agent's Graphite endpoint.
+    assert!(stdout.contains("metrics at the backend"), "{stdout}");
+    for host in ["demo-grpc", "demo-longpoll"] {
+        assert!(
+            stdout.lines().any(|l| l.contains("host_cpu_usage_percent{")
+                && l.contains(&format!("hostname=\"{host}\""))),
+            "no host metrics of {host}:\n{stdout}"
+        );
+    }
+    assert!(stdout.contains("  loadgen_requests{"), "{stdout}");
     // Nothing is left behind.
     let image = stdout
         .split_whitespace()

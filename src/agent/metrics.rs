@@ -130,14 +130,20 @@ impl MetricsConfig {
                 self.replay_rate
             ));
         }
-        let mut spool = self.spool_config(state_dir);
-        spool.dir = state_dir.join("spool");
-        p.extend(
-            spool
-                .validate()
-                .into_iter()
-                .map(|e| format!("spool: {e} (--spool-max-bytes)")),
-        );
+        if self.spool_max_bytes < crate::metrics::spool::MIN_CAP_BYTES {
+            p.push(format!(
+                "--spool-max-bytes {} is below the minimum of {} (64k)",
+                self.spool_max_bytes,
+                crate::metrics::spool::MIN_CAP_BYTES
+            ));
+        } else {
+            p.extend(
+                self.spool_config(state_dir)
+                    .validate()
+                    .into_iter()
+                    .map(|e| format!("spool: {e} (--spool-max-bytes)")),
+            );
+        }
         p.extend(self.ingest.validate());
         p.extend(self.containers.validate());
         p
