@@ -164,6 +164,9 @@ pub struct BackendArgs {
     /// JSON-lines files kept; older ones are deleted (default 20).
     #[arg(long, env = "UPLINK_METRICS_JSONL_KEEP")]
     pub metrics_jsonl_keep: Option<usize>,
+    /// Ask every agent to scrape its metrics at this interval (sent as Reconfigure); default: each agent's own.
+    #[arg(long, env = "UPLINK_AGENT_METRICS_INTERVAL", value_parser = parse_duration)]
+    pub agent_metrics_interval: Option<Duration>,
 }
 
 #[derive(Args, Debug)]

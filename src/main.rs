@@ -152,6 +152,7 @@ async fn backend(a: cli::BackendArgs) -> anyhow::Result<ExitCode> {
     if let Some(n) = a.metrics_jsonl_keep {
         cfg.metrics_jsonl_keep = n;
     }
+    cfg.agent_metrics_interval = a.agent_metrics_interval;
     let mut problems = cfg.validate();
     let addr: Option<std::net::SocketAddr> = match a.listen.parse() {
         Ok(addr) => Some(addr),

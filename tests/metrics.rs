@@ -491,3 +491,62 @@ async fn damaged_spool_files_lose_only_the_damaged_batches() {
     );
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_sets_the_agents_metrics_interval_on_the_stream() {
+    backend_sets_the_interval("grpc").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_sets_the_agents_metrics_interval_on_long_polls() {
+    backend_sets_the_interval("longpoll").await;
+}
+
+async fn backend_sets_the_interval(transport: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = TestBackend::config(&dir.path().join("backend"));
+    cfg.agent_metrics_interval = Some(Duration::from_secs(1));
+    let b = TestBackend::start_with(cfg, "127.0.0.1:0".parse().unwrap()).await;
+    // The agent's own interval is a minute; the backend asks for a second.
+    let agent = agent_via(
+        &b,
+        &b.url.to_string(),
+        &dir.path().join("agent"),
+        "reconfigured",
+        &[
+            "--metrics-interval",
+            "1m",
+            "--metrics-batch-age",
+            "500ms",
+            "--transport",
+            transport,
+        ],
+        &[],
+    );
+    agent
+        .wait_log(
+            &["backend set the metrics interval"],
+            Duration::from_secs(20),
+        )
+        .await;
+    // Host samples now arrive about every second: several distinct
+    // timestamps of the same series within a few seconds.
+    let mut seen = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while seen.len() < 4 && tokio::time::Instant::now() < deadline {
+        let text = b.core.sinks().render();
+        if let Some(line) = text.lines().find(|l| {
+            l.starts_with("host_memory_used_bytes{") && l.contains("hostname=\"reconfigured\"")
+        }) {
+            seen.insert(line.rsplit(' ').next().unwrap_or("").to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        seen.len() >= 4,
+        "host samples at {} distinct times in 15 s with a 1 s interval; agent logs:\n{}",
+        seen.len(),
+        agent.logs()
+    );
+    b.stop().await;
+}

@@ -225,6 +225,7 @@ impl Pipeline {
         state_dir: PathBuf,
         push: Push,
         agent_id: &str,
+        interval_set: watch::Receiver<Option<Duration>>,
     ) -> Result<Pipeline, String> {
         let spool_cfg = cfg.spool_config(&state_dir);
         let spool = tokio::task::spawn_blocking(move || Spool::open(spool_cfg))
@@ -268,21 +269,21 @@ impl Pipeline {
             match HostSource::new(cfg.host.clone()) {
                 Ok(host) => tasks.push(tokio::spawn(host_loop(
                     host,
-                    interval,
+                    Every::new(interval, interval_set.clone()),
                     recorder.clone(),
                     stop_rx.clone(),
                 ))),
                 Err(e) => tracing::warn!("no host metrics: {e}"),
             }
             tasks.push(tokio::spawn(self_loop(
-                interval,
+                Every::new(interval, interval_set.clone()),
                 recorder.clone(),
                 stop_rx.clone(),
             )));
             tasks.push(tokio::spawn(containers_loop(
                 agent_id.to_string(),
                 cfg.containers.clone(),
-                interval,
+                Every::new(interval, interval_set.clone()),
                 recorder.clone(),
                 stop_rx.clone(),
             )));
@@ -594,19 +595,55 @@ async fn send_loop(
     }
 }
 
-/// Scrapes the host every `interval`.
+/// The scrape timer: the agent's interval until the backend sets another
+/// (`Reconfigure`).
+struct Every {
+    tick: tokio::time::Interval,
+    set: watch::Receiver<Option<Duration>>,
+}
+
+impl Every {
+    fn new(interval: Duration, set: watch::Receiver<Option<Duration>>) -> Every {
+        let interval = (*set.borrow()).unwrap_or(interval);
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Every { tick, set }
+    }
+
+    /// Waits for the next scrape; false when the pipeline stops.
+    async fn next(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
+        loop {
+            tokio::select! {
+                _ = self.tick.tick() => return true,
+                _ = stopped(stop) => return false,
+                r = self.set.changed() => {
+                    if r.is_err() {
+                        // The session is gone: keep the current interval.
+                        return tokio::select! {
+                            _ = self.tick.tick() => true,
+                            _ = stopped(stop) => false,
+                        };
+                    }
+                    if let Some(d) = *self.set.borrow_and_update() {
+                        self.tick = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
+                        self.tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Scrapes the host every interval.
 async fn host_loop(
     mut host: HostSource,
-    interval: Duration,
+    mut every: Every,
     recorder: Recorder,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stopped(&mut stop) => return,
+        if !every.next(&mut stop).await {
+            return;
         }
         let scraped = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
@@ -627,17 +664,14 @@ async fn host_loop(
 async fn containers_loop(
     agent_id: String,
     cfg: ContainerConfig,
-    interval: Duration,
+    mut every: Every,
     recorder: Recorder,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut source: Option<ContainerSource> = None;
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stopped(&mut stop) => return,
+        if !every.next(&mut stop).await {
+            return;
         }
         if source.is_none() {
             match super::docker::connect().await {
@@ -725,18 +759,16 @@ impl SelfSource {
 }
 
 /// Sends the agent's own metrics (the `metrics` facade) every `interval`.
-async fn self_loop(interval: Duration, recorder: Recorder, mut stop: watch::Receiver<bool>) {
+async fn self_loop(mut every: Every, recorder: Recorder, mut stop: watch::Receiver<bool>) {
     let Some(handle) = crate::telemetry::install() else {
         return;
     };
     let mut source = SelfSource {
         series: HashMap::new(),
     };
-    let mut tick = tokio::time::interval(interval);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stopped(&mut stop) => return,
+        if !every.next(&mut stop).await {
+            return;
         }
         let mut out = Vec::new();
         source.scrape(&handle.render(), crate::now_unix_ms(), &mut out);

@@ -188,6 +188,8 @@ struct Agent {
     ack_delivered: watch::Sender<u64>,
     /// Wakes the capacity reporter: something may have changed it.
     capacity_changed: tokio::sync::Notify,
+    /// The metrics interval the backend asked for (`Reconfigure`).
+    metrics_interval: watch::Sender<Option<Duration>>,
 }
 
 /// How often capacity is measured when nothing wakes the reporter earlier
@@ -272,6 +274,7 @@ pub(super) async fn run(
             executor: Arc::new(executor::Executor::new(&ident.agent_id, cfg.policy.clone())),
             ack_delivered: watch::channel(0).0,
             capacity_changed: tokio::sync::Notify::new(),
+            metrics_interval: watch::channel(None).0,
         });
         let reporter = tokio::spawn(agent.clone().reporter(events_rx));
         // Recovery reports through the reporter, which needs a rung: run it
@@ -303,6 +306,7 @@ pub(super) async fn run(
                     cfg.state_dir.clone(),
                     push,
                     &ident.agent_id,
+                    agent.metrics_interval.subscribe(),
                 )
                 .await
                 {
@@ -489,6 +493,25 @@ impl Agent {
                 detail: None,
             })
             .await;
+        }
+    }
+
+    /// Applies the backend's settings: the metrics interval, within
+    /// 200 ms to 1 h (0 leaves it as it is).
+    fn reconfigure(&self, r: &proto::Reconfigure) {
+        if r.metrics_interval_ms == 0 {
+            return;
+        }
+        let d = Duration::from_millis(r.metrics_interval_ms as u64)
+            .clamp(Duration::from_millis(200), Duration::from_secs(3600));
+        let changed = self.metrics_interval.send_if_modified(|cur| {
+            let new = Some(d);
+            let changed = *cur != new;
+            *cur = new;
+            changed
+        });
+        if changed {
+            tracing::info!(interval = ?d, "backend set the metrics interval");
         }
     }
 
@@ -977,12 +1000,7 @@ impl Agent {
                     next = Some(Box::pin(async move { me.open_stream().await }));
                 }
                 Some(Kind::Rotate(_)) => {}
-                Some(Kind::Reconfigure(r)) => {
-                    tracing::info!(
-                        heartbeat_ms = r.heartbeat_interval_ms,
-                        "reconfigured by backend"
-                    );
-                }
+                Some(Kind::Reconfigure(r)) => self.reconfigure(&r),
                 None => {}
             }
         }
@@ -1063,7 +1081,8 @@ impl Agent {
                     Some(Kind::Rotate(r)) => {
                         tracing::info!(reason = %r.reason, "backend asked to rotate")
                     }
-                    Some(Kind::Heartbeat(_)) | Some(Kind::Reconfigure(_)) | None => {}
+                    Some(Kind::Reconfigure(r)) => self.reconfigure(&r),
+                    Some(Kind::Heartbeat(_)) | None => {}
                 }
             }
         }

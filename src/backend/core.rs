@@ -38,6 +38,9 @@ pub struct CoreConfig {
     pub public_url: String,
     /// The CA file agents must trust, when the backend generated its own.
     pub ca_file: Option<std::path::PathBuf>,
+    /// The metrics interval agents are asked to use (`Reconfigure`);
+    /// None leaves it to each agent.
+    pub agent_metrics_interval: Option<Duration>,
 }
 
 /// The backend's state and logic.
@@ -387,6 +390,17 @@ impl Core {
         }
     }
 
+    /// The `Reconfigure` frame for agents, when the backend sets anything.
+    fn reconfigure(&self) -> Option<proto::ServerFrame> {
+        let metrics = self.cfg.agent_metrics_interval?;
+        Some(proto::ServerFrame {
+            kind: Some(proto::server_frame::Kind::Reconfigure(proto::Reconfigure {
+                heartbeat_interval_ms: self.cfg.heartbeat.as_millis() as u32,
+                metrics_interval_ms: metrics.as_millis().min(u32::MAX as u128) as u32,
+            })),
+        })
+    }
+
     fn command_frame(c: proto::Command) -> proto::ServerFrame {
         proto::ServerFrame {
             kind: Some(proto::server_frame::Kind::Command(c)),
@@ -444,6 +458,7 @@ impl Core {
         // after opening the stream, which proves the path works end to end.
         let mut heartbeat = tokio::time::interval(self.cfg.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reconfigure = self.reconfigure();
         loop {
             queued.borrow_and_update();
             let batch = self
@@ -477,6 +492,13 @@ impl Core {
                 r = queued.changed() => if r.is_err() { return Ok("hub closed") },
                 _ = heartbeat.tick() => {
                     if tx.send(frame(self.heartbeat())).await.is_err() {
+                        return Ok("agent went away");
+                    }
+                    // Right after the first heartbeat: the backend's
+                    // settings for this agent.
+                    if let Some(r) = reconfigure.take()
+                        && tx.send(frame(r)).await.is_err()
+                    {
                         return Ok("agent went away");
                     }
                 }
@@ -540,7 +562,9 @@ impl Core {
             }
         }
         Ok(proto::PollResponse {
-            frames: vec![self.heartbeat()],
+            frames: std::iter::once(self.heartbeat())
+                .chain(self.reconfigure())
+                .collect(),
         })
     }
 

@@ -80,6 +80,9 @@ pub struct BackendConfig {
     pub metrics_jsonl_max_bytes: u64,
     /// JSON-lines files kept; the oldest are deleted beyond it.
     pub metrics_jsonl_keep: usize,
+    /// The metrics interval agents are asked to use (`Reconfigure`); None
+    /// leaves it to each agent's flags.
+    pub agent_metrics_interval: Option<Duration>,
 }
 
 impl BackendConfig {
@@ -102,6 +105,7 @@ impl BackendConfig {
             metrics_jsonl_dir: None,
             metrics_jsonl_max_bytes: sinks::DEFAULT_JSONL_MAX_BYTES,
             metrics_jsonl_keep: sinks::DEFAULT_JSONL_KEEP,
+            agent_metrics_interval: None,
         }
     }
 
@@ -124,6 +128,13 @@ impl BackendConfig {
     /// Every problem with the settings, at once.
     pub fn validate(&self) -> Vec<String> {
         let mut errs = Vec::new();
+        if let Some(i) = self.agent_metrics_interval
+            && !(Duration::from_millis(200)..=Duration::from_secs(3600)).contains(&i)
+        {
+            errs.push(format!(
+                "--agent-metrics-interval {i:?} is out of range: 200ms to 1h"
+            ));
+        }
         if self.hostnames.is_empty() {
             errs.push("--hostname: at least one name is needed for the certificate".into());
         }
@@ -385,6 +396,7 @@ impl Server {
                     poll_hold: config.poll_hold,
                     public_url: url.clone(),
                     ca_file: server_tls.ca_file.clone(),
+                    agent_metrics_interval: config.agent_metrics_interval,
                 },
                 &admin_hash,
                 draining_rx,
