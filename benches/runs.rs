@@ -89,7 +89,10 @@ impl Bench {
             .arg("--ca-file")
             .arg(info.ca_file.clone().expect("generated CA"))
             .env("UPLINK_TOKEN", enroll.expose())
-            .env("RUST_LOG", "warn")
+            // The default log level (info), so its cost is in the figures;
+            // the lines themselves are not wanted here.
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .expect("the agent starts");

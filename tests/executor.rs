@@ -574,3 +574,54 @@ async fn after_a_crash_the_agent_adopts_running_containers_reports_exits_and_rem
     );
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_runs_never_pass_the_policy_totals_together() {
+    let dir = tempfile::tempdir().unwrap();
+    common::docker::ensure_image(dir.path());
+    let b = TestBackend::start(&dir.path().join("backend")).await;
+    let admin = b.admin();
+    let policy = dir.path().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"allowed_images": ["*"], "max_cpus_total": 1.0}"#,
+    )
+    .unwrap();
+    let _a = agent_via(
+        &b,
+        &b.url.to_string(),
+        &dir.path().join("a"),
+        "totals",
+        &["--policy", policy.to_str().unwrap()],
+        &[],
+    );
+    let v = connected_agent(&admin, "totals", "grpc").await;
+    let _cleanup = Cleanup(v.id.clone());
+    // Six containers of half a core, queued at once: two fit.
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        let c = admin
+            .enqueue(
+                &v.id,
+                spec(Kind::RunContainer(run(LOCAL_IMAGE, &["sleep", "60"]))),
+            )
+            .await
+            .unwrap();
+        ids.push(c.id);
+    }
+    let mut ok = 0;
+    for id in &ids {
+        let r = result_of(&admin, id, Duration::from_secs(60))
+            .await
+            .result
+            .unwrap();
+        match CommandStatus::try_from(r.status).unwrap() {
+            CommandStatus::Ok => ok += 1,
+            CommandStatus::Refused => assert!(r.message.contains("cpu_total"), "{}", r.message),
+            other => panic!("{other:?}: {}", r.message),
+        }
+    }
+    assert_eq!(ok, 2, "containers created past the policy's total");
+    assert_eq!(containers_of(&v.id).len(), 2);
+    b.stop().await;
+}

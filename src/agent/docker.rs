@@ -67,8 +67,12 @@ pub async fn connect() -> Result<Docker, Failure> {
 pub struct Engine {
     docker: Docker,
     agent: String,
-    /// Held from the policy's total check to the container's creation.
-    create_lock: tokio::sync::Mutex<()>,
+    /// Limits of containers being created (checked against the policy's
+    /// totals but not yet listed by the engine); the lock is held while
+    /// the totals are checked.
+    reserved: tokio::sync::Mutex<(f64, u64)>,
+    /// CPU and memory limits of this agent's live containers, by id.
+    limits: std::sync::Mutex<HashMap<String, (f64, u64)>>,
 }
 
 fn labels_filter(agent: &str, extra: Option<(&str, &str)>) -> HashMap<String, Vec<String>> {
@@ -85,7 +89,8 @@ impl Engine {
         Engine {
             docker,
             agent: agent.to_string(),
-            create_lock: tokio::sync::Mutex::new(()),
+            reserved: tokio::sync::Mutex::new((0.0, 0)),
+            limits: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -168,10 +173,13 @@ impl Engine {
     }
 
     /// CPU and memory limits held by this agent's containers that run or
-    /// are about to (created, running, restarting, paused).
+    /// are about to (created, running, restarting, paused). A container's
+    /// limits are read once (an inspect) and remembered by id, so this
+    /// costs one listing.
     pub async fn usage(&self) -> Result<Usage, Failure> {
         let list = self.ours_listed(true, None).await?;
         let mut u = Usage::default();
+        let mut live_ids = Vec::new();
         for c in list {
             let live = c.state.as_ref().is_some_and(|s| {
                 matches!(
@@ -182,17 +190,44 @@ impl Engine {
             let Some(id) = c.id.filter(|_| live) else {
                 continue;
             };
-            if let Ok(i) = self
-                .docker
-                .inspect_container(&id, None::<InspectContainerOptions>)
-                .await
-            {
-                let hc = i.host_config.unwrap_or_default();
-                u.cpus += hc.nano_cpus.unwrap_or(0) as f64 / 1e9;
-                u.memory += hc.memory.unwrap_or(0).max(0) as u64;
+            let known = self
+                .limits
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id)
+                .copied();
+            let limits = match known {
+                Some(l) => Some(l),
+                None => self
+                    .docker
+                    .inspect_container(&id, None::<InspectContainerOptions>)
+                    .await
+                    .ok()
+                    .map(|i| {
+                        let hc = i.host_config.unwrap_or_default();
+                        let l = (
+                            hc.nano_cpus.unwrap_or(0) as f64 / 1e9,
+                            hc.memory.unwrap_or(0).max(0) as u64,
+                        );
+                        self.limits
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(id.clone(), l);
+                        l
+                    }),
+            };
+            if let Some((cpus, memory)) = limits {
+                u.cpus += cpus;
+                u.memory += memory;
                 u.containers += 1;
             }
+            live_ids.push(id);
         }
+        // Forget containers that are gone or stopped.
+        self.limits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, _| live_ids.contains(id));
         Ok(u)
     }
 
@@ -272,8 +307,11 @@ impl Engine {
             }
         };
         // Checked before any change to the engine (a refused image is not
-        // even pulled), and again with the totals under the create lock,
-        // so that concurrent commands cannot together pass the total caps.
+        // even pulled), and again when it is created: under a lock, against
+        // the listed containers plus those being created (reserved until
+        // their creation returns, when the listing shows them), so that
+        // concurrent commands cannot together pass the total caps while
+        // their creations still run in parallel.
         policy.check(&ask, self.usage().await?).map_err(refuse)?;
         if spec.image.is_empty() {
             return Err(failed("RunContainer.image is empty"));
@@ -281,8 +319,15 @@ impl Engine {
         if self.docker.inspect_image(&spec.image).await.is_err() {
             self.pull(&spec.image, None, |_, _| {}).await?;
         }
-        let creating = self.create_lock.lock().await;
-        policy.check(&ask, self.usage().await?).map_err(refuse)?;
+        {
+            let mut reserved = self.reserved.lock().await;
+            let mut usage = self.usage().await?;
+            usage.cpus += reserved.0;
+            usage.memory = usage.memory.saturating_add(reserved.1);
+            policy.check(&ask, usage).map_err(refuse)?;
+            reserved.0 += ask.cpus;
+            reserved.1 = reserved.1.saturating_add(ask.memory);
+        }
         let mut labels = spec.labels.clone();
         labels.retain(|k, _| !k.starts_with("uplink."));
         labels.insert(LABEL_AGENT.into(), self.agent.clone());
@@ -350,9 +395,13 @@ impl Engine {
                 }),
                 body,
             )
-            .await
-            .map_err(|e| failed(format!("docker create {name}: {e}")))?;
-        drop(creating);
+            .await;
+        {
+            let mut reserved = self.reserved.lock().await;
+            reserved.0 = (reserved.0 - ask.cpus).max(0.0);
+            reserved.1 = reserved.1.saturating_sub(ask.memory);
+        }
+        let created = created.map_err(|e| failed(format!("docker create {name}: {e}")))?;
         self.docker
             .start_container(&created.id, None::<StartContainerOptions>)
             .await
