@@ -51,20 +51,17 @@
 //!
 //! Run: `cargo bench --bench encoding`.
 
+mod common;
+
+use common::T0_MS;
+use common::otlp::otlp_request;
 use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
-use opentelemetry_proto::tonic::metrics::v1::{
-    AggregationTemporality, Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
-    metric, number_data_point,
-};
-use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::metrics::v1::metric;
 use prost::Message;
 
 use uplink::metrics::compress::{Compression, ZstdEncoder};
@@ -80,16 +77,6 @@ const INTERVAL_MS: i64 = 10_000;
 const CONTAINERS: usize = 50;
 /// Containers under load among them.
 const BUSY_CONTAINERS: usize = 10;
-/// Start of the minute.
-const T0_MS: i64 = 1_790_000_000_000;
-/// Label names that are OTLP resource attributes.
-const RESOURCE_KEYS: [&str; 5] = [
-    "container.id",
-    "container.image.name",
-    "container.name",
-    "host.name",
-    "service.name",
-];
 /// Timed repetitions per cell of the table; the median is reported.
 const TIMED_RUNS: usize = 31;
 
@@ -588,145 +575,6 @@ fn uplink_encode(b: &mut BatchBuilder, samples: &[Sample]) -> Vec<u8> {
         b.add(s).expect("generated samples are valid");
     }
     b.finish().encode_to_vec()
-}
-
-/// Process start times for cumulative sums, in ns.
-const HOST_BOOT_NS: u64 = (T0_MS as u64 - 864_000_000) * 1_000_000;
-
-fn kv(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.to_string())),
-        }),
-    }
-}
-
-/// Samples to the most compact OTLP request: grouped by resource, then by
-/// metric name.
-fn otlp_request(samples: &[Sample]) -> ExportMetricsServiceRequest {
-    // As in the uplink builder, a series seen before is found by the
-    // address of its `Arc`.
-    let mut seen: HashMap<
-        usize,
-        (usize, usize),
-        BuildHasherDefault<uplink::metrics::encode::WordHasher>,
-    > = HashMap::default();
-    let mut resources: HashMap<Vec<(&str, &str)>, usize> = HashMap::new();
-    let mut metrics: HashMap<(usize, &str), usize> = HashMap::new();
-    let mut out: Vec<ResourceMetrics> = Vec::new();
-    let mut key: Vec<(&str, &str)> = Vec::new();
-    for s in samples {
-        let address = Arc::as_ptr(&s.series) as usize;
-        let (r, m) = match seen.get(&address) {
-            Some(&found) => found,
-            None => {
-                let found = otlp_place(s, &mut resources, &mut metrics, &mut out, &mut key);
-                seen.insert(address, found);
-                found
-            }
-        };
-        otlp_point(s, &mut out[r].scope_metrics[0].metrics[m]);
-    }
-    ExportMetricsServiceRequest {
-        resource_metrics: out,
-    }
-}
-
-/// The resource and metric of a series not seen before, created if need be.
-fn otlp_place<'a>(
-    s: &'a Sample,
-    resources: &mut HashMap<Vec<(&'a str, &'a str)>, usize>,
-    metrics: &mut HashMap<(usize, &'a str), usize>,
-    out: &mut Vec<ResourceMetrics>,
-    key: &mut Vec<(&'a str, &'a str)>,
-) -> (usize, usize) {
-    {
-        key.clear();
-        key.extend(
-            s.series
-                .labels
-                .iter()
-                .filter(|(k, _)| RESOURCE_KEYS.contains(&k.as_str()))
-                .map(|(k, v)| (k.as_str(), v.as_str())),
-        );
-        let r = match resources.get(key.as_slice()) {
-            Some(&r) => r,
-            None => {
-                let r = out.len();
-                out.push(ResourceMetrics {
-                    resource: Some(Resource {
-                        attributes: key.iter().map(|(k, v)| kv(k, v)).collect(),
-                        ..Default::default()
-                    }),
-                    scope_metrics: vec![ScopeMetrics {
-                        scope: Some(InstrumentationScope {
-                            name: "uplink".into(),
-                            version: uplink::VERSION.into(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                });
-                resources.insert(key.clone(), r);
-                r
-            }
-        };
-        let scope = &mut out[r].scope_metrics[0];
-        let m = *metrics
-            .entry((r, s.series.name.as_str()))
-            .or_insert_with(|| {
-                let data = match s.series.kind {
-                    Kind::Gauge => metric::Data::Gauge(Gauge {
-                        data_points: Vec::new(),
-                    }),
-                    Kind::Counter => metric::Data::Sum(Sum {
-                        data_points: Vec::new(),
-                        aggregation_temporality: AggregationTemporality::Cumulative as i32,
-                        is_monotonic: true,
-                    }),
-                };
-                scope.metrics.push(Metric {
-                    name: s.series.name.clone(),
-                    unit: s.series.unit.clone(),
-                    data: Some(data),
-                    ..Default::default()
-                });
-                scope.metrics.len() - 1
-            });
-        (r, m)
-    }
-}
-
-/// Appends the sample's data point to its metric.
-fn otlp_point(s: &Sample, metric: &mut Metric) {
-    let v = s.value;
-    let value = if v.fract() == 0.0 && v.abs() < 9.0e15 {
-        number_data_point::Value::AsInt(v as i64)
-    } else {
-        number_data_point::Value::AsDouble(v)
-    };
-    let point = NumberDataPoint {
-        attributes: s
-            .series
-            .labels
-            .iter()
-            .filter(|(k, _)| !RESOURCE_KEYS.contains(&k.as_str()))
-            .map(|(k, v)| kv(k, v))
-            .collect(),
-        time_unix_nano: s.time_unix_ms as u64 * 1_000_000,
-        value: Some(value),
-        ..Default::default()
-    };
-    match &mut metric.data {
-        Some(metric::Data::Gauge(g)) => g.data_points.push(point),
-        Some(metric::Data::Sum(sum)) => sum.data_points.push(NumberDataPoint {
-            start_time_unix_nano: HOST_BOOT_NS,
-            ..point
-        }),
-        _ => unreachable!("only gauges and sums are built"),
-    }
 }
 
 fn otlp_encode(samples: &[Sample]) -> Vec<u8> {

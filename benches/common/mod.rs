@@ -4,6 +4,11 @@
 
 use std::time::Duration;
 
+pub mod otlp;
+
+/// The benchmarks' clock starts here (Unix ms): sample times are reproducible.
+pub const T0_MS: i64 = 1_790_000_000_000;
+
 /// Latencies, sorted.
 pub struct Distribution {
     sorted: Vec<Duration>,
