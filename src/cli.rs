@@ -242,7 +242,7 @@ pub struct AgentArgs {
     /// Largest on-disk spool of metric batches (in the state dir); the oldest are dropped beyond it.
     #[arg(long, env = "UPLINK_SPOOL_MAX_BYTES", default_value = "256m", value_parser = parse_bytes)]
     pub spool_max_bytes: u64,
-    /// Send at most this many samples per second (caps the replay after an outage).
+    /// Replay a backlog (batches spooled more than 10 s ago) at most this many samples per second.
     #[arg(long, env = "UPLINK_METRICS_REPLAY_RATE", default_value_t = 500_000)]
     pub metrics_replay_rate: u64,
     /// Accept Graphite plaintext from load generators on this address (TCP), e.g. 172.17.0.1:2003.

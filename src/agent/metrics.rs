@@ -18,6 +18,8 @@
 //! (and renewed when the spool drops batches, so the backend never waits
 //! for a gap), seq counts from 1. A spooled batch keeps its identity across
 //! restarts, so a replay the backend already stored is recognised there.
+//! Batches spooled more than 10 s before they are sent (a backlog) are
+//! paced by a token bucket at `--metrics-replay-rate` samples per second.
 //!
 //! When full: the sources' channel makes them wait (the ingest endpoint
 //! then pushes back on its clients); the batcher holds at most one batch;
@@ -64,6 +66,10 @@ pub const SPOOL_DROPPED_BATCHES: &str = "uplink_agent_spool_dropped_batches_tota
 pub const SPOOL_CORRUPT: &str = "uplink_agent_spool_corrupt_batches_total";
 pub const SPOOL_TORN_BYTES: &str = "uplink_agent_spool_torn_bytes_total";
 
+/// A spooled batch older than this when it is sent is a replay, sent at
+/// most at the replay rate.
+const REPLAY_AGE: Duration = Duration::from_secs(10);
+
 /// Largest decompressed batch read back from the spool.
 const MAX_BATCH_BYTES: usize = 64 << 20;
 
@@ -81,7 +87,9 @@ pub struct MetricsConfig {
     pub spool_sync: Duration,
     /// Batches in flight at once.
     pub window: usize,
-    /// Samples per second sent at most (the replay cap).
+    /// Samples per second at most of batches replayed after an outage
+    /// (spooled more than 10 s before they are sent); live batches are not
+    /// paced.
     pub replay_rate: u64,
     /// The host source's settings.
     pub host: HostConfig,
@@ -495,7 +503,14 @@ async fn send_loop(
                 };
             for r in records {
                 cursor = Some(r.position);
-                let wait = rate.take(r.header.samples);
+                // A backlog (batches spooled a while ago) is replayed at
+                // the capped rate; live batches go at once.
+                let age_ms = crate::now_unix_ms().saturating_sub(r.header.created_unix_ms);
+                let wait = if age_ms > REPLAY_AGE.as_millis() as i64 {
+                    rate.take(r.header.samples)
+                } else {
+                    Duration::ZERO
+                };
                 let push = push.clone();
                 inflight.push(async move {
                     if !wait.is_zero() {
