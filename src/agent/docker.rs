@@ -73,6 +73,8 @@ pub struct Engine {
     reserved: tokio::sync::Mutex<(f64, u64)>,
     /// CPU and memory limits of this agent's live containers, by id.
     limits: std::sync::Mutex<HashMap<String, (f64, u64)>>,
+    /// The engine host's figures, once asked.
+    host: tokio::sync::OnceCell<(u32, u64, String)>,
 }
 
 fn labels_filter(agent: &str, extra: Option<(&str, &str)>) -> HashMap<String, Vec<String>> {
@@ -91,6 +93,7 @@ impl Engine {
             agent: agent.to_string(),
             reserved: tokio::sync::Mutex::new((0.0, 0)),
             limits: std::sync::Mutex::new(HashMap::new()),
+            host: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -232,18 +235,24 @@ impl Engine {
     }
 
     /// The engine's host: logical CPUs, memory in bytes, and the engine's
-    /// version.
+    /// version. Asked once per connection (`docker info` is not cheap, and
+    /// an engine that restarts is connected afresh).
     pub async fn host(&self) -> Result<(u32, u64, String), Failure> {
-        let info = self
-            .docker
-            .info()
+        self.host
+            .get_or_try_init(|| async {
+                let info = self
+                    .docker
+                    .info()
+                    .await
+                    .map_err(|e| failed(format!("docker: unavailable ({e})")))?;
+                Ok((
+                    info.ncpu.unwrap_or(0).clamp(0, u32::MAX as i64) as u32,
+                    info.mem_total.unwrap_or(0).max(0) as u64,
+                    info.server_version.unwrap_or_default(),
+                ))
+            })
             .await
-            .map_err(|e| failed(format!("docker: unavailable ({e})")))?;
-        Ok((
-            info.ncpu.unwrap_or(0).clamp(0, u32::MAX as i64) as u32,
-            info.mem_total.unwrap_or(0).max(0) as u64,
-            info.server_version.unwrap_or_default(),
-        ))
+            .cloned()
     }
 
     /// Answers whether the engine still responds.
