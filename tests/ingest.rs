@@ -76,13 +76,24 @@ async fn push_grpc(
     encoding: CompressionEncoding,
     req: proto::PushMetricsRequest,
 ) -> Result<bool, tonic::Status> {
+    push_grpc_response(client, agent, encoding, req)
+        .await
+        .map(|r| r.stored)
+}
+
+async fn push_grpc_response(
+    client: &AgentClient,
+    agent: &Agent,
+    encoding: CompressionEncoding,
+    req: proto::PushMetricsRequest,
+) -> Result<proto::PushMetricsResponse, tonic::Status> {
     let mut client = client.clone().send_compressed(encoding);
     let mut r = tonic::Request::new(req);
     r.metadata_mut().insert(
         "authorization",
         format!("Bearer {}", agent.credential).parse().unwrap(),
     );
-    client.push_metrics(r).await.map(|r| r.into_inner().stored)
+    client.push_metrics(r).await.map(|r| r.into_inner())
 }
 
 /// An HTTP answer: status and body.
@@ -216,7 +227,25 @@ fn counter(page: &str, name: &str) -> u64 {
 /// A batch of `n` samples of a counter with container labels and a gauge,
 /// values `first..first + n` (so sums are easy to check).
 fn batch(series: &[Arc<Series>], first: u64, n: u64, time: i64) -> proto::MetricBatch {
+    batch_with(BatchBuilder::new(), series, first, n, time)
+}
+
+/// The same samples, with the series indexes as `sample_series_deltas`.
+fn batch_with_deltas(series: &[Arc<Series>], first: u64, n: u64, time: i64) -> proto::MetricBatch {
     let mut bb = BatchBuilder::new();
+    bb.set_series_deltas(true);
+    let b = batch_with(bb, series, first, n, time);
+    assert!(b.sample_series.is_empty() && !b.sample_series_deltas.is_empty());
+    b
+}
+
+fn batch_with(
+    mut bb: BatchBuilder,
+    series: &[Arc<Series>],
+    first: u64,
+    n: u64,
+    time: i64,
+) -> proto::MetricBatch {
     for i in 0..n {
         let s = &series[(i % series.len() as u64) as usize];
         let id = bb.series(s).unwrap();
@@ -275,31 +304,35 @@ async fn compressed_batches_on_both_rungs_reach_metrics_and_json_lines() {
     let s = series();
     let t0 = 1_700_000_000_000;
 
-    // gRPC with zstd and gzip message compression.
-    let r = push_grpc(
+    // gRPC with zstd and gzip message compression; the backend says it
+    // reads series deltas, and the second batch uses them.
+    let r = push_grpc_response(
         &client,
         &agent,
         CompressionEncoding::Zstd,
         push_request(7, 1, batch(&s, 1, 10, t0)),
     )
-    .await;
-    assert!(r.unwrap());
+    .await
+    .unwrap();
+    assert!(r.stored && r.reads_series_deltas, "{r:?}");
     let r = push_grpc(
         &client,
         &agent,
         CompressionEncoding::Gzip,
-        push_request(7, 2, batch(&s, 11, 10, t0 + 100)),
+        push_request(7, 2, batch_with_deltas(&s, 11, 10, t0 + 100)),
     )
     .await;
     assert!(r.unwrap());
-    // Connect unary with curl: a zstd body, a gzip body, a plain body.
+    // Connect unary with curl: a zstd body, a gzip body (series deltas),
+    // a plain body.
     for (seq, c) in [
         (3, Compression::Zstd),
         (4, Compression::Gzip),
         (5, Compression::Identity),
     ] {
         let first = (seq - 1) * 10 + 1;
-        let req = push_request(7, seq, batch(&s, first, 10, t0 + 100 * seq as i64));
+        let samples = if seq == 4 { batch_with_deltas } else { batch };
+        let req = push_request(7, seq, samples(&s, first, 10, t0 + 100 * seq as i64));
         let a = push_curl(&b, &agent, dir.path(), c, None, &req).await;
         assert!(stored(&a), "{}: {}", c.name(), a.text());
     }
@@ -622,6 +655,35 @@ async fn a_malformed_batch_is_rejected_with_its_reason_and_the_next_is_stored() 
     let (code, message) = a.connect_error();
     assert_eq!((a.status, code.as_str()), (400, "invalid_argument"));
     assert!(message.contains("(column_lengths)"), "{message}");
+    // Both series columns, and a running index that leaves the series.
+    let mut mixed = batch(&s, 1, 4, 0);
+    mixed.sample_series_deltas = vec![0, 1, -1, 1];
+    let err = push_grpc(
+        &client,
+        &agent,
+        CompressionEncoding::Zstd,
+        push_request(epoch, 4, mixed),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("(mixed_series_columns)"), "{err:?}");
+    let mut astray = batch_with_deltas(&s, 1, 4, 0);
+    astray.sample_series_deltas[3] = -2;
+    let err = push_grpc(
+        &client,
+        &agent,
+        CompressionEncoding::Zstd,
+        push_request(epoch, 5, astray),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.message().starts_with(
+            "metric batch rejected (series_out_of_range): metric batch sample 3 refers to series -2"
+        ),
+        "{err:?}"
+    );
 
     // The next good batch is stored, and the rejected seqs do not hold
     // the watermark back.
@@ -629,13 +691,13 @@ async fn a_malformed_batch_is_rejected_with_its_reason_and_the_next_is_stored() 
         &client,
         &agent,
         CompressionEncoding::Zstd,
-        push_request(epoch, 4, batch(&s, 5, 4, 10)),
+        push_request(epoch, 6, batch(&s, 5, 4, 10)),
     )
     .await;
     assert!(r.unwrap());
     assert_eq!(
         b.core.store().metric_batches(&agent.id, epoch).unwrap(),
-        (4, 0)
+        (6, 0)
     );
     let page = scrape(&b).await;
     assert_eq!(counter(&page, "uplink_backend_metric_batches_total"), 2);
@@ -645,7 +707,14 @@ async fn a_malformed_batch_is_rejected_with_its_reason_and_the_next_is_stored() 
             &page,
             "uplink_backend_metric_batches_rejected_total{reason=\"series_out_of_range\"}"
         ),
-        2
+        3
+    );
+    assert_eq!(
+        counter(
+            &page,
+            "uplink_backend_metric_batches_rejected_total{reason=\"mixed_series_columns\"}"
+        ),
+        1
     );
     assert_eq!(
         counter(
@@ -669,11 +738,12 @@ async fn a_malformed_batch_is_rejected_with_its_reason_and_the_next_is_stored() 
     // A large batch (decoded, and its body decompressed, off the async
     // workers) in doubles that barely compress.
     let mut big = BatchBuilder::with_encoding(ValueEncoding::Doubles);
+    big.set_series_deltas(true);
     for (i, s) in s.iter().cycle().take(30_000).enumerate() {
         let id = big.series(s).unwrap();
         big.push(id, i as i64, fastrand::f64()).unwrap();
     }
-    let req = push_request(epoch, 5, big.finish());
+    let req = push_request(epoch, 7, big.finish());
     let packed = Compression::Gzip.compress(&req.encode_to_vec()).unwrap();
     assert!(packed.len() > 100_000, "{} bytes", packed.len());
     let a = push_curl(&b, &agent, dir.path(), Compression::Gzip, None, &req).await;

@@ -529,6 +529,14 @@ async fn backend_sets_the_interval(transport: &str) {
             Duration::from_secs(20),
         )
         .await;
+    // The reference backend reads series deltas: after the first stored
+    // batch the agent encodes with them, and what follows still arrives.
+    agent
+        .wait_log(
+            &["the backend reads series deltas: metric batches carry sample_series_deltas"],
+            Duration::from_secs(20),
+        )
+        .await;
     // Host samples now arrive about every second: several distinct
     // timestamps of the same series within a few seconds.
     let mut seen = HashSet::new();

@@ -35,6 +35,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -258,11 +259,15 @@ impl Pipeline {
         let recorder = Recorder(tx);
         let (stop, stop_rx) = watch::channel(false);
         let spooled = Arc::new(Notify::new());
+        // Set by the sender when the backend says it reads
+        // `sample_series_deltas`; the batcher then encodes with them.
+        let series_deltas = Arc::new(AtomicBool::new(false));
         let batcher = tokio::spawn(batch_loop(
             cfg.batcher,
             rx,
             spool.clone(),
             spooled.clone(),
+            series_deltas.clone(),
             stop_rx.clone(),
         ));
         let mut tasks = vec![tokio::spawn(send_loop(
@@ -271,6 +276,7 @@ impl Pipeline {
             spool.clone(),
             spooled,
             push,
+            series_deltas,
             stop_rx.clone(),
         ))];
         if let Some(interval) = cfg.interval {
@@ -352,6 +358,7 @@ async fn batch_loop(
     mut rx: mpsc::Receiver<Vec<Sample>>,
     spool: Arc<Mutex<Spool>>,
     spooled: Arc<Notify>,
+    series_deltas: Arc<AtomicBool>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut batcher = Batcher::new(cfg);
@@ -360,6 +367,7 @@ async fn batch_loop(
     let mut flushed = Vec::new();
     let mut refused = 0;
     loop {
+        batcher.set_series_deltas(series_deltas.load(Ordering::Relaxed));
         let due = batcher.due();
         let mut closing = false;
         tokio::select! {
@@ -480,6 +488,7 @@ async fn send_loop(
     spool: Arc<Mutex<Spool>>,
     spooled: Arc<Notify>,
     push: Push,
+    series_deltas: Arc<AtomicBool>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut rate = Rate::new(rate);
@@ -512,6 +521,7 @@ async fn send_loop(
                     Duration::ZERO
                 };
                 let push = push.clone();
+                let series_deltas = series_deltas.clone();
                 inflight.push(async move {
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
@@ -533,7 +543,17 @@ async fn send_loop(
                         })
                         .await
                         {
-                            Ok(_) => Sent::Stored,
+                            Ok(r) => {
+                                let on = r.reads_series_deltas;
+                                if series_deltas.swap(on, Ordering::Relaxed) != on {
+                                    tracing::info!(
+                                        "the backend {} series deltas: metric batches carry {} from now on",
+                                        if on { "reads" } else { "does not read" },
+                                        if on { "sample_series_deltas" } else { "sample_series" }
+                                    );
+                                }
+                                Sent::Stored
+                            }
                             Err(e)
                                 if matches!(
                                     e.kind,

@@ -687,7 +687,11 @@ impl Core {
         self.apply_ack(&agent, req.ack)?;
         let (epoch, seq) = (req.epoch, req.seq);
         let batch = req.batch.unwrap_or_default();
-        let decoded = if batch.sample_series.len() > DECODE_INLINE_SAMPLES {
+        let samples = batch
+            .sample_series
+            .len()
+            .max(batch.sample_series_deltas.len());
+        let decoded = if samples > DECODE_INLINE_SAMPLES {
             tokio::task::spawn_blocking(move || crate::metrics::encode::decode(&batch))
                 .await
                 .map_err(|e| Status::internal(format!("decoding the metric batch failed: {e}")))?
@@ -747,7 +751,10 @@ impl Core {
         {
             BatchSeq::Seen => {
                 self.sinks.duplicate();
-                return Ok(proto::PushMetricsResponse { stored: false });
+                return Ok(proto::PushMetricsResponse {
+                    stored: false,
+                    reads_series_deltas: true,
+                });
             }
             BatchSeq::TooFarAhead { watermark } => {
                 return Err(reject(
@@ -797,7 +804,10 @@ impl Core {
             Ok(())
         });
         match tokio::time::timeout(MAX_PUSH_WAIT, task).await {
-            Ok(Ok(Ok(()))) => Ok(proto::PushMetricsResponse { stored: true }),
+            Ok(Ok(Ok(()))) => Ok(proto::PushMetricsResponse {
+                stored: true,
+                reads_series_deltas: true,
+            }),
             Ok(Ok(Err(status))) => Err(status),
             Ok(Err(e)) => Err(Status::internal(format!(
                 "storing the metric batch failed: {e}"

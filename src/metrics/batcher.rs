@@ -105,6 +105,12 @@ impl Batcher {
         }
     }
 
+    /// Whether batches flushed from now on carry `sample_series_deltas`
+    /// (see [`BatchBuilder::set_series_deltas`]).
+    pub fn set_series_deltas(&mut self, on: bool) {
+        self.builder.set_series_deltas(on);
+    }
+
     /// When the current batch is due by age (None when it is empty).
     pub fn due(&self) -> Option<Instant> {
         self.first_at.map(|t| t + self.cfg.max_age)

@@ -309,6 +309,8 @@ impl SymbolTable {
 #[derive(Default)]
 pub struct BatchBuilder {
     encoding: ValueEncoding,
+    /// Series indexes as `sample_series_deltas` rather than `sample_series`.
+    series_deltas: bool,
     hasher: RandomState,
     known: WordMap<usize, Known>,
     /// The number of the batch being built.
@@ -329,6 +331,7 @@ impl fmt::Debug for BatchBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BatchBuilder")
             .field("encoding", &self.encoding)
+            .field("series_deltas", &self.series_deltas)
             .field("batch", &self.batch)
             .field("known", &self.known.len())
             .field("symbols", &self.symbols.strings.len())
@@ -350,6 +353,19 @@ impl BatchBuilder {
             encoding,
             ..Self::default()
         }
+    }
+
+    /// Whether the batches from the next [`BatchBuilder::finish`] on carry
+    /// their series indexes as `sample_series_deltas` (for a backend that
+    /// said it reads them) or as `sample_series` (the default, for any
+    /// backend).
+    pub fn set_series_deltas(&mut self, on: bool) {
+        self.series_deltas = on;
+    }
+
+    /// Whether batches carry `sample_series_deltas`.
+    pub fn series_deltas(&self) -> bool {
+        self.series_deltas
     }
 
     /// Samples added to this batch so far.
@@ -481,6 +497,17 @@ impl BatchBuilder {
             }
             ValueEncoding::Doubles => batch.sample_values = values,
         }
+        if self.series_deltas {
+            let mut prev = 0i64;
+            batch.sample_series_deltas = std::mem::take(&mut batch.sample_series)
+                .into_iter()
+                .map(|s| {
+                    let d = i64::from(s) - prev;
+                    prev = i64::from(s);
+                    d
+                })
+                .collect();
+        }
         self.symbols.by_hash.clear();
         self.series_content.clear();
         self.series_by_hash.clear();
@@ -558,12 +585,15 @@ pub enum DecodeError {
     /// Not a protobuf `MetricBatch` at all.
     #[error("not a MetricBatch: {0}")]
     Protobuf(#[from] prost::DecodeError),
+    /// Both `sample_series` and `sample_series_deltas` are set.
+    #[error("metric batch sets both sample_series and sample_series_deltas: set one of them")]
+    MixedSeriesColumns,
     /// The per-sample columns have different lengths.
     #[error(
         "metric batch columns differ in length: {series} series indexes, {times} time deltas, {values} values"
     )]
     ColumnLengths {
-        /// Entries of `sample_series`.
+        /// Entries of `sample_series` or `sample_series_deltas`.
         series: usize,
         /// Entries of `sample_time_delta_ms`.
         times: usize,
@@ -651,8 +681,8 @@ pub enum DecodeError {
     SeriesOutOfRange {
         /// The sample's index.
         sample: usize,
-        /// The index found.
-        index: u32,
+        /// The index found (with `sample_series_deltas`, the running sum).
+        index: i64,
         /// Entries of `series`.
         series: usize,
     },
@@ -711,7 +741,15 @@ pub fn decode_bytes(bytes: &[u8]) -> Result<Decoded, DecodeError> {
 /// known kinds and scales, times and integers in range. Never panics,
 /// whatever the input.
 pub fn decode(b: &proto::MetricBatch) -> Result<Decoded, DecodeError> {
-    let n = b.sample_series.len();
+    let by_deltas = !b.sample_series_deltas.is_empty();
+    if by_deltas && !b.sample_series.is_empty() {
+        return Err(DecodeError::MixedSeriesColumns);
+    }
+    let n = if by_deltas {
+        b.sample_series_deltas.len()
+    } else {
+        b.sample_series.len()
+    };
     let integers = !b.sample_value_deltas.is_empty() || !b.series_value_scales.is_empty();
     if integers && !b.sample_values.is_empty() {
         return Err(DecodeError::MixedValueEncodings);
@@ -746,15 +784,24 @@ pub fn decode(b: &proto::MetricBatch) -> Result<Decoded, DecodeError> {
     let mut points = Vec::with_capacity(n);
     let mut time = b.base_time_unix_ms;
     let mut last = vec![0i64; if integers { series.len() } else { 0 }];
+    let mut index = 0i64;
     for i in 0..n {
-        let s = b.sample_series[i];
-        if s as usize >= series.len() {
-            return Err(DecodeError::SeriesOutOfRange {
-                sample: i,
-                index: s,
-                series: series.len(),
-            });
-        }
+        index = if by_deltas {
+            // Saturation keeps an absurd sum absurd, and out of range.
+            index.saturating_add(b.sample_series_deltas[i])
+        } else {
+            i64::from(b.sample_series[i])
+        };
+        let s = match u32::try_from(index) {
+            Ok(s) if (s as usize) < series.len() => s,
+            _ => {
+                return Err(DecodeError::SeriesOutOfRange {
+                    sample: i,
+                    index,
+                    series: series.len(),
+                });
+            }
+        };
         time = time
             .checked_add(b.sample_time_delta_ms[i])
             .filter(|t| (-MAX_ABS_TIME_MS..=MAX_ABS_TIME_MS).contains(t))
@@ -987,6 +1034,8 @@ mod tests {
                 ValueEncoding::Integers
             };
             let batch = if round % 2 == 0 {
+                // Both series columns, switched as an agent switches them.
+                long_lived.set_series_deltas(round % 4 == 0);
                 for s in &samples {
                     long_lived.add(s).unwrap();
                 }
@@ -994,6 +1043,11 @@ mod tests {
             } else {
                 build(&samples, encoding)
             };
+            if batch.series_value_scales.len() + batch.sample_values.len() > 0 {
+                let deltas = !batch.sample_series_deltas.is_empty();
+                assert_eq!(deltas, round % 4 == 0 && !samples.is_empty());
+                assert_eq!(batch.sample_series.is_empty(), deltas);
+            }
             assert_round_trip(&batch, &samples);
             // Series are defined once, however many `Arc`s carry them.
             let distinct: std::collections::HashSet<&Series> =
@@ -1235,6 +1289,66 @@ mod tests {
         // Messages name what is wrong.
         let e = err(|b| b.sample_series[1] = 1).to_string();
         assert!(e.contains("sample 1 refers to series 1"), "{e}");
+        // Series as deltas: one column or the other, every running index
+        // in range, overflow included.
+        let deltas = |d: Vec<i64>| {
+            move |b: &mut proto::MetricBatch| {
+                b.sample_series.clear();
+                b.sample_series_deltas = d;
+            }
+        };
+        let mut b = valid();
+        deltas(vec![0, 0])(&mut b);
+        assert_eq!(decode(&b).unwrap(), decode(&valid()).unwrap());
+        assert!(matches!(
+            err(|b| b.sample_series_deltas = vec![0, 0]),
+            DecodeError::MixedSeriesColumns
+        ));
+        assert!(matches!(
+            err(deltas(vec![0])),
+            DecodeError::ColumnLengths { series: 1, .. }
+        ));
+        assert!(matches!(
+            err(deltas(vec![0, 1])),
+            DecodeError::SeriesOutOfRange {
+                sample: 1,
+                index: 1,
+                series: 1
+            }
+        ));
+        assert!(matches!(
+            err(deltas(vec![-1, 1])),
+            DecodeError::SeriesOutOfRange {
+                sample: 0,
+                index: -1,
+                ..
+            }
+        ));
+        assert!(matches!(
+            err(deltas(vec![i64::MAX, i64::MAX])),
+            DecodeError::SeriesOutOfRange { sample: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn series_deltas_are_differences_of_indexes() {
+        let (a, b, c) = (series("a", &[]), series("b", &[]), series("c", &[]));
+        let samples: Vec<Sample> = (0..3)
+            .flat_map(|k| [&a, &b, &c].map(|s| sample(s, 10 * k, k as f64)))
+            .collect();
+        let mut builder = BatchBuilder::new();
+        assert!(!builder.series_deltas());
+        builder.set_series_deltas(true);
+        for s in &samples {
+            builder.add(s).unwrap();
+        }
+        let batch = builder.finish();
+        assert!(batch.sample_series.is_empty());
+        assert_eq!(
+            batch.sample_series_deltas,
+            vec![0, 1, 1, -2, 1, 1, -2, 1, 1]
+        );
+        assert_round_trip(&batch, &samples);
     }
 
     #[test]
@@ -1285,6 +1399,7 @@ mod tests {
             let series = rng.usize(0..4);
             let n = rng.usize(0..6);
             let small = |rng: &mut fastrand::Rng| rng.u32(0..5);
+            let by_deltas = rng.u8(0..3);
             let b = proto::MetricBatch {
                 symbols: (0..symbols)
                     .map(|i| {
@@ -1304,7 +1419,19 @@ mod tests {
                     })
                     .collect(),
                 base_time_unix_ms: extreme(&mut rng),
-                sample_series: (0..n).map(|_| small(&mut rng)).collect(),
+                sample_series: if by_deltas != 1 {
+                    (0..n).map(|_| small(&mut rng)).collect()
+                } else {
+                    Vec::new()
+                },
+                // Now and then both columns.
+                sample_series_deltas: if by_deltas != 0 {
+                    (0..rng.usize(n.saturating_sub(1)..n + 2))
+                        .map(|_| extreme(&mut rng))
+                        .collect()
+                } else {
+                    Vec::new()
+                },
                 sample_time_delta_ms: (0..rng.usize(n.saturating_sub(1)..n + 2))
                     .map(|_| extreme(&mut rng))
                     .collect(),
@@ -1321,7 +1448,7 @@ mod tests {
                     .collect(),
             };
             if let Ok(d) = decode(&b) {
-                assert_eq!(d.points.len(), n);
+                assert_eq!(d.points.len(), b.sample_time_delta_ms.len());
                 let _ = d.samples().count();
             }
         }

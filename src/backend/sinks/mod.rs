@@ -79,6 +79,7 @@ const OWN: [&str; 13] = [
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rejection {
     /// Invalid batch ([`DecodeError`] variants, one reason each).
+    MixedSeriesColumns,
     ColumnLengths,
     MixedValueEncodings,
     ScalesLength,
@@ -113,7 +114,8 @@ pub enum Rejection {
 
 impl Rejection {
     /// Every reason, in the order `/metrics` lists them.
-    pub const ALL: [Rejection; 22] = [
+    pub const ALL: [Rejection; 23] = [
+        Rejection::MixedSeriesColumns,
         Rejection::ColumnLengths,
         Rejection::MixedValueEncodings,
         Rejection::ScalesLength,
@@ -141,6 +143,7 @@ impl Rejection {
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
+            Rejection::MixedSeriesColumns => "mixed_series_columns",
             Rejection::ColumnLengths => "column_lengths",
             Rejection::MixedValueEncodings => "mixed_value_encodings",
             Rejection::ScalesLength => "scales_length",
@@ -169,6 +172,7 @@ impl Rejection {
     /// The reason of a decode error.
     pub fn of(e: &DecodeError) -> Rejection {
         match e {
+            DecodeError::MixedSeriesColumns => Rejection::MixedSeriesColumns,
             DecodeError::ColumnLengths { .. } => Rejection::ColumnLengths,
             DecodeError::MixedValueEncodings => Rejection::MixedValueEncodings,
             DecodeError::ScalesLength { .. } => Rejection::ScalesLength,
