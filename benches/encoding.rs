@@ -140,10 +140,10 @@ fn fixed() -> Step {
 }
 
 /// CPU usage as sysinfo gives it: an `f32` percentage, as a ratio.
-fn cpu_ratio() -> Step {
+fn cpu_percent() -> Step {
     Box::new(|rng, w| {
         w.value = (w.value + (rng.f64() - 0.5) * 20.0).clamp(0.5, 99.5);
-        f64::from(w.value as f32) / 100.0
+        (f64::from(w.value as f32) * 100.0).round() / 100.0
     })
 }
 
@@ -160,10 +160,17 @@ fn host(rng: &mut fastrand::Rng) -> Source {
     let mut series: Vec<(Series, Step, Walk)> = Vec::new();
     let mut add =
         |s: Series, step: Step, start: f64| series.push((h(s), step, Walk { value: start }));
-    for cpu in std::iter::once("total".to_string()).chain((0..8).map(|c| c.to_string())) {
+    add(
+        gauge("host_cpu_usage_percent").unit("percent"),
+        cpu_percent(),
+        30.0,
+    );
+    for cpu in 0..8 {
         add(
-            gauge("host_cpu_usage_ratio").label("cpu", &cpu).unit("1"),
-            cpu_ratio(),
+            gauge("host_cpu_core_usage_percent")
+                .label("cpu", cpu.to_string())
+                .unit("percent"),
+            cpu_percent(),
             30.0,
         );
     }
@@ -608,8 +615,12 @@ struct Encoder {
 
 impl Encoder {
     fn new() -> Self {
+        // Series indexes as deltas: what an agent sends once the backend
+        // has said it reads them (the reference backend does).
+        let mut builder = BatchBuilder::new();
+        builder.set_series_deltas(true);
         Encoder {
-            builder: BatchBuilder::new(),
+            builder,
             zstd: ZstdEncoder::new().expect("zstd context"),
         }
     }
@@ -664,6 +675,10 @@ fn table(w: &Workload) {
             batches: vec![w.steady()],
         },
         Batching {
+            name: "steady, 2 batches",
+            batches: w.scrapes.chunks(SCRAPES / 2).map(<[_]>::concat).collect(),
+        },
+        Batching {
             name: "steady, 6 batches",
             batches: w.scrapes.clone(),
         },
@@ -673,7 +688,7 @@ fn table(w: &Workload) {
         },
     ];
     // Timed: everything in one batch, and one batch per scrape.
-    let timed = [0, 2];
+    let timed = [0, 3];
     let mut enc = Encoder::new();
     println!();
     println!(
@@ -746,6 +761,21 @@ fn table(w: &Workload) {
     let decode = median_ns(|| {
         black_box(encode::decode_bytes(black_box(&raw)).expect("valid"));
     }) / n;
+    // The first form of the series column, for a backend that does not
+    // read deltas.
+    let mut plain = Encoder::new();
+    plain.builder.set_series_deltas(false);
+    print!("Bytes per sample with sample_series instead of deltas, zstd:");
+    for b in &batchings {
+        let total: usize = b
+            .batches
+            .iter()
+            .map(|s| plain.wire(Format::Uplink, Compression::Zstd, s).len())
+            .sum();
+        print!(" {} {:.2};", b.name, total as f64 / b.samples());
+    }
+    println!();
+    println!();
     println!("Also, for all in one batch, in ns per sample:");
     println!("- uplink with a new builder (no series remembered): {cold:.0}");
     println!("- OTLP marshalling alone (request already built): {marshal:.0}");
@@ -798,8 +828,8 @@ fn main() {
     let w = Workload::generate();
     // Both formats must carry the same samples.
     let all = w.all();
-    let decoded =
-        encode::decode_bytes(&uplink_encode(&mut BatchBuilder::new(), &all)).expect("valid batch");
+    let decoded = encode::decode_bytes(&uplink_encode(&mut Encoder::new().builder, &all))
+        .expect("valid batch");
     assert_eq!(decoded.points.len(), all.len());
     for (p, s) in decoded.points.iter().zip(&all) {
         assert_eq!(
