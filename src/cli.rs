@@ -36,6 +36,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Bytes in the units an operator reads (GiB, MiB, KiB, bytes).
+pub fn human_bytes(b: u64) -> String {
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+    if b >= GIB {
+        format!("{:.2} GiB", b as f64 / GIB as f64)
+    } else if b >= MIB {
+        format!("{:.0} MiB", b as f64 / MIB as f64)
+    } else if b >= 1024 {
+        format!("{:.0} KiB", b as f64 / 1024.0)
+    } else {
+        format!("{b} bytes")
+    }
+}
+
 /// Parses a size: bytes, or a number with k/m/g (powers of 1024, with or
 /// without "i"/"b": 512m, 512MiB, 1.5G).
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -452,6 +467,9 @@ mod tests {
 
     #[test]
     fn sizes_parse_with_units() {
+        assert_eq!(human_bytes(512 << 20), "512 MiB");
+        assert_eq!(human_bytes(8 << 30), "8.00 GiB");
+        assert_eq!(human_bytes(100), "100 bytes");
         assert_eq!(parse_bytes("512m").unwrap(), 512 << 20);
         assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
         assert_eq!(parse_bytes("2G").unwrap(), 2 << 30);

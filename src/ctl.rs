@@ -394,7 +394,7 @@ pub fn run_table(r: &proto::RunView) -> String {
         r.count,
         r.image,
         r.cpus,
-        crate::backend::placement::human_bytes(r.memory_bytes)
+        crate::cli::human_bytes(r.memory_bytes)
     );
     let _ = writeln!(
         out,

@@ -29,15 +29,26 @@
 //!   backend, and which rung would be used.
 //! - [`telemetry`]: the agent's self-metrics (names, recorder, endpoint).
 //! - [`cli`]: flag parsing and the exit-status convention (64 on bad config).
+//!
+//! # Features
+//!
+//! `backend` (on by default): the backend, its store and the demo; it
+//! turns on `json` (Connect bodies in proto3 JSON, through `prost-reflect`).
+//! Without them (`--no-default-features`, with the `agent` profile) the
+//! same `uplink` binary holds the agent, `ctl`, `doctor` and `loadgen`: the
+//! build for agent hosts, smaller and lighter in memory (see
+//! BENCHMARKS.md, footprint).
 #![forbid(unsafe_code)]
 
 pub mod agent;
+#[cfg(feature = "backend")]
 pub mod backend;
 pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod connect;
 pub mod ctl;
+#[cfg(feature = "backend")]
 pub mod demo;
 pub mod doctor;
 pub mod loadgen;
@@ -45,6 +56,7 @@ pub mod metrics;
 pub mod net;
 pub mod proto;
 pub mod secret;
+#[cfg(feature = "backend")]
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -8,8 +8,10 @@
     clippy::doc_lazy_continuation
 )]
 
+#[cfg(feature = "json")]
 use std::sync::OnceLock;
 
+#[cfg(feature = "json")]
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
 
 tonic::include_proto!("uplink.v1");
@@ -19,6 +21,7 @@ pub const DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/uplink_descriptor.bin"));
 
 /// The schema of `proto/`, for JSON conversion.
+#[cfg(feature = "json")]
 pub fn pool() -> &'static DescriptorPool {
     static POOL: OnceLock<DescriptorPool> = OnceLock::new();
     POOL.get_or_init(|| {
@@ -34,6 +37,7 @@ pub trait Named: prost::Message + Default + Sized {
     const FULL_NAME: &'static str;
 
     /// The descriptor of this message type.
+    #[cfg(feature = "json")]
     fn descriptor() -> Option<MessageDescriptor> {
         pool().get_message_by_name(Self::FULL_NAME)
     }
@@ -86,6 +90,10 @@ named!(
 pub enum JsonError {
     #[error("no schema for message {0}")]
     NoSchema(&'static str),
+    #[error(
+        "this uplink build reads and writes no JSON bodies (built without the `json` feature): use protobuf bodies for {0}"
+    )]
+    NoJson(&'static str),
     #[error("invalid JSON for {name}: {source}")]
     Parse {
         name: &'static str,
@@ -99,6 +107,7 @@ pub enum JsonError {
 }
 
 /// Parses a proto3-JSON body into `T`.
+#[cfg(feature = "json")]
 pub fn from_json<T: Named>(body: &[u8]) -> Result<T, JsonError> {
     let desc = T::descriptor().ok_or(JsonError::NoSchema(T::FULL_NAME))?;
     let mut de = serde_json::Deserializer::from_slice(body);
@@ -118,8 +127,21 @@ pub fn from_json<T: Named>(body: &[u8]) -> Result<T, JsonError> {
     })
 }
 
+/// Parses a proto3-JSON body into `T`: not in this build.
+#[cfg(not(feature = "json"))]
+pub fn from_json<T: Named>(_body: &[u8]) -> Result<T, JsonError> {
+    Err(JsonError::NoJson(T::FULL_NAME))
+}
+
+/// Writes `msg` as proto3 JSON: not in this build.
+#[cfg(not(feature = "json"))]
+pub fn to_json<T: Named>(_msg: &T) -> Result<Vec<u8>, JsonError> {
+    Err(JsonError::NoJson(T::FULL_NAME))
+}
+
 /// Writes `msg` as proto3 JSON (camelCase names, 64-bit integers as strings,
 /// enums by name, fields with default values left out).
+#[cfg(feature = "json")]
 pub fn to_json<T: Named>(msg: &T) -> Result<Vec<u8>, JsonError> {
     let desc = T::descriptor().ok_or(JsonError::NoSchema(T::FULL_NAME))?;
     let bytes = msg.encode_to_vec();

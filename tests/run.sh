@@ -46,6 +46,8 @@ buf lint
 log "format and clippy"
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
+# The agent build (no backend, no JSON bodies) compiles and is as clean.
+cargo clippy --no-default-features --lib --bins --locked -- -D warnings
 
 log "tests"
 cargo nextest run --locked --no-fail-fast "$@"
