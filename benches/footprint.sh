@@ -2,8 +2,11 @@
 # Footprint of one uplink agent: its resident memory (RSS and PSS) and CPU
 # time, first idle, then with 50 of its containers to monitor.
 #
-# The script builds the release binary, starts a backend on 127.0.0.1 and
-# one agent process with the default settings and --metrics-interval 10s
+# The script builds the agent as shipped to hosts (`cargo build --profile
+# agent --no-default-features`: no backend, optimized for size, one code
+# unit) and the full release binary for the backend, starts a backend on
+# 127.0.0.1 and one agent process with the default settings and
+# --metrics-interval 10s
 # (host, container and self metrics every 10 s, sent on the gRPC rung),
 # and waits until the agent has enrolled and connected. Then:
 #
@@ -39,7 +42,10 @@
 #   FOOTPRINT_CONTAINERS  containers in the second phase (default 50)
 #   FOOTPRINT_INTERVAL    --metrics-interval of the agent (default 10s)
 #   FOOTPRINT_IMAGE       image of the containers (default uplink-test/busybox:1)
-#   UPLINK_BIN            an uplink binary to use instead of building one
+#   UPLINK_BIN            the agent's binary, instead of building the agent
+#                         build (--profile agent --no-default-features)
+#   UPLINK_BACKEND_BIN    the backend's binary, instead of building the
+#                         release build
 #   CARGO_TARGET_DIR      where cargo builds (default ./target)
 
 set -euo pipefail
@@ -61,14 +67,23 @@ for tool in docker curl getconf; do
 done
 docker info >/dev/null 2>&1 || die "the Docker engine is not reachable (docker info fails)"
 
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 if [[ -n ${UPLINK_BIN:-} ]]; then
     BIN=$UPLINK_BIN
 else
-    echo "building the release binary ..."
-    (cd "$ROOT" && cargo build --release --quiet --bin uplink)
-    BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/uplink
+    echo "building the agent (cargo build --profile agent --no-default-features) ..."
+    (cd "$ROOT" && cargo build --profile agent --no-default-features --quiet --bin uplink)
+    BIN=$TARGET/agent/uplink
 fi
 [[ -x $BIN ]] || die "no uplink binary at $BIN"
+if [[ -n ${UPLINK_BACKEND_BIN:-} ]]; then
+    BACKEND_BIN=$UPLINK_BACKEND_BIN
+else
+    echo "building the backend (cargo build --release) ..."
+    (cd "$ROOT" && cargo build --release --quiet --bin uplink)
+    BACKEND_BIN=$TARGET/release/uplink
+fi
+[[ -x $BACKEND_BIN ]] || die "no uplink binary at $BACKEND_BIN"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/uplink-footprint.XXXXXX")
 RUN_ID=$(basename "$WORK")
@@ -115,7 +130,7 @@ fi
 
 # The backend, on a free port of 127.0.0.1, from a copy of the binary: the
 # agent's PSS then shares its binary's pages with no other process.
-cp "$BIN" "$WORK/uplink-backend"
+cp "$BACKEND_BIN" "$WORK/uplink-backend"
 "$WORK/uplink-backend" backend --listen 127.0.0.1:0 --data-dir "$WORK/backend" --hostname 127.0.0.1 \
     --admin-token "$ADMIN" --enroll-token "$ENROLL" \
     >"$WORK/backend.out" 2>"$WORK/backend.log" &
