@@ -66,6 +66,21 @@ fn push_request(epoch: u64, seq: u64, batch: proto::MetricBatch) -> proto::PushM
         epoch,
         seq,
         batch: Some(batch),
+        batch_zstd: Vec::new(),
+    }
+}
+
+/// A batch as `batch_zstd` carries it: one zstd frame of its bytes.
+fn zstd_batch(batch: &proto::MetricBatch) -> Vec<u8> {
+    Compression::Zstd.compress(&batch.encode_to_vec()).unwrap()
+}
+
+/// A request with the batch as a zstd frame instead of a message.
+fn push_request_zstd(epoch: u64, seq: u64, batch: proto::MetricBatch) -> proto::PushMetricsRequest {
+    proto::PushMetricsRequest {
+        batch: None,
+        batch_zstd: zstd_batch(&batch),
+        ..push_request(epoch, seq, batch)
     }
 }
 
@@ -314,7 +329,10 @@ async fn compressed_batches_on_both_rungs_reach_metrics_and_json_lines() {
     )
     .await
     .unwrap();
-    assert!(r.stored && r.reads_series_deltas, "{r:?}");
+    assert!(
+        r.stored && r.reads_series_deltas && r.reads_batch_zstd,
+        "{r:?}"
+    );
     let r = push_grpc(
         &client,
         &agent,
@@ -324,7 +342,7 @@ async fn compressed_batches_on_both_rungs_reach_metrics_and_json_lines() {
     .await;
     assert!(r.unwrap());
     // Connect unary with curl: a zstd body, a gzip body (series deltas),
-    // a plain body.
+    // a plain body (the batch as a zstd frame, as agents send it).
     for (seq, c) in [
         (3, Compression::Zstd),
         (4, Compression::Gzip),
@@ -332,7 +350,12 @@ async fn compressed_batches_on_both_rungs_reach_metrics_and_json_lines() {
     ] {
         let first = (seq - 1) * 10 + 1;
         let samples = if seq == 4 { batch_with_deltas } else { batch };
-        let req = push_request(7, seq, samples(&s, first, 10, t0 + 100 * seq as i64));
+        let make = if seq == 5 {
+            push_request_zstd
+        } else {
+            push_request
+        };
+        let req = make(7, seq, samples(&s, first, 10, t0 + 100 * seq as i64));
         let a = push_curl(&b, &agent, dir.path(), c, None, &req).await;
         assert!(stored(&a), "{}: {}", c.name(), a.text());
     }
@@ -655,6 +678,25 @@ async fn a_malformed_batch_is_rejected_with_its_reason_and_the_next_is_stored() 
     let (code, message) = a.connect_error();
     assert_eq!((a.status, code.as_str()), (400, "invalid_argument"));
     assert!(message.contains("(column_lengths)"), "{message}");
+    // The batch as a zstd frame: not a frame, and both forms at once.
+    let mut not_zstd = push_request(epoch, 4, batch(&s, 1, 4, 0));
+    not_zstd.batch = None;
+    not_zstd.batch_zstd = b"not zstd".to_vec();
+    let err = push_grpc(&client, &agent, CompressionEncoding::Gzip, not_zstd)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message()
+            .starts_with("metric batch rejected (batch_zstd): batch_zstd is not a zstd frame"),
+        "{err:?}"
+    );
+    let mut both = push_request(epoch, 4, batch(&s, 1, 4, 0));
+    both.batch_zstd = zstd_batch(&batch(&s, 1, 4, 0));
+    let err = push_grpc(&client, &agent, CompressionEncoding::Gzip, both)
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("(both_batch_forms)"), "{err:?}");
     // Both series columns, and a running index that leaves the series.
     let mut mixed = batch(&s, 1, 4, 0);
     mixed.sample_series_deltas = vec![0, 1, -1, 1];
@@ -691,7 +733,7 @@ async fn a_malformed_batch_is_rejected_with_its_reason_and_the_next_is_stored() 
         &client,
         &agent,
         CompressionEncoding::Zstd,
-        push_request(epoch, 6, batch(&s, 5, 4, 10)),
+        push_request_zstd(epoch, 6, batch(&s, 5, 4, 10)),
     )
     .await;
     assert!(r.unwrap());

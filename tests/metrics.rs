@@ -537,6 +537,13 @@ async fn backend_sets_the_interval(transport: &str) {
             Duration::from_secs(20),
         )
         .await;
+    // It also reads spooled zstd batches: they go as they are.
+    agent
+        .wait_log(
+            &["the backend reads spooled zstd batches: metric batches are sent as spooled"],
+            Duration::from_secs(20),
+        )
+        .await;
     // Host samples now arrive about every second: several distinct
     // timestamps of the same series within a few seconds.
     let mut seen = HashSet::new();

@@ -259,15 +259,15 @@ impl Pipeline {
         let recorder = Recorder(tx);
         let (stop, stop_rx) = watch::channel(false);
         let spooled = Arc::new(Notify::new());
-        // Set by the sender when the backend says it reads
-        // `sample_series_deltas`; the batcher then encodes with them.
-        let series_deltas = Arc::new(AtomicBool::new(false));
+        // What the backend said it reads, set by the sender from each
+        // response; the batcher encodes series deltas when it may.
+        let accepts = Arc::new(Accepts::default());
         let batcher = tokio::spawn(batch_loop(
             cfg.batcher,
             rx,
             spool.clone(),
             spooled.clone(),
-            series_deltas.clone(),
+            accepts.clone(),
             stop_rx.clone(),
         ));
         let mut tasks = vec![tokio::spawn(send_loop(
@@ -276,7 +276,7 @@ impl Pipeline {
             spool.clone(),
             spooled,
             push,
-            series_deltas,
+            accepts,
             stop_rx.clone(),
         ))];
         if let Some(interval) = cfg.interval {
@@ -352,13 +352,54 @@ impl Pipeline {
     }
 }
 
+/// The newer forms of the contract the backend said it reads, from its
+/// last `PushMetricsResponse`. Both start off: a backend written before
+/// they existed never sets them.
+#[derive(Debug, Default)]
+struct Accepts {
+    /// `MetricBatch.sample_series_deltas`.
+    series_deltas: AtomicBool,
+    /// `PushMetricsRequest.batch_zstd`.
+    batch_zstd: AtomicBool,
+}
+
+impl Accepts {
+    /// Takes what a response says; logs each change.
+    fn update(&self, r: &proto::PushMetricsResponse) {
+        let on = r.reads_series_deltas;
+        if self.series_deltas.swap(on, Ordering::Relaxed) != on {
+            tracing::info!(
+                "the backend {} series deltas: metric batches carry {} from now on",
+                if on { "reads" } else { "does not read" },
+                if on {
+                    "sample_series_deltas"
+                } else {
+                    "sample_series"
+                }
+            );
+        }
+        let on = r.reads_batch_zstd;
+        if self.batch_zstd.swap(on, Ordering::Relaxed) != on {
+            tracing::info!(
+                "the backend {} spooled zstd batches: metric batches are sent {} from now on",
+                if on { "reads" } else { "does not read" },
+                if on {
+                    "as spooled (batch_zstd)"
+                } else {
+                    "decoded (batch), compressed by the transport"
+                }
+            );
+        }
+    }
+}
+
 /// Batches samples; appends each flushed batch to the spool.
 async fn batch_loop(
     cfg: BatcherConfig,
     mut rx: mpsc::Receiver<Vec<Sample>>,
     spool: Arc<Mutex<Spool>>,
     spooled: Arc<Notify>,
-    series_deltas: Arc<AtomicBool>,
+    accepts: Arc<Accepts>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut batcher = Batcher::new(cfg);
@@ -367,7 +408,7 @@ async fn batch_loop(
     let mut flushed = Vec::new();
     let mut refused = 0;
     loop {
-        batcher.set_series_deltas(series_deltas.load(Ordering::Relaxed));
+        batcher.set_series_deltas(accepts.series_deltas.load(Ordering::Relaxed));
         let due = batcher.due();
         let mut closing = false;
         tokio::select! {
@@ -488,7 +529,7 @@ async fn send_loop(
     spool: Arc<Mutex<Spool>>,
     spooled: Arc<Notify>,
     push: Push,
-    series_deltas: Arc<AtomicBool>,
+    accepts: Arc<Accepts>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut rate = Rate::new(rate);
@@ -521,37 +562,38 @@ async fn send_loop(
                     Duration::ZERO
                 };
                 let push = push.clone();
-                let series_deltas = series_deltas.clone();
+                let accepts = accepts.clone();
                 inflight.push(async move {
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                     }
                     let h = r.header;
-                    let batch = Compression::Zstd
-                        .decompress(&r.payload, MAX_BATCH_BYTES)
-                        .map_err(|e| e.to_string())
-                        .and_then(|b| {
-                            proto::MetricBatch::decode(b.as_slice()).map_err(|e| e.to_string())
-                        });
-                    let outcome = match batch {
+                    let bytes = r.payload.len();
+                    let request = |batch, batch_zstd| proto::PushMetricsRequest {
+                        ack: 0,
+                        epoch: h.epoch,
+                        seq: h.seq,
+                        batch,
+                        batch_zstd,
+                    };
+                    // A backend that reads `batch_zstd` gets the spooled
+                    // bytes as they are; another gets the decoded batch.
+                    let request = if accepts.batch_zstd.load(Ordering::Relaxed) {
+                        Ok(request(None, r.payload))
+                    } else {
+                        Compression::Zstd
+                            .decompress(&r.payload, MAX_BATCH_BYTES)
+                            .map_err(|e| e.to_string())
+                            .and_then(|b| {
+                                proto::MetricBatch::decode(b.as_slice()).map_err(|e| e.to_string())
+                            })
+                            .map(|batch| request(Some(batch), Vec::new()))
+                    };
+                    let outcome = match request {
                         Err(e) => Sent::Rejected(format!("spooled batch unreadable: {e}")),
-                        Ok(batch) => match push(proto::PushMetricsRequest {
-                            ack: 0,
-                            epoch: h.epoch,
-                            seq: h.seq,
-                            batch: Some(batch),
-                        })
-                        .await
-                        {
+                        Ok(request) => match push(request).await {
                             Ok(r) => {
-                                let on = r.reads_series_deltas;
-                                if series_deltas.swap(on, Ordering::Relaxed) != on {
-                                    tracing::info!(
-                                        "the backend {} series deltas: metric batches carry {} from now on",
-                                        if on { "reads" } else { "does not read" },
-                                        if on { "sample_series_deltas" } else { "sample_series" }
-                                    );
-                                }
+                                accepts.update(&r);
                                 Sent::Stored
                             }
                             Err(e)
@@ -566,7 +608,7 @@ async fn send_loop(
                             Err(e) => Sent::Failed(e),
                         },
                     };
-                    (h, r.payload.len(), outcome)
+                    (h, bytes, outcome)
                 });
             }
         }

@@ -103,20 +103,29 @@ impl Unary {
         }
     }
 
-    /// `PushMetrics`, compressed with zstd on either rung.
+    /// `PushMetrics`, compressed with zstd on either rung: by the
+    /// transport, or already (`batch_zstd`), when the request goes as it is.
     async fn push_metrics(
         &self,
         credential: &Secret,
         req: proto::PushMetricsRequest,
     ) -> Result<proto::PushMetricsResponse, CallError> {
+        let compressed = !req.batch_zstd.is_empty();
         match self {
-            Unary::Grpc(c) => c
-                .clone()
-                .send_compressed(tonic::codec::CompressionEncoding::Zstd)
-                .push_metrics(grpc_request(req, Some(credential))?)
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| CallError::from_tonic(&s)),
+            Unary::Grpc(c) => {
+                let mut c = c.clone();
+                if !compressed {
+                    c = c.send_compressed(tonic::codec::CompressionEncoding::Zstd);
+                }
+                c.push_metrics(grpc_request(req, Some(credential))?)
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| CallError::from_tonic(&s))
+            }
+            Unary::Connect(c) if compressed => {
+                c.call(AGENT_SERVICE, "PushMetrics", &req, UNARY_TIMEOUT)
+                    .await
+            }
             Unary::Connect(c) => {
                 c.call_zstd(AGENT_SERVICE, "PushMetrics", &req, UNARY_TIMEOUT)
                     .await

@@ -27,6 +27,41 @@ const MAX_PUSH_WAIT: Duration = Duration::from_secs(30);
 /// (about a millisecond of work), not on an async worker.
 const DECODE_INLINE_SAMPLES: usize = 20_000;
 
+/// Why a pushed batch cannot be read.
+#[derive(Debug, thiserror::Error)]
+enum BatchError {
+    #[error("the request sets both batch and batch_zstd: set one of them")]
+    BothForms,
+    #[error("batch_zstd is not a zstd frame of a MetricBatch within {limit} bytes: {why}")]
+    Zstd { limit: usize, why: String },
+    #[error(transparent)]
+    Invalid(crate::metrics::encode::DecodeError),
+}
+
+impl BatchError {
+    fn reason(&self) -> Rejection {
+        match self {
+            BatchError::BothForms => Rejection::BothBatchForms,
+            BatchError::Zstd { .. } => Rejection::BatchZstd,
+            BatchError::Invalid(e) => Rejection::of(e),
+        }
+    }
+}
+
+/// Decompresses (at most `limit` bytes) and decodes a `batch_zstd`.
+fn decode_batch_zstd(
+    zstd: &[u8],
+    limit: usize,
+) -> Result<crate::metrics::encode::Decoded, BatchError> {
+    let bytes = crate::metrics::compress::Compression::Zstd
+        .decompress(zstd, limit)
+        .map_err(|e| BatchError::Zstd {
+            limit,
+            why: e.to_string(),
+        })?;
+    crate::metrics::encode::decode_bytes(&bytes).map_err(BatchError::Invalid)
+}
+
 /// Settings the core needs.
 #[derive(Clone, Debug)]
 pub struct CoreConfig {
@@ -41,6 +76,9 @@ pub struct CoreConfig {
     /// The metrics interval agents are asked to use (`Reconfigure`);
     /// None leaves it to each agent.
     pub agent_metrics_interval: Option<Duration>,
+    /// Largest message accepted; also the largest `batch_zstd` once
+    /// decompressed.
+    pub max_message_bytes: usize,
 }
 
 /// The backend's state and logic.
@@ -686,22 +724,35 @@ impl Core {
     ) -> Result<proto::PushMetricsResponse, Status> {
         self.apply_ack(&agent, req.ack)?;
         let (epoch, seq) = (req.epoch, req.seq);
-        let batch = req.batch.unwrap_or_default();
-        let samples = batch
-            .sample_series
-            .len()
-            .max(batch.sample_series_deltas.len());
-        let decoded = if samples > DECODE_INLINE_SAMPLES {
-            tokio::task::spawn_blocking(move || crate::metrics::encode::decode(&batch))
+        let limit = self.cfg.max_message_bytes;
+        let decoded = match (req.batch, req.batch_zstd) {
+            (Some(_), zstd) if !zstd.is_empty() => Err(BatchError::BothForms),
+            (batch, zstd) if zstd.is_empty() => {
+                let batch = batch.unwrap_or_default();
+                let samples = batch
+                    .sample_series
+                    .len()
+                    .max(batch.sample_series_deltas.len());
+                if samples > DECODE_INLINE_SAMPLES {
+                    tokio::task::spawn_blocking(move || {
+                        crate::metrics::encode::decode(&batch).map_err(BatchError::Invalid)
+                    })
+                    .await
+                    .map_err(|e| {
+                        Status::internal(format!("decoding the metric batch failed: {e}"))
+                    })?
+                } else {
+                    crate::metrics::encode::decode(&batch).map_err(BatchError::Invalid)
+                }
+            }
+            (_, zstd) => tokio::task::spawn_blocking(move || decode_batch_zstd(&zstd, limit))
                 .await
-                .map_err(|e| Status::internal(format!("decoding the metric batch failed: {e}")))?
-        } else {
-            crate::metrics::encode::decode(&batch)
+                .map_err(|e| Status::internal(format!("decoding the metric batch failed: {e}")))?,
         };
         let decoded = match decoded {
             Ok(d) => d,
             Err(e) => {
-                let reason = Rejection::of(&e);
+                let reason = e.reason();
                 self.sinks.reject(reason);
                 tracing::debug!(%agent, epoch, seq, reason = reason.as_str(), error = %e, "metric batch rejected");
                 // The agent drops a batch that can never be stored: its seq
@@ -754,6 +805,7 @@ impl Core {
                 return Ok(proto::PushMetricsResponse {
                     stored: false,
                     reads_series_deltas: true,
+                    reads_batch_zstd: true,
                 });
             }
             BatchSeq::TooFarAhead { watermark } => {
@@ -807,6 +859,7 @@ impl Core {
             Ok(Ok(Ok(()))) => Ok(proto::PushMetricsResponse {
                 stored: true,
                 reads_series_deltas: true,
+                reads_batch_zstd: true,
             }),
             Ok(Ok(Err(status))) => Err(status),
             Ok(Err(e)) => Err(Status::internal(format!(

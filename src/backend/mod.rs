@@ -397,6 +397,7 @@ impl Server {
                     public_url: url.clone(),
                     ca_file: server_tls.ca_file.clone(),
                     agent_metrics_interval: config.agent_metrics_interval,
+                    max_message_bytes: config.max_message_bytes,
                 },
                 &admin_hash,
                 draining_rx,

@@ -78,6 +78,10 @@ const OWN: [&str; 13] = [
 /// parentheses in the error the agent gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rejection {
+    /// The request sets both `batch` and `batch_zstd`.
+    BothBatchForms,
+    /// `batch_zstd` does not decompress within the limit.
+    BatchZstd,
     /// Invalid batch ([`DecodeError`] variants, one reason each).
     MixedSeriesColumns,
     ColumnLengths,
@@ -114,7 +118,9 @@ pub enum Rejection {
 
 impl Rejection {
     /// Every reason, in the order `/metrics` lists them.
-    pub const ALL: [Rejection; 23] = [
+    pub const ALL: [Rejection; 25] = [
+        Rejection::BothBatchForms,
+        Rejection::BatchZstd,
         Rejection::MixedSeriesColumns,
         Rejection::ColumnLengths,
         Rejection::MixedValueEncodings,
@@ -143,6 +149,8 @@ impl Rejection {
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
+            Rejection::BothBatchForms => "both_batch_forms",
+            Rejection::BatchZstd => "batch_zstd",
             Rejection::MixedSeriesColumns => "mixed_series_columns",
             Rejection::ColumnLengths => "column_lengths",
             Rejection::MixedValueEncodings => "mixed_value_encodings",
