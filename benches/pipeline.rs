@@ -908,7 +908,11 @@ enum Rung {
 }
 
 impl Rung {
+    /// As the agent's session pushes: a request whose batch is already a
+    /// zstd frame (`batch_zstd`) goes as it is, another is compressed by
+    /// the transport.
     async fn push(&self, req: proto::PushMetricsRequest) -> Result<bool, String> {
+        let compressed = !req.batch_zstd.is_empty();
         match self {
             Rung::Grpc {
                 client,
@@ -918,14 +922,26 @@ impl Rung {
                 r.set_timeout(CALL_TIMEOUT);
                 r.metadata_mut()
                     .insert("authorization", authorization.clone());
+                let mut client = client.clone();
+                if !compressed {
+                    client = client.send_compressed(CompressionEncoding::Zstd);
+                }
                 client
-                    .clone()
-                    .send_compressed(CompressionEncoding::Zstd)
                     .push_metrics(r)
                     .await
                     .map(|r| r.into_inner().stored)
                     .map_err(|s| s.to_string())
             }
+            Rung::Longpoll(c) if compressed => c
+                .call::<_, proto::PushMetricsResponse>(
+                    AGENT_SERVICE,
+                    "PushMetrics",
+                    &req,
+                    CALL_TIMEOUT,
+                )
+                .await
+                .map(|r| r.stored)
+                .map_err(|e| e.to_string()),
             Rung::Longpoll(c) => c
                 .call_zstd::<_, proto::PushMetricsResponse>(
                     AGENT_SERVICE,
@@ -1013,31 +1029,26 @@ async fn batch_loop(
     }
 }
 
-/// One spooled batch: read back, decoded, pushed.
+/// One spooled batch, pushed as the agent pushes it to a backend that
+/// reads `batch_zstd`: the spooled bytes as they are.
 async fn send_one(rung: Rung, r: Record) -> (Header, Result<(), String>) {
     let h = r.header;
-    let batch = Compression::Zstd
-        .decompress(&r.payload, MAX_BATCH_BYTES)
-        .map_err(|e| e.to_string())
-        .and_then(|b| proto::MetricBatch::decode(b.as_slice()).map_err(|e| e.to_string()));
-    let outcome = match batch {
-        Err(e) => Err(format!("spooled batch unreadable: {e}")),
-        Ok(batch) => rung
-            .push(proto::PushMetricsRequest {
-                ack: 0,
-                epoch: h.epoch,
-                seq: h.seq,
-                batch: Some(batch),
-            })
-            .await
-            .and_then(|stored| {
-                if stored {
-                    Ok(())
-                } else {
-                    Err("the backend called it a duplicate".into())
-                }
-            }),
-    };
+    let outcome = rung
+        .push(proto::PushMetricsRequest {
+            ack: 0,
+            epoch: h.epoch,
+            seq: h.seq,
+            batch: None,
+            batch_zstd: r.payload,
+        })
+        .await
+        .and_then(|stored| {
+            if stored {
+                Ok(())
+            } else {
+                Err("the backend called it a duplicate".into())
+            }
+        });
     (h, outcome)
 }
 
@@ -1728,6 +1739,7 @@ fn stages(b: &mut Bench, batches: usize, passes: usize) -> (Stages, usize) {
                 epoch,
                 seq,
                 batch: Some(batch),
+                batch_zstd: Vec::new(),
             };
             let start = Instant::now();
             let wire = zstd::stream::encode_all(req.encode_to_vec().as_slice(), 3).expect("zstd");
