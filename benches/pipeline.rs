@@ -932,22 +932,13 @@ impl Rung {
                     .map(|r| r.into_inner().stored)
                     .map_err(|s| s.to_string())
             }
-            Rung::Longpoll(c) if compressed => c
-                .call::<_, proto::PushMetricsResponse>(
-                    AGENT_SERVICE,
-                    "PushMetrics",
-                    &req,
-                    CALL_TIMEOUT,
-                )
-                .await
-                .map(|r| r.stored)
-                .map_err(|e| e.to_string()),
             Rung::Longpoll(c) => c
-                .call_zstd::<_, proto::PushMetricsResponse>(
+                .call_encoded::<_, proto::PushMetricsResponse>(
                     AGENT_SERVICE,
                     "PushMetrics",
                     &req,
                     CALL_TIMEOUT,
+                    !compressed,
                 )
                 .await
                 .map(|r| r.stored)

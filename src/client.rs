@@ -297,7 +297,8 @@ impl ConnectClient {
         self.call_encoded(service, method, req, timeout, true).await
     }
 
-    async fn call_encoded<Req: Named, Resp: Named>(
+    /// [`ConnectClient::call_zstd`] when `zstd`, else [`ConnectClient::call`].
+    pub async fn call_encoded<Req: Named, Resp: Named>(
         &self,
         service: &str,
         method: &str,

@@ -122,13 +122,15 @@ impl Unary {
                     .map(|r| r.into_inner())
                     .map_err(|s| CallError::from_tonic(&s))
             }
-            Unary::Connect(c) if compressed => {
-                c.call(AGENT_SERVICE, "PushMetrics", &req, UNARY_TIMEOUT)
-                    .await
-            }
             Unary::Connect(c) => {
-                c.call_zstd(AGENT_SERVICE, "PushMetrics", &req, UNARY_TIMEOUT)
-                    .await
+                c.call_encoded(
+                    AGENT_SERVICE,
+                    "PushMetrics",
+                    &req,
+                    UNARY_TIMEOUT,
+                    !compressed,
+                )
+                .await
             }
         }
     }
