@@ -10,7 +10,7 @@
 //!    enrolled (its `identity.json` appears), a `Ping` is queued for it.
 //!    Measured from the agent's start until its ack, and until its result,
 //!    reach the backend. Paths: through a relay that cuts every TLS
-//!    connection offering only `h2` (`tests/common/relay.rs`, mode
+//!    connection offering only `h2` (`testkit/src/relay.rs`, mode
 //!    `BlockH2`), and through Debian's squid with ssl_bump (TLS
 //!    interception that speaks only HTTP/1.1; the agent trusts only the
 //!    interception CA, so it cannot reach the backend unless squid
@@ -41,13 +41,6 @@
 //!
 //! Run: `cargo bench --bench ladder`.
 
-#[allow(dead_code)]
-#[path = "../tests/common/relay.rs"]
-mod relay;
-#[allow(dead_code)]
-#[path = "../tests/common/squid.rs"]
-mod squid;
-
 mod common;
 
 use std::net::SocketAddr;
@@ -63,8 +56,6 @@ use tokio::runtime::Runtime;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use relay::{Mode, Relay};
-use squid::{Squid, SquidOpts};
 use uplink::agent::{self, AgentConfig, AgentError, TransportMode, identity};
 use uplink::backend::{BackendConfig, BackendError, Core, Server};
 use uplink::net::ProxySettings;
@@ -74,6 +65,8 @@ use uplink::proto::{
 };
 use uplink::secret::{Kind, Secret};
 use uplink::tls::Trust;
+use uplink_testkit::relay::{Mode, Relay};
+use uplink_testkit::squid::{Squid, SquidOpts};
 
 /// The probe interval of the climb-back agent (`--probe-initial` and
 /// `--probe-max` alike).

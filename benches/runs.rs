@@ -20,9 +20,6 @@
 //! Run: `cargo bench --bench runs` (needs Docker and busybox-static).
 
 mod common;
-#[allow(dead_code)]
-#[path = "../tests/common/docker.rs"]
-mod docker;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -37,6 +34,7 @@ use tokio::sync::watch;
 use uplink::backend::{BackendConfig, Core, Server};
 use uplink::proto;
 use uplink::secret::{Kind, Secret};
+use uplink_testkit::docker;
 
 const BIN: &str = env!("CARGO_BIN_EXE_uplink");
 /// Longest wait for a run to start or be removed.

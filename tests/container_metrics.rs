@@ -3,15 +3,13 @@
 //! twice a second apart, while containers of another agent are ignored and
 //! a container removed between scrapes is forgotten.
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::docker::{LOCAL_IMAGE, ensure_image, remove_containers_of};
 use uplink::metrics::containers::{ContainerConfig, ContainerCounters, ContainerSource};
 use uplink::metrics::encode::{Kind, Sample};
+use uplink_testkit::docker::{LOCAL_IMAGE, ensure_image, remove_containers_of};
 
 /// Removes the containers of its agents when the test ends, however it
 /// ends.

@@ -3,16 +3,14 @@
 //! age), NO_PROXY, a half-open line, and forced rung switches, each with
 //! the agent binary and `doctor`.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::relay::{Mode, Relay};
-use common::squid::{Squid, SquidOpts};
-use common::*;
 use uplink::proto::{self, CommandStatus};
+use uplink_testkit::relay::{Mode, Relay};
+use uplink_testkit::squid::{Squid, SquidOpts};
+use uplink_testkit::*;
 
 async fn doctor(
     b: &TestBackend,
@@ -20,7 +18,7 @@ async fn doctor(
     args: &[&str],
     envs: &[(&str, &str)],
 ) -> (bool, String) {
-    let mut cmd = tokio::process::Command::new(BIN);
+    let mut cmd = tokio::process::Command::new(bin());
     cmd.args(["doctor", "--backend", url]).args(args);
     for k in [
         "HTTPS_PROXY",

@@ -2,12 +2,10 @@
 //! backend on loopback: enrollment, pings, offline queues, restarts of
 //! either side, and the at-most-once guarantee.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use uplink::proto::{self, CommandStatus};
+use uplink_testkit::*;
 
 const RUNGS: [&str; 2] = ["grpc", "longpoll"];
 

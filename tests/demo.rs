@@ -3,13 +3,11 @@
 //! machine's Docker engine, followed to their exit and removed, and the
 //! metrics that reached the backend (hosts, containers, load generators).
 
-mod common;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_shows_commands_on_both_rungs_and_runs_containers_through_docker() {
     let out = tokio::time::timeout(
         std::time::Duration::from_secs(180),
-        tokio::process::Command::new(common::BIN)
+        tokio::process::Command::new(uplink_testkit::bin())
             .args(["demo", "--rounds", "2"])
             .output(),
     )

@@ -2,16 +2,14 @@
 //! protobuf (with curl), bad bodies of every kind, gRPC limits, the binary's
 //! start-up output, `ctl`, and the errors an operator has to act on.
 
-mod common;
-
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::*;
 use http_body_util::{BodyExt, Full};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uplink::proto;
+use uplink_testkit::*;
 
 /// POSTs `body` to `path` over HTTP/1.1 + TLS; returns status and body.
 async fn post(
@@ -322,6 +320,15 @@ async fn connect_json_and_proto_both_work_with_curl() {
     b.stop().await;
 }
 
+/// The harness finds the binary beside the running test, since only the
+/// tests themselves see `CARGO_BIN_EXE_uplink`: both name the same file.
+#[test]
+fn the_harness_runs_the_binary_cargo_built_for_these_tests() {
+    let built = std::fs::canonicalize(env!("CARGO_BIN_EXE_uplink")).unwrap();
+    let found = std::fs::canonicalize(bin()).unwrap();
+    assert_eq!(found, built);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_backend_binary_prints_tokens_once_and_the_host_command() {
     let dir = tempfile::tempdir().unwrap();
@@ -380,7 +387,7 @@ async fn the_backend_binary_prints_tokens_once_and_the_host_command() {
             ca.to_str().unwrap(),
         ];
         v.extend_from_slice(args);
-        std::process::Command::new(BIN)
+        std::process::Command::new(bin())
             .args(&v)
             .env("UPLINK_ADMIN_TOKEN", &admin_token)
             .output()
@@ -400,7 +407,7 @@ async fn the_backend_binary_prints_tokens_once_and_the_host_command() {
     let out = ctl(&["providers"]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(text.contains("default") && text.contains("lab-1"), "{text}");
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(bin())
         .args([
             "ctl",
             "--backend",
@@ -442,7 +449,7 @@ async fn ctl_agents_json_and_ping_through_the_binary() {
         let token = b.admin_token.expose().to_string();
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         async move {
-            tokio::process::Command::new(BIN)
+            tokio::process::Command::new(bin())
                 .args([
                     "ctl",
                     "--backend",
@@ -645,7 +652,7 @@ async fn an_unreachable_backend_is_named_in_each_retry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_configuration_exits_64_with_every_problem_named() {
-    let out = tokio::process::Command::new(BIN)
+    let out = tokio::process::Command::new(bin())
         .args([
             "agent",
             "--backend",
@@ -666,7 +673,7 @@ async fn bad_configuration_exits_64_with_every_problem_named() {
         "{err}"
     );
     assert!(err.contains("pigeon"), "{err}");
-    let out = tokio::process::Command::new(BIN)
+    let out = tokio::process::Command::new(bin())
         .args([
             "backend",
             "--listen",
@@ -688,7 +695,7 @@ async fn bad_configuration_exits_64_with_every_problem_named() {
         "{err}"
     );
     let dir = tempfile::tempdir().unwrap();
-    let out = tokio::process::Command::new(BIN)
+    let out = tokio::process::Command::new(bin())
         .args([
             "agent",
             "--backend",

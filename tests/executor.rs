@@ -2,14 +2,14 @@
 //! a registry on loopback, containers run to completion, stopped, OOM-killed,
 //! refused by the local policy, and an engine that is not there.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::docker::{LOCAL_IMAGE, Registry, containers_of, remove_containers_of};
-use common::*;
 use uplink::proto::{self, CommandStatus, command_spec::Kind};
+use uplink_testkit::docker::{
+    LOCAL_IMAGE, Registry, containers_of, ensure_image, remove_containers_of,
+};
+use uplink_testkit::*;
 
 fn spec(kind: Kind) -> proto::CommandSpec {
     proto::CommandSpec { kind: Some(kind) }
@@ -249,7 +249,7 @@ async fn pulls_runs_stops_and_reports_exits_through_the_real_engine() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_policy_refuses_before_any_docker_call() {
     let dir = tempfile::tempdir().unwrap();
-    common::docker::ensure_image(dir.path());
+    ensure_image(dir.path());
     let b = TestBackend::start(&dir.path().join("backend")).await;
     let admin = b.admin();
     let _a = agent_via(
@@ -346,7 +346,7 @@ fn docker_socket_at(at: &std::path::Path) -> tokio::task::JoinHandle<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_docker_engine_is_named_and_the_agent_stays_connected_until_it_comes_back() {
     let dir = tempfile::tempdir().unwrap();
-    common::docker::ensure_image(dir.path());
+    ensure_image(dir.path());
     let b = TestBackend::start(&dir.path().join("backend")).await;
     let admin = b.admin();
     let socket = dir.path().join("docker.sock");
@@ -440,7 +440,7 @@ async fn a_missing_docker_engine_is_named_and_the_agent_stays_connected_until_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_the_same_command_again_creates_no_second_container() {
     let dir = tempfile::tempdir().unwrap();
-    common::docker::ensure_image(dir.path());
+    ensure_image(dir.path());
     let agent = format!("agt_test{}", std::process::id());
     let _cleanup = Cleanup(agent.clone());
     let engine = uplink::agent::docker::Engine::new(
@@ -490,7 +490,7 @@ async fn event_of(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_crash_the_agent_adopts_running_containers_reports_exits_and_removes_orphans() {
     let dir = tempfile::tempdir().unwrap();
-    common::docker::ensure_image(dir.path());
+    ensure_image(dir.path());
     let b = TestBackend::start(&dir.path().join("backend")).await;
     let admin = b.admin();
     let state = dir.path().join("a");
@@ -578,7 +578,7 @@ async fn after_a_crash_the_agent_adopts_running_containers_reports_exits_and_rem
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_runs_never_pass_the_policy_totals_together() {
     let dir = tempfile::tempdir().unwrap();
-    common::docker::ensure_image(dir.path());
+    ensure_image(dir.path());
     let b = TestBackend::start(&dir.path().join("backend")).await;
     let admin = b.admin();
     let policy = dir.path().join("policy.json");

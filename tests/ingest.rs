@@ -5,19 +5,17 @@
 //! the admin token, and the JSON-lines files (content, rotation, flush on
 //! stop).
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use prost::Message;
 use tonic::codec::CompressionEncoding;
 use uplink::metrics::compress::Compression;
 use uplink::metrics::encode::{BatchBuilder, Kind, Series, ValueEncoding};
 use uplink::proto;
+use uplink_testkit::*;
 
 type AgentClient = proto::agent_service_client::AgentServiceClient<tonic::transport::Channel>;
 

@@ -7,17 +7,16 @@
 //! `default-jdk-headless` (JMeter's launcher runs from source),
 //! `python3-influxdb` and `curl`; PyPI's `influxdb-client`.
 
-#[path = "common/loadgen.rs"]
-mod loadgen;
-
 use std::io::Write;
 use std::time::Duration;
 
-use loadgen::{Endpoint, JMETER_HOME, Target, curl, labels, named, one, run_ok, summary};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::Command;
 use uplink::metrics::ingest::{Ingest, IngestConfig, IngestError, IngestLimits, Reason};
+use uplink_testkit::loadgen::{
+    self, Endpoint, JMETER_HOME, Target, curl, labels, named, one, run_ok, summary,
+};
 
 fn config() -> IngestConfig {
     IngestConfig::default()

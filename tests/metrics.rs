@@ -7,15 +7,13 @@
 //!
 //! `UPLINK_OUTAGE_SECS` shortens the two-minute outage (default 120).
 
-mod common;
-
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uplink_testkit::*;
 
 /// Samples per second the generator sends.
 const RATE: u64 = 1000;

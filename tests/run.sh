@@ -45,7 +45,9 @@ buf lint
 
 log "format and clippy"
 cargo fmt --check
-cargo clippy --all-targets --locked -- -D warnings
+# The workspace: the uplink package and the harness its tests and benches
+# share (testkit/).
+cargo clippy --workspace --all-targets --locked -- -D warnings
 # The agent build (no backend, no JSON bodies) compiles and is as clean.
 cargo clippy --no-default-features --lib --bins --locked -- -D warnings
 

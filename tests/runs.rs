@@ -2,14 +2,12 @@
 //! even placement, all-or-nothing refusal, status, logs and stop through
 //! the `uplink ctl` binary, and a run that outlives a backend restart.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::docker::{LOCAL_IMAGE, containers_of, ensure_image, remove_containers_of};
-use common::*;
 use uplink::proto;
+use uplink_testkit::docker::{LOCAL_IMAGE, containers_of, ensure_image, remove_containers_of};
+use uplink_testkit::*;
 
 struct Cleanup(Vec<String>);
 impl Drop for Cleanup {

@@ -56,6 +56,7 @@ pub fn ensure_image(dir: &Path) {
 /// A registry on loopback holding `loadgen/busybox:1`.
 pub struct Registry {
     child: Child,
+    /// Its port on 127.0.0.1.
     pub port: u16,
 }
 

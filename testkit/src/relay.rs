@@ -32,6 +32,7 @@ type Conns = Arc<Mutex<Vec<(Arc<AtomicBool>, JoinHandle<()>)>>>;
 
 /// A running relay.
 pub struct Relay {
+    /// Where agents connect instead of the backend.
     pub addr: SocketAddr,
     mode: Arc<AtomicU8>,
     conns: Conns,

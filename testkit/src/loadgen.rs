@@ -4,8 +4,6 @@
 //! target for JMeter to load, and waits that always have a timeout and a
 //! message.
 
-#![allow(dead_code)]
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Output, Stdio};
@@ -24,7 +22,9 @@ pub const JMETER_HOME: &str = "/usr/share/jmeter";
 /// An ingest endpoint on loopback, the receiving end of its channel, and
 /// the switch that shuts it down.
 pub struct Endpoint {
+    /// The running endpoint: its addresses and counters.
     pub handle: IngestHandle,
+    /// What the endpoint parsed, as it would reach the agent's batcher.
     pub rx: mpsc::Receiver<Vec<Sample>>,
     stop: Option<oneshot::Sender<()>>,
 }
@@ -53,10 +53,12 @@ impl Endpoint {
         }
     }
 
+    /// The address of the Graphite listener.
     pub fn graphite(&self) -> SocketAddr {
         self.handle.graphite_addr().expect("graphite listener")
     }
 
+    /// The address of the Influx listener.
     pub fn influx(&self) -> SocketAddr {
         self.handle.influx_addr().expect("influx listener")
     }
@@ -218,13 +220,16 @@ pub async fn run_ok(cmd: &mut Command, timeout: Duration, what: &str) -> String 
 /// What curl got back.
 #[derive(Debug)]
 pub struct Reply {
+    /// The HTTP status code.
     pub status: u16,
     /// Header lines, names lowercased.
     pub headers: Vec<(String, String)>,
+    /// The body as text.
     pub body: String,
 }
 
 impl Reply {
+    /// The value of the header `name` (lowercase), if present.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -271,11 +276,14 @@ pub async fn curl(args: &[&str]) -> Reply {
 /// An HTTP server on loopback for JMeter to load: `GET /` answers 200 and
 /// counts the hit.
 pub struct Target {
+    /// Where it listens.
     pub addr: SocketAddr,
+    /// Requests answered so far.
     pub hits: Arc<AtomicUsize>,
 }
 
 impl Target {
+    /// Starts on `127.0.0.1:0`.
     pub async fn start() -> Target {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -296,6 +304,7 @@ impl Target {
         Target { addr, hits }
     }
 
+    /// Requests answered so far.
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }

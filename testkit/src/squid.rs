@@ -27,7 +27,9 @@ pub struct SquidOpts {
 /// A running squid.
 pub struct Squid {
     child: Child,
+    /// Its port on 127.0.0.1.
     pub port: u16,
+    /// Its configuration, logs and state.
     pub dir: PathBuf,
     /// The interception CA (PEM), when bumping.
     pub bump_ca: Option<PathBuf>,

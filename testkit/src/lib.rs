@@ -1,0 +1,49 @@
+//! The harness that uplink's integration tests (`tests/`) and benchmarks
+//! (`benches/`) share: real parts on loopback, started and stopped by the
+//! test, and waits that always have a timeout and a message.
+//!
+//! It is a dev-only crate of the workspace: the `uplink` package lists it
+//! under `[dev-dependencies]`, and it depends on the `uplink` library, so
+//! the types it hands out (`uplink::proto`, `uplink::backend`) are the very
+//! types the tests use. Nothing here is published or built into `uplink`.
+//!
+//! # Layout
+//!
+//! - [`waits`]: [`wait_for`], polling a condition until a timeout.
+//! - [`backend`]: [`TestBackend`], a backend in this process on a port
+//!   bound before it starts, and the command helpers used against it
+//!   ([`connected_agent`], [`ping`], [`result_of`]).
+//! - [`agents`]: [`Proc`], the `uplink` binary ([`bin`]) run as an agent,
+//!   a backend or `ctl`, its output collected; [`agent`], [`agent_via`]
+//!   and [`ctl`] start it against a [`TestBackend`].
+//! - [`relay`]: a TCP relay that turns into the faults of real networks
+//!   (a path that cuts HTTP/2, a half-open line, connections cut at an
+//!   age).
+//! - [`squid`]: Debian's squid on a loopback port (CONNECT, Basic auth,
+//!   TLS interception, tunnel lifetimes).
+//! - [`docker`]: the real Docker engine (a busybox image built `FROM
+//!   scratch`, a registry on loopback) and cleanup of an agent's
+//!   containers.
+//! - [`loadgen`]: the load generators' side of the ingest endpoint
+//!   (JMeter, the InfluxDB clients, curl) and an HTTP target for them.
+//!
+//! The benchmarks' workload generators (`benches/common/`) are meant to
+//! join this crate as modules of their own.
+//!
+//! Everything here panics with a message instead of returning errors: a
+//! harness failure is a test failure.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod agents;
+pub mod backend;
+pub mod docker;
+pub mod loadgen;
+pub mod relay;
+pub mod squid;
+pub mod waits;
+
+pub use agents::{Proc, agent, agent_via, bin, ctl};
+pub use backend::{TestBackend, connected_agent, ping, result_of};
+pub use waits::wait_for;
