@@ -33,7 +33,7 @@
 # Ctrl-C. The script installs nothing; it needs cargo, docker (with the
 # engine running and this user allowed to use it), curl and /proc. The
 # image is uplink-test/busybox:1, built from the host's /bin/busybox as
-# tests/common/docker.rs builds it when missing, or FOOTPRINT_IMAGE.
+# testkit/src/docker.rs builds it when missing, or FOOTPRINT_IMAGE.
 #
 # Run:      bash benches/footprint.sh
 # Settings (environment):
