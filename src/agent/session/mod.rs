@@ -15,14 +15,16 @@
 //! Tasks and channels:
 //!
 //! ```text
-//!  rung loop ──(Command)──> intake ──(journal, then ack watch)──> executor tasks
-//!   │  │                        │ ack watch                           │
-//!   │  └─(Reconfigure: metrics interval watch)─> metrics pipeline     │
-//!   │                           v                                     v
-//!   │   recovery, reconciliation, capacity ──(Reports: events, bounded)──> reporter
-//!   │                                                                     │
-//!   └─ publishes the unary client of its rung (UnarySlot) ──> reporter, capacity
-//!                                                             reporter, metrics push
+//!  rung loop ──(Command)──> intake ──(journal first)──> executor tasks ──┐
+//!   │  │  ^                   │                                          │
+//!   │  │  └──── ack watch ────┴──> reporter                  Reports     │
+//!   │  │                                               (events, bounded) │
+//!   │  │   recovery, reconciliation, capacity reporter ───────────────┐  │
+//!   │  │                                                              v  v
+//!   │  └─(Reconfigure)─ metrics interval watch ─> metrics pipeline   reporter ─> Report
+//!   │
+//!   └─ UnarySlot (the unary client of its rung) ─> reporter, capacity reporter,
+//!                                                  metrics push
 //! ```
 //!
 //! The events channel holds `EVENT_BUFFER` entries and the reporter keeps
