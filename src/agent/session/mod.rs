@@ -1,0 +1,276 @@
+//! The agent's session: a folder of tasks, each owning its state, joined
+//! by channels. This module only wires them and shuts them down.
+//!
+//! - [`enroll`]: the stored identity, or a new one from `Enroll`.
+//! - [`rungs`]: the rung loop, which owns the `Ladder` and runs a session
+//!   on its rung; through [`transport`] it opens streams and publishes the
+//!   unary client of its rung in a [`transport::UnarySlot`].
+//! - [`intake`]: commands through the journal (at most once), the ack, and
+//!   the executor tasks; [`intake::recover`] after a restart.
+//! - [`reporter`]: the one sender of events and the ack (`Report`).
+//! - [`containers`]: reconciliation and container exits.
+//! - [`capacity`]: the capacity reporter.
+//! - [`metrics_push`]: the metrics pipeline's push on the current rung.
+//!
+//! Tasks and channels:
+//!
+//! ```text
+//!  rung loop ──(Command)──> intake ──(journal first)──> executor tasks ──┐
+//!   │  │  ^                   │                                          │
+//!   │  │  └──── ack watch ────┴──> reporter                  Reports     │
+//!   │  │                                               (events, bounded) │
+//!   │  │   recovery, reconciliation, capacity reporter ───────────────┐  │
+//!   │  │                                                              v  v
+//!   │  └─(Reconfigure)─ metrics interval watch ─> metrics pipeline   reporter ─> Report
+//!   │
+//!   └─ UnarySlot (the unary client of its rung) ─> reporter, capacity reporter,
+//!                                                  metrics push
+//! ```
+//!
+//! The events channel holds `EVENT_BUFFER` entries and the reporter keeps
+//! at most `MAX_UNACKED_EVENTS` unacknowledged ones; when both are full,
+//! senders wait (results are never dropped, memory stays bounded). The
+//! reporter sends at most `REPORT_BATCH` events per `Report` and keeps
+//! them until the backend acknowledges their seq.
+//!
+//! Shutdown: the rung loop stops taking commands, the metrics pipeline
+//! flushes, then running commands and pending reports get the grace time;
+//! what is left is settled after restart by recovery.
+
+mod capacity;
+mod containers;
+mod enroll;
+mod intake;
+mod metrics_push;
+mod reporter;
+mod rungs;
+mod transport;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+
+use super::journal::Journal;
+use super::{AgentConfig, AgentError, executor};
+use crate::net::Net;
+use crate::proto;
+use crate::secret::Secret;
+
+/// A cloneable shutdown signal.
+#[derive(Clone)]
+struct Stop(watch::Receiver<bool>);
+
+impl Stop {
+    async fn wait(&mut self) {
+        let _ = self.0.wait_for(|s| *s).await;
+    }
+}
+
+/// `d` ± 25%.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.75 + fastrand::f64() * 0.5)
+}
+
+/// Serves the self-metrics at `--metrics-listen`, when set.
+async fn serve_self_metrics(
+    cfg: &AgentConfig,
+) -> Result<Option<tokio::task::JoinHandle<()>>, AgentError> {
+    let Some(addr) = cfg.metrics_listen else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::MetricsListen { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| AgentError::MetricsListen { addr, source })?;
+    match crate::telemetry::install() {
+        Some(handle) => {
+            tracing::info!(addr = %local, "metrics listening on http://{local}/metrics");
+            Ok(Some(tokio::spawn(crate::telemetry::serve(
+                listener,
+                handle,
+                std::future::pending(),
+            ))))
+        }
+        None => {
+            tracing::warn!(
+                "another metrics recorder is installed in this process; --metrics-listen serves nothing"
+            );
+            Ok(None)
+        }
+    }
+}
+
+pub(super) async fn run(
+    cfg: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AgentError::StateDir {
+        path: cfg.state_dir.clone(),
+        source,
+    })?;
+    let net = Net::new(crate::tls::client_config(&cfg.trust)?, cfg.proxy.clone());
+    let metrics_task = serve_self_metrics(&cfg).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut stop = Stop(stop_rx);
+    let body = async {
+        let info = proto::AgentInfo {
+            hostname: cfg.hostname.clone(),
+            version: crate::VERSION.into(),
+            os: std::env::consts::OS.into(),
+            arch: std::env::consts::ARCH.into(),
+            transport_reason: String::new(),
+        };
+        let Some(ident) = enroll::enrolled(&cfg, &net, &info, &mut stop).await? else {
+            return Ok(());
+        };
+        tracing::info!(agent = %ident.agent_id, provider = %ident.provider, backend = %cfg.backend,
+            transport = cfg.transport.name(), "agent starting");
+        let jpath = cfg
+            .state_dir
+            .join(format!("journal-{}.log", ident.agent_id));
+        let journal = Journal::open(&jpath).map_err(|source| AgentError::Journal {
+            path: jpath.clone(),
+            source,
+        })?;
+        if journal.skipped_lines > 0 {
+            tracing::warn!(lines = journal.skipped_lines, path = %jpath.display(), "skipped torn or corrupt journal lines");
+        }
+        let journal = Arc::new(Mutex::new(journal));
+        let credential = Secret::new(ident.credential.clone());
+        let executor = Arc::new(executor::Executor::new(&ident.agent_id, cfg.policy.clone()));
+        let capacity_changed = Arc::new(Notify::new());
+        let slot = transport::UnarySlot::new();
+        let (reports, events) = reporter::Reports::channel();
+        let intake = Arc::new(intake::Intake::new(
+            journal.clone(),
+            executor.clone(),
+            reports.clone(),
+            capacity_changed.clone(),
+        ));
+        let (ack_delivered_tx, mut delivered) = watch::channel(0);
+        let reporter = tokio::spawn(
+            reporter::Reporter {
+                credential: credential.clone(),
+                backoff: cfg.backoff,
+                journal: journal.clone(),
+                ack: intake.ack(),
+                unary: slot.subscribe(),
+                ack_delivered: ack_delivered_tx,
+            }
+            .run(events),
+        );
+        // Recovery reports through the reporter, which needs a rung: run it
+        // beside the rung loop, never before it.
+        let recovering = tokio::spawn(intake::recover(journal.clone(), reports.clone()));
+        // Containers are reconciled after recovery, which settles what the
+        // journal says about each command.
+        let watcher = {
+            let containers = containers::Containers {
+                executor: executor.clone(),
+                journal: journal.clone(),
+                reports: reports.clone(),
+                capacity_changed: capacity_changed.clone(),
+                orphan_grace: cfg.orphan_grace,
+            };
+            tokio::spawn(async move {
+                let _ = recovering.await;
+                containers.watch().await
+            })
+        };
+        let capacity = tokio::spawn(
+            capacity::CapacityReporter {
+                executor: executor.clone(),
+                policy: cfg.policy.clone(),
+                reports: reports.clone(),
+                changed: capacity_changed.clone(),
+                connections: slot.subscribe(),
+            }
+            .run(),
+        );
+        let (metrics_interval, interval_rx) = watch::channel(None);
+        let pipeline = match &cfg.metrics {
+            Some(m) => Some(
+                metrics_push::start_pipeline(
+                    m,
+                    cfg.state_dir.clone(),
+                    &ident.agent_id,
+                    slot.clone(),
+                    credential.clone(),
+                    interval_rx,
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        let transport = Arc::new(transport::Transport {
+            backend: cfg.backend.clone(),
+            net: net.clone(),
+            keepalive: cfg.keepalive,
+            keepalive_timeout: cfg.keepalive_timeout,
+            stream_max_age: cfg.stream_max_age,
+            credential,
+            slot: slot.clone(),
+        });
+        rungs::Rungs {
+            cfg: rungs::RungConfig::new(&cfg),
+            transport,
+            info: Arc::new(transport::Info::new(info)),
+            intake: intake.clone(),
+            ack: intake.ack(),
+            metrics_interval,
+        }
+        .run(stop.clone())
+        .await;
+        if let Some(p) = pipeline {
+            p.shutdown(tokio::time::Instant::now() + cfg.grace).await;
+        }
+
+        // Shutdown: let running commands finish, then pending reports. The
+        // handles held here (intake, reports, slot) keep the reporter's
+        // channels open until it is stopped.
+        let grace = tokio::time::Instant::now() + cfg.grace;
+        let all = intake.drain(grace).await;
+        if all.is_none() {
+            tracing::warn!(
+                "commands still running at the end of the grace time; they will be reported as interrupted after restart"
+            );
+        }
+        let ack = *intake.ack().borrow();
+        let mut unacked = reports.unacked();
+        let flushed = async {
+            let _ = unacked.wait_for(|n| *n == 0).await;
+            let _ = delivered.wait_for(|a| *a >= ack).await;
+        };
+        if tokio::time::timeout_at(grace, flushed).await.is_err() {
+            tracing::warn!(
+                "reports still pending at the end of the grace time; they are sent again after restart"
+            );
+        }
+        reporter.abort();
+        watcher.abort();
+        capacity.abort();
+        if let Some(t) = &metrics_task {
+            t.abort();
+        }
+        drop((all, slot));
+        tracing::info!("agent stopped");
+        Ok(())
+    };
+    // The body sees the shutdown through `stop` and winds down by itself.
+    tokio::pin!(body);
+    tokio::pin!(shutdown);
+    let mut signalled = false;
+    loop {
+        tokio::select! {
+            r = &mut body => return r,
+            _ = &mut shutdown, if !signalled => {
+                signalled = true;
+                let _ = stop_tx.send(true);
+            }
+        }
+    }
+}
