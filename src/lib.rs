@@ -27,6 +27,7 @@
 //!   demo's container).
 //! - [`doctor`]: `uplink doctor`, a verdict per hop from this host to the
 //!   backend, and which rung would be used.
+//! - [`hostname`]: the host's name, for the agent and the backend.
 //! - [`telemetry`]: the agent's self-metrics (names, recorder, endpoint).
 //! - [`cli`]: flag parsing and the exit-status convention (64 on bad config).
 //!
@@ -51,6 +52,7 @@ pub mod ctl;
 #[cfg(feature = "backend")]
 pub mod demo;
 pub mod doctor;
+pub mod hostname;
 pub mod loadgen;
 pub mod metrics;
 pub mod net;

@@ -256,7 +256,7 @@ async fn metrics_page(core: Arc<Core>, headers: http::HeaderMap) -> axum::respon
 /// This host's name (when it has one), `localhost` and `127.0.0.1`.
 pub fn default_hostnames() -> Vec<String> {
     let mut names = Vec::new();
-    let host = crate::agent::default_hostname();
+    let host = crate::hostname::default_hostname();
     if host != "unknown" && host != "localhost" {
         names.push(host);
     }
