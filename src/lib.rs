@@ -12,8 +12,8 @@
 //!   the agent's trust store, and errors that name an unknown issuer.
 //! - [`backoff`]: exponential backoff with full jitter (pure, deterministic
 //!   with an injected random source).
-//! - [`store`]: the backend's durable embedded store (SQLite in `--data-dir`).
-//! - [`backend`]: `uplink backend`: one TLS port serving gRPC and Connect.
+//! - [`backend`]: `uplink backend`: one TLS port serving gRPC and Connect,
+//!   over its durable store (`backend::store`: SQLite in `--data-dir`).
 //! - [`agent`]: `uplink agent`: enrollment, the session on its rung, the
 //!   journal that makes commands run at most once, and the executor.
 //! - [`metrics`]: `MetricBatch` encoding, decoding (the validator), compression.
@@ -58,8 +58,6 @@ pub mod metrics;
 pub mod net;
 pub mod proto;
 pub mod secret;
-#[cfg(feature = "backend")]
-pub mod store;
 pub mod telemetry;
 pub mod tls;
 

@@ -13,7 +13,7 @@ use super::hub::Hub;
 use super::sinks::{Origin, Rejection, Sinks};
 use crate::proto::{self, Transport};
 use crate::secret::{self, Kind, Secret};
-use crate::store::{AgentRecord, BatchSeq, METRIC_SEQ_WINDOW, Store, StoreError};
+use super::store::{AgentRecord, BatchSeq, METRIC_SEQ_WINDOW, Store, StoreError};
 
 /// Commands sent in one `PollResponse` at most; the agent polls again.
 const MAX_COMMANDS_PER_POLL: usize = 256;
@@ -83,7 +83,7 @@ pub struct CoreConfig {
 
 /// The backend's state and logic.
 pub struct Core {
-    pub(crate) store: Store,
+    pub(crate) store: Arc<dyn Store>,
     pub(crate) hub: Arc<Hub>,
     cfg: CoreConfig,
     admin_hash: String,
@@ -242,7 +242,7 @@ impl Core {
     /// Builds the core over an opened store; `admin_hash` is the hash of
     /// the admin token.
     pub fn with_admin_hash(
-        store: Store,
+        store: Arc<dyn Store>,
         cfg: CoreConfig,
         admin_hash: &str,
         draining: watch::Receiver<bool>,
@@ -277,8 +277,8 @@ impl Core {
     }
 
     /// The durable store.
-    pub fn store(&self) -> &Store {
-        &self.store
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
     }
 
     /// Wakes the streams and held polls of `agent` after a command was
