@@ -4,7 +4,7 @@
 
 use tonic::Status;
 
-use super::super::sinks::Rejection;
+use crate::backend::sinks::Rejection;
 use crate::proto;
 
 /// Checks a free-text field an agent or operator sends.

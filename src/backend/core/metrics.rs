@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use tonic::Status;
 
-use super::super::sinks::{Origin, Rejection};
 use super::{Core, internal};
+use crate::backend::sinks::{Origin, Rejection};
 use crate::backend::store::{BatchSeq, METRIC_SEQ_WINDOW};
 use crate::proto;
 
