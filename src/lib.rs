@@ -12,8 +12,8 @@
 //!   the agent's trust store, and errors that name an unknown issuer.
 //! - [`backoff`]: exponential backoff with full jitter (pure, deterministic
 //!   with an injected random source).
-//! - [`store`]: the backend's durable embedded store (SQLite in `--data-dir`).
-//! - [`backend`]: `uplink backend`: one TLS port serving gRPC and Connect.
+//! - [`backend`]: `uplink backend`: one TLS port serving gRPC and Connect,
+//!   over its durable store (`backend::store`: SQLite in `--data-dir`).
 //! - [`agent`]: `uplink agent`: enrollment, the session on its rung, the
 //!   journal that makes commands run at most once, and the executor.
 //! - [`metrics`]: `MetricBatch` encoding, decoding (the validator), compression.
@@ -27,6 +27,7 @@
 //!   demo's container).
 //! - [`doctor`]: `uplink doctor`, a verdict per hop from this host to the
 //!   backend, and which rung would be used.
+//! - [`hostname`]: the host's name, for the agent and the backend.
 //! - [`telemetry`]: the agent's self-metrics (names, recorder, endpoint).
 //! - [`cli`]: flag parsing and the exit-status convention (64 on bad config).
 //!
@@ -51,13 +52,12 @@ pub mod ctl;
 #[cfg(feature = "backend")]
 pub mod demo;
 pub mod doctor;
+pub mod hostname;
 pub mod loadgen;
 pub mod metrics;
 pub mod net;
 pub mod proto;
 pub mod secret;
-#[cfg(feature = "backend")]
-pub mod store;
 pub mod telemetry;
 pub mod tls;
 

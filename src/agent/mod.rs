@@ -20,6 +20,7 @@ use std::time::Duration;
 use http::Uri;
 
 use crate::backoff::Backoff;
+pub use crate::hostname::default_hostname;
 use crate::secret::Secret;
 use crate::tls::Trust;
 
@@ -172,20 +173,6 @@ impl AgentConfig {
         }
         errs
     }
-}
-
-/// The host's name: `$HOSTNAME`, else the kernel's.
-pub fn default_hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .ok()
-                .map(|s| s.trim().to_string())
-        })
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Failures that stop the agent (everything else is retried).

@@ -11,6 +11,7 @@ pub mod hub;
 pub mod placement;
 pub mod runs;
 pub mod sinks;
+pub mod store;
 pub mod unary;
 
 use std::future::Future;
@@ -29,11 +30,11 @@ use tonic::codec::CompressionEncoding;
 use tower::ServiceExt;
 
 pub use self::core::{Core, CoreConfig};
+use self::store::{SqliteStore, Store};
 use crate::proto::{
     admin_service_server::AdminServiceServer, agent_service_server::AgentServiceServer,
 };
 use crate::secret::{Kind, Secret};
-use crate::store::Store;
 use crate::tls::{self, ServerIdentity};
 
 /// The name of the provider created at first start.
@@ -256,7 +257,7 @@ async fn metrics_page(core: Arc<Core>, headers: http::HeaderMap) -> axum::respon
 /// This host's name (when it has one), `localhost` and `127.0.0.1`.
 pub fn default_hostnames() -> Vec<String> {
     let mut names = Vec::new();
-    let host = crate::agent::default_hostname();
+    let host = crate::hostname::default_hostname();
     if host != "unknown" && host != "localhost" {
         names.push(host);
     }
@@ -276,7 +277,7 @@ pub enum BackendError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("store: {0}")]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] self::store::StoreError),
     /// The JSON-lines directory cannot be written (a configuration error).
     #[error(transparent)]
     MetricsJsonl(#[from] sinks::jsonl::OpenError),
@@ -340,7 +341,7 @@ impl Server {
             },
         };
         let server_tls = tls::server_config(&identity)?;
-        let store = Store::open(&config.data_dir)?;
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir)?);
         let sinks = sinks::Sinks::open(config.sinks_config(), crate::now_unix_ms())?;
 
         // Admin token: the flag wins; otherwise the stored one; otherwise new.

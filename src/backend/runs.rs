@@ -25,9 +25,9 @@ use tonic::Status;
 
 use super::core::{Core, check_image, internal};
 use super::placement::{self, Candidate, Demand};
+use super::store::{FollowUp, NewContainer, Role, RunContainerRecord, RunRecord};
 use crate::proto::{self, RunContainerState, RunState};
 use crate::secret;
-use crate::store::{FollowUp, NewContainer, Role, RunContainerRecord, RunRecord};
 
 /// Most containers in one run.
 pub const MAX_RUN_COUNT: u32 = 1000;
@@ -412,7 +412,7 @@ impl Core {
         for c in &containers {
             let changed = self
                 .store
-                .change_container(&run.id, c.index, now, |_, c| match c.state {
+                .change_container(&run.id, c.index, now, &mut |_, c| match c.state {
                     RunContainerState::Running | RunContainerState::Exited => {
                         c.state = RunContainerState::Stopping;
                         Some(stop_command(c, timeout))
@@ -447,7 +447,7 @@ impl Core {
         let now = crate::now_unix_ms();
         let changed = self
             .store
-            .change_container(&run_id, index, now, |run, c| {
+            .change_container(&run_id, index, now, &mut |run, c| {
                 if role != Role::Start && c.pending_command == r.command_id {
                     c.pending_command.clear();
                 }
@@ -514,7 +514,7 @@ impl Core {
         let kind = proto::ContainerEventKind::try_from(ev.kind).unwrap_or_default();
         let now = crate::now_unix_ms();
         self.store
-            .change_container(&run_id, index, now, |_, c| {
+            .change_container(&run_id, index, now, &mut |_, c| {
                 if c.agent_id != agent {
                     return None;
                 }

@@ -1,0 +1,204 @@
+//! The admin service: providers and their enrollment tokens, the list of
+//! agents with their presence, and commands (queue one, wait for its
+//! result).
+
+use std::time::Duration;
+
+use tonic::Status;
+
+use super::checks::{check_provider_name, check_spec};
+use super::{Core, internal};
+use crate::proto;
+use crate::secret::{self, Kind, Secret};
+
+/// Longest `GetCommand` wait.
+const MAX_RESULT_WAIT: Duration = Duration::from_secs(60);
+
+impl Core {
+    /// `ListAgents`.
+    pub fn list_agents(
+        &self,
+        req: proto::ListAgentsRequest,
+    ) -> Result<proto::ListAgentsResponse, Status> {
+        let now = crate::now_unix_ms();
+        let mut capacities = self.store.capacities().map_err(internal)?;
+        let mut agents = Vec::new();
+        for a in self.store.agents(&req.provider).map_err(internal)? {
+            let presence = self.hub.presence(&a.id, now);
+            let pending = self
+                .store
+                .pending_count(&a.id, a.acked_seq)
+                .map_err(internal)?;
+            let (connected, transport, reason, last_seen) = match presence {
+                Some(p) => (
+                    p.connected,
+                    p.transport,
+                    p.reason,
+                    p.last_seen_ms.max(a.last_seen_ms),
+                ),
+                None => (false, a.transport, a.transport_reason, a.last_seen_ms),
+            };
+            let capacity = capacities.remove(&a.id).map(|(c, _)| c);
+            agents.push(proto::AgentView {
+                id: a.id,
+                hostname: a.hostname,
+                provider: a.provider,
+                connected,
+                transport,
+                transport_reason: reason,
+                last_seen_unix_ms: last_seen,
+                version: a.version,
+                acked_seq: a.acked_seq,
+                pending_commands: pending,
+                enrolled_unix_ms: a.enrolled_ms,
+                capacity,
+            });
+        }
+        Ok(proto::ListAgentsResponse { agents })
+    }
+
+    /// `ListProviders`.
+    pub fn list_providers(&self) -> Result<proto::ListProvidersResponse, Status> {
+        Ok(proto::ListProvidersResponse {
+            providers: self
+                .store
+                .providers()
+                .map_err(internal)?
+                .into_iter()
+                .map(|p| proto::ProviderView {
+                    name: p.name,
+                    created_unix_ms: p.created_ms,
+                    agents: p.agents,
+                })
+                .collect(),
+        })
+    }
+
+    /// `CreateProvider`.
+    pub fn create_provider(
+        &self,
+        req: proto::CreateProviderRequest,
+    ) -> Result<proto::CreateProviderResponse, Status> {
+        check_provider_name(&req.name)?;
+        let token = Secret::generate(Kind::Enrollment);
+        let now = crate::now_unix_ms();
+        if !self
+            .store
+            .create_provider(&req.name, &token.hash(), now)
+            .map_err(internal)?
+        {
+            return Err(Status::already_exists(format!(
+                "provider {:?} exists already",
+                req.name
+            )));
+        }
+        tracing::info!(provider = %req.name, "provider created");
+        Ok(proto::CreateProviderResponse {
+            provider: Some(proto::ProviderView {
+                name: req.name,
+                created_unix_ms: now,
+                agents: 0,
+            }),
+            host_command: self.host_command(token.expose()),
+            enrollment_token: token.expose().to_string(),
+        })
+    }
+
+    /// `RotateEnrollmentToken`.
+    pub fn rotate_token(
+        &self,
+        req: proto::RotateEnrollmentTokenRequest,
+    ) -> Result<proto::RotateEnrollmentTokenResponse, Status> {
+        check_provider_name(&req.provider)?;
+        let token = Secret::generate(Kind::Enrollment);
+        if !self
+            .store
+            .set_provider_token(&req.provider, &token.hash())
+            .map_err(internal)?
+        {
+            return Err(Status::not_found(format!("no provider {:?}", req.provider)));
+        }
+        tracing::info!(provider = %req.provider, "enrollment token rotated; the old one is revoked");
+        Ok(proto::RotateEnrollmentTokenResponse {
+            host_command: self.host_command(token.expose()),
+            enrollment_token: token.expose().to_string(),
+        })
+    }
+
+    /// `EnqueueCommand`.
+    pub fn enqueue(
+        &self,
+        req: proto::EnqueueCommandRequest,
+    ) -> Result<proto::EnqueueCommandResponse, Status> {
+        let spec = req.spec.ok_or_else(|| {
+            Status::invalid_argument(
+                "spec is missing: say what the command is, e.g. {\"ping\": {}}",
+            )
+        })?;
+        check_spec(&spec)?;
+        let id = secret::random_id("cmd_");
+        let command = self
+            .store
+            .enqueue(&req.agent_id, &id, &spec, crate::now_unix_ms())
+            .map_err(internal)?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no agent {:?}; `uplink ctl agents` lists them",
+                    req.agent_id
+                ))
+            })?;
+        self.hub.notify_queued(&req.agent_id, command.seq);
+        tracing::debug!(agent = %req.agent_id, command = %id, seq = command.seq, "command queued");
+        Ok(proto::EnqueueCommandResponse {
+            command: Some(command),
+        })
+    }
+
+    /// `GetCommand`, waiting up to `wait_ms` for the result.
+    pub async fn get_command(
+        &self,
+        req: proto::GetCommandRequest,
+    ) -> Result<proto::GetCommandResponse, Status> {
+        let wait = Duration::from_millis(req.wait_ms as u64).min(MAX_RESULT_WAIT);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut results = self.results.subscribe();
+        loop {
+            results.borrow_and_update();
+            let rec = self
+                .store
+                .command(&req.command_id)
+                .map_err(internal)?
+                .ok_or_else(|| Status::not_found(format!("no command {:?}", req.command_id)))?;
+            if rec.done_ms > 0 || tokio::time::Instant::now() >= deadline {
+                let state = if rec.done_ms > 0 {
+                    proto::CommandState::Done
+                } else if rec.accepted_ms > 0 {
+                    proto::CommandState::Accepted
+                } else {
+                    proto::CommandState::Queued
+                };
+                return Ok(proto::GetCommandResponse {
+                    command: Some(proto::CommandView {
+                        command: Some(rec.command),
+                        agent_id: rec.agent_id,
+                        state: state as i32,
+                        accepted_unix_ms: rec.accepted_ms,
+                        done_unix_ms: rec.done_ms,
+                        result: rec.result,
+                    }),
+                });
+            }
+            tokio::select! {
+                _ = results.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    /// Waits until `agent` has acknowledged `seq` (used by benchmarks and
+    /// the demo to time dispatch without polling).
+    pub async fn wait_acked(&self, agent: &str, seq: u64) {
+        let mut rx = self.hub.acked(agent);
+        let _ = rx.wait_for(|a| *a >= seq).await;
+    }
+}

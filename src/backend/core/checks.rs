@@ -1,0 +1,183 @@
+//! Checks of what agents and operators send, before anything is stored:
+//! lengths and characters of free text, command specs, provider names,
+//! image references and container names, and metric batches.
+
+use tonic::Status;
+
+use crate::backend::sinks::Rejection;
+use crate::proto;
+
+/// Checks a free-text field an agent or operator sends.
+pub(super) fn check_len(field: &str, value: &str, max: usize) -> Result<(), Status> {
+    if value.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes long; at most {max} are allowed",
+            value.len()
+        )));
+    }
+    if value.chars().any(|c| c.is_control()) {
+        return Err(Status::invalid_argument(format!(
+            "{field} contains control characters"
+        )));
+    }
+    Ok(())
+}
+
+pub(super) fn check_info(info: &proto::AgentInfo) -> Result<(), Status> {
+    check_len("info.hostname", &info.hostname, 255)?;
+    check_len("info.version", &info.version, 64)?;
+    check_len("info.os", &info.os, 64)?;
+    check_len("info.arch", &info.arch, 64)?;
+    check_len("info.transport_reason", &info.transport_reason, 256)
+}
+
+/// A valid provider name: 1 to 64 of `[A-Za-z0-9._-]`.
+pub fn check_provider_name(name: &str) -> Result<(), Status> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        return Err(Status::invalid_argument(format!(
+            "provider name {name:?} is not valid: use 1 to 64 characters of A-Z a-z 0-9 . _ -"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a command before it is queued.
+pub fn check_spec(spec: &proto::CommandSpec) -> Result<(), Status> {
+    use proto::command_spec::Kind as K;
+    match &spec.kind {
+        None => Err(Status::invalid_argument(
+            "command spec is empty: set one kind, e.g. {\"ping\": {}}",
+        )),
+        Some(K::Ping(p)) => {
+            if p.delay_ms > 600_000 {
+                return Err(Status::invalid_argument(format!(
+                    "ping.delay_ms is {}; at most 600000 is allowed",
+                    p.delay_ms
+                )));
+            }
+            if p.payload.len() > 1024 {
+                return Err(Status::invalid_argument(format!(
+                    "ping.payload is {} bytes; at most 1024 are allowed",
+                    p.payload.len()
+                )));
+            }
+            Ok(())
+        }
+        Some(K::PullImage(p)) => check_image("pull_image.image", &p.image),
+        Some(K::RunContainer(r)) => {
+            check_image("run_container.image", &r.image)?;
+            check_name("run_container.name", &r.name, true)?;
+            if !r.cpus.is_finite() || r.cpus < 0.0 {
+                return Err(Status::invalid_argument(format!(
+                    "run_container.cpus {} is not a non-negative number of cores",
+                    r.cpus
+                )));
+            }
+            if r.env.len() + r.labels.len() + r.command.len() + r.entrypoint.len() > 1000 {
+                return Err(Status::invalid_argument(
+                    "run_container has more than 1000 env, label, command and entrypoint entries",
+                ));
+            }
+            Ok(())
+        }
+        Some(K::StopContainer(c)) => check_name("stop_container.container", &c.container, false),
+        Some(K::RemoveContainer(c)) => {
+            check_name("remove_container.container", &c.container, false)
+        }
+        Some(K::ContainerLogs(c)) => check_name("container_logs.container", &c.container, false),
+        Some(K::ListContainers(_)) => Ok(()),
+    }
+}
+
+pub(in crate::backend) fn check_image(field: &str, image: &str) -> Result<(), Status> {
+    if image.is_empty()
+        || image.len() > 512
+        || image.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(Status::invalid_argument(format!(
+            "{field} {image:?} is not an image reference (1 to 512 characters, no spaces)"
+        )));
+    }
+    Ok(())
+}
+
+fn check_name(field: &str, name: &str, may_be_empty: bool) -> Result<(), Status> {
+    if (name.is_empty() && !may_be_empty)
+        || name.len() > 128
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        return Err(Status::invalid_argument(format!(
+            "{field} {name:?} is not a container id or name (1 to 128 of A-Z a-z 0-9 . _ -)"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that a batch is internally consistent. The decoder in
+/// [`crate::metrics::encode`] is the one validator of batches; its error
+/// names the offending sample, series or field, and the message starts with
+/// the reason counted in `uplink_backend_metric_batches_rejected_total`.
+pub fn validate_batch(b: &proto::MetricBatch) -> Result<(), Status> {
+    crate::metrics::encode::decode(b).map(|_| ()).map_err(|e| {
+        Status::invalid_argument(format!(
+            "metric batch rejected ({}): {e}",
+            Rejection::of(&e).as_str()
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_are_checked() {
+        assert!(check_spec(&proto::CommandSpec::default()).is_err());
+        let big = proto::CommandSpec {
+            kind: Some(proto::command_spec::Kind::Ping(proto::Ping {
+                delay_ms: 600_001,
+                payload: String::new(),
+            })),
+        };
+        assert!(check_spec(&big).unwrap_err().message().contains("600000"));
+    }
+
+    #[test]
+    fn inconsistent_batches_are_rejected_with_a_reason() {
+        let mut b = proto::MetricBatch {
+            symbols: vec!["".into(), "m".into()],
+            series: vec![proto::Series {
+                name: 1,
+                ..Default::default()
+            }],
+            sample_series: vec![0],
+            sample_time_delta_ms: vec![0],
+            sample_values: vec![1.0],
+            ..Default::default()
+        };
+        assert!(validate_batch(&b).is_ok());
+        b.sample_series = vec![1];
+        assert!(
+            validate_batch(&b)
+                .unwrap_err()
+                .message()
+                .contains("series 1")
+        );
+        b.sample_series = vec![0, 0];
+        assert!(validate_batch(&b).unwrap_err().message().contains("differ"));
+    }
+
+    #[test]
+    fn provider_names_are_checked() {
+        assert!(check_provider_name("lab-1.eu_west").is_ok());
+        assert!(check_provider_name("").is_err());
+        assert!(check_provider_name("a b").is_err());
+    }
+}

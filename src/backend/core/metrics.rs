@@ -1,0 +1,257 @@
+//! `PushMetrics`: a batch is decoded (the one validator), deduplicated by
+//! `(agent, epoch, seq)` against the store, given to the sinks, and only
+//! then recorded and acknowledged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::Status;
+
+use super::{Core, internal};
+use crate::backend::sinks::{Origin, Rejection};
+use crate::backend::store::{BatchSeq, METRIC_SEQ_WINDOW};
+use crate::proto;
+
+/// Longest a `PushMetrics` call waits for its batch to be stored. Storing
+/// goes on after that (see [`Core::push_metrics`]); the agent's retry then
+/// learns the outcome.
+const MAX_PUSH_WAIT: Duration = Duration::from_secs(30);
+/// Metric batches with more samples are decoded on a blocking thread
+/// (about a millisecond of work), not on an async worker.
+const DECODE_INLINE_SAMPLES: usize = 20_000;
+
+/// Why a pushed batch cannot be read.
+#[derive(Debug, thiserror::Error)]
+enum BatchError {
+    #[error("the request sets both batch and batch_zstd: set one of them")]
+    BothForms,
+    #[error("batch_zstd is not a zstd frame of a MetricBatch within {limit} bytes: {why}")]
+    Zstd { limit: usize, why: String },
+    #[error(transparent)]
+    Invalid(crate::metrics::encode::DecodeError),
+}
+
+impl BatchError {
+    fn reason(&self) -> Rejection {
+        match self {
+            BatchError::BothForms => Rejection::BothBatchForms,
+            BatchError::Zstd { .. } => Rejection::BatchZstd,
+            BatchError::Invalid(e) => Rejection::of(e),
+        }
+    }
+}
+
+/// Decompresses (at most `limit` bytes) and decodes a `batch_zstd`.
+fn decode_batch_zstd(
+    zstd: &[u8],
+    limit: usize,
+) -> Result<crate::metrics::encode::Decoded, BatchError> {
+    let bytes = crate::metrics::compress::Compression::Zstd
+        .decompress(zstd, limit)
+        .map_err(|e| BatchError::Zstd {
+            limit,
+            why: e.to_string(),
+        })?;
+    crate::metrics::encode::decode_bytes(&bytes).map_err(BatchError::Invalid)
+}
+
+/// A metric batch's place in `metric_batches_in_flight`, given back on
+/// drop (also when the storing task is cancelled or panics).
+struct InFlight {
+    core: Arc<Core>,
+    key: (String, u64, u64),
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.core
+            .metric_batches_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+impl Core {
+    /// `PushMetrics`: validates the batch, deduplicates it by `(agent,
+    /// epoch, seq)`, and gives it to the sinks.
+    ///
+    /// Exactly once, in any order: each `(agent, epoch)` has a contiguous
+    /// watermark and the set of seqs stored above it (see
+    /// [`Store::metric_batch_state`](crate::backend::store::Store::metric_batch_state)), so a lower seq arriving after a
+    /// higher one is still stored, and a seq stored before answers
+    /// `stored: false` without reaching the sinks again. A seq more than
+    /// [`METRIC_SEQ_WINDOW`] above the watermark is refused with
+    /// FAILED_PRECONDITION until the missing batches below it arrive.
+    ///
+    /// Order: the sinks accept the batch, then its seq is recorded, then it
+    /// is acknowledged. A backend crash between the first two leaves lines
+    /// written for a batch the agent will send again: at least once across
+    /// a crash of the backend, exactly once otherwise. A batch is never
+    /// acknowledged before every sink took it.
+    ///
+    /// Errors: INVALID_ARGUMENT (the batch can never be stored; the message
+    /// starts with the reason; its seq counts as used, so the watermark
+    /// moves past it), FAILED_PRECONDITION (seq too far ahead),
+    /// UNAVAILABLE (a sink is behind or failing, the backend is stopping,
+    /// or the same batch is being stored by another request): keep the
+    /// batch and retry.
+    ///
+    /// Storing runs in its own task, so a caller that goes away (a timeout,
+    /// a cut connection) does not cut it short between the sinks and the
+    /// record: the retry then finds the batch stored.
+    pub async fn push_metrics(
+        self: &Arc<Self>,
+        agent: String,
+        req: proto::PushMetricsRequest,
+    ) -> Result<proto::PushMetricsResponse, Status> {
+        self.apply_ack(&agent, req.ack)?;
+        let (epoch, seq) = (req.epoch, req.seq);
+        let limit = self.cfg.max_message_bytes;
+        let decoded = match (req.batch, req.batch_zstd) {
+            (Some(_), zstd) if !zstd.is_empty() => Err(BatchError::BothForms),
+            (batch, zstd) if zstd.is_empty() => {
+                let batch = batch.unwrap_or_default();
+                let samples = batch
+                    .sample_series
+                    .len()
+                    .max(batch.sample_series_deltas.len());
+                if samples > DECODE_INLINE_SAMPLES {
+                    tokio::task::spawn_blocking(move || {
+                        crate::metrics::encode::decode(&batch).map_err(BatchError::Invalid)
+                    })
+                    .await
+                    .map_err(|e| {
+                        Status::internal(format!("decoding the metric batch failed: {e}"))
+                    })?
+                } else {
+                    crate::metrics::encode::decode(&batch).map_err(BatchError::Invalid)
+                }
+            }
+            (_, zstd) => tokio::task::spawn_blocking(move || decode_batch_zstd(&zstd, limit))
+                .await
+                .map_err(|e| Status::internal(format!("decoding the metric batch failed: {e}")))?,
+        };
+        let decoded = match decoded {
+            Ok(d) => d,
+            Err(e) => {
+                let reason = e.reason();
+                self.sinks.reject(reason);
+                tracing::debug!(%agent, epoch, seq, reason = reason.as_str(), error = %e, "metric batch rejected");
+                // The agent drops a batch that can never be stored: its seq
+                // is used up, so the watermark can pass it. (A retry of it
+                // is decoded first, so it still gets this error.)
+                if (1..=i64::MAX as u64).contains(&seq)
+                    && let Err(e) = self.store.record_metric_batch(&agent, epoch, seq)
+                {
+                    tracing::warn!(%agent, epoch, seq, error = %e, "cannot record the seq of a rejected metric batch");
+                }
+                return Err(Status::invalid_argument(format!(
+                    "metric batch rejected ({}): {e}",
+                    reason.as_str()
+                )));
+            }
+        };
+        if seq == 0 || seq > i64::MAX as u64 {
+            self.sinks.reject(Rejection::BadSeq);
+            return Err(Status::invalid_argument(format!(
+                "metric batch rejected (bad_seq): seq {seq} is out of range; batches are numbered 1, 2, 3, ... within their epoch"
+            )));
+        }
+        let key = (agent.clone(), epoch, seq);
+        let reserved = self
+            .metric_batches_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone());
+        if !reserved {
+            self.sinks.reject(Rejection::InFlight);
+            return Err(Status::unavailable(format!(
+                "metric batch (epoch {epoch}, seq {seq}) is being stored by another request; retry to learn whether it was stored"
+            )));
+        }
+        let in_flight = InFlight {
+            core: self.clone(),
+            key,
+        };
+        let reject = |reason: Rejection, status: Status| {
+            self.sinks.reject(reason);
+            status
+        };
+        match self
+            .store
+            .metric_batch_state(&agent, epoch, seq)
+            .map_err(|e| reject(Rejection::Store, internal(e)))?
+        {
+            BatchSeq::Seen => {
+                self.sinks.duplicate();
+                return Ok(proto::PushMetricsResponse {
+                    stored: false,
+                    reads_series_deltas: true,
+                    reads_batch_zstd: true,
+                });
+            }
+            BatchSeq::TooFarAhead { watermark } => {
+                return Err(reject(
+                    Rejection::SeqTooFarAhead,
+                    Status::failed_precondition(format!(
+                        "metric batch rejected (seq_too_far_ahead): seq {seq} of epoch {epoch} is more than {METRIC_SEQ_WINDOW} above {watermark}, \
+                         the highest seq up to which every batch of the epoch arrived; send batch {} first and retry this one later, \
+                         or number new batches in a new epoch",
+                        watermark + 1
+                    )),
+                ));
+            }
+            BatchSeq::New => {}
+        }
+        let rec = self
+            .store
+            .agent(&agent)
+            .map_err(|e| reject(Rejection::Store, internal(e)))?
+            .unwrap_or_default();
+        let origin = Arc::new(Origin {
+            agent,
+            provider: rec.provider,
+            hostname: rec.hostname,
+        });
+        let samples = decoded.points.len();
+        let core = self.clone();
+        let task = tokio::spawn(async move {
+            let _in_flight = in_flight;
+            let agent = origin.agent.clone();
+            if let Err(e) = core.sinks.accept(origin, Arc::new(decoded)).await {
+                core.sinks.reject(e.reason());
+                return Err(Status::unavailable(e.to_string()));
+            }
+            // A crash here leaves the batch in the sinks but not recorded:
+            // its retry is stored again (the documented at-least-once window).
+            match core.store.record_metric_batch(&agent, epoch, seq) {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(%agent, epoch, seq, "metric batch was recorded by someone else meanwhile")
+                }
+                Err(e) => {
+                    core.sinks.reject(Rejection::Store);
+                    return Err(internal(e));
+                }
+            }
+            core.sinks.stored(samples);
+            Ok(())
+        });
+        match tokio::time::timeout(MAX_PUSH_WAIT, task).await {
+            Ok(Ok(Ok(()))) => Ok(proto::PushMetricsResponse {
+                stored: true,
+                reads_series_deltas: true,
+                reads_batch_zstd: true,
+            }),
+            Ok(Ok(Err(status))) => Err(status),
+            Ok(Err(e)) => Err(Status::internal(format!(
+                "storing the metric batch failed: {e}"
+            ))),
+            Err(_) => Err(Status::unavailable(format!(
+                "metric batch (epoch {epoch}, seq {seq}) not stored within {MAX_PUSH_WAIT:?}; \
+                 retry to learn whether it was stored"
+            ))),
+        }
+    }
+}

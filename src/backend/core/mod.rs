@@ -1,0 +1,187 @@
+//! The backend's logic, independent of transport: the gRPC service and the
+//! Connect handlers both call these methods, so every rung carries the same
+//! messages with the same meaning.
+//!
+//! [`Core`] is one struct whose `impl` is divided by concern, one module
+//! each: this module holds the struct, its construction and
+//! authentication; `agent.rs` the agent service (enroll, the stream, polls,
+//! reports); `metrics.rs` `PushMetrics`; `admin.rs` the admin service
+//! (providers, agents, commands); `checks.rs` the checks of what agents and
+//! operators send. The runs' part is in [`super::runs`]. `Core` reaches its
+//! durable state only through the [`Store`] trait.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic::Status;
+
+use super::hub::Hub;
+use super::sinks::Sinks;
+use super::store::{Store, StoreError};
+use crate::secret;
+
+mod admin;
+mod agent;
+mod checks;
+mod metrics;
+
+pub(super) use checks::check_image;
+pub use checks::{check_provider_name, check_spec, validate_batch};
+
+/// Settings the core needs.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    /// Interval of heartbeat frames on streams.
+    pub heartbeat: Duration,
+    /// Longest hold of a poll.
+    pub poll_hold: Duration,
+    /// The URL agents use to reach this backend.
+    pub public_url: String,
+    /// The CA file agents must trust, when the backend generated its own.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The metrics interval agents are asked to use (`Reconfigure`);
+    /// None leaves it to each agent.
+    pub agent_metrics_interval: Option<Duration>,
+    /// Largest message accepted; also the largest `batch_zstd` once
+    /// decompressed.
+    pub max_message_bytes: usize,
+}
+
+/// The backend's state and logic.
+pub struct Core {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) hub: Arc<Hub>,
+    cfg: CoreConfig,
+    admin_hash: String,
+    pub(super) results: watch::Sender<u64>,
+    draining: watch::Receiver<bool>,
+    /// Where ingested metric batches go.
+    sinks: Sinks,
+    /// `(agent, epoch, seq)` of metric batches being stored right now, so a
+    /// retry that arrives meanwhile cannot store the same batch again.
+    metric_batches_in_flight: Mutex<HashSet<(String, u64, u64)>>,
+}
+
+pub(super) fn internal(e: StoreError) -> Status {
+    tracing::error!(error = %e, "store failure");
+    Status::internal(format!("backend store failure: {e}"))
+}
+
+/// Reads a bearer token from an `authorization` header value.
+pub fn bearer(header: Option<&str>) -> Option<&str> {
+    let v = header?.trim();
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+impl Core {
+    /// Builds the core over an opened store; `admin_hash` is the hash of
+    /// the admin token.
+    pub fn with_admin_hash(
+        store: Arc<dyn Store>,
+        cfg: CoreConfig,
+        admin_hash: &str,
+        draining: watch::Receiver<bool>,
+    ) -> Self {
+        Core {
+            store,
+            hub: Arc::new(Hub::default()),
+            cfg,
+            admin_hash: admin_hash.to_string(),
+            results: watch::channel(0).0,
+            draining,
+            sinks: Sinks::in_memory(),
+            metric_batches_in_flight: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Replaces the metric sinks (the default keeps latest values only,
+    /// with the default limits).
+    pub fn with_sinks(mut self, sinks: Sinks) -> Self {
+        self.sinks = sinks;
+        self
+    }
+
+    /// The metric sinks: `/metrics` and the ingest counters.
+    pub fn sinks(&self) -> &Sinks {
+        &self.sinks
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    /// The durable store.
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
+    }
+
+    /// Wakes the streams and held polls of `agent` after a command was
+    /// queued for it directly in the store.
+    pub fn wake(&self, agent: &str, seq: u64) {
+        self.hub.notify_queued(agent, seq);
+    }
+
+    /// The agent whose credential is in `authorization`.
+    pub fn authenticate_agent(&self, authorization: Option<&str>) -> Result<String, Status> {
+        let token = bearer(authorization).ok_or_else(|| {
+            Status::unauthenticated(
+                "missing agent credential: send `authorization: Bearer <credential>`",
+            )
+        })?;
+        self.store
+            .agent_by_credential(&secret::hash(token))
+            .map_err(internal)?
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "agent credential unknown or revoked: remove the agent's state dir so it enrolls again",
+                )
+            })
+    }
+
+    /// Checks the admin token in `authorization`.
+    pub fn authenticate_admin(&self, authorization: Option<&str>) -> Result<(), Status> {
+        let token = bearer(authorization).ok_or_else(|| {
+            Status::unauthenticated(
+                "missing admin token: send `authorization: Bearer <admin token>`",
+            )
+        })?;
+        if secret::hash(token) != self.admin_hash {
+            return Err(Status::unauthenticated("admin token rejected"));
+        }
+        Ok(())
+    }
+
+    /// A command line that runs an agent enrolled with `token`.
+    pub fn host_command(&self, token: &str) -> String {
+        let url = &self.cfg.public_url;
+        match &self.cfg.ca_file {
+            Some(ca) => format!(
+                "docker run -d --name uplink-agent --restart unless-stopped -v uplink-state:/var/lib/uplink \
+                 -v {ca}:/etc/uplink/ca.pem:ro -e UPLINK_CA_FILE=/etc/uplink/ca.pem \
+                 -e UPLINK_BACKEND={url} -e UPLINK_TOKEN={token} uplink:latest agent",
+                ca = ca.display()
+            ),
+            None => format!(
+                "docker run -d --name uplink-agent --restart unless-stopped -v uplink-state:/var/lib/uplink \
+                 -e UPLINK_BACKEND={url} -e UPLINK_TOKEN={token} uplink:latest agent"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_are_read_case_insensitively() {
+        assert_eq!(bearer(Some("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(Some("bearer  abc ")), Some("abc"));
+        assert_eq!(bearer(Some("Basic abc")), None);
+        assert_eq!(bearer(None), None);
+    }
+}

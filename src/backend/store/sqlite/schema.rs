@@ -1,0 +1,99 @@
+//! The SQLite schema of [`SqliteStore`](super::SqliteStore): every table,
+//! created when missing at open.
+
+pub(super) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS providers (
+    name TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agents (
+    id TEXT PRIMARY KEY,
+    provider TEXT NOT NULL REFERENCES providers(name),
+    credential_hash TEXT NOT NULL UNIQUE,
+    hostname TEXT NOT NULL DEFAULT '',
+    version TEXT NOT NULL DEFAULT '',
+    enrolled_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL DEFAULT 0,
+    acked_seq INTEGER NOT NULL DEFAULT 0,
+    next_seq INTEGER NOT NULL DEFAULT 1,
+    transport INTEGER NOT NULL DEFAULT 0,
+    transport_reason TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS commands (
+    id TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL REFERENCES agents(id),
+    seq INTEGER NOT NULL,
+    spec BLOB NOT NULL,
+    created_ms INTEGER NOT NULL,
+    accepted_ms INTEGER NOT NULL DEFAULT 0,
+    done_ms INTEGER NOT NULL DEFAULT 0,
+    result BLOB,
+    UNIQUE (agent_id, seq)
+);
+CREATE TABLE IF NOT EXISTS container_events (
+    agent_id TEXT NOT NULL,
+    container_id TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    time_ms INTEGER NOT NULL,
+    event BLOB NOT NULL,
+    UNIQUE (agent_id, container_id, kind)
+);
+CREATE INDEX IF NOT EXISTS container_events_agent ON container_events (agent_id, time_ms);
+CREATE TABLE IF NOT EXISTS capacities (
+    agent_id TEXT PRIMARY KEY REFERENCES agents(id),
+    capacity BLOB NOT NULL,
+    time_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    image TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    cpus REAL NOT NULL,
+    memory INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    stop_ms INTEGER NOT NULL DEFAULT 0,
+    stop_timeout_s INTEGER NOT NULL DEFAULT 10
+);
+CREATE INDEX IF NOT EXISTS runs_name ON runs (name);
+CREATE TABLE IF NOT EXISTS run_containers (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    idx INTEGER NOT NULL,
+    agent_id TEXT NOT NULL REFERENCES agents(id),
+    name TEXT NOT NULL,
+    command_id TEXT NOT NULL,
+    container_id TEXT NOT NULL DEFAULT '',
+    state INTEGER NOT NULL,
+    exit_code INTEGER NOT NULL DEFAULT 0,
+    oom INTEGER NOT NULL DEFAULT 0,
+    message TEXT NOT NULL DEFAULT '',
+    started_ms INTEGER NOT NULL DEFAULT 0,
+    pending_command TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (run_id, idx)
+);
+CREATE TABLE IF NOT EXISTS run_commands (
+    command_id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    role INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cursors (
+    agent_id TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, stream, epoch)
+);
+CREATE TABLE IF NOT EXISTS metric_batches_above (
+    agent_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (agent_id, epoch, seq)
+) WITHOUT ROWID;
+";
