@@ -20,7 +20,8 @@
 //! - [`net`]: outbound connections: DNS, TCP, the proxy's CONNECT tunnel,
 //!   TLS with the rung's ALPN, each failure named by hop.
 //! - [`client`]: HTTPS clients for both rungs and for `ctl`.
-//! - [`ctl`]: `uplink ctl`, the operator's command line.
+//! - [`ctl`]: `uplink ctl`, the operator's command line: the admin client
+//!   and the command dispatch, with what it prints in `ctl::render`.
 //! - [`demo`]: `uplink demo`, a backend and agents on this machine, with a
 //!   container run through them when a Docker engine is present.
 //! - [`loadgen`]: `uplink loadgen`, a tiny synthetic load generator (the
@@ -29,7 +30,11 @@
 //!   backend, and which rung would be used.
 //! - [`hostname`]: the host's name, for the agent and the backend.
 //! - [`telemetry`]: the agent's self-metrics (names, recorder, endpoint).
-//! - [`cli`]: flag parsing and the exit-status convention (64 on bad config).
+//! - [`cli`]: the flags, one file per subcommand, each args struct turning
+//!   itself into its config; and the exit-status convention (64 on bad
+//!   config).
+//! - [`units`]: durations and sizes as operators write and read them
+//!   (parsing and formatting); a bottom floor that imports nothing else.
 //!
 //! # Features
 //!
@@ -44,6 +49,12 @@
 pub mod agent;
 #[cfg(feature = "backend")]
 pub mod backend;
+/// Without the `backend` feature only the backend's defaults are built, so
+/// `uplink backend --help` reads the same in every build.
+#[cfg(not(feature = "backend"))]
+pub mod backend {
+    pub mod defaults;
+}
 pub mod backoff;
 pub mod cli;
 pub mod client;
@@ -60,6 +71,7 @@ pub mod proto;
 pub mod secret;
 pub mod telemetry;
 pub mod tls;
+pub mod units;
 
 /// The version of this build, reported by agents and shown by `ctl agents`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

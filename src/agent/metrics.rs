@@ -74,6 +74,11 @@ const REPLAY_AGE: Duration = Duration::from_secs(10);
 /// Largest decompressed batch read back from the spool.
 const MAX_BATCH_BYTES: usize = 64 << 20;
 
+/// Scrape interval of the host, container and self sources.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
+/// Samples per second at most of a replayed backlog.
+pub const DEFAULT_REPLAY_RATE: u64 = 500_000;
+
 /// Settings of the pipeline.
 #[derive(Clone, Debug)]
 pub struct MetricsConfig {
@@ -103,12 +108,12 @@ pub struct MetricsConfig {
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
-            interval: Some(Duration::from_secs(10)),
+            interval: Some(DEFAULT_INTERVAL),
             batcher: BatcherConfig::default(),
-            spool_max_bytes: 256 << 20,
+            spool_max_bytes: crate::metrics::spool::DEFAULT_CAP_BYTES,
             spool_sync: Duration::from_secs(1),
             window: 4,
-            replay_rate: 500_000,
+            replay_rate: DEFAULT_REPLAY_RATE,
             host: HostConfig::default(),
             containers: ContainerConfig::default(),
             ingest: IngestConfig::default(),

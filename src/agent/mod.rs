@@ -47,6 +47,23 @@ impl TransportMode {
     }
 }
 
+/// The rung used when none is chosen: the ladder.
+pub const DEFAULT_TRANSPORT: TransportMode = TransportMode::Auto;
+/// Where identity and journal live unless `--state-dir` says otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/uplink";
+/// First wait before probing gRPC again from long-poll.
+pub const DEFAULT_PROBE_INITIAL: Duration = Duration::from_secs(60);
+/// Longest wait between probes of gRPC.
+pub const DEFAULT_PROBE_MAX: Duration = Duration::from_secs(15 * 60);
+/// Age at which a stream is replaced.
+pub const DEFAULT_STREAM_MAX_AGE: Duration = Duration::from_secs(3600);
+/// How long the backend may hold a poll.
+pub const DEFAULT_POLL_HOLD: Duration = Duration::from_secs(25);
+/// HTTP/2 keepalive ping interval on the gRPC rung.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(10);
+/// How long an orphaned container is kept before it is removed.
+pub const DEFAULT_ORPHAN_GRACE: Duration = Duration::from_secs(600);
+
 /// Settings of `uplink agent`.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -101,22 +118,22 @@ impl AgentConfig {
             backend,
             token: None,
             trust: Trust::default(),
-            transport: TransportMode::Auto,
+            transport: DEFAULT_TRANSPORT,
             proxy: crate::net::ProxySettings::direct(),
-            probe_initial: Duration::from_secs(60),
-            probe_max: Duration::from_secs(15 * 60),
-            stream_max_age: Duration::from_secs(3600),
+            probe_initial: DEFAULT_PROBE_INITIAL,
+            probe_max: DEFAULT_PROBE_MAX,
+            stream_max_age: DEFAULT_STREAM_MAX_AGE,
             state_dir: state_dir.into(),
             hostname: default_hostname(),
-            poll_hold: Duration::from_secs(25),
-            keepalive: Duration::from_secs(10),
+            poll_hold: DEFAULT_POLL_HOLD,
+            keepalive: DEFAULT_KEEPALIVE,
             keepalive_timeout: Duration::from_secs(20),
             backoff: Backoff::default(),
             operator_retry: Duration::from_secs(60),
             grace: Duration::from_secs(5),
             metrics_listen: None,
             policy: policy::Policy::default(),
-            orphan_grace: Duration::from_secs(600),
+            orphan_grace: DEFAULT_ORPHAN_GRACE,
             metrics: Some(metrics::MetricsConfig::default()),
         }
     }

@@ -6,6 +6,7 @@
 //! and the backend's own ingest counters.
 
 pub mod core;
+pub mod defaults;
 pub mod grpc;
 pub mod hub;
 pub mod placement;
@@ -30,6 +31,7 @@ use tonic::codec::CompressionEncoding;
 use tower::ServiceExt;
 
 pub use self::core::{Core, CoreConfig};
+pub use self::defaults::*;
 use self::store::{SqliteStore, Store};
 use crate::proto::{
     admin_service_server::AdminServiceServer, agent_service_server::AgentServiceServer,
@@ -96,10 +98,10 @@ impl BackendConfig {
             tls_key: None,
             admin_token: None,
             enroll_token: None,
-            heartbeat: Duration::from_secs(10),
-            poll_hold: Duration::from_secs(25),
+            heartbeat: DEFAULT_HEARTBEAT,
+            poll_hold: DEFAULT_POLL_HOLD,
             public_url: None,
-            max_message_bytes: 4 * 1024 * 1024,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             grace: Duration::from_secs(5),
             metrics_max_series: sinks::DEFAULT_MAX_SERIES,
             metrics_series_ttl: sinks::DEFAULT_SERIES_TTL,

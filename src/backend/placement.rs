@@ -11,8 +11,8 @@
 //! agents get equal shares. All or nothing: when some container finds no
 //! agent, nothing is placed and the shortfall says why, agent by agent.
 
-use crate::cli::human_bytes;
 use crate::proto;
+use crate::units::human_bytes;
 
 /// Slack for sums of fractional CPU limits.
 const CPU_EPSILON: f64 = 1e-9;

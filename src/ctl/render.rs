@@ -1,295 +1,11 @@
-//! `uplink ctl`: the operator's command line, a client of the admin service
-//! (Connect unary over HTTPS), so it works against any backend that
-//! implements the contract.
+//! What `uplink ctl` prints: the tables of agents, providers and runs,
+//! their JSON forms, and the names and times in them. Pure functions of the
+//! admin service's views, so the output is tested without a backend.
 
 use std::fmt::Write as _;
-use std::time::{Duration, Instant};
 
-use http::Uri;
-
-use crate::client::{CallError, ConnectClient};
-use crate::proto::{self, Named};
-use crate::secret::Secret;
-
-const ADMIN_SERVICE: &str = "uplink.v1.AdminService";
-
-/// A client of the admin service.
-#[derive(Clone)]
-pub struct Admin {
-    client: ConnectClient,
-}
-
-/// A finished ping.
-#[derive(Debug)]
-pub struct PingOutcome {
-    pub command_id: String,
-    /// From the enqueue call to the result's arrival, as seen by the caller.
-    pub round_trip: Duration,
-    /// The command's final view (`None` when it timed out).
-    pub view: proto::CommandView,
-}
-
-impl Admin {
-    /// An admin client for `backend`.
-    pub fn new(backend: &Uri, net: &crate::net::Net, token: Secret) -> Self {
-        Admin {
-            client: ConnectClient::new(backend, net).with_auth(token),
-        }
-    }
-
-    async fn call<Req: Named, Resp: Named>(
-        &self,
-        method: &str,
-        req: &Req,
-        timeout: Duration,
-    ) -> Result<Resp, CallError> {
-        self.client.call(ADMIN_SERVICE, method, req, timeout).await
-    }
-
-    /// `ListAgents`.
-    pub async fn agents(&self, provider: &str) -> Result<Vec<proto::AgentView>, CallError> {
-        let r: proto::ListAgentsResponse = self
-            .call(
-                "ListAgents",
-                &proto::ListAgentsRequest {
-                    provider: provider.into(),
-                },
-                Duration::from_secs(30),
-            )
-            .await?;
-        Ok(r.agents)
-    }
-
-    /// `ListProviders`.
-    pub async fn providers(&self) -> Result<Vec<proto::ProviderView>, CallError> {
-        let r: proto::ListProvidersResponse = self
-            .call(
-                "ListProviders",
-                &proto::ListProvidersRequest {},
-                Duration::from_secs(30),
-            )
-            .await?;
-        Ok(r.providers)
-    }
-
-    /// `CreateProvider`.
-    pub async fn create_provider(
-        &self,
-        name: &str,
-    ) -> Result<proto::CreateProviderResponse, CallError> {
-        self.call(
-            "CreateProvider",
-            &proto::CreateProviderRequest { name: name.into() },
-            Duration::from_secs(30),
-        )
-        .await
-    }
-
-    /// `RotateEnrollmentToken`.
-    pub async fn rotate(
-        &self,
-        name: &str,
-    ) -> Result<proto::RotateEnrollmentTokenResponse, CallError> {
-        self.call(
-            "RotateEnrollmentToken",
-            &proto::RotateEnrollmentTokenRequest {
-                provider: name.into(),
-            },
-            Duration::from_secs(30),
-        )
-        .await
-    }
-
-    /// `EnqueueCommand`.
-    pub async fn enqueue(
-        &self,
-        agent: &str,
-        spec: proto::CommandSpec,
-    ) -> Result<proto::Command, CallError> {
-        let r: proto::EnqueueCommandResponse = self
-            .call(
-                "EnqueueCommand",
-                &proto::EnqueueCommandRequest {
-                    agent_id: agent.into(),
-                    spec: Some(spec),
-                },
-                Duration::from_secs(30),
-            )
-            .await?;
-        r.command.ok_or_else(|| CallError {
-            kind: crate::client::FailureKind::Other,
-            message: "backend answered EnqueueCommand without a command".into(),
-        })
-    }
-
-    /// `GetCommand`, waiting up to `wait` for the result.
-    pub async fn command(&self, id: &str, wait: Duration) -> Result<proto::CommandView, CallError> {
-        let r: proto::GetCommandResponse = self
-            .call(
-                "GetCommand",
-                &proto::GetCommandRequest {
-                    command_id: id.into(),
-                    wait_ms: wait.as_millis().min(60_000) as u32,
-                },
-                wait + Duration::from_secs(10),
-            )
-            .await?;
-        r.command.ok_or_else(|| CallError {
-            kind: crate::client::FailureKind::Other,
-            message: "backend answered GetCommand without a command".into(),
-        })
-    }
-
-    /// `CreateRun`.
-    pub async fn create_run(
-        &self,
-        req: proto::CreateRunRequest,
-    ) -> Result<proto::RunView, CallError> {
-        let r: proto::CreateRunResponse = self
-            .call("CreateRun", &req, Duration::from_secs(60))
-            .await?;
-        r.run.ok_or_else(|| missing("CreateRun", "run"))
-    }
-
-    /// `ListRuns`.
-    pub async fn runs(&self, provider: &str) -> Result<Vec<proto::RunView>, CallError> {
-        let r: proto::ListRunsResponse = self
-            .call(
-                "ListRuns",
-                &proto::ListRunsRequest {
-                    provider: provider.into(),
-                },
-                Duration::from_secs(30),
-            )
-            .await?;
-        Ok(r.runs)
-    }
-
-    /// `GetRun`.
-    pub async fn run(&self, run: &str) -> Result<proto::RunView, CallError> {
-        let r: proto::GetRunResponse = self
-            .call(
-                "GetRun",
-                &proto::GetRunRequest { run: run.into() },
-                Duration::from_secs(30),
-            )
-            .await?;
-        r.run.ok_or_else(|| missing("GetRun", "run"))
-    }
-
-    /// `StopRun`.
-    pub async fn stop_run(
-        &self,
-        run: &str,
-        timeout: Duration,
-    ) -> Result<proto::RunView, CallError> {
-        let r: proto::StopRunResponse = self
-            .call(
-                "StopRun",
-                &proto::StopRunRequest {
-                    run: run.into(),
-                    timeout_s: timeout.as_secs().clamp(1, 3600) as u32,
-                },
-                Duration::from_secs(30),
-            )
-            .await?;
-        r.run.ok_or_else(|| missing("StopRun", "run"))
-    }
-
-    /// `GetRunLogs`.
-    pub async fn run_logs(
-        &self,
-        run: &str,
-        tail: u32,
-    ) -> Result<Vec<proto::ContainerLogLines>, CallError> {
-        let r: proto::GetRunLogsResponse = self
-            .call(
-                "GetRunLogs",
-                &proto::GetRunLogsRequest {
-                    run: run.into(),
-                    tail,
-                    wait_ms: 30_000,
-                },
-                Duration::from_secs(45),
-            )
-            .await?;
-        Ok(r.containers)
-    }
-
-    /// Reads `run` until `done` holds for it or `wait` has passed; returns
-    /// the last view. Polls every 100 ms at first, then less often.
-    pub async fn wait_run(
-        &self,
-        run: &str,
-        wait: Duration,
-        done: impl Fn(&proto::RunView) -> bool,
-    ) -> Result<proto::RunView, CallError> {
-        let deadline = Instant::now() + wait;
-        let mut pause = Duration::from_millis(25);
-        loop {
-            let v = self.run(run).await?;
-            if done(&v) || Instant::now() >= deadline {
-                return Ok(v);
-            }
-            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
-            pause = (pause * 2).min(Duration::from_millis(500));
-        }
-    }
-
-    /// Queues a ping for `agent` and waits up to `timeout` for its result.
-    pub async fn ping(
-        &self,
-        agent: &str,
-        payload: &str,
-        timeout: Duration,
-    ) -> Result<PingOutcome, CallError> {
-        let start = Instant::now();
-        let cmd = self
-            .enqueue(
-                agent,
-                proto::CommandSpec {
-                    kind: Some(proto::command_spec::Kind::Ping(proto::Ping {
-                        delay_ms: 0,
-                        payload: payload.into(),
-                    })),
-                },
-            )
-            .await?;
-        let deadline = start + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let view = self
-                .command(&cmd.id, left.min(Duration::from_secs(60)))
-                .await?;
-            if view.state == proto::CommandState::Done as i32 || Instant::now() >= deadline {
-                return Ok(PingOutcome {
-                    command_id: cmd.id,
-                    round_trip: start.elapsed(),
-                    view,
-                });
-            }
-        }
-    }
-}
-
-fn missing(method: &str, field: &str) -> CallError {
-    CallError {
-        kind: crate::client::FailureKind::Other,
-        message: format!("backend answered {method} without a {field}"),
-    }
-}
-
-/// True when no container of the run waits for its start any more.
-pub fn run_started(v: &proto::RunView) -> bool {
-    v.containers
-        .iter()
-        .all(|c| c.state != proto::RunContainerState::Pending as i32)
-}
-
-/// True when every container of the run is removed or never started.
-pub fn run_stopped(v: &proto::RunView) -> bool {
-    v.state == proto::RunState::Stopped as i32
-}
+use crate::proto;
+use crate::units::human_bytes;
 
 /// A run's state in `ctl` output.
 pub fn run_state_name(s: i32) -> &'static str {
@@ -394,7 +110,7 @@ pub fn run_table(r: &proto::RunView) -> String {
         r.count,
         r.image,
         r.cpus,
-        crate::cli::human_bytes(r.memory_bytes)
+        human_bytes(r.memory_bytes)
     );
     let _ = writeln!(
         out,
@@ -531,6 +247,38 @@ pub fn agents_table(agents: &[proto::AgentView]) -> String {
         );
     }
     out
+}
+
+/// `ctl providers`: a table.
+pub fn providers_table(providers: &[proto::ProviderView]) -> String {
+    let mut out = format!("{:<20} {:<21} AGENTS\n", "NAME", "CREATED");
+    for p in providers {
+        let _ = writeln!(
+            out,
+            "{:<20} {:<21} {}",
+            p.name,
+            rfc3339(p.created_unix_ms),
+            p.agents
+        );
+    }
+    out
+}
+
+/// Where a run's containers were placed, e.g. "2 on agt_a, 1 on agt_b"
+/// (agents in the order of their first container).
+pub fn run_placement(run: &proto::RunView) -> String {
+    let mut per_agent: Vec<(String, u32)> = Vec::new();
+    for c in &run.containers {
+        match per_agent.iter_mut().find(|(a, _)| *a == c.agent_id) {
+            Some((_, n)) => *n += 1,
+            None => per_agent.push((c.agent_id.clone(), 1)),
+        }
+    }
+    let placed: Vec<String> = per_agent
+        .iter()
+        .map(|(a, n)| format!("{n} on {a}"))
+        .collect();
+    placed.join(", ")
 }
 
 #[cfg(test)]

@@ -1,0 +1,237 @@
+//! Command-line flags, and how each subcommand's flags become its
+//! configuration: one file per subcommand ([`agent`], [`backend`],
+//! [`ctl`], [`doctor`], [`demo`], [`loadgen`]), each args struct with a
+//! conversion into the config of the module it drives. A default the
+//! config also uses is a `DEFAULT_*` constant beside that config, and the
+//! flag's default is taken from it; a default only the flag has is
+//! defined beside the flag. Validation stays with the configs (their
+//! `validate()`).
+//!
+//! The flags of `backend` and `agent`, and the connection flags of `ctl`
+//! and `doctor`, have `UPLINK_*` environment fallbacks (and the
+//! ecosystem's names where they exist: `HTTPS_PROXY`, `NO_PROXY`,
+//! `SSL_CERT_FILE`), so a `docker run -e ...` line configures everything.
+//! Bad settings exit with status 64 and one line per problem.
+
+pub mod agent;
+pub mod backend;
+pub mod ctl;
+pub mod demo;
+pub mod doctor;
+pub mod loadgen;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+pub use self::agent::AgentArgs;
+pub use self::backend::BackendArgs;
+pub use self::ctl::{CtlArgs, CtlCommand, ProviderAction};
+pub use self::demo::DemoArgs;
+pub use self::doctor::DoctorArgs;
+pub use self::loadgen::LoadgenArgs;
+
+/// Exit status for bad configuration (EX_USAGE).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Every problem found while turning flags into a configuration, one line
+/// each (the binary prints them and exits with [`EXIT_CONFIG`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    /// An error of these problems.
+    pub fn new(problems: Vec<String>) -> Self {
+        ConfigError { problems }
+    }
+
+    /// Ok when `problems` is empty, else the error of them.
+    pub fn check(problems: Vec<String>) -> Result<(), ConfigError> {
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::new(problems))
+        }
+    }
+}
+
+impl From<String> for ConfigError {
+    fn from(problem: String) -> Self {
+        ConfigError::new(vec![problem])
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.problems.join("; "))
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "uplink",
+    version,
+    about = "Outbound-only host agent, its backend, and the tools around them"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the backend: one TLS port for agents (gRPC and long-poll) and operators.
+    Backend(BackendArgs),
+    /// Run the agent on this host: connects out to the backend and executes its commands.
+    Agent(AgentArgs),
+    /// Operate a backend: list agents, ping them, manage providers.
+    Ctl(CtlArgs),
+    /// Run a backend and two agents (one per rung) on this machine and show commands flowing.
+    Demo(DemoArgs),
+    /// Walk the path to the backend hop by hop (DNS, proxy, TLS, ALPN, both rungs) and say what works.
+    Doctor(DoctorArgs),
+    /// Generate synthetic load-test samples (a tiny load generator for trying uplink).
+    Loadgen(LoadgenArgs),
+}
+
+/// CA files from flags plus `SSL_CERT_FILE`.
+pub fn ca_files_with_env(mut files: Vec<PathBuf>) -> Vec<PathBuf> {
+    if let Some(f) = std::env::var_os("SSL_CERT_FILE").filter(|f| !f.is_empty()) {
+        let f = PathBuf::from(f);
+        if !files.contains(&f) {
+            files.push(f);
+        }
+    }
+    files
+}
+
+/// The trust of a client: the CA files given plus `SSL_CERT_FILE`, on top
+/// of the system's store.
+fn trust(ca_files: Vec<PathBuf>) -> crate::tls::Trust {
+    crate::tls::Trust {
+        ca_files: ca_files_with_env(ca_files),
+        skip_os_store: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::units::{ByteSize, HumanDuration};
+
+    #[test]
+    fn env_pairs_parse() {
+        assert_eq!(ctl::parse_env("A=b=c").unwrap(), ("A".into(), "b=c".into()));
+        assert!(ctl::parse_env("=x").is_err());
+        assert!(ctl::parse_env("novalue").is_err());
+    }
+
+    #[test]
+    fn run_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "uplink",
+            "ctl",
+            "run",
+            "--provider",
+            "p",
+            "--image",
+            "i",
+            "--count",
+            "6",
+            "--env",
+            "A=1",
+            "--memory",
+            "64m",
+            "--",
+            "sleep",
+            "60",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Ctl(c) => match c.command {
+                CtlCommand::Run {
+                    count,
+                    env,
+                    memory,
+                    command,
+                    cpus,
+                    ..
+                } => {
+                    assert_eq!((count, memory, cpus), (6, ByteSize(64 << 20), 1.0));
+                    assert_eq!(env, vec![("A".to_string(), "1".to_string())]);
+                    assert_eq!(command, vec!["sleep", "60"]);
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn flags_parse() {
+        let cli = Cli::try_parse_from([
+            "uplink",
+            "ctl",
+            "--backend",
+            "https://b",
+            "ping",
+            "agt_1",
+            "--timeout",
+            "2s",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Ctl(c) => match c.command {
+                CtlCommand::Ping { agent, timeout, .. } => assert_eq!(
+                    (agent.as_str(), timeout),
+                    ("agt_1", HumanDuration(Duration::from_secs(2)))
+                ),
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_come_from_the_configs() {
+        let cli = Cli::try_parse_from(["uplink", "agent", "--backend", "https://b"]).unwrap();
+        let Command::Agent(a) = cli.command else {
+            panic!("not agent");
+        };
+        let cfg = a.into_config().unwrap();
+        let m = cfg.metrics.as_ref().unwrap();
+        let d = crate::agent::metrics::MetricsConfig::default();
+        assert_eq!(m.batcher, d.batcher);
+        assert_eq!(
+            (m.interval, m.spool_max_bytes, m.replay_rate),
+            (d.interval, d.spool_max_bytes, d.replay_rate)
+        );
+        let new = crate::agent::AgentConfig::new(cfg.backend.clone(), &cfg.state_dir);
+        assert_eq!(cfg.transport, new.transport);
+        assert_eq!(
+            (cfg.probe_initial, cfg.probe_max, cfg.stream_max_age),
+            (new.probe_initial, new.probe_max, new.stream_max_age)
+        );
+        assert_eq!(
+            (
+                cfg.poll_hold,
+                cfg.keepalive,
+                cfg.keepalive_timeout,
+                cfg.orphan_grace
+            ),
+            (
+                new.poll_hold,
+                new.keepalive,
+                new.keepalive_timeout,
+                new.orphan_grace
+            )
+        );
+    }
+}
