@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::docker::{LOCAL_IMAGE, ensure_image, remove_containers_of};
 use uplink::metrics::containers::{ContainerConfig, ContainerCounters, ContainerSource};
-use uplink::metrics::encode::{Kind, Sample};
+use uplink::metrics::sample::{Kind, Sample};
 
 /// Removes the containers of its agents when the test ends, however it
 /// ends.

@@ -16,7 +16,8 @@ use common::*;
 use prost::Message;
 use tonic::codec::CompressionEncoding;
 use uplink::metrics::compress::Compression;
-use uplink::metrics::encode::{BatchBuilder, Kind, Series, ValueEncoding};
+use uplink::metrics::encode::{BatchBuilder, ValueEncoding};
+use uplink::metrics::sample::{Kind, Series};
 use uplink::proto;
 
 type AgentClient = proto::agent_service_client::AgentServiceClient<tonic::transport::Channel>;

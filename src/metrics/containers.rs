@@ -88,8 +88,8 @@ use bollard::models::{
 use bollard::query_parameters::{InspectContainerOptions, ListContainersOptions, StatsOptions};
 use futures_util::StreamExt;
 
-use crate::agent::docker::{LABEL_AGENT, LABEL_RUN};
-use crate::metrics::encode::{Kind, Sample, Series};
+use crate::labels::{LABEL_AGENT, LABEL_RUN};
+use crate::metrics::sample::{Kind, Sample, Series};
 
 /// A metric's name, kind and unit.
 type Def = (&'static str, Kind, &'static str);

@@ -113,7 +113,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::metrics::encode::{Kind, MAX_ABS_TIME_MS, Sample, Series};
+use crate::metrics::encode::MAX_ABS_TIME_MS;
+use crate::metrics::sample::{Kind, Sample, Series};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;

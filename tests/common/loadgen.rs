@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::process::Command;
 use tokio::sync::{mpsc, oneshot};
-use uplink::metrics::encode::Sample;
+use uplink::metrics::sample::Sample;
 use uplink::metrics::ingest::{Ingest, IngestConfig, IngestHandle};
 
 /// Where Debian's `jmeter` package puts JMeter.
