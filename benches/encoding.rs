@@ -65,7 +65,8 @@ use opentelemetry_proto::tonic::metrics::v1::metric;
 use prost::Message;
 
 use uplink::metrics::compress::{Compression, ZstdEncoder};
-use uplink::metrics::encode::{self, BatchBuilder, Kind, Sample, Series};
+use uplink::metrics::encode::{self, BatchBuilder};
+use uplink::metrics::sample::{Kind, Sample, Series};
 
 /// Seed of the sample generator: every run encodes the same samples.
 const SEED: u64 = 0x5eed_2026;

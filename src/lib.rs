@@ -7,6 +7,8 @@
 //!   used to convert Connect JSON bodies.
 //! - [`connect`]: the Connect protocol's unary form (codes, errors, body
 //!   encodings), shared by the backend's handlers and the clients.
+//! - [`labels`]: the Docker labels on the agent's containers (bottom floor:
+//!   imports nothing from the crate).
 //! - [`secret`]: tokens and credentials: generation, hashing, redaction.
 //! - [`tls`]: rustls configurations for both ends: the backend's generated CA,
 //!   the agent's trust store, and errors that name an unknown issuer.
@@ -64,6 +66,7 @@ pub mod ctl;
 pub mod demo;
 pub mod doctor;
 pub mod hostname;
+pub mod labels;
 pub mod loadgen;
 pub mod metrics;
 pub mod net;

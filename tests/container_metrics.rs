@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use uplink::metrics::containers::{ContainerConfig, ContainerCounters, ContainerSource};
-use uplink::metrics::encode::{Kind, Sample};
+use uplink::metrics::sample::{Kind, Sample};
 use uplink_testkit::docker::{LOCAL_IMAGE, ensure_image, remove_containers_of};
 
 /// Removes the containers of its agents when the test ends, however it

@@ -13,7 +13,8 @@ use std::time::Duration;
 use prost::Message;
 use tonic::codec::CompressionEncoding;
 use uplink::metrics::compress::Compression;
-use uplink::metrics::encode::{BatchBuilder, Kind, Series, ValueEncoding};
+use uplink::metrics::encode::{BatchBuilder, ValueEncoding};
+use uplink::metrics::sample::{Kind, Series};
 use uplink::proto;
 use uplink_testkit::*;
 

@@ -95,7 +95,7 @@ async fn jmeter_backend_listener_delivers_graphite_samples() {
 
     // The listener sends per-interval counts, so their sum is the total.
     // Each interval's report ends with the test's thread counts.
-    let sum = |samples: &[uplink::metrics::encode::Sample], name: &str| -> f64 {
+    let sum = |samples: &[uplink::metrics::sample::Sample], name: &str| -> f64 {
         named(samples, name).iter().map(|s| s.value).sum()
     };
     let samples = endpoint

@@ -12,7 +12,7 @@ use opentelemetry_proto::tonic::metrics::v1::{
     metric, number_data_point,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use uplink::metrics::encode::{Kind, Sample};
+use uplink::metrics::sample::{Kind, Sample};
 
 use super::T0_MS;
 

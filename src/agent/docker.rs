@@ -25,14 +25,8 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 
 use super::policy::{Ask, Policy, Usage};
+use crate::labels::{LABEL_AGENT, LABEL_COMMAND, LABEL_RUN};
 use crate::proto;
-
-/// Label with the agent's id.
-pub const LABEL_AGENT: &str = "uplink.agent";
-/// Label with the id of the RunContainer command.
-pub const LABEL_COMMAND: &str = "uplink.command";
-/// Label with the run id.
-pub const LABEL_RUN: &str = "uplink.run";
 
 /// A failed container command: the result's status and message.
 #[derive(Debug, Clone, PartialEq)]

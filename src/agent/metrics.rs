@@ -48,9 +48,9 @@ use crate::client::{CallError, FailureKind};
 use crate::metrics::batcher::{Batcher, BatcherConfig};
 use crate::metrics::compress::Compression;
 use crate::metrics::containers::{ContainerConfig, ContainerSource};
-use crate::metrics::encode::{Kind, Sample, Series};
 use crate::metrics::host::{HostConfig, HostSource};
 use crate::metrics::ingest::{Ingest, IngestConfig};
+use crate::metrics::sample::{Kind, Sample, Series};
 use crate::metrics::spool::{Header, Position, Record, Spool, SpoolConfig, SyncPolicy};
 use crate::proto;
 

@@ -10,7 +10,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::encode::{BatchBuilder, Sample};
+use super::encode::BatchBuilder;
+use super::sample::Sample;
 use crate::proto;
 
 /// Defaults, in one place.
@@ -145,7 +146,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::metrics::encode::{Kind, Series, decode};
+    use crate::metrics::encode::decode;
+    use crate::metrics::sample::{Kind, Series};
 
     fn samples(n: usize, t0: i64) -> Vec<Sample> {
         let s = Arc::new(Series::new("x", Kind::Gauge).label("a", "b"));

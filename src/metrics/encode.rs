@@ -24,6 +24,10 @@
 //! - **doubles** ([`ValueEncoding::Doubles`]): `sample_values`, eight bytes
 //!   each: the contract's first encoding, for backends that predate the
 //!   integer encoding.
+//!
+//! The file is long because it is one format, both ways, with its tests:
+//! the builder and the decoder must agree on every field, so they stay
+//! together. The samples it carries are defined in `metrics::sample`.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -31,6 +35,7 @@ use std::fmt;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::sync::Arc;
 
+use crate::metrics::sample::{Kind, Sample, Series};
 use crate::proto;
 
 /// Times must lie within ±2^62 ms (146 million years) of the epoch, so that
@@ -55,16 +60,8 @@ const POW10: [f64; MAX_DECIMALS as usize + 1] = [
     1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
 ];
 
-/// How the values of a series behave.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Kind {
-    /// A value that goes up and down.
-    Gauge,
-    /// A total that only grows, except when its source restarts.
-    Counter,
-}
-
 impl Kind {
+    /// The contract's form of this kind.
     fn to_proto(self) -> proto::MetricKind {
         match self {
             Kind::Gauge => proto::MetricKind::Gauge,
@@ -73,47 +70,9 @@ impl Kind {
     }
 }
 
-/// A metric series: its name, its labels sorted by name, its kind and unit.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Series {
-    /// The metric's name, e.g. `host_cpu_usage_ratio`; never empty.
-    pub name: String,
-    /// Label pairs `(name, value)`, sorted by name, each name once and
-    /// never empty. [`Series::label`] keeps them so.
-    pub labels: Vec<(String, String)>,
-    /// How its values behave.
-    pub kind: Kind,
-    /// The unit, e.g. `bytes`; empty for none.
-    pub unit: String,
-}
-
 impl Series {
-    /// A series without labels or unit.
-    pub fn new(name: impl Into<String>, kind: Kind) -> Self {
-        Series {
-            name: name.into(),
-            labels: Vec::new(),
-            kind,
-            unit: String::new(),
-        }
-    }
-
-    /// Adds a label in its sorted place, replacing one of the same name.
-    pub fn label(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        let (name, value) = (name.into(), value.into());
-        match self.labels.binary_search_by(|(n, _)| n.as_str().cmp(&name)) {
-            Ok(i) => self.labels[i].1 = value,
-            Err(i) => self.labels.insert(i, (name, value)),
-        }
-        self
-    }
-
-    /// Sets the unit.
-    pub fn unit(mut self, unit: impl Into<String>) -> Self {
-        self.unit = unit.into();
-        self
-    }
-
+    /// Whether the builder can define this series: a name, and label
+    /// names that are not empty, sorted and unique.
     fn check(&self) -> Result<(), EncodeError> {
         if self.name.is_empty() {
             return Err(EncodeError::EmptyName);
@@ -133,21 +92,6 @@ impl Series {
         }
         Ok(())
     }
-}
-
-/// One value of one series at one time.
-///
-/// The series is shared: a source keeps one `Arc<Series>` per series and
-/// clones it into every sample, so that a builder recognises the series by
-/// its address, without hashing its name and labels.
-#[derive(Clone, Debug)]
-pub struct Sample {
-    /// Which series.
-    pub series: Arc<Series>,
-    /// When, in milliseconds since the Unix epoch.
-    pub time_unix_ms: i64,
-    /// The value.
-    pub value: f64,
 }
 
 /// A hasher for keys that need no protection against chosen collisions:

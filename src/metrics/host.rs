@@ -63,7 +63,7 @@ use sysinfo::{
     System,
 };
 
-use crate::metrics::encode::{Kind, Sample, Series};
+use crate::metrics::sample::{Kind, Sample, Series};
 
 /// A metric's name, kind and unit.
 type Def = (&'static str, Kind, &'static str);

@@ -2,6 +2,8 @@
 //! compressed and spooled. The agent's pipeline (`agent::metrics`) wires
 //! these parts together; the backend uses [`encode`] to validate.
 //!
+//! - [`sample`]: [`sample::Sample`] and [`sample::Series`], the unit every
+//!   source produces and the pipeline carries.
 //! - [`host`]: the host source (CPU, load, memory, network interfaces and
 //!   file systems through `sysinfo`).
 //! - [`containers`]: the container source (Docker stats of this agent's
@@ -22,4 +24,5 @@ pub mod containers;
 pub mod encode;
 pub mod host;
 pub mod ingest;
+pub mod sample;
 pub mod spool;

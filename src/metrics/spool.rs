@@ -5,6 +5,10 @@
 //! its delivery identity `(epoch, seq)`, its sample count and its creation
 //! time. The code is synchronous `std::fs`, to be run on a blocking thread.
 //!
+//! The file is long because it is one on-disk format and the state machine
+//! over it (append, peek, ack, cap, recovery at open), with its tests: the
+//! writer and the reader must agree on every byte, so they stay together.
+//!
 //! # Files
 //!
 //! Records are appended to segments named by a 20-digit number that only

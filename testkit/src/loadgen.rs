@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use tokio::process::Command;
 use tokio::sync::{mpsc, oneshot};
-use uplink::metrics::encode::Sample;
 use uplink::metrics::ingest::{Ingest, IngestConfig, IngestHandle};
+use uplink::metrics::sample::Sample;
 
 /// Where Debian's `jmeter` package puts JMeter.
 pub const JMETER_HOME: &str = "/usr/share/jmeter";

@@ -45,7 +45,8 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot};
 
 use super::prometheus::Origin;
-use crate::metrics::encode::{Decoded, Kind};
+use crate::metrics::encode::Decoded;
+use crate::metrics::sample::Kind;
 
 /// Samples waiting to be written, at most: about 40 MiB of decoded points
 /// and series, and a few seconds of work for the writer.
@@ -485,7 +486,8 @@ pub fn utc_stamp(unix_ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::encode::{Point, Series};
+    use crate::metrics::encode::Point;
+    use crate::metrics::sample::Series;
 
     fn origin() -> Arc<Origin> {
         Arc::new(Origin {

@@ -440,7 +440,8 @@ impl Sinks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::encode::{Kind, Point, Series};
+    use crate::metrics::encode::Point;
+    use crate::metrics::sample::{Kind, Series};
 
     #[test]
     fn every_reason_has_its_own_label() {

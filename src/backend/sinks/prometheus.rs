@@ -19,7 +19,8 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::metrics::encode::{Decoded, Kind};
+use crate::metrics::encode::Decoded;
+use crate::metrics::sample::Kind;
 
 /// Where a batch's samples came from.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -357,7 +358,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::metrics::encode::{Point, Series};
+    use crate::metrics::encode::Point;
+    use crate::metrics::sample::Series;
 
     fn origin() -> Origin {
         Origin {
