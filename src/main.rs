@@ -294,7 +294,7 @@ async fn agent(a: cli::AgentArgs) -> anyhow::Result<ExitCode> {
     cfg.metrics_listen = a.metrics_listen;
     cfg.orphan_grace = a.orphan_grace;
     cfg.metrics = (!a.no_metrics).then(|| {
-        let mut m = uplink::agent::metrics::MetricsConfig {
+        let mut m = uplink::metrics::pipeline::MetricsConfig {
             interval: (!a.metrics_interval.is_zero()).then_some(a.metrics_interval),
             spool_max_bytes: a.spool_max_bytes,
             replay_rate: a.metrics_replay_rate,

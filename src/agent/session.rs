@@ -308,11 +308,11 @@ pub(super) async fn run(
         let pipeline = match &cfg.metrics {
             Some(m) => {
                 let a = agent.clone();
-                let push: super::metrics::Push = Arc::new(move |req| {
+                let push: crate::metrics::pipeline::Push = Arc::new(move |req| {
                     let a = a.clone();
-                    Box::pin(async move { a.push_metrics(req).await })
+                    Box::pin(async move { super::push::outcome(a.push_metrics(req).await) })
                 });
-                match super::metrics::Pipeline::start(
+                match crate::metrics::pipeline::Pipeline::start(
                     m,
                     cfg.state_dir.clone(),
                     push,
