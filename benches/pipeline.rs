@@ -4,33 +4,34 @@
 //! One process holds a backend (`uplink::backend::Server` on `127.0.0.1:0`,
 //! its own tokio runtime, threads named `backend`) and the agent side (a
 //! second runtime, threads named `agent`). A thread named `source`
-//! generates samples and records them, as the agent's sources do, into a
-//! bounded channel of `Vec<Sample>` (256 chunks, the size of the agent's
-//! `Recorder` channel), as fast as the pipeline takes them. CPU time is read
-//! per thread from `/proc/self/task/*/schedstat` (the source thread reads
-//! its own before it ends), so the cost of the pipeline (agent and backend
-//! threads) is told apart from the cost of generating the samples.
+//! generates samples and records them, as the agent's sources do, as fast
+//! as the path takes them (for uplink through the pipeline's own
+//! `Recorder`, a bounded channel of 256 chunks; for OTLP through a channel
+//! of the same size). CPU time is read per thread from
+//! `/proc/self/task/*/schedstat` (the source thread reads its own before it
+//! ends), so the cost of the pipeline (agent and backend threads) is told
+//! apart from the cost of generating the samples.
 //!
 //! Four paths are measured:
 //!
-//! - **`uplink_grpc`, `uplink_longpoll`**: the agent's pipeline, rebuilt
-//!   from its public parts as `agent::metrics` wires them (the pipeline's
-//!   tasks are private to the agent's session): a task runs a
-//!   [`Batcher`] (flush on 20,000 samples or 30 s, the defaults), encodes
-//!   each flushed `MetricBatch`, compresses it with zstd and appends it to a
-//!   [`Spool`] on disk (defaults: 256 MiB cap, 8 MiB segments, synced every
-//!   second); a sender reads spooled batches back with 4 in flight (the
-//!   default window), decompresses and decodes each, sends it as
-//!   `PushMetrics` to the real backend over TLS on the rung (gRPC with
-//!   zstd through tonic, or Connect over HTTP/1.1 with
-//!   `ConnectClient::call_zstd`, as the session does) and acks it in the
-//!   spool when the backend answers. The backend decodes, validates,
-//!   deduplicates in its store and updates its latest values, then
-//!   answers. Samples count as delivered when the backend acknowledged
-//!   them, and the backend's `uplink_backend_metric_samples_total` must
-//!   have grown by exactly as many. The sender applies no rate cap; the
-//!   agent's `--metrics-replay-rate` (500,000 samples/s by default) caps
-//!   every send in the product, replays or not.
+//! - **`uplink_grpc`, `uplink_longpoll`**: the agent's own pipeline,
+//!   [`uplink::metrics::pipeline::Pipeline`], started for each run with the
+//!   default settings (scraping off, a fresh spool): its batcher (flush on
+//!   20,000 samples or 30 s), zstd and the disk spool (256 MiB cap, 8 MiB
+//!   segments, synced every second), its sender with 4 batches in flight,
+//!   acks, replay pacing and the negotiation of `batch_zstd` and series
+//!   deltas. Its `Push` sends `PushMetrics` to the real backend over TLS on
+//!   the rung (gRPC through tonic, or Connect over HTTP/1.1 with
+//!   `ConnectClient::call_encoded`) as the agent's session does (the
+//!   session's client is private to it), and maps the answer with the
+//!   agent's own `agent::push::outcome`; any answer but "stored" fails the
+//!   run. The backend decodes, validates, deduplicates in its store and
+//!   updates its latest values, then answers. A run ends as the agent's
+//!   shutdown does (the batcher flushes, the sender delivers what is
+//!   spooled) and is over when the backend's
+//!   `uplink_backend_metric_samples_total` has grown by exactly the samples
+//!   recorded. Fresh batches are not paced: the replay rate applies only
+//!   to batches spooled more than 10 s before they are sent.
 //! - **`otlp_grpc`**: the peer. The same samples, batched by 20,000, each
 //!   batch built into an OTLP `ExportMetricsServiceRequest` (the
 //!   `opentelemetry-proto` types, in the shape of `benches/encoding.rs`:
@@ -50,11 +51,12 @@
 //!   default 500,000 samples/s as in the agent, after a first second's
 //!   worth at once).
 //!
-//! The samples follow `benches/encoding.rs`: one host (100 series at a
-//! 10 s interval), 50 containers (10 series each at 10 s, one chunk per
-//! scrape of all of them) and a load test (84 per-second aggregates),
-//! with fresh values throughout: 1,440 samples per 10 s of simulated time,
-//! in chunks of 84, 100 and 500, as the sources record them.
+//! The samples come from `benches/common/workload.rs`, as in
+//! `benches/encoding.rs`: one host (100 series at a 10 s interval), 50
+//! containers (10 series each at 10 s, one chunk per scrape of all of
+//! them) and a load test (84 per-second aggregates), with fresh values
+//! throughout: 1,440 samples per 10 s of simulated time, in chunks of 84,
+//! 100 and 500, as the sources record them.
 //!
 //! Output: the criterion group `pipeline` (functions `uplink_grpc`,
 //! `uplink_longpoll` and `otlp_grpc`; one iteration is one batch of 20,000
@@ -73,14 +75,14 @@
 
 mod common;
 
-use common::T0_MS;
 use common::otlp::otlp_request;
+use common::workload::Workload;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -96,23 +98,23 @@ use opentelemetry_proto::tonic::metrics::v1::metric;
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tonic::codec::{CompressionEncoding, EnabledCompressionEncodings};
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::Channel;
 
-use uplink::agent::metrics::MetricsConfig;
 use uplink::agent::{self, AgentConfig, AgentError, TransportMode};
 use uplink::backend::sinks::{Origin, Sinks};
 use uplink::backend::{BackendConfig, BackendError, Core, Server};
-use uplink::client::ConnectClient;
-use uplink::metrics::batcher::{Batcher, BatcherConfig, Flushed};
+use uplink::client::{CallError, ConnectClient};
+use uplink::metrics::batcher::{Batcher, BatcherConfig};
 use uplink::metrics::compress::Compression;
 use uplink::metrics::encode;
+use uplink::metrics::sample::Sample;
 use uplink::metrics::ingest::IngestConfig;
-use uplink::metrics::sample::{Kind, Sample, Series};
-use uplink::metrics::spool::{Header, Position, Record, Spool, SpoolConfig};
+use uplink::metrics::pipeline::{MetricsConfig, Pipeline, Push, PushOutcome};
+use uplink::metrics::spool::{Header, Spool};
 use uplink::net::{Net, ProxySettings};
 use uplink::proto::{self, agent_service_client::AgentServiceClient};
 use uplink::secret::{Kind as SecretKind, Secret};
@@ -120,7 +122,7 @@ use uplink::tls::{self, ServerIdentity, Trust};
 
 /// Samples per batch: the batcher's default flush size.
 const BATCH: usize = uplink::metrics::batcher::DEFAULT_MAX_SAMPLES;
-/// Chunks the recorder's channel holds, as in the agent.
+/// Chunks the OTLP path's channel holds, as the pipeline's recorder does.
 const RECORDER_CHUNKS: usize = 256;
 /// Largest decompressed batch read back from the spool, as in the agent.
 const MAX_BATCH_BYTES: usize = 64 << 20;
@@ -151,527 +153,6 @@ const E2E_ENV: &str = "UPLINK_BENCH_E2E_SAMPLES";
 const E2E_RATE_ENV: &str = "UPLINK_BENCH_E2E_REPLAY_RATE";
 const DIR_ENV: &str = "UPLINK_BENCH_DIR";
 
-// ---- the samples -------------------------------------------------------
-
-/// Seed of the sample generator.
-const SEED: u64 = 0x5eed_2026;
-/// Containers monitored.
-const CONTAINERS: usize = 50;
-/// Containers under load among them.
-const BUSY_CONTAINERS: usize = 10;
-/// Scrape interval of the host and containers, in seconds.
-const INTERVAL_S: i64 = 10;
-
-/// How a series' value moves from one reading to the next.
-#[derive(Clone, Copy)]
-enum Model {
-    /// A counter growing by `lo..hi` units of `quantum`.
-    Grows { lo: u64, hi: u64, quantum: f64 },
-    /// A gauge moving by up to `step` units of `quantum`, within `lo..=hi`.
-    Drifts {
-        step: i64,
-        quantum: f64,
-        lo: f64,
-        hi: f64,
-    },
-    /// A constant.
-    Fixed,
-    /// CPU usage as sysinfo reports it: an `f32` percentage, as a ratio.
-    CpuRatio,
-    /// A load average: two decimals.
-    LoadAverage,
-    /// CPU seconds of a nanosecond counter growing by `lo..hi`.
-    CpuSeconds { lo: u64, hi: u64 },
-    /// A response time within 10% of `base` ms, to the microsecond.
-    Millis { base: f64 },
-    /// A largest response time between `base` and twice it, whole ms.
-    MaxMillis { base: f64 },
-}
-
-fn grows(lo: u64, hi: u64) -> Model {
-    Model::Grows {
-        lo,
-        hi,
-        quantum: 1.0,
-    }
-}
-
-/// One series and its current value.
-struct Track {
-    series: Arc<Series>,
-    model: Model,
-    value: f64,
-}
-
-impl Track {
-    fn read(&mut self, rng: &mut fastrand::Rng) -> f64 {
-        match self.model {
-            Model::Grows { lo, hi, quantum } => {
-                self.value += rng.u64(lo..hi.max(lo + 1)) as f64 * quantum;
-                self.value
-            }
-            Model::Drifts {
-                step,
-                quantum,
-                lo,
-                hi,
-            } => {
-                self.value = (self.value + rng.i64(-step..=step) as f64 * quantum).clamp(lo, hi);
-                self.value
-            }
-            Model::Fixed => self.value,
-            Model::CpuRatio => {
-                self.value = (self.value + (rng.f64() - 0.5) * 20.0).clamp(0.5, 99.5);
-                f64::from(self.value as f32) / 100.0
-            }
-            Model::LoadAverage => {
-                self.value = (self.value + (rng.f64() - 0.5) * 0.4).clamp(0.0, 16.0);
-                (self.value * 100.0).round() / 100.0
-            }
-            Model::CpuSeconds { lo, hi } => {
-                self.value += rng.u64(lo..hi) as f64;
-                self.value / 1e9
-            }
-            Model::Millis { base } => (base * (0.9 + 0.2 * rng.f64()) * 1000.0).round() / 1000.0,
-            Model::MaxMillis { base } => (base * (1.0 + rng.f64())).round(),
-        }
-    }
-}
-
-/// The series a source reads together, and the delay of its reading after
-/// the tick.
-struct Source {
-    tracks: Vec<Track>,
-    offset_ms: i64,
-}
-
-impl Source {
-    fn new(offset_ms: i64) -> Self {
-        Source {
-            tracks: Vec::new(),
-            offset_ms,
-        }
-    }
-
-    fn add(&mut self, series: Series, model: Model, start: f64) {
-        self.tracks.push(Track {
-            series: Arc::new(series),
-            model,
-            value: start,
-        });
-    }
-
-    fn read(&mut self, rng: &mut fastrand::Rng, tick_ms: i64, out: &mut Vec<Sample>) {
-        let time_unix_ms = tick_ms + self.offset_ms;
-        for t in &mut self.tracks {
-            let value = t.read(rng);
-            out.push(Sample {
-                series: t.series.clone(),
-                time_unix_ms,
-                value,
-            });
-        }
-    }
-}
-
-fn gauge(name: &str) -> Series {
-    Series::new(name, Kind::Gauge)
-}
-
-fn counter(name: &str) -> Series {
-    Series::new(name, Kind::Counter)
-}
-
-/// One host's 100 series, as the host source reads them.
-fn host_source(rng: &mut fastrand::Rng) -> Source {
-    let mut s = Source::new(0);
-    let h = |x: Series| x.label("host.name", "lab-host-01");
-    let gib = (1u64 << 30) as f64;
-    for cpu in std::iter::once("total".to_string()).chain((0..8).map(|c| c.to_string())) {
-        let series = gauge("host_cpu_usage_ratio").label("cpu", cpu).unit("1");
-        s.add(h(series), Model::CpuRatio, 30.0);
-    }
-    for cpu in 0..8 {
-        let series = gauge("host_cpu_frequency_hertz")
-            .label("cpu", cpu.to_string())
-            .unit("Hz");
-        let model = Model::Drifts {
-            step: 3,
-            quantum: 1e8,
-            lo: 1.2e9,
-            hi: 3.6e9,
-        };
-        s.add(h(series), model, 2.8e9);
-    }
-    for period in ["1m", "5m", "15m"] {
-        let series = gauge("host_load_average").label("period", period);
-        s.add(h(series), Model::LoadAverage, 1.5);
-    }
-    s.add(
-        h(gauge("host_memory_total_bytes").unit("By")),
-        Model::Fixed,
-        32.0 * gib,
-    );
-    for (name, start) in [
-        ("host_memory_used_bytes", 11.0),
-        ("host_memory_available_bytes", 20.0),
-        ("host_memory_free_bytes", 6.0),
-    ] {
-        let model = Model::Drifts {
-            step: 12_000,
-            quantum: 1024.0,
-            lo: 0.0,
-            hi: 32.0 * gib,
-        };
-        s.add(h(gauge(name).unit("By")), model, start * gib);
-    }
-    s.add(
-        h(gauge("host_swap_total_bytes").unit("By")),
-        Model::Fixed,
-        8.0 * gib,
-    );
-    let swap = Model::Drifts {
-        step: 2,
-        quantum: 4096.0,
-        lo: 0.0,
-        hi: 8.0 * gib,
-    };
-    s.add(
-        h(gauge("host_swap_used_bytes").unit("By")),
-        swap,
-        0.25 * gib,
-    );
-    for (iface, bytes, packets) in [
-        ("lo", 2_000_000u64, 3_000u64),
-        ("eth0", 60_000_000, 60_000),
-        ("eth1", 400_000, 900),
-        ("docker0", 30_000_000, 25_000),
-        ("br-3f2a1c9e", 1_500_000, 2_000),
-        ("wg0", 20_000, 60),
-    ] {
-        let n = |name: &str| h(counter(name).label("interface", iface));
-        let start = rng.u64(1 << 30..1 << 40) as f64;
-        let errors = if iface == "eth1" { 2 } else { 0 };
-        let by = |x: Series| x.unit("By");
-        s.add(
-            by(n("host_network_receive_bytes_total")),
-            grows(bytes / 2, bytes),
-            start,
-        );
-        s.add(
-            by(n("host_network_transmit_bytes_total")),
-            grows(bytes / 3, bytes),
-            (start / 2.0).round(),
-        );
-        s.add(
-            n("host_network_receive_packets_total"),
-            grows(packets / 2, packets),
-            (start / 900.0).round(),
-        );
-        s.add(
-            n("host_network_transmit_packets_total"),
-            grows(packets / 3, packets),
-            (start / 1800.0).round(),
-        );
-        s.add(
-            n("host_network_receive_errors_total"),
-            grows(0, errors),
-            3.0,
-        );
-        s.add(n("host_network_transmit_errors_total"), Model::Fixed, 0.0);
-        s.add(n("host_network_receive_dropped_total"), grows(0, 2), 17.0);
-        s.add(n("host_network_transmit_dropped_total"), Model::Fixed, 0.0);
-    }
-    for (mount, size) in [
-        ("/", 100.0),
-        ("/boot", 1.0),
-        ("/var/lib/docker", 500.0),
-        ("/home", 200.0),
-        ("/data", 2000.0),
-        ("/tmp", 16.0),
-    ] {
-        let size = size * gib;
-        let m = |name: &str| h(gauge(name).label("mountpoint", mount).unit("By"));
-        s.add(m("host_filesystem_size_bytes"), Model::Fixed, size);
-        let free = Model::Drifts {
-            step: 20_000,
-            quantum: 4096.0,
-            lo: 0.0,
-            hi: size,
-        };
-        s.add(
-            m("host_filesystem_available_bytes"),
-            free,
-            (size * 0.4 / 4096.0).round() * 4096.0,
-        );
-    }
-    for (disk, bytes) in [
-        ("vda", 40_000_000u64),
-        ("vdb", 3_000_000),
-        ("nvme0n1", 90_000_000),
-    ] {
-        let d = |name: &str| h(counter(name).label("device", disk));
-        let start = rng.u64(1 << 32..1 << 42) as f64;
-        let sectors = |lo: u64, hi: u64| Model::Grows {
-            lo: lo / 512,
-            hi: hi / 512,
-            quantum: 512.0,
-        };
-        s.add(
-            d("host_disk_read_bytes_total").unit("By"),
-            sectors(bytes / 4, bytes),
-            (start / 512.0).round() * 512.0,
-        );
-        s.add(
-            d("host_disk_written_bytes_total").unit("By"),
-            sectors(bytes / 3, bytes),
-            (start / 1024.0).round() * 512.0,
-        );
-        s.add(
-            d("host_disk_reads_total"),
-            grows(bytes / 80_000, bytes / 20_000),
-            (start / 30_000.0).round(),
-        );
-        s.add(
-            d("host_disk_writes_total"),
-            grows(bytes / 60_000, bytes / 15_000),
-            (start / 20_000.0).round(),
-        );
-    }
-    let processes = Model::Drifts {
-        step: 6,
-        quantum: 1.0,
-        lo: 100.0,
-        hi: 2000.0,
-    };
-    s.add(h(gauge("host_processes")), processes, 412.0);
-    s.add(
-        h(counter("host_uptime_seconds").unit("s")),
-        grows(10, 11),
-        864_000.0,
-    );
-    s
-}
-
-/// One container's 10 series, as Docker's stats give them.
-fn container_source(rng: &mut fastrand::Rng, i: usize) -> Source {
-    let busy = i < BUSY_CONTAINERS;
-    let id: String = (0..64)
-        .map(|_| char::from(b"0123456789abcdef"[rng.usize(0..16)]))
-        .collect();
-    let name = format!("lab-{}-{i:02}", if busy { "target" } else { "worker" });
-    let image = if busy {
-        "registry.lab.local/shop/api:2.14.1"
-    } else {
-        "registry.lab.local/lab/worker:1.4.2"
-    };
-    let c = |x: Series| {
-        x.label("container.id", &id)
-            .label("container.image.name", image)
-            .label("container.name", &name)
-    };
-    let scale = if busy { 1 } else { 200 };
-    let mib = (1u64 << 20) as f64;
-    let limit = if busy { 2048.0 * mib } else { 512.0 * mib };
-    let mut s = Source::new(40 + 7 * i as i64);
-    s.add(
-        c(counter("container_cpu_usage_seconds_total").unit("s")),
-        Model::CpuSeconds {
-            lo: 4_000_000_000 / scale,
-            hi: 20_000_000_000 / scale,
-        },
-        rng.u64(1_000_000_000..5_000_000_000_000) as f64,
-    );
-    let memory = Model::Drifts {
-        step: if busy { 2_500 } else { 25 },
-        quantum: 4096.0,
-        lo: 8.0 * mib,
-        hi: limit,
-    };
-    s.add(
-        c(gauge("container_memory_usage_bytes").unit("By")),
-        memory,
-        (limit * 0.3 / 4096.0).round() * 4096.0,
-    );
-    s.add(
-        c(gauge("container_memory_limit_bytes").unit("By")),
-        Model::Fixed,
-        limit,
-    );
-    for (name, lo, hi, start_bits) in [
-        (
-            "container_network_receive_bytes_total",
-            8_000_000,
-            40_000_000,
-            34,
-        ),
-        (
-            "container_network_transmit_bytes_total",
-            20_000_000,
-            90_000_000,
-            35,
-        ),
-        ("container_network_receive_packets_total", 9_000, 40_000, 24),
-        (
-            "container_network_transmit_packets_total",
-            9_000,
-            50_000,
-            24,
-        ),
-    ] {
-        let series = counter(name);
-        let series = if name.ends_with("bytes_total") {
-            series.unit("By")
-        } else {
-            series
-        };
-        s.add(
-            c(series),
-            grows(lo / scale, hi / scale),
-            rng.u64(1 << 10..1 << start_bits) as f64,
-        );
-    }
-    for name in [
-        "container_blkio_read_bytes_total",
-        "container_blkio_write_bytes_total",
-    ] {
-        let blocks = Model::Grows {
-            lo: 0,
-            hi: if busy { 1200 } else { 3 },
-            quantum: 4096.0,
-        };
-        s.add(
-            c(counter(name).unit("By")),
-            blocks,
-            (rng.u64(0..1 << 22) * 4096) as f64,
-        );
-    }
-    let pids = Model::Drifts {
-        step: if busy { 4 } else { 0 },
-        quantum: 1.0,
-        lo: 1.0,
-        hi: 500.0,
-    };
-    s.add(
-        c(gauge("container_pids")),
-        pids,
-        if busy { 48.0 } else { 3.0 },
-    );
-    s
-}
-
-/// A load test's per-second aggregates: 12 requests, each with three
-/// response-time quantiles, the largest response time and requests per
-/// status code.
-fn load_test_source() -> Source {
-    let mut s = Source::new(0);
-    let requests = [
-        "GET /",
-        "GET /api/products",
-        "GET /api/products/{id}",
-        "POST /api/cart",
-        "GET /api/cart",
-        "DELETE /api/cart/{id}",
-        "POST /api/orders",
-        "GET /api/orders/{id}",
-        "POST /api/login",
-        "GET /api/search",
-        "GET /static/app.js",
-        "GET /healthz",
-    ];
-    for (r, req) in requests.iter().enumerate() {
-        let l = |x: Series| {
-            x.label("host.name", "lab-host-01")
-                .label("request", *req)
-                .label("service.name", "jmeter")
-        };
-        let base = 8.0 + 20.0 * r as f64;
-        for (q, factor) in [("0.5", 1.0), ("0.9", 2.2), ("0.99", 4.5)] {
-            let series = gauge("loadtest_response_time_milliseconds")
-                .label("quantile", q)
-                .unit("ms");
-            s.add(
-                l(series),
-                Model::Millis {
-                    base: base * factor,
-                },
-                0.0,
-            );
-        }
-        s.add(
-            l(gauge("loadtest_response_time_max_milliseconds").unit("ms")),
-            Model::MaxMillis { base: base * 7.0 },
-            0.0,
-        );
-        for (status, share) in [("200", 388), ("404", 8), ("500", 4)] {
-            let series = counter("loadtest_requests_total").label("status", status);
-            s.add(l(series), grows(0, share), 0.0);
-        }
-    }
-    s
-}
-
-/// An endless stream of samples from one host, its containers and a load
-/// test, in simulated time.
-struct Workload {
-    rng: fastrand::Rng,
-    host: Source,
-    containers: Vec<Source>,
-    load_test: Source,
-    second: i64,
-}
-
-impl Workload {
-    fn new() -> Self {
-        let mut rng = fastrand::Rng::with_seed(SEED);
-        let host = host_source(&mut rng);
-        let containers = (0..CONTAINERS)
-            .map(|i| container_source(&mut rng, i))
-            .collect();
-        Workload {
-            rng,
-            host,
-            containers,
-            load_test: load_test_source(),
-            second: 0,
-        }
-    }
-
-    /// Appends the chunks of the next simulated second, as the sources
-    /// record them: the load test's aggregates every second; every 10 s
-    /// the host's scrape, then the containers' scrape (one chunk for all).
-    fn next_second(&mut self, out: &mut Vec<Vec<Sample>>) {
-        let tick = T0_MS + self.second * 1000;
-        let mut chunk = Vec::with_capacity(self.load_test.tracks.len());
-        self.load_test.read(&mut self.rng, tick, &mut chunk);
-        out.push(chunk);
-        if self.second % INTERVAL_S == 0 {
-            let tick = tick + self.rng.i64(0..4);
-            let mut chunk = Vec::with_capacity(self.host.tracks.len());
-            self.host.read(&mut self.rng, tick, &mut chunk);
-            out.push(chunk);
-            let mut chunk = Vec::with_capacity(CONTAINERS * 10);
-            for c in &mut self.containers {
-                c.read(&mut self.rng, tick, &mut chunk);
-            }
-            out.push(chunk);
-        }
-        self.second += 1;
-    }
-
-    /// The next chunks holding at least `samples` samples.
-    fn take(&mut self, samples: usize) -> Vec<Vec<Sample>> {
-        let mut out = Vec::new();
-        let mut n = 0;
-        while n < samples {
-            let before = out.len();
-            self.next_second(&mut out);
-            n += out[before..].iter().map(Vec::len).sum::<usize>();
-        }
-        out
-    }
-}
-
 /// CPU time of the calling thread so far.
 fn thread_cpu() -> Duration {
     std::fs::read_to_string("/proc/thread-self/schedstat")
@@ -684,10 +165,14 @@ fn thread_cpu() -> Duration {
 /// CPU time it spent (its own, since it ends before the run is measured).
 type Fed = std::thread::JoinHandle<(Workload, Duration)>;
 
-/// Records exactly `samples` samples into `tx` (whole chunks, the last one
-/// cut to fit) from a thread named `source`, as fast as the pipeline takes
-/// them, then closes the channel.
-fn feed(mut w: Workload, tx: mpsc::Sender<Vec<Sample>>, samples: u64) -> Fed {
+/// Records exactly `samples` samples with `record` (whole chunks, the last
+/// one cut to fit) from a thread named `source`, as fast as the pipeline
+/// takes them; `record` is false when the pipeline stopped taking them.
+fn feed(
+    mut w: Workload,
+    mut record: impl FnMut(Vec<Sample>) -> bool + Send + 'static,
+    samples: u64,
+) -> Fed {
     std::thread::Builder::new()
         .name("source".into())
         .spawn(move || {
@@ -701,7 +186,7 @@ fn feed(mut w: Workload, tx: mpsc::Sender<Vec<Sample>>, samples: u64) -> Fed {
                     }
                     chunk.truncate(left);
                     left -= chunk.len();
-                    if tx.blocking_send(chunk).is_err() {
+                    if !record(chunk) {
                         panic!("the pipeline stopped taking samples");
                     }
                 }
@@ -896,220 +381,71 @@ async fn otlp_pipeline(
     delivered
 }
 
-// ---- the uplink pipeline, as the agent wires it ----------------------------
+// ---- the uplink pipeline's push ------------------------------------------------
 
-/// `PushMetrics` on one rung, as the agent's session sends it.
-#[derive(Clone)]
-enum Rung {
-    Grpc {
-        client: AgentServiceClient<Channel>,
-        authorization: AsciiMetadataValue,
-    },
-    Longpoll(ConnectClient),
+/// What the pushes saw that a healthy backend never answers (a duplicate, a
+/// rejection, a failure); a run fails on the first.
+type Unexpected = Arc<Mutex<Vec<String>>>;
+
+/// The answer of one `PushMetrics` as the pipeline takes it, mapped as the
+/// agent's session maps it ([`uplink::agent::push::outcome`]); anything but
+/// `Stored` is noted in `unexpected`.
+fn checked(
+    r: Result<proto::PushMetricsResponse, CallError>,
+    unexpected: &Unexpected,
+) -> PushOutcome {
+    let outcome = uplink::agent::push::outcome(r);
+    if !matches!(outcome, PushOutcome::Stored(_)) {
+        unexpected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(format!("{outcome:?}"));
+    }
+    outcome
 }
 
-impl Rung {
-    /// As the agent's session pushes: a request whose batch is already a
-    /// zstd frame (`batch_zstd`) goes as it is, another is compressed by
-    /// the transport.
-    async fn push(&self, req: proto::PushMetricsRequest) -> Result<bool, String> {
-        let compressed = !req.batch_zstd.is_empty();
-        match self {
-            Rung::Grpc {
-                client,
-                authorization,
-            } => {
-                let mut r = tonic::Request::new(req);
-                r.set_timeout(CALL_TIMEOUT);
-                r.metadata_mut()
-                    .insert("authorization", authorization.clone());
-                let mut client = client.clone();
-                if !compressed {
-                    client = client.send_compressed(CompressionEncoding::Zstd);
-                }
-                client
-                    .push_metrics(r)
-                    .await
-                    .map(|r| r.into_inner().stored)
-                    .map_err(|s| s.to_string())
+/// The pipeline's push on the gRPC rung, as the agent's session sends it:
+/// a request whose batch is already a zstd frame (`batch_zstd`) goes as it
+/// is, another is compressed by the transport.
+fn grpc_push(
+    client: AgentServiceClient<Channel>,
+    authorization: AsciiMetadataValue,
+    unexpected: Unexpected,
+) -> Push {
+    Arc::new(move |req: proto::PushMetricsRequest| {
+        let (mut client, authorization) = (client.clone(), authorization.clone());
+        let unexpected = unexpected.clone();
+        Box::pin(async move {
+            if req.batch_zstd.is_empty() {
+                client = client.send_compressed(CompressionEncoding::Zstd);
             }
-            Rung::Longpoll(c) => c
-                .call_encoded::<_, proto::PushMetricsResponse>(
-                    AGENT_SERVICE,
-                    "PushMetrics",
-                    &req,
-                    CALL_TIMEOUT,
-                    !compressed,
-                )
+            let mut r = tonic::Request::new(req);
+            r.set_timeout(CALL_TIMEOUT);
+            r.metadata_mut().insert("authorization", authorization);
+            let answer = client
+                .push_metrics(r)
                 .await
-                .map(|r| r.stored)
-                .map_err(|e| e.to_string()),
-        }
-    }
-}
-
-/// The spool settings `MetricsConfig::default()` gives the agent.
-fn spool_config(dir: PathBuf) -> SpoolConfig {
-    let m = MetricsConfig::default();
-    let mut s = SpoolConfig::new(dir);
-    s.cap_bytes = m.spool_max_bytes;
-    s.segment_bytes = (m.spool_max_bytes / 8).clamp(4096, 8 << 20);
-    s.sync = uplink::metrics::spool::SyncPolicy::Every(m.spool_sync);
-    s
-}
-
-/// Runs a blocking spool operation off the runtime's workers, as the agent
-/// does.
-async fn with_spool<T: Send + 'static>(
-    spool: &Arc<Mutex<Spool>>,
-    f: impl FnOnce(&mut Spool) -> T + Send + 'static,
-) -> T {
-    let spool = spool.clone();
-    tokio::task::spawn_blocking(move || f(&mut spool.lock().unwrap_or_else(|e| e.into_inner())))
-        .await
-        .expect("a spool operation panicked")
-}
-
-/// The batcher task: samples in, zstd-compressed batches appended to the
-/// spool. Sets `done` once the channel is closed and everything is spooled.
-async fn batch_loop(
-    mut rx: mpsc::Receiver<Vec<Sample>>,
-    spool: Arc<Mutex<Spool>>,
-    spooled: Arc<Notify>,
-    done: Arc<AtomicBool>,
-) {
-    let mut batcher = Batcher::new(BatcherConfig::default());
-    let epoch = fastrand::u64(1..u64::MAX / 2);
-    let mut seq = 0u64;
-    let mut flushed: Vec<Flushed> = Vec::new();
-    loop {
-        let due = batcher.due();
-        let mut closing = false;
-        tokio::select! {
-            chunk = rx.recv() => match chunk {
-                Some(samples) => batcher.add(&samples, Instant::now(), &mut flushed),
-                None => closing = true,
-            },
-            _ = async { tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()).await }, if due.is_some() => {
-                flushed.extend(batcher.flush());
-            }
-        }
-        if closing {
-            flushed.extend(batcher.flush());
-        }
-        for f in flushed.drain(..) {
-            seq += 1;
-            let header = Header {
-                epoch,
-                seq,
-                samples: f.samples,
-                created_unix_ms: uplink::now_unix_ms(),
-            };
-            let bytes = f.batch.encode_to_vec();
-            with_spool(&spool, move |s| {
-                let payload = Compression::Zstd.compress(&bytes).expect("zstd");
-                s.append(header, &payload).expect("spool append")
-            })
-            .await;
-            spooled.notify_one();
-        }
-        if closing {
-            done.store(true, Ordering::SeqCst);
-            spooled.notify_one();
-            return;
-        }
-    }
-}
-
-/// One spooled batch, pushed as the agent pushes it to a backend that
-/// reads `batch_zstd`: the spooled bytes as they are.
-async fn send_one(rung: Rung, r: Record) -> (Header, Result<(), String>) {
-    let h = r.header;
-    let outcome = rung
-        .push(proto::PushMetricsRequest {
-            ack: 0,
-            epoch: h.epoch,
-            seq: h.seq,
-            batch: None,
-            batch_zstd: r.payload,
+                .map(|r| r.into_inner())
+                .map_err(|s| CallError::from_tonic(&s));
+            checked(answer, &unexpected)
         })
-        .await
-        .and_then(|stored| {
-            if stored {
-                Ok(())
-            } else {
-                Err("the backend called it a duplicate".into())
-            }
-        });
-    (h, outcome)
+    })
 }
 
-/// The sender: spooled batches, oldest first, `window` in flight, each
-/// acked in the spool when the backend stored it. Returns the samples
-/// delivered once the batcher is done and the spool is empty.
-async fn send_loop(
-    rung: Rung,
-    window: usize,
-    spool: Arc<Mutex<Spool>>,
-    spooled: Arc<Notify>,
-    done: Arc<AtomicBool>,
-) -> u64 {
-    let mut inflight = FuturesUnordered::new();
-    let mut cursor: Option<Position> = None;
-    let mut delivered = 0u64;
-    loop {
-        // Read before peeking: once the batcher is done, this peek sees
-        // every batch it appended.
-        let finished = done.load(Ordering::SeqCst);
-        if inflight.len() < window {
-            let want = window - inflight.len();
-            let after = cursor;
-            let records = with_spool(&spool, move |s| s.peek_after(after, want))
-                .await
-                .expect("spool read");
-            for r in records {
-                cursor = Some(r.position);
-                inflight.push(send_one(rung.clone(), r));
-            }
-        }
-        if inflight.is_empty() {
-            if finished {
-                return delivered;
-            }
-            spooled.notified().await;
-            continue;
-        }
-        tokio::select! {
-            biased;
-            Some((h, outcome)) = inflight.next() => {
-                if let Err(e) = outcome {
-                    panic!("batch (epoch {}, seq {}) not delivered: {e}", h.epoch, h.seq);
-                }
-                with_spool(&spool, move |s| s.ack(h.epoch, h.seq))
-                    .await
-                    .expect("spool ack");
-                delivered += u64::from(h.samples);
-            }
-            _ = spooled.notified(), if inflight.len() < window => {}
-        }
-    }
-}
-
-/// The uplink pipeline on `rung` with an opened spool. Returns the samples
-/// delivered.
-async fn uplink_pipeline(
-    rung: Rung,
-    window: usize,
-    spool: Spool,
-    rx: mpsc::Receiver<Vec<Sample>>,
-) -> u64 {
-    let spool = Arc::new(Mutex::new(spool));
-    let spooled = Arc::new(Notify::new());
-    let done = Arc::new(AtomicBool::new(false));
-    let batching = tokio::spawn(batch_loop(rx, spool.clone(), spooled.clone(), done.clone()));
-    let delivered = send_loop(rung, window, spool, spooled, done).await;
-    batching.await.expect("the batcher task panicked");
-    delivered
+/// The pipeline's push on the long-poll rung (Connect over HTTP/1.1), as
+/// the agent's session sends it.
+fn longpoll_push(client: ConnectClient, unexpected: Unexpected) -> Push {
+    Arc::new(move |req: proto::PushMetricsRequest| {
+        let client = client.clone();
+        let unexpected = unexpected.clone();
+        Box::pin(async move {
+            let zstd = req.batch_zstd.is_empty();
+            let answer = client
+                .call_encoded(AGENT_SERVICE, "PushMetrics", &req, CALL_TIMEOUT, zstd)
+                .await;
+            checked(answer, &unexpected)
+        })
+    })
 }
 
 // ---- CPU time ----------------------------------------------------------------
@@ -1245,10 +581,11 @@ struct Bench {
     backend_rt: Runtime,
     dir: PathBuf,
     core: Arc<Core>,
-    /// The enrolled identity the rebuilt pipeline sends as.
+    /// The enrolled identity the pipeline sends as.
     agent_id: String,
-    grpc: Rung,
-    longpoll: Rung,
+    grpc: Push,
+    longpoll: Push,
+    unexpected: Unexpected,
     otlp: OtlpClient,
     otlp_points: Arc<AtomicU64>,
     window: usize,
@@ -1336,7 +673,7 @@ impl Bench {
             },
         ));
 
-        // The identity the rebuilt pipeline sends as.
+        // The identity the pipeline sends as.
         let enrolled = core
             .enroll(proto::EnrollRequest {
                 enrollment_token: enroll_token.expose().to_string(),
@@ -1359,9 +696,11 @@ impl Bench {
                 ProxySettings::direct(),
             )
         };
+        let unexpected = Unexpected::default();
         let (grpc, longpoll, otlp) = agent_rt.block_on({
             let (url, backend_net, otlp_net) = (url.clone(), net(&ca), net(&otlp_ca));
             let credential = credential.clone();
+            let unexpected = unexpected.clone();
             async move {
                 // Channels spawn their tasks on the runtime they are made on.
                 tokio::spawn(async move {
@@ -1373,12 +712,14 @@ impl Bench {
                     let authorization: AsciiMetadataValue =
                         MetadataValue::try_from(format!("Bearer {}", credential.expose()))
                             .expect("credential as a header value");
-                    let grpc = Rung::Grpc {
-                        client: AgentServiceClient::new(channel),
+                    let grpc = grpc_push(
+                        AgentServiceClient::new(channel),
                         authorization,
-                    };
-                    let longpoll = Rung::Longpoll(
+                        unexpected.clone(),
+                    );
+                    let longpoll = longpoll_push(
                         ConnectClient::new(&url, &backend_net).with_auth(credential),
+                        unexpected,
                     );
                     let otlp_url = uplink::client::parse_backend_url(&format!(
                         "https://127.0.0.1:{}",
@@ -1463,6 +804,7 @@ impl Bench {
             agent_id: enrolled.agent_id,
             grpc,
             longpoll,
+            unexpected,
             otlp,
             otlp_points,
             window: MetricsConfig::default().window,
@@ -1489,75 +831,117 @@ impl Bench {
     }
 
     /// Sends `samples` samples through `path`; measures from the first
-    /// sample recorded to the last one acknowledged.
+    /// sample recorded to the last one stored (uplink) or exported (OTLP).
     fn run(&mut self, path: PathKind, samples: u64) -> Run {
         self.runs += 1;
-        let (tx, rx) = mpsc::channel(RECORDER_CHUNKS);
-        let spool_dir = self.dir.join(format!("spool-{}", self.runs));
-        let window = self.window;
-        let stored_before = self.stored_samples();
-        let points_before = self.otlp_points.load(Ordering::Relaxed);
-        let task = match path {
-            PathKind::UplinkGrpc | PathKind::UplinkLongpoll => {
-                let spool = self
-                    .agent_rt
-                    .block_on(self.agent_rt.spawn_blocking({
-                        let dir = spool_dir.clone();
-                        move || Spool::open(spool_config(dir))
-                    }))
-                    .expect("spool open panicked")
-                    .expect("cannot open the spool");
-                let rung = if path == PathKind::UplinkGrpc {
-                    self.grpc.clone()
-                } else {
-                    self.longpoll.clone()
-                };
-                let cpu = Cpu::now();
-                let start = Instant::now();
-                let task = self
-                    .agent_rt
-                    .spawn(uplink_pipeline(rung, window, spool, rx));
-                (cpu, start, task)
-            }
-            PathKind::Otlp => {
-                let cpu = Cpu::now();
-                let start = Instant::now();
-                let task = self
-                    .agent_rt
-                    .spawn(otlp_pipeline(self.otlp.clone(), rx, window));
-                (cpu, start, task)
-            }
+        let w = self.workload.take().expect("the workload is back");
+        let run = match path {
+            PathKind::UplinkGrpc => self.run_uplink(self.grpc.clone(), w, samples),
+            PathKind::UplinkLongpoll => self.run_uplink(self.longpoll.clone(), w, samples),
+            PathKind::Otlp => self.run_otlp(w, samples),
         };
-        let (cpu, start, task) = task;
-        let feeder = feed(
-            self.workload.take().expect("the workload is back"),
-            tx,
-            samples,
+        let problems =
+            std::mem::take(&mut *self.unexpected.lock().unwrap_or_else(|e| e.into_inner()));
+        assert!(
+            problems.is_empty(),
+            "{}: pushes not stored: {problems:?}",
+            path.name()
         );
+        run
+    }
+
+    /// The agent's own pipeline ([`Pipeline`], default settings, scraping
+    /// off, a fresh spool) pushing over `push`. The run ends as the agent's
+    /// shutdown does: once the samples are recorded, the pipeline flushes
+    /// its batcher and delivers what is spooled; it is over when the
+    /// backend's sample counter has grown by `samples`.
+    fn run_uplink(&mut self, push: Push, w: Workload, samples: u64) -> Run {
+        let state_dir = self.dir.join(format!("pipeline-{}", self.runs));
+        let cfg = MetricsConfig {
+            interval: None,
+            ..MetricsConfig::default()
+        };
+        let (_interval, interval_set) = watch::channel(None);
+        let target = self.stored_samples() + samples;
+        let pipeline = self
+            .agent_rt
+            .block_on(Pipeline::start(
+                &cfg,
+                state_dir.clone(),
+                push,
+                &self.agent_id,
+                interval_set,
+            ))
+            .unwrap_or_else(|e| panic!("the pipeline does not start: {e}"));
+        let recorder = pipeline.recorder.clone();
+        let rt = self.agent_rt.handle().clone();
+        let cpu = Cpu::now();
+        let start = Instant::now();
+        let feeder = feed(w, move |chunk| rt.block_on(recorder.record(chunk)), samples);
+        let (w, source) = feeder.join().expect("the source thread panicked");
+        self.workload = Some(w);
+        let shutdown = self
+            .agent_rt
+            .spawn(pipeline.shutdown(tokio::time::Instant::now() + RUN_TIMEOUT));
+        loop {
+            let stored = self.stored_samples();
+            if stored >= target {
+                break;
+            }
+            let problems = self
+                .unexpected
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            assert!(problems.is_empty(), "pushes not stored: {problems:?}");
+            assert!(
+                start.elapsed() < RUN_TIMEOUT,
+                "{} of {samples} samples stored after {RUN_TIMEOUT:?}",
+                samples - (target - stored)
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let wall = start.elapsed();
+        let mut cpu = Cpu::now().since(cpu);
+        cpu.source = source;
+        self.agent_rt
+            .block_on(shutdown)
+            .expect("the pipeline's shutdown panicked");
+        let _ = std::fs::remove_dir_all(&state_dir);
+        assert_eq!(
+            self.stored_samples() - (target - samples),
+            samples,
+            "samples the backend counted as stored"
+        );
+        Run { samples, wall, cpu }
+    }
+
+    /// The OTLP peer: batched, built and exported with the same window.
+    fn run_otlp(&mut self, w: Workload, samples: u64) -> Run {
+        let (tx, rx) = mpsc::channel(RECORDER_CHUNKS);
+        let points_before = self.otlp_points.load(Ordering::Relaxed);
+        let cpu = Cpu::now();
+        let start = Instant::now();
+        let task = self
+            .agent_rt
+            .spawn(otlp_pipeline(self.otlp.clone(), rx, self.window));
+        let feeder = feed(w, move |chunk| tx.blocking_send(chunk).is_ok(), samples);
         let delivered = self
             .agent_rt
             .block_on(async { tokio::time::timeout(RUN_TIMEOUT, task).await })
-            .unwrap_or_else(|_| panic!("{} took longer than {RUN_TIMEOUT:?}", path.name()))
-            .expect("the pipeline panicked");
+            .unwrap_or_else(|_| panic!("OTLP took longer than {RUN_TIMEOUT:?}"))
+            .expect("the OTLP pipeline panicked");
         let wall = start.elapsed();
         let mut cpu = Cpu::now().since(cpu);
         let (w, source) = feeder.join().expect("the source thread panicked");
         self.workload = Some(w);
         cpu.source = source;
-        let _ = std::fs::remove_dir_all(&spool_dir);
-        assert_eq!(delivered, samples, "{}: samples delivered", path.name());
-        match path {
-            PathKind::Otlp => assert_eq!(
-                self.otlp_points.load(Ordering::Relaxed) - points_before,
-                samples,
-                "data points the OTLP receiver decoded"
-            ),
-            _ => assert_eq!(
-                self.stored_samples() - stored_before,
-                samples,
-                "samples the backend counted as stored"
-            ),
-        }
+        assert_eq!(delivered, samples, "otlp_grpc: samples exported");
+        assert_eq!(
+            self.otlp_points.load(Ordering::Relaxed) - points_before,
+            samples,
+            "data points the OTLP receiver decoded"
+        );
         Run { samples, wall, cpu }
     }
 
@@ -1658,7 +1042,8 @@ fn stages(b: &mut Bench, batches: usize, passes: usize) -> (Stages, usize) {
         provider: "default".into(),
         hostname: "bench-pipeline".into(),
     });
-    let mut spool = Spool::open(spool_config(b.dir.join("spool-stages"))).expect("spool");
+    let mut spool =
+        Spool::open(MetricsConfig::default().spool_config(&b.dir.join("stages"))).expect("spool");
     let names = vec![
         ("agent", "batcher: add samples, build the MetricBatch"),
         ("agent", "MetricBatch encode (prost)"),
@@ -1803,7 +1188,7 @@ fn stages(b: &mut Bench, batches: usize, passes: usize) -> (Stages, usize) {
         }
         all.push(t);
     }
-    let _ = std::fs::remove_dir_all(b.dir.join("spool-stages"));
+    let _ = std::fs::remove_dir_all(b.dir.join("stages"));
     (Stages { names, passes: all }, samples)
 }
 

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 pub mod otlp;
+pub mod workload;
 
 /// The benchmarks' clock starts here (Unix ms): sample times are reproducible.
 pub const T0_MS: i64 = 1_790_000_000_000;

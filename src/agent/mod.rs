@@ -9,8 +9,8 @@ pub mod executor;
 pub mod identity;
 pub mod journal;
 pub mod ladder;
-pub mod metrics;
 pub mod policy;
+pub mod push;
 mod session;
 
 use std::future::Future;
@@ -108,7 +108,7 @@ pub struct AgentConfig {
     /// for) is kept before the agent removes it.
     pub orphan_grace: Duration,
     /// The metrics pipeline (None: off).
-    pub metrics: Option<metrics::MetricsConfig>,
+    pub metrics: Option<crate::metrics::pipeline::MetricsConfig>,
 }
 
 impl AgentConfig {
@@ -134,7 +134,7 @@ impl AgentConfig {
             metrics_listen: None,
             policy: policy::Policy::default(),
             orphan_grace: DEFAULT_ORPHAN_GRACE,
-            metrics: Some(metrics::MetricsConfig::default()),
+            metrics: Some(crate::metrics::pipeline::MetricsConfig::default()),
         }
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::ConfigError;
-use crate::agent::metrics::{self as pipeline, MetricsConfig};
+use crate::metrics::pipeline::{self, MetricsConfig};
 use crate::agent::{self, AgentConfig, TransportMode};
 use crate::metrics::{batcher, spool};
 use crate::secret::Secret;

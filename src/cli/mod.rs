@@ -207,7 +207,7 @@ mod tests {
         };
         let cfg = a.into_config().unwrap();
         let m = cfg.metrics.as_ref().unwrap();
-        let d = crate::agent::metrics::MetricsConfig::default();
+        let d = crate::metrics::pipeline::MetricsConfig::default();
         assert_eq!(m.batcher, d.batcher);
         assert_eq!(
             (m.interval, m.spool_max_bytes, m.replay_rate),

@@ -103,7 +103,7 @@ async fn run_in(cfg: &DemoConfig, dir: &std::path::Path) -> Result<(), DemoError
         acfg.proxy = crate::net::ProxySettings::direct();
         acfg.hostname = format!("demo-{}", mode.name());
         acfg.grace = Duration::from_secs(2);
-        let mut metrics = crate::agent::metrics::MetricsConfig {
+        let mut metrics = crate::metrics::pipeline::MetricsConfig {
             interval: Some(Duration::from_secs(1)),
             ..Default::default()
         };

@@ -1,13 +1,19 @@
 //! Metric samples: where they come from, how they are batched, encoded,
-//! compressed and spooled. The agent's pipeline (`agent::metrics`) wires
+//! compressed, spooled and sent. The agent's pipeline ([`pipeline`]) wires
 //! these parts together; the backend uses [`encode`] to validate.
 //!
 //! - [`sample`]: [`sample::Sample`] and [`sample::Series`], the unit every
 //!   source produces and the pipeline carries.
+//! - [`pipeline`]: the agent's metrics pipeline as one unit
+//!   (`Pipeline::start(config, dir, push, ..)`): sources, batcher, spool
+//!   and the sender with its window, acks and replay pacing, over a
+//!   [`pipeline::Push`] whose outcome it defines.
 //! - [`host`]: the host source (CPU, load, memory, network interfaces and
 //!   file systems through `sysinfo`).
 //! - [`containers`]: the container source (Docker stats of this agent's
 //!   containers through bollard).
+//! - [`selfmetrics`]: the self-metrics source (the agent's own counters and
+//!   gauges from the `metrics` facade).
 //! - [`ingest`]: the local endpoint for load generators (Graphite plaintext
 //!   over TCP, InfluxDB line protocol over HTTP).
 //! - [`batcher`]: samples into batches, flushed on size or age.
@@ -25,4 +31,6 @@ pub mod encode;
 pub mod host;
 pub mod ingest;
 pub mod sample;
+pub mod pipeline;
+pub mod selfmetrics;
 pub mod spool;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::super::AgentError;
-use super::super::metrics::{MetricsConfig, Pipeline, Push};
+use crate::metrics::pipeline::{MetricsConfig, Pipeline, Push};
 use super::transport::UnarySlot;
 use crate::client::{CallError, FailureKind};
 use crate::proto;
@@ -28,7 +28,7 @@ pub(super) async fn start_pipeline(
     let sender = Arc::new((slot, credential));
     let push: Push = Arc::new(move |req| {
         let sender = sender.clone();
-        Box::pin(async move { push_metrics(&sender.0, &sender.1, req).await })
+        Box::pin(async move { super::super::push::outcome(push_metrics(&sender.0, &sender.1, req).await) })
     });
     Pipeline::start(m, state_dir, push, agent_id, interval)
         .await

@@ -1,0 +1,258 @@
+//! The sender: spooled batches, oldest first, pushed with a window of
+//! batches in flight; each leaves the spool when the backend answered it
+//! stored, duplicate or rejected. A failure keeps everything unacknowledged
+//! spooled and sends it again, from the oldest, after a backoff. Backlog
+//! (batches spooled more than [`REPLAY_AGE`] before they are sent) is paced
+//! by a token bucket. Each answer also says which newer forms of the
+//! contract the backend reads ([`Accepts`]), which the batcher and the
+//! sender follow.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use prost::Message;
+use tokio::sync::{Notify, watch};
+
+use super::{
+    BATCHES_REJECTED, BATCHES_SENT, BYTES_SENT, Push, PushOutcome, Reads, publish_spool, stopped,
+    with_spool,
+};
+use crate::metrics::compress::Compression;
+use crate::metrics::spool::{Position, Record, Spool};
+use crate::proto;
+
+/// A spooled batch older than this when it is sent is a replay, sent at
+/// most at the replay rate.
+const REPLAY_AGE: Duration = Duration::from_secs(10);
+
+/// Largest decompressed batch read back from the spool.
+const MAX_BATCH_BYTES: usize = 64 << 20;
+
+/// The newer forms of the contract the backend said it reads, from its
+/// last response. Both start off: a backend written before
+/// they existed never sets them.
+#[derive(Debug, Default)]
+pub(super) struct Accepts {
+    /// `MetricBatch.sample_series_deltas`.
+    pub(super) series_deltas: AtomicBool,
+    /// `PushMetricsRequest.batch_zstd`.
+    pub(super) batch_zstd: AtomicBool,
+}
+
+impl Accepts {
+    /// Takes what a response says; logs each change.
+    fn update(&self, r: &Reads) {
+        let on = r.series_deltas;
+        if self.series_deltas.swap(on, Ordering::Relaxed) != on {
+            tracing::info!(
+                "the backend {} series deltas: metric batches carry {} from now on",
+                if on { "reads" } else { "does not read" },
+                if on {
+                    "sample_series_deltas"
+                } else {
+                    "sample_series"
+                }
+            );
+        }
+        let on = r.batch_zstd;
+        if self.batch_zstd.swap(on, Ordering::Relaxed) != on {
+            tracing::info!(
+                "the backend {} spooled zstd batches: metric batches are sent {} from now on",
+                if on { "reads" } else { "does not read" },
+                if on {
+                    "as spooled (batch_zstd)"
+                } else {
+                    "decoded (batch), compressed by the transport"
+                }
+            );
+        }
+    }
+}
+
+/// A token bucket over samples per second.
+struct Rate {
+    per_second: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Rate {
+    fn new(per_second: u64) -> Self {
+        Rate {
+            per_second: per_second as f64,
+            tokens: per_second as f64,
+            at: Instant::now(),
+        }
+    }
+
+    /// How long to wait before sending `n` samples; takes them.
+    fn take(&mut self, n: u32) -> Duration {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.per_second)
+            .min(self.per_second);
+        self.at = now;
+        self.tokens -= n as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.per_second)
+        }
+    }
+}
+
+/// Delivers spooled batches, oldest first, with up to `window` in flight.
+pub(super) async fn send_loop(
+    window: usize,
+    rate: u64,
+    spool: Arc<Mutex<Spool>>,
+    spooled: Arc<Notify>,
+    push: Push,
+    accepts: Arc<Accepts>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut rate = Rate::new(rate);
+    let mut inflight = FuturesUnordered::new();
+    let mut cursor: Option<Position> = None;
+    let mut retry = crate::backoff::Retry::new(crate::backoff::Backoff::default());
+    let mut failures = 0u32;
+    let mut failing = false;
+    let stopping = stop.clone();
+    loop {
+        if !failing && inflight.len() < window {
+            let want = window - inflight.len();
+            let after = cursor;
+            let records: Vec<Record> =
+                match with_spool(&spool, move |s| s.peek_after(after, want)).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!("cannot read the metrics spool: {e}");
+                        Vec::new()
+                    }
+                };
+            for r in records {
+                cursor = Some(r.position);
+                // A backlog (batches spooled a while ago) is replayed at
+                // the capped rate; live batches go at once.
+                let age_ms = crate::now_unix_ms().saturating_sub(r.header.created_unix_ms);
+                let wait = if age_ms > REPLAY_AGE.as_millis() as i64 {
+                    rate.take(r.header.samples)
+                } else {
+                    Duration::ZERO
+                };
+                let push = push.clone();
+                let accepts = accepts.clone();
+                inflight.push(async move {
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    let h = r.header;
+                    let bytes = r.payload.len();
+                    let request = |batch, batch_zstd| proto::PushMetricsRequest {
+                        ack: 0,
+                        epoch: h.epoch,
+                        seq: h.seq,
+                        batch,
+                        batch_zstd,
+                    };
+                    // A backend that reads `batch_zstd` gets the spooled
+                    // bytes as they are; another gets the decoded batch.
+                    let request = if accepts.batch_zstd.load(Ordering::Relaxed) {
+                        Ok(request(None, r.payload))
+                    } else {
+                        Compression::Zstd
+                            .decompress(&r.payload, MAX_BATCH_BYTES)
+                            .map_err(|e| e.to_string())
+                            .and_then(|b| {
+                                proto::MetricBatch::decode(b.as_slice()).map_err(|e| e.to_string())
+                            })
+                            .map(|batch| request(Some(batch), Vec::new()))
+                    };
+                    let outcome = match request {
+                        Err(e) => PushOutcome::Rejected(format!("spooled batch unreadable: {e}")),
+                        Ok(request) => push(request).await,
+                    };
+                    if let PushOutcome::Stored(reads) | PushOutcome::Duplicate(reads) = &outcome {
+                        accepts.update(reads);
+                    }
+                    (h, bytes, outcome)
+                });
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = stopped(&mut stop), if !*stop.borrow() => {}
+            Some((h, bytes, outcome)) = inflight.next(), if !inflight.is_empty() => {
+                let settle = match outcome {
+                    PushOutcome::Stored(_) | PushOutcome::Duplicate(_) => {
+                        metrics::counter!(BATCHES_SENT).increment(1);
+                        metrics::counter!(BYTES_SENT).increment(bytes as u64);
+                        failures = 0;
+                        retry = crate::backoff::Retry::new(crate::backoff::Backoff::default());
+                        true
+                    }
+                    PushOutcome::Rejected(why) => {
+                        metrics::counter!(BATCHES_REJECTED).increment(1);
+                        tracing::warn!(epoch = h.epoch, seq = h.seq, samples = h.samples, "metric batch rejected, not sent again: {why}");
+                        true
+                    }
+                    PushOutcome::Retry { kind, reason } => {
+                        if failures == 0 {
+                            tracing::info!(kind, "metrics not delivered, kept in the spool: {reason}");
+                        }
+                        failing = true;
+                        false
+                    }
+                };
+                if settle {
+                    let r = with_spool(&spool, move |s| {
+                        let r = s.ack(h.epoch, h.seq);
+                        publish_spool(s);
+                        r
+                    })
+                    .await;
+                    if let Err(e) = r {
+                        tracing::warn!("cannot record a delivered batch in the spool: {e}");
+                    }
+                }
+                if failing && inflight.is_empty() {
+                    // Everything unacknowledged goes again, from the oldest.
+                    failures += 1;
+                    let pause = retry.next_delay();
+                    let mut stopping = stopping.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = stopped(&mut stopping) => {}
+                    }
+                    cursor = None;
+                    failing = false;
+                }
+            }
+            _ = spooled.notified(), if inflight.len() < window && !failing => {}
+        }
+        if *stop.borrow() && inflight.is_empty() {
+            // Keep delivering until the shutdown deadline aborts this task.
+            if with_spool(&spool, |s| s.stats().records).await == 0 {
+                spooled.notified().await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_cap_spreads_sends() {
+        let mut r = Rate::new(1000);
+        assert_eq!(r.take(1000), Duration::ZERO);
+        let w = r.take(500);
+        assert!(
+            w > Duration::from_millis(400) && w <= Duration::from_millis(500),
+            "{w:?}"
+        );
+    }
+}
