@@ -605,11 +605,7 @@ async fn an_unknown_ca_fails_closed_and_names_the_issuer() {
 async fn an_unreachable_backend_is_named_in_each_retry() {
     let dir = tempfile::tempdir().unwrap();
     // A port with nothing behind it: bind, note, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let ca = dir.path().join("ca.pem");
     uplink::tls::server_config(&uplink::tls::ServerIdentity::Generated {
         data_dir: dir.path().into(),

@@ -10,6 +10,7 @@
 //! # Layout
 //!
 //! - [`waits`]: [`wait_for`], polling a condition until a timeout.
+//! - [`ports`]: [`free_port`], a loopback port for a part the test starts.
 //! - [`backend`]: [`TestBackend`], a backend in this process on a port
 //!   bound before it starts, and the command helpers used against it
 //!   ([`connected_agent`], [`ping`], [`result_of`]).
@@ -40,10 +41,12 @@ pub mod agents;
 pub mod backend;
 pub mod docker;
 pub mod loadgen;
+pub mod ports;
 pub mod relay;
 pub mod squid;
 pub mod waits;
 
 pub use agents::{Proc, agent, agent_via, bin, ctl};
 pub use backend::{TestBackend, connected_agent, ping, result_of};
+pub use ports::free_port;
 pub use waits::wait_for;
