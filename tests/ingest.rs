@@ -26,15 +26,7 @@ struct Agent {
 }
 
 async fn grpc_client(b: &TestBackend) -> AgentClient {
-    let channel = uplink::client::grpc_channel(
-        &b.url,
-        &b.net(),
-        Duration::from_secs(10),
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("gRPC channel");
-    proto::agent_service_client::AgentServiceClient::new(channel)
+    b.agent_grpc().await
 }
 
 /// Enrolls with the backend's enrollment token, as an agent does.
@@ -438,15 +430,8 @@ async fn compressed_batches_on_both_rungs_reach_metrics_and_json_lines() {
     )
     .await;
     assert!(!r.unwrap(), "a stored batch, sent again after a restart");
-    let a = push_curl(
-        &b,
-        &agent,
-        dir.path(),
-        Compression::Zstd,
-        None,
-        &push_request(7, 1, batch(&s, 1, 10, t0)),
-    )
-    .await;
+    let req = push_request(7, 1, batch(&s, 1, 10, t0));
+    let a = push_curl(&b, &agent, dir.path(), Compression::Zstd, None, &req).await;
     assert!(!stored(&a));
     let page = scrape(&b).await;
     assert_eq!(counter(&page, "uplink_backend_metric_batches_total"), 0);
@@ -639,30 +624,16 @@ async fn a_malformed_batch_is_rejected_with_its_reason_and_the_next_is_stored() 
         "{err:?}"
     );
     // The same over Connect, and a batch whose columns differ.
-    let a = push_curl(
-        &b,
-        &agent,
-        dir.path(),
-        Compression::Gzip,
-        None,
-        &push_request(epoch, 2, bad),
-    )
-    .await;
+    let req = push_request(epoch, 2, bad);
+    let a = push_curl(&b, &agent, dir.path(), Compression::Gzip, None, &req).await;
     assert_eq!(a.status, 400);
     let (code, message) = a.connect_error();
     assert_eq!(code, "invalid_argument");
     assert!(message.contains("(series_out_of_range)"), "{message}");
     let mut uneven = batch(&s, 1, 4, 0);
     uneven.sample_time_delta_ms.pop();
-    let a = push_curl(
-        &b,
-        &agent,
-        dir.path(),
-        Compression::Zstd,
-        None,
-        &push_request(epoch, 3, uneven),
-    )
-    .await;
+    let req = push_request(epoch, 3, uneven);
+    let a = push_curl(&b, &agent, dir.path(), Compression::Zstd, None, &req).await;
     let (code, message) = a.connect_error();
     assert_eq!((a.status, code.as_str()), (400, "invalid_argument"));
     assert!(message.contains("(column_lengths)"), "{message}");
