@@ -87,22 +87,34 @@ impl Drop for Cleanup {
     }
 }
 
+/// A backend and one agent on it, connected over gRPC; the agent's
+/// containers are removed when this is dropped (first of its parts).
+struct Host {
+    _cleanup: Cleanup,
+    a: Proc,
+    v: proto::AgentView,
+    b: TestBackend,
+}
+
+/// Starts a backend in `dir/backend` and an agent reporting `hostname`
+/// with its state in `dir/a`, then waits until it is connected.
+async fn host(dir: &std::path::Path, hostname: &str, args: &[&str], env: &[(&str, &str)]) -> Host {
+    let b = TestBackend::start(&dir.join("backend")).await;
+    let a = agent_via(&b, &b.url.to_string(), &dir.join("a"), hostname, args, env);
+    let v = connected_agent(&b.admin(), hostname, "grpc").await;
+    Host {
+        _cleanup: Cleanup(v.id.clone()),
+        a,
+        v,
+        b,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pulls_runs_stops_and_reports_exits_through_the_real_engine() {
     let dir = tempfile::tempdir().unwrap();
     let reg = Registry::start(dir.path()).await;
-    let b = TestBackend::start(&dir.path().join("backend")).await;
-    let admin = b.admin();
-    let a = agent_via(
-        &b,
-        &b.url.to_string(),
-        &dir.path().join("a"),
-        "docker-host",
-        &[],
-        &[],
-    );
-    let v = connected_agent(&admin, "docker-host", "grpc").await;
-    let _cleanup = Cleanup(v.id.clone());
+    let Host { b, a, v, _cleanup } = host(dir.path(), "docker-host", &[], &[]).await;
     let on = |kind| exec(&b, &v.id, kind, Duration::from_secs(30));
     let pull = |image| {
         let kind = Kind::PullImage(proto::PullImage { image, auth: None });
@@ -205,18 +217,18 @@ async fn pulls_runs_stops_and_reports_exits_through_the_real_engine() {
 async fn the_local_policy_refuses_before_any_docker_call() {
     let dir = tempfile::tempdir().unwrap();
     ensure_image(dir.path());
-    let b = TestBackend::start(&dir.path().join("backend")).await;
-    let admin = b.admin();
-    let _a = agent_via(
-        &b,
-        &b.url.to_string(),
-        &dir.path().join("a"),
+    let Host {
+        b,
+        a: _a,
+        v,
+        _cleanup,
+    } = host(
+        dir.path(),
         "strict-host",
         &["--allow-image", "uplink-test/*"],
         &[],
-    );
-    let v = connected_agent(&admin, "strict-host", "grpc").await;
-    let _cleanup = Cleanup(v.id.clone());
+    )
+    .await;
     let ok = run(LOCAL_IMAGE, &["true"]);
     let cases: Vec<(proto::RunContainer, &str)> = vec![
         (
@@ -302,20 +314,21 @@ fn docker_socket_at(at: &std::path::Path) -> tokio::task::JoinHandle<()> {
 async fn a_missing_docker_engine_is_named_and_the_agent_stays_connected_until_it_comes_back() {
     let dir = tempfile::tempdir().unwrap();
     ensure_image(dir.path());
-    let b = TestBackend::start(&dir.path().join("backend")).await;
-    let admin = b.admin();
     let socket = dir.path().join("docker.sock");
     let docker_host = format!("unix://{}", socket.display());
-    let _a = agent_via(
-        &b,
-        &b.url.to_string(),
-        &dir.path().join("a"),
+    let Host {
+        b,
+        a: _a,
+        v,
+        _cleanup,
+    } = host(
+        dir.path(),
         "no-docker",
         &[],
         &[("DOCKER_HOST", docker_host.as_str())],
-    );
-    let v = connected_agent(&admin, "no-docker", "grpc").await;
-    let _cleanup = Cleanup(v.id.clone());
+    )
+    .await;
+    let admin = b.admin();
     let r = exec(
         &b,
         &v.id,
@@ -446,13 +459,14 @@ async fn event_of(
 async fn after_a_crash_the_agent_adopts_running_containers_reports_exits_and_removes_orphans() {
     let dir = tempfile::tempdir().unwrap();
     ensure_image(dir.path());
-    let b = TestBackend::start(&dir.path().join("backend")).await;
-    let admin = b.admin();
-    let state = dir.path().join("a");
     let args = ["--orphan-grace", "2s"];
-    let mut a = agent_via(&b, &b.url.to_string(), &state, "crashy", &args, &[]);
-    let v = connected_agent(&admin, "crashy", "grpc").await;
-    let _cleanup = Cleanup(v.id.clone());
+    let Host {
+        b,
+        mut a,
+        v,
+        _cleanup,
+    } = host(dir.path(), "crashy", &args, &[]).await;
+    let state = dir.path().join("a");
     let (backend, agent) = (&b, v.id.as_str());
     let start = |cmd: &[&str]| {
         let rc = run(LOCAL_IMAGE, cmd);
@@ -523,24 +537,25 @@ async fn after_a_crash_the_agent_adopts_running_containers_reports_exits_and_rem
 async fn concurrent_runs_never_pass_the_policy_totals_together() {
     let dir = tempfile::tempdir().unwrap();
     ensure_image(dir.path());
-    let b = TestBackend::start(&dir.path().join("backend")).await;
-    let admin = b.admin();
     let policy = dir.path().join("policy.json");
     std::fs::write(
         &policy,
         r#"{"allowed_images": ["*"], "max_cpus_total": 1.0}"#,
     )
     .unwrap();
-    let _a = agent_via(
-        &b,
-        &b.url.to_string(),
-        &dir.path().join("a"),
+    let Host {
+        b,
+        a: _a,
+        v,
+        _cleanup,
+    } = host(
+        dir.path(),
         "totals",
         &["--policy", policy.to_str().unwrap()],
         &[],
-    );
-    let v = connected_agent(&admin, "totals", "grpc").await;
-    let _cleanup = Cleanup(v.id.clone());
+    )
+    .await;
+    let admin = b.admin();
     // Six containers of half a core, queued at once: two fit.
     let mut ids = Vec::new();
     for _ in 0..6 {
