@@ -63,21 +63,29 @@ fn started(r: proto::CommandResult) -> proto::RunContainerResult {
     rc
 }
 
+/// Waits for the first container event of `agent` the backend has stored
+/// that `matches`; `what` names it in the timeout's message.
+async fn event_where(
+    b: &TestBackend,
+    agent: &str,
+    what: &str,
+    matches: impl Fn(&proto::ContainerEvent) -> bool,
+) -> proto::ContainerEvent {
+    wait_for(Duration::from_secs(30), what, || async {
+        b.core
+            .store()
+            .container_events(agent)
+            .ok()?
+            .into_iter()
+            .find(|e| matches(e))
+    })
+    .await
+}
+
 /// Waits for the exit event of the container created by `command`.
 async fn exit_of(b: &TestBackend, agent: &str, command: &str) -> proto::ContainerEvent {
-    wait_for(
-        Duration::from_secs(30),
-        &format!("exit event of {command}"),
-        || async {
-            b.core
-                .store()
-                .container_events(agent)
-                .ok()?
-                .into_iter()
-                .find(|e| e.command_id == command)
-        },
-    )
-    .await
+    let what = format!("exit event of {command}");
+    event_where(b, agent, &what, |e| e.command_id == command).await
 }
 
 struct Cleanup(String);
@@ -329,21 +337,12 @@ async fn a_missing_docker_engine_is_named_and_the_agent_stays_connected_until_it
     )
     .await;
     let admin = b.admin();
-    let r = exec(
-        &b,
-        &v.id,
-        Kind::RunContainer(run(LOCAL_IMAGE, &["true"])),
-        Duration::from_secs(30),
-    )
-    .await;
-    assert_eq!(r.status, CommandStatus::Failed as i32);
-    assert!(
-        r.message.starts_with("docker: unavailable ("),
-        "{}",
-        r.message
-    );
-    // Its capacity says so, with the reason, and placement names it.
-    let cap = wait_for(Duration::from_secs(20), "a capacity report", || async {
+    let run_true = || {
+        let kind = Kind::RunContainer(run(LOCAL_IMAGE, &["true"]));
+        exec(&b, &v.id, kind, Duration::from_secs(30))
+    };
+    // The agent's latest capacity report, once there is one.
+    let capacity = || async {
         admin
             .agents("")
             .await
@@ -351,8 +350,16 @@ async fn a_missing_docker_engine_is_named_and_the_agent_stays_connected_until_it
             .into_iter()
             .find(|a| a.id == v.id)?
             .capacity
-    })
-    .await;
+    };
+    let r = run_true().await;
+    assert_eq!(r.status, CommandStatus::Failed as i32);
+    assert!(
+        r.message.starts_with("docker: unavailable ("),
+        "{}",
+        r.message
+    );
+    // Its capacity says so, with the reason, and placement names it.
+    let cap = wait_for(Duration::from_secs(20), "a capacity report", capacity).await;
     assert!(!cap.docker_available, "{cap:?}");
     assert!(
         cap.docker_status.starts_with("docker: unavailable ("),
@@ -381,26 +388,11 @@ async fn a_missing_docker_engine_is_named_and_the_agent_stays_connected_until_it
     let cap = wait_for(
         Duration::from_secs(30),
         "docker available again",
-        || async {
-            admin
-                .agents("")
-                .await
-                .ok()?
-                .into_iter()
-                .find(|a| a.id == v.id)?
-                .capacity
-                .filter(|c| c.docker_available)
-        },
+        || async { capacity().await.filter(|c| c.docker_available) },
     )
     .await;
     assert!(cap.docker_status.starts_with("docker "), "{cap:?}");
-    let r = exec(
-        &b,
-        &v.id,
-        Kind::RunContainer(run(LOCAL_IMAGE, &["true"])),
-        Duration::from_secs(30),
-    )
-    .await;
+    let r = run_true().await;
     assert_eq!(r.status, CommandStatus::Ok as i32, "{r:?}");
     b.stop().await;
 }
@@ -438,20 +430,10 @@ async fn event_of(
     container: &str,
     kind: proto::ContainerEventKind,
 ) -> proto::ContainerEvent {
-    wait_for(
-        Duration::from_secs(30),
-        &format!("{kind:?} event of {container}"),
-        || async {
-            b.core
-                .store()
-                .container_events(agent)
-                .ok()?
-                .into_iter()
-                .find(|e| {
-                    e.kind == kind as i32 && (e.container_id == container || e.name == container)
-                })
-        },
-    )
+    let what = format!("{kind:?} event of {container}");
+    event_where(b, agent, &what, |e| {
+        e.kind == kind as i32 && (e.container_id == container || e.name == container)
+    })
     .await
 }
 
