@@ -14,6 +14,8 @@
 //! - [`backend`]: [`TestBackend`], a backend in this process on a port
 //!   bound before it starts, and the command helpers used against it
 //!   ([`connected_agent`], [`ping`], [`result_of`]).
+//! - [`bench`]: [`bench::BenchBackend`], the in-process backend the
+//!   dispatch and ladder benchmarks measure against.
 //! - [`agents`]: [`Proc`], the `uplink` binary ([`bin`]) run as an agent,
 //!   a backend or `ctl`, its output collected; [`agent`], [`agent_via`]
 //!   and [`ctl`] start it against a [`TestBackend`].
@@ -39,6 +41,7 @@
 
 pub mod agents;
 pub mod backend;
+pub mod bench;
 pub mod docker;
 pub mod loadgen;
 pub mod ports;
