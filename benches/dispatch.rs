@@ -28,7 +28,7 @@ mod common;
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::Distribution;
@@ -39,7 +39,7 @@ use tokio::task::JoinHandle;
 
 use uplink::agent::{self, AgentConfig, AgentError, TransportMode};
 use uplink::tls::Trust;
-use uplink_testkit::bench::{BenchBackend, stopped};
+use uplink_testkit::bench::{BenchBackend, bench_dir, stopped};
 
 /// Dispatches per rung in the percentile pass, unless overridden.
 const DEFAULT_DISPATCHES: usize = 2000;
@@ -53,8 +53,6 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Environment variable overriding [`DEFAULT_DISPATCHES`].
 const DISPATCHES_ENV: &str = "UPLINK_BENCH_DISPATCHES";
-/// Environment variable naming the directory that holds all state.
-const DIR_ENV: &str = "UPLINK_BENCH_DIR";
 
 /// The rungs, in the order they are measured.
 const RUNGS: [TransportMode; 2] = [TransportMode::Grpc, TransportMode::Longpoll];
@@ -212,18 +210,7 @@ fn main() {
     // Where the backend's store and the agents' state live: the system's
     // temporary directory unless `UPLINK_BENCH_DIR` names another place
     // (e.g. a tmpfs, to see what the disk costs).
-    let parent = std::env::var_os(DIR_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    let dir = tempfile::Builder::new()
-        .prefix("uplink-bench-")
-        .tempdir_in(&parent)
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot create a temporary directory in {}: {e}",
-                parent.display()
-            )
-        });
+    let dir = bench_dir("uplink-bench-");
     let bench = runtime.block_on(Bench::start(dir.path()));
 
     let mut criterion = Criterion::default()

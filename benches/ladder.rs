@@ -60,7 +60,7 @@ use uplink::proto::{
 };
 use uplink::secret::Secret;
 use uplink::tls::Trust;
-use uplink_testkit::bench::{BenchBackend, stopped};
+use uplink_testkit::bench::{BenchBackend, bench_dir, stopped};
 use uplink_testkit::relay::{Mode, Relay};
 use uplink_testkit::squid::{Squid, SquidOpts};
 
@@ -97,7 +97,6 @@ const RUNG_POLL: Duration = Duration::from_millis(5);
 const RUNS_ENV: &str = "UPLINK_BENCH_RUNS";
 const CLIMBS_ENV: &str = "UPLINK_BENCH_CLIMBS";
 const DISPATCHES_ENV: &str = "UPLINK_BENCH_DISPATCHES";
-const DIR_ENV: &str = "UPLINK_BENCH_DIR";
 
 /// The benchmarks' backend, with the lookups the ladder's scenarios make.
 struct Backend(BenchBackend);
@@ -755,19 +754,8 @@ fn main() {
         );
     }
 
-    let parent = std::env::var_os(DIR_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
     // Dropped last: removed after the squids are killed.
-    let dir = tempfile::Builder::new()
-        .prefix("uplink-ladder-")
-        .tempdir_in(&parent)
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot create a temporary directory in {}: {e}",
-                parent.display()
-            )
-        });
+    let dir = bench_dir("uplink-ladder-");
     let runtime = Runtime::new().expect("cannot build the tokio runtime");
     // Squids are killed on drop, also when a pass panics; that needs the
     // runtime's context.

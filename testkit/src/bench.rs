@@ -1,7 +1,8 @@
 //! The in-process backend that the dispatch and ladder benchmarks measure
 //! against, and the ping they time: a backend on `127.0.0.1:0` with a
 //! generated CA, enrollment and admin tokens and a 2 s grace, run on the
-//! caller's runtime until [`BenchBackend::shutdown`].
+//! caller's runtime until [`BenchBackend::shutdown`]; and the temporary
+//! directory a benchmark keeps its state in.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,27 @@ use tokio::task::JoinHandle;
 use uplink::backend::{BackendConfig, BackendError, Core, Server};
 use uplink::proto::{CommandSpec, EnqueueCommandRequest, Ping, command_spec};
 use uplink::secret::{Kind, Secret};
+
+/// The environment variable naming the directory that holds a benchmark's
+/// state (default: the system's temporary directory).
+pub const DIR_ENV: &str = "UPLINK_BENCH_DIR";
+
+/// A new temporary directory named `prefix`… under `UPLINK_BENCH_DIR`, or
+/// the system's temporary directory; removed when dropped.
+pub fn bench_dir(prefix: &str) -> tempfile::TempDir {
+    let parent = std::env::var_os(DIR_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(&parent)
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot create a temporary directory in {}: {e}",
+                parent.display()
+            )
+        })
+}
 
 /// Resolves once `rx` says stop: the shutdown future a server or an agent
 /// is run with.
