@@ -28,22 +28,18 @@ mod common;
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::Distribution;
 use criterion::Criterion;
-use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use uplink::agent::{self, AgentConfig, AgentError, TransportMode};
-use uplink::backend::{BackendConfig, BackendError, Core, Server};
-use uplink::proto::{CommandSpec, EnqueueCommandRequest, Ping, command_spec};
-use uplink::secret::{Kind, Secret};
 use uplink::tls::Trust;
+use uplink_testkit::bench::{BenchBackend, bench_dir, stopped};
 
 /// Dispatches per rung in the percentile pass, unless overridden.
 const DEFAULT_DISPATCHES: usize = 2000;
@@ -57,25 +53,17 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Environment variable overriding [`DEFAULT_DISPATCHES`].
 const DISPATCHES_ENV: &str = "UPLINK_BENCH_DISPATCHES";
-/// Environment variable naming the directory that holds all state.
-const DIR_ENV: &str = "UPLINK_BENCH_DIR";
 
 /// The rungs, in the order they are measured.
 const RUNGS: [TransportMode; 2] = [TransportMode::Grpc, TransportMode::Longpoll];
 
 /// A backend and one agent per rung, running.
 struct Bench {
-    core: Arc<Core>,
+    backend: BenchBackend,
     /// Agent ids, in the order of [`RUNGS`].
     agents: Vec<String>,
     stop_agents: watch::Sender<bool>,
-    stop_backend: watch::Sender<bool>,
     agent_tasks: Vec<JoinHandle<Result<(), AgentError>>>,
-    backend_task: JoinHandle<Result<(), BackendError>>,
-}
-
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
 }
 
 fn hostname(mode: TransportMode) -> String {
@@ -84,34 +72,16 @@ fn hostname(mode: TransportMode) -> String {
 
 impl Bench {
     async fn start(dir: &Path) -> Bench {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("cannot bind 127.0.0.1:0");
-        let enroll_token = Secret::generate(Kind::Enrollment);
-        let mut cfg = BackendConfig::new(dir.join("backend"));
-        cfg.hostnames = vec!["127.0.0.1".into()];
-        cfg.admin_token = Some(Secret::generate(Kind::Admin));
-        cfg.enroll_token = Some(enroll_token.clone());
-        cfg.grace = Duration::from_secs(2);
-        let server = Server::new(cfg, listener).expect("backend does not start");
-        let info = server.info().clone();
-        let core = server.core();
-        let ca_file = info
-            .ca_file
-            .clone()
-            .expect("the backend generated no CA file");
-        let (stop_backend, rx) = watch::channel(false);
-        let backend_task = tokio::spawn(server.run(stopped(rx)));
-
-        let url = uplink::client::parse_backend_url(&info.url).expect("backend URL");
+        let backend = BenchBackend::start(&dir.join("backend")).await;
+        let url = uplink::client::parse_backend_url(&backend.url).expect("backend URL");
         let (stop_agents, rx) = watch::channel(false);
         let mut agent_tasks = Vec::new();
         for mode in RUNGS {
             let mut acfg =
                 AgentConfig::new(url.clone(), dir.join(format!("agent-{}", mode.name())));
-            acfg.token = Some(enroll_token.clone());
+            acfg.token = Some(backend.enroll_token.clone());
             acfg.trust = Trust {
-                ca_files: vec![ca_file.clone()],
+                ca_files: vec![backend.ca.clone()],
                 skip_os_store: true,
             };
             acfg.transport = mode;
@@ -123,7 +93,8 @@ impl Bench {
         // Both agents enroll, then open their stream or first held poll.
         let started = Instant::now();
         let agents = loop {
-            let list = core
+            let list = backend
+                .core
                 .list_agents(Default::default())
                 .expect("list_agents failed")
                 .agents;
@@ -151,12 +122,10 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         Bench {
-            core,
+            backend,
             agents,
             stop_agents,
-            stop_backend,
             agent_tasks,
-            backend_task,
         }
     }
 
@@ -164,25 +133,12 @@ impl Bench {
     /// time from just before the enqueue to the ack's arrival.
     async fn dispatch(&self, agent: &str) -> Duration {
         let start = Instant::now();
-        let command = self
-            .core
-            .enqueue(EnqueueCommandRequest {
-                agent_id: agent.to_string(),
-                spec: Some(CommandSpec {
-                    kind: Some(command_spec::Kind::Ping(Ping::default())),
-                }),
-            })
-            .expect("enqueue failed")
-            .command
-            .expect("enqueue returned no command");
-        if tokio::time::timeout(ACK_TIMEOUT, self.core.wait_acked(agent, command.seq))
+        let (_, seq) = self.backend.enqueue_ping(agent);
+        if tokio::time::timeout(ACK_TIMEOUT, self.backend.core.wait_acked(agent, seq))
             .await
             .is_err()
         {
-            panic!(
-                "agent {agent} did not ack command seq {} within {ACK_TIMEOUT:?}",
-                command.seq
-            );
+            panic!("agent {agent} did not ack command seq {seq} within {ACK_TIMEOUT:?}");
         }
         start.elapsed()
     }
@@ -194,11 +150,7 @@ impl Bench {
         for t in self.agent_tasks {
             t.await.expect("agent task panicked").expect("agent failed");
         }
-        let _ = self.stop_backend.send(true);
-        self.backend_task
-            .await
-            .expect("backend task panicked")
-            .expect("backend failed");
+        self.backend.shutdown().await;
     }
 }
 
@@ -258,18 +210,7 @@ fn main() {
     // Where the backend's store and the agents' state live: the system's
     // temporary directory unless `UPLINK_BENCH_DIR` names another place
     // (e.g. a tmpfs, to see what the disk costs).
-    let parent = std::env::var_os(DIR_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
-    let dir = tempfile::Builder::new()
-        .prefix("uplink-bench-")
-        .tempdir_in(&parent)
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot create a temporary directory in {}: {e}",
-                parent.display()
-            )
-        });
+    let dir = bench_dir("uplink-bench-");
     let bench = runtime.block_on(Bench::start(dir.path()));
 
     let mut criterion = Criterion::default()

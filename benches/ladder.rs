@@ -43,28 +43,24 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::Distribution;
 use criterion::{BenchmarkId, Criterion};
 use http::Uri;
-use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use uplink::agent::{self, AgentConfig, AgentError, TransportMode, identity};
-use uplink::backend::{BackendConfig, BackendError, Core, Server};
 use uplink::net::ProxySettings;
 use uplink::proto::{
-    AgentView, CommandSpec, CommandState, CreateProviderRequest, EnqueueCommandRequest,
-    GetCommandRequest, ListAgentsRequest, Ping, command_spec,
+    AgentView, CommandState, CreateProviderRequest, GetCommandRequest, ListAgentsRequest,
 };
-use uplink::secret::{Kind, Secret};
+use uplink::secret::Secret;
 use uplink::tls::Trust;
+use uplink_testkit::bench::{BenchBackend, bench_dir, stopped};
 use uplink_testkit::relay::{Mode, Relay};
 use uplink_testkit::squid::{Squid, SquidOpts};
 
@@ -101,47 +97,21 @@ const RUNG_POLL: Duration = Duration::from_millis(5);
 const RUNS_ENV: &str = "UPLINK_BENCH_RUNS";
 const CLIMBS_ENV: &str = "UPLINK_BENCH_CLIMBS";
 const DISPATCHES_ENV: &str = "UPLINK_BENCH_DISPATCHES";
-const DIR_ENV: &str = "UPLINK_BENCH_DIR";
 
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
-}
+/// The benchmarks' backend, with the lookups the ladder's scenarios make.
+struct Backend(BenchBackend);
 
-/// The backend, in-process on `127.0.0.1:0`, with default heartbeat and
-/// poll hold.
-struct Backend {
-    core: Arc<Core>,
-    addr: SocketAddr,
-    ca: PathBuf,
-    enroll_token: Secret,
-    stop: watch::Sender<bool>,
-    task: JoinHandle<Result<(), BackendError>>,
+impl std::ops::Deref for Backend {
+    type Target = BenchBackend;
+
+    fn deref(&self) -> &BenchBackend {
+        &self.0
+    }
 }
 
 impl Backend {
     async fn start(dir: &Path) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("cannot bind 127.0.0.1:0");
-        let enroll_token = Secret::generate(Kind::Enrollment);
-        let mut cfg = BackendConfig::new(dir);
-        cfg.hostnames = vec!["127.0.0.1".into()];
-        cfg.admin_token = Some(Secret::generate(Kind::Admin));
-        cfg.enroll_token = Some(enroll_token.clone());
-        cfg.grace = Duration::from_secs(2);
-        let server = Server::new(cfg, listener).expect("backend does not start");
-        let info = server.info().clone();
-        let core = server.core();
-        let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(server.run(stopped(rx)));
-        Backend {
-            core,
-            addr: info.addr,
-            ca: info.ca_file.expect("the backend generated no CA file"),
-            enroll_token,
-            stop,
-            task,
-        }
+        Backend(BenchBackend::start(dir).await)
     }
 
     /// A provider of its own, so that listing its agents stays cheap.
@@ -151,22 +121,6 @@ impl Backend {
             .create_provider(CreateProviderRequest { name: name.into() })
             .expect("create_provider failed");
         Secret::new(r.enrollment_token)
-    }
-
-    /// Queues a ping for `agent`; returns its id and seq.
-    fn enqueue_ping(&self, agent: &str) -> (String, u64) {
-        let c = self
-            .core
-            .enqueue(EnqueueCommandRequest {
-                agent_id: agent.to_string(),
-                spec: Some(CommandSpec {
-                    kind: Some(command_spec::Kind::Ping(Ping::default())),
-                }),
-            })
-            .expect("enqueue failed")
-            .command
-            .expect("enqueue returned no command");
-        (c.id, c.seq)
     }
 
     fn view(&self, provider: &str, agent: &str) -> Option<AgentView> {
@@ -202,11 +156,7 @@ impl Backend {
     }
 
     async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        self.task
-            .await
-            .expect("backend task panicked")
-            .expect("backend failed");
+        self.0.shutdown().await;
     }
 }
 
@@ -804,19 +754,8 @@ fn main() {
         );
     }
 
-    let parent = std::env::var_os(DIR_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
     // Dropped last: removed after the squids are killed.
-    let dir = tempfile::Builder::new()
-        .prefix("uplink-ladder-")
-        .tempdir_in(&parent)
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot create a temporary directory in {}: {e}",
-                parent.display()
-            )
-        });
+    let dir = bench_dir("uplink-ladder-");
     let runtime = Runtime::new().expect("cannot build the tokio runtime");
     // Squids are killed on drop, also when a pass panics; that needs the
     // runtime's context.

@@ -231,14 +231,7 @@ async fn proxy_refusals_are_named_and_never_make_the_ladder_fall() {
     );
     // 503: the proxy cannot reach the backend (nothing listens there).
     let open = Squid::start(&dir.path().join("open"), SquidOpts::default()).await;
-    let dead = format!(
-        "https://127.0.0.1:{}",
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    );
+    let dead = format!("https://127.0.0.1:{}", free_port());
     let c = agent_via(
         &b,
         &dead,
@@ -302,14 +295,7 @@ async fn no_proxy_bypasses_the_proxy() {
     let b = TestBackend::start(&dir.path().join("backend")).await;
     let admin = b.admin();
     let url = b.url.to_string();
-    let dead = format!(
-        "http://127.0.0.1:{}",
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    );
+    let dead = format!("http://127.0.0.1:{}", free_port());
     let _a = agent_via(
         &b,
         &url,

@@ -41,6 +41,22 @@ async fn post(
     (status, body)
 }
 
+/// Posts a JSON body, the way a Connect client in JSON mode does.
+async fn post_json(b: &TestBackend, path: &str, auth: Option<&str>, body: &[u8]) -> (u16, Vec<u8>) {
+    post(b, path, "application/json", auth, body.to_vec()).await
+}
+
+/// Creates a CA (and a server certificate for localhost) in `dir`, as a
+/// backend does on first start: the CA's certificate file.
+fn generate_ca(dir: &std::path::Path) -> std::path::PathBuf {
+    uplink::tls::server_config(&uplink::tls::ServerIdentity::Generated {
+        data_dir: dir.into(),
+        hostnames: vec!["localhost".into()],
+    })
+    .unwrap();
+    dir.join("ca.pem")
+}
+
 fn connect_code(body: &[u8]) -> String {
     let v: serde_json::Value = serde_json::from_slice(body)
         .unwrap_or_else(|_| panic!("not a Connect error: {:?}", String::from_utf8_lossy(body)));
@@ -86,23 +102,9 @@ async fn bad_bodies_get_4xx_with_a_reason_and_the_backend_keeps_serving() {
     assert_eq!((s, connect_code(&body).as_str()), (400, "invalid_argument"));
 
     // Malformed and mistyped JSON.
-    let (s, body) = post(
-        &b,
-        enq,
-        "application/json",
-        admin,
-        b"{\"agentId\": ".to_vec(),
-    )
-    .await;
+    let (s, body) = post_json(&b, enq, admin, b"{\"agentId\": ").await;
     assert_eq!((s, connect_code(&body).as_str()), (400, "invalid_argument"));
-    let (s, body) = post(
-        &b,
-        enq,
-        "application/json",
-        admin,
-        br#"{"agentId": 5, "bogus": true}"#.to_vec(),
-    )
-    .await;
+    let (s, body) = post_json(&b, enq, admin, br#"{"agentId": 5, "bogus": true}"#).await;
     assert_eq!((s, connect_code(&body).as_str()), (400, "invalid_argument"));
 
     // Oversized.
@@ -116,30 +118,15 @@ async fn bad_bodies_get_4xx_with_a_reason_and_the_backend_keeps_serving() {
     // Wrong content type, unknown method, missing or wrong credentials.
     let (s, _) = post(&b, enq, "text/plain", admin, b"hi".to_vec()).await;
     assert_eq!(s, 415);
-    let (s, body) = post(
-        &b,
-        "/uplink.v1.AdminService/Nope",
-        "application/json",
-        admin,
-        b"{}".to_vec(),
-    )
-    .await;
+    let (s, body) = post_json(&b, "/uplink.v1.AdminService/Nope", admin, b"{}").await;
     assert_eq!((s, connect_code(&body).as_str()), (404, "unimplemented"));
-    let (s, body) = post(
-        &b,
-        "/uplink.v1.AdminService/ListAgents",
-        "application/json",
-        None,
-        b"{}".to_vec(),
-    )
-    .await;
+    let (s, body) = post_json(&b, "/uplink.v1.AdminService/ListAgents", None, b"{}").await;
     assert_eq!((s, connect_code(&body).as_str()), (401, "unauthenticated"));
-    let (s, _) = post(
+    let (s, _) = post_json(
         &b,
         "/uplink.v1.AgentService/Poll",
-        "application/json",
         Some("upl_c_wrong"),
-        b"{}".to_vec(),
+        b"{}",
     )
     .await;
     assert_eq!(s, 401);
@@ -172,15 +159,7 @@ async fn bad_bodies_get_4xx_with_a_reason_and_the_backend_keeps_serving() {
 
     // gRPC: a message over the limit gets a status, not a crash.
     {
-        let channel = uplink::client::grpc_channel(
-            &b.url,
-            &b.net(),
-            Duration::from_secs(10),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
-        let mut client = proto::agent_service_client::AgentServiceClient::new(channel);
+        let mut client = b.agent_grpc().await;
         let big = proto::EnrollRequest {
             enrollment_token: "x".repeat(100 * 1024),
             info: None,
@@ -556,11 +535,7 @@ async fn an_unknown_ca_fails_closed_and_names_the_issuer() {
     let b = TestBackend::start(&dir.path().join("backend")).await;
     // Another CA, as a TLS-intercepting proxy's would be from the agent's view.
     let other = tempfile::tempdir().unwrap();
-    uplink::tls::server_config(&uplink::tls::ServerIdentity::Generated {
-        data_dir: other.path().into(),
-        hostnames: vec!["localhost".into()],
-    })
-    .unwrap();
+    generate_ca(other.path());
     let issuer = uplink::tls::subject_of(&uplink::tls::read_certs(&b.ca).unwrap()[0]).unwrap();
     for (case, ca_args) in [
         ("no ca-file", vec![]),
@@ -605,45 +580,29 @@ async fn an_unknown_ca_fails_closed_and_names_the_issuer() {
 async fn an_unreachable_backend_is_named_in_each_retry() {
     let dir = tempfile::tempdir().unwrap();
     // A port with nothing behind it: bind, note, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let ca = dir.path().join("ca.pem");
-    uplink::tls::server_config(&uplink::tls::ServerIdentity::Generated {
-        data_dir: dir.path().into(),
-        hostnames: vec!["localhost".into()],
-    })
-    .unwrap();
-    let mut a = Proc::spawn(
-        &[
-            "agent",
-            "--backend",
-            &format!("https://127.0.0.1:{port}"),
-            "--ca-file",
-            ca.to_str().unwrap(),
-            "--state-dir",
-            dir.path().join("s").to_str().unwrap(),
-        ],
-        &[("UPLINK_TOKEN", "upl_e_whatever")],
-    );
+    let port = free_port();
+    let ca = generate_ca(dir.path());
+    let agent = |backend: &str, state: &str| {
+        let state = dir.path().join(state);
+        Proc::spawn(
+            &[
+                "agent",
+                "--backend",
+                backend,
+                "--ca-file",
+                ca.to_str().unwrap(),
+                "--state-dir",
+                state.to_str().unwrap(),
+            ],
+            &[("UPLINK_TOKEN", "upl_e_whatever")],
+        )
+    };
+    let mut a = agent(&format!("https://127.0.0.1:{port}"), "s");
     let line = a
         .wait_log(&["failure=\"refused\""], Duration::from_secs(15))
         .await;
     assert!(line.contains("retrying in"), "{line}");
-    let mut b = Proc::spawn(
-        &[
-            "agent",
-            "--backend",
-            "https://no-such-host.invalid:443",
-            "--ca-file",
-            ca.to_str().unwrap(),
-            "--state-dir",
-            dir.path().join("s2").to_str().unwrap(),
-        ],
-        &[("UPLINK_TOKEN", "upl_e_whatever")],
-    );
+    let mut b = agent("https://no-such-host.invalid:443", "s2");
     b.wait_log(&["failure=\"dns\""], Duration::from_secs(30))
         .await;
     assert!(a.terminate(Duration::from_secs(10)).await.success());

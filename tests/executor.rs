@@ -26,29 +26,66 @@ fn run(image: &str, cmd: &[&str]) -> proto::RunContainer {
 }
 
 async fn exec(b: &TestBackend, agent: &str, kind: Kind, timeout: Duration) -> proto::CommandResult {
+    exec_command(b, agent, kind, timeout).await.1
+}
+
+/// Enqueues `kind` on `agent` and waits for its result: the command's id
+/// and the result.
+async fn exec_command(
+    b: &TestBackend,
+    agent: &str,
+    kind: Kind,
+    timeout: Duration,
+) -> (String, proto::CommandResult) {
     let admin = b.admin();
     let c = admin.enqueue(agent, spec(kind)).await.expect("enqueue");
-    result_of(&admin, &c.id, timeout)
+    let r = result_of(&admin, &c.id, timeout)
         .await
         .result
-        .expect("result")
+        .expect("result");
+    (c.id, r)
+}
+
+/// Runs `rc` on `agent` within a minute: the command's id and its result.
+async fn run_container(
+    b: &TestBackend,
+    agent: &str,
+    rc: proto::RunContainer,
+) -> (String, proto::CommandResult) {
+    exec_command(b, agent, Kind::RunContainer(rc), Duration::from_secs(60)).await
+}
+
+/// The `RunContainer` detail of a result; any other result panics.
+fn started(r: proto::CommandResult) -> proto::RunContainerResult {
+    let Some(proto::command_result::Detail::RunContainer(rc)) = r.detail else {
+        panic!("{r:?}")
+    };
+    rc
+}
+
+/// Waits for the first container event of `agent` the backend has stored
+/// that `matches`; `what` names it in the timeout's message.
+async fn event_where(
+    b: &TestBackend,
+    agent: &str,
+    what: &str,
+    matches: impl Fn(&proto::ContainerEvent) -> bool,
+) -> proto::ContainerEvent {
+    wait_for(Duration::from_secs(30), what, || async {
+        b.core
+            .store()
+            .container_events(agent)
+            .ok()?
+            .into_iter()
+            .find(|e| matches(e))
+    })
+    .await
 }
 
 /// Waits for the exit event of the container created by `command`.
 async fn exit_of(b: &TestBackend, agent: &str, command: &str) -> proto::ContainerEvent {
-    wait_for(
-        Duration::from_secs(30),
-        &format!("exit event of {command}"),
-        || async {
-            b.core
-                .store()
-                .container_events(agent)
-                .ok()?
-                .into_iter()
-                .find(|e| e.command_id == command)
-        },
-    )
-    .await
+    let what = format!("exit event of {command}");
+    event_where(b, agent, &what, |e| e.command_id == command).await
 }
 
 struct Cleanup(String);
@@ -58,71 +95,60 @@ impl Drop for Cleanup {
     }
 }
 
+/// A backend and one agent on it, connected over gRPC; the agent's
+/// containers are removed when this is dropped (first of its parts).
+struct Host {
+    _cleanup: Cleanup,
+    a: Proc,
+    v: proto::AgentView,
+    b: TestBackend,
+}
+
+/// Starts a backend in `dir/backend` and an agent reporting `hostname`
+/// with its state in `dir/a`, then waits until it is connected.
+async fn host(dir: &std::path::Path, hostname: &str, args: &[&str], env: &[(&str, &str)]) -> Host {
+    let b = TestBackend::start(&dir.join("backend")).await;
+    let a = agent_via(&b, &b.url.to_string(), &dir.join("a"), hostname, args, env);
+    let v = connected_agent(&b.admin(), hostname, "grpc").await;
+    Host {
+        _cleanup: Cleanup(v.id.clone()),
+        a,
+        v,
+        b,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pulls_runs_stops_and_reports_exits_through_the_real_engine() {
     let dir = tempfile::tempdir().unwrap();
     let reg = Registry::start(dir.path()).await;
-    let b = TestBackend::start(&dir.path().join("backend")).await;
-    let admin = b.admin();
-    let a = agent_via(
-        &b,
-        &b.url.to_string(),
-        &dir.path().join("a"),
-        "docker-host",
-        &[],
-        &[],
-    );
-    let v = connected_agent(&admin, "docker-host", "grpc").await;
-    let _cleanup = Cleanup(v.id.clone());
+    let Host { b, a, v, _cleanup } = host(dir.path(), "docker-host", &[], &[]).await;
+    let on = |kind| exec(&b, &v.id, kind, Duration::from_secs(30));
+    let pull = |image| {
+        let kind = Kind::PullImage(proto::PullImage { image, auth: None });
+        exec(&b, &v.id, kind, Duration::from_secs(60))
+    };
 
     // Pull from the registry on loopback, with progress.
-    let r = exec(
-        &b,
-        &v.id,
-        Kind::PullImage(proto::PullImage {
-            image: reg.image(),
-            auth: None,
-        }),
-        Duration::from_secs(60),
-    )
-    .await;
+    let r = pull(reg.image()).await;
     assert_eq!(r.status, CommandStatus::Ok as i32, "{r:?}");
     assert!(a.count(&["pull progress"]) >= 1, "{}", a.logs());
     // A missing image is named as such.
     let missing = format!("127.0.0.1:{}/loadgen/nope:1", reg.port);
-    let r = exec(
-        &b,
-        &v.id,
-        Kind::PullImage(proto::PullImage {
-            image: missing,
-            auth: None,
-        }),
-        Duration::from_secs(60),
-    )
-    .await;
+    let r = pull(missing).await;
     assert_eq!(r.status, CommandStatus::Failed as i32);
     assert!(r.message.contains("not found"), "{}", r.message);
 
     // Run to completion: started, then the exit code arrives as an event.
-    let c = admin
-        .enqueue(
-            &v.id,
-            spec(Kind::RunContainer(run(
-                &reg.image(),
-                &["sh", "-c", "echo hi; exit 3"],
-            ))),
-        )
-        .await
-        .unwrap();
-    let r = result_of(&admin, &c.id, Duration::from_secs(60))
-        .await
-        .result
-        .unwrap();
+    let (c, r) = run_container(
+        &b,
+        &v.id,
+        run(&reg.image(), &["sh", "-c", "echo hi; exit 3"]),
+    )
+    .await;
     assert_eq!(r.status, CommandStatus::Ok as i32, "{r:?}");
-    let Some(proto::command_result::Detail::RunContainer(rc)) = r.detail else {
-        panic!("{r:?}")
-    };
-    let ev = exit_of(&b, &v.id, &c.id).await;
+    let rc = started(r);
+    let ev = exit_of(&b, &v.id, &c).await;
     assert_eq!(
         (ev.exit_code, ev.oom_killed, ev.container_id.as_str()),
         (3, false, rc.container_id.as_str())
@@ -130,27 +156,13 @@ async fn pulls_runs_stops_and_reports_exits_through_the_real_engine() {
     // Its logs come back through the command path, secrets redacted.
     let mut with_secret = run(&reg.image(), &["sh", "-c", "echo token is $API_TOKEN"]);
     with_secret.env = HashMap::from([("API_TOKEN".to_string(), "tok-123456".to_string())]);
-    let c2 = admin
-        .enqueue(&v.id, spec(Kind::RunContainer(with_secret)))
-        .await
-        .unwrap();
-    let r = result_of(&admin, &c2.id, Duration::from_secs(60))
-        .await
-        .result
-        .unwrap();
-    let Some(proto::command_result::Detail::RunContainer(rc2)) = r.detail else {
-        panic!("{r:?}")
-    };
-    exit_of(&b, &v.id, &c2.id).await;
-    let r = exec(
-        &b,
-        &v.id,
-        Kind::ContainerLogs(proto::ContainerLogs {
-            container: rc2.name.clone(),
-            tail: 10,
-        }),
-        Duration::from_secs(30),
-    )
+    let (c2, r) = run_container(&b, &v.id, with_secret).await;
+    let rc2 = started(r);
+    exit_of(&b, &v.id, &c2).await;
+    let r = on(Kind::ContainerLogs(proto::ContainerLogs {
+        container: rc2.name.clone(),
+        tail: 10,
+    }))
     .await;
     let Some(proto::command_result::Detail::ContainerLogs(logs)) = r.detail else {
         panic!("{r:?}")
@@ -158,32 +170,15 @@ async fn pulls_runs_stops_and_reports_exits_through_the_real_engine() {
     assert_eq!(logs.lines, vec!["token is [redacted]".to_string()]);
 
     // Stop a long-running one.
-    let c = admin
-        .enqueue(
-            &v.id,
-            spec(Kind::RunContainer(run(&reg.image(), &["sleep", "300"]))),
-        )
-        .await
-        .unwrap();
-    let r = result_of(&admin, &c.id, Duration::from_secs(60))
-        .await
-        .result
-        .unwrap();
-    let Some(proto::command_result::Detail::RunContainer(long)) = r.detail else {
-        panic!("{r:?}")
-    };
-    let r = exec(
-        &b,
-        &v.id,
-        Kind::StopContainer(proto::StopContainer {
-            container: long.name.clone(),
-            timeout_s: 1,
-        }),
-        Duration::from_secs(30),
-    )
+    let (c, r) = run_container(&b, &v.id, run(&reg.image(), &["sleep", "300"])).await;
+    let long = started(r);
+    let r = on(Kind::StopContainer(proto::StopContainer {
+        container: long.name.clone(),
+        timeout_s: 1,
+    }))
     .await;
     assert_eq!(r.status, CommandStatus::Ok as i32, "{r:?}");
-    let ev = exit_of(&b, &v.id, &c.id).await;
+    let ev = exit_of(&b, &v.id, &c).await;
     assert_eq!(ev.exit_code, 137, "SIGKILL after the grace time: {ev:?}");
 
     // OOM-killed under its memory limit.
@@ -192,22 +187,12 @@ async fn pulls_runs_stops_and_reports_exits_through_the_real_engine() {
         &["sh", "-c", "x=a; while true; do x=$x$x; done"],
     );
     hog.memory_bytes = 16 << 20;
-    let c = admin
-        .enqueue(&v.id, spec(Kind::RunContainer(hog)))
-        .await
-        .unwrap();
-    result_of(&admin, &c.id, Duration::from_secs(60)).await;
-    let ev = exit_of(&b, &v.id, &c.id).await;
+    let (c, _) = run_container(&b, &v.id, hog).await;
+    let ev = exit_of(&b, &v.id, &c).await;
     assert!(ev.oom_killed, "{ev:?}");
 
     // List shows only this agent's containers, with their labels.
-    let r = exec(
-        &b,
-        &v.id,
-        Kind::ListContainers(proto::ListContainers {}),
-        Duration::from_secs(30),
-    )
-    .await;
+    let r = on(Kind::ListContainers(proto::ListContainers {})).await;
     let Some(proto::command_result::Detail::ListContainers(list)) = r.detail else {
         panic!("{r:?}")
     };
@@ -219,28 +204,18 @@ async fn pulls_runs_stops_and_reports_exits_through_the_real_engine() {
     );
 
     // Remove.
-    let r = exec(
-        &b,
-        &v.id,
-        Kind::RemoveContainer(proto::RemoveContainer {
-            container: long.name,
-            force: true,
-        }),
-        Duration::from_secs(30),
-    )
+    let r = on(Kind::RemoveContainer(proto::RemoveContainer {
+        container: long.name,
+        force: true,
+    }))
     .await;
     assert_eq!(r.status, CommandStatus::Ok as i32, "{r:?}");
     assert_eq!(containers_of(&v.id).len(), 3);
     // A container that is not this agent's is refused.
-    let r = exec(
-        &b,
-        &v.id,
-        Kind::StopContainer(proto::StopContainer {
-            container: "not-ours".into(),
-            timeout_s: 1,
-        }),
-        Duration::from_secs(30),
-    )
+    let r = on(Kind::StopContainer(proto::StopContainer {
+        container: "not-ours".into(),
+        timeout_s: 1,
+    }))
     .await;
     assert_ne!(r.status, CommandStatus::Ok as i32);
     b.stop().await;
@@ -250,18 +225,18 @@ async fn pulls_runs_stops_and_reports_exits_through_the_real_engine() {
 async fn the_local_policy_refuses_before_any_docker_call() {
     let dir = tempfile::tempdir().unwrap();
     ensure_image(dir.path());
-    let b = TestBackend::start(&dir.path().join("backend")).await;
-    let admin = b.admin();
-    let _a = agent_via(
-        &b,
-        &b.url.to_string(),
-        &dir.path().join("a"),
+    let Host {
+        b,
+        a: _a,
+        v,
+        _cleanup,
+    } = host(
+        dir.path(),
         "strict-host",
         &["--allow-image", "uplink-test/*"],
         &[],
-    );
-    let v = connected_agent(&admin, "strict-host", "grpc").await;
-    let _cleanup = Cleanup(v.id.clone());
+    )
+    .await;
     let ok = run(LOCAL_IMAGE, &["true"]);
     let cases: Vec<(proto::RunContainer, &str)> = vec![
         (
@@ -347,35 +322,27 @@ fn docker_socket_at(at: &std::path::Path) -> tokio::task::JoinHandle<()> {
 async fn a_missing_docker_engine_is_named_and_the_agent_stays_connected_until_it_comes_back() {
     let dir = tempfile::tempdir().unwrap();
     ensure_image(dir.path());
-    let b = TestBackend::start(&dir.path().join("backend")).await;
-    let admin = b.admin();
     let socket = dir.path().join("docker.sock");
     let docker_host = format!("unix://{}", socket.display());
-    let _a = agent_via(
-        &b,
-        &b.url.to_string(),
-        &dir.path().join("a"),
+    let Host {
+        b,
+        a: _a,
+        v,
+        _cleanup,
+    } = host(
+        dir.path(),
         "no-docker",
         &[],
         &[("DOCKER_HOST", docker_host.as_str())],
-    );
-    let v = connected_agent(&admin, "no-docker", "grpc").await;
-    let _cleanup = Cleanup(v.id.clone());
-    let r = exec(
-        &b,
-        &v.id,
-        Kind::RunContainer(run(LOCAL_IMAGE, &["true"])),
-        Duration::from_secs(30),
     )
     .await;
-    assert_eq!(r.status, CommandStatus::Failed as i32);
-    assert!(
-        r.message.starts_with("docker: unavailable ("),
-        "{}",
-        r.message
-    );
-    // Its capacity says so, with the reason, and placement names it.
-    let cap = wait_for(Duration::from_secs(20), "a capacity report", || async {
+    let admin = b.admin();
+    let run_true = || {
+        let kind = Kind::RunContainer(run(LOCAL_IMAGE, &["true"]));
+        exec(&b, &v.id, kind, Duration::from_secs(30))
+    };
+    // The agent's latest capacity report, once there is one.
+    let capacity = || async {
         admin
             .agents("")
             .await
@@ -383,8 +350,16 @@ async fn a_missing_docker_engine_is_named_and_the_agent_stays_connected_until_it
             .into_iter()
             .find(|a| a.id == v.id)?
             .capacity
-    })
-    .await;
+    };
+    let r = run_true().await;
+    assert_eq!(r.status, CommandStatus::Failed as i32);
+    assert!(
+        r.message.starts_with("docker: unavailable ("),
+        "{}",
+        r.message
+    );
+    // Its capacity says so, with the reason, and placement names it.
+    let cap = wait_for(Duration::from_secs(20), "a capacity report", capacity).await;
     assert!(!cap.docker_available, "{cap:?}");
     assert!(
         cap.docker_status.starts_with("docker: unavailable ("),
@@ -413,26 +388,11 @@ async fn a_missing_docker_engine_is_named_and_the_agent_stays_connected_until_it
     let cap = wait_for(
         Duration::from_secs(30),
         "docker available again",
-        || async {
-            admin
-                .agents("")
-                .await
-                .ok()?
-                .into_iter()
-                .find(|a| a.id == v.id)?
-                .capacity
-                .filter(|c| c.docker_available)
-        },
+        || async { capacity().await.filter(|c| c.docker_available) },
     )
     .await;
     assert!(cap.docker_status.starts_with("docker "), "{cap:?}");
-    let r = exec(
-        &b,
-        &v.id,
-        Kind::RunContainer(run(LOCAL_IMAGE, &["true"])),
-        Duration::from_secs(30),
-    )
-    .await;
+    let r = run_true().await;
     assert_eq!(r.status, CommandStatus::Ok as i32, "{r:?}");
     b.stop().await;
 }
@@ -470,20 +430,10 @@ async fn event_of(
     container: &str,
     kind: proto::ContainerEventKind,
 ) -> proto::ContainerEvent {
-    wait_for(
-        Duration::from_secs(30),
-        &format!("{kind:?} event of {container}"),
-        || async {
-            b.core
-                .store()
-                .container_events(agent)
-                .ok()?
-                .into_iter()
-                .find(|e| {
-                    e.kind == kind as i32 && (e.container_id == container || e.name == container)
-                })
-        },
-    )
+    let what = format!("{kind:?} event of {container}");
+    event_where(b, agent, &what, |e| {
+        e.kind == kind as i32 && (e.container_id == container || e.name == container)
+    })
     .await
 }
 
@@ -491,34 +441,24 @@ async fn event_of(
 async fn after_a_crash_the_agent_adopts_running_containers_reports_exits_and_removes_orphans() {
     let dir = tempfile::tempdir().unwrap();
     ensure_image(dir.path());
-    let b = TestBackend::start(&dir.path().join("backend")).await;
-    let admin = b.admin();
-    let state = dir.path().join("a");
     let args = ["--orphan-grace", "2s"];
-    let mut a = agent_via(&b, &b.url.to_string(), &state, "crashy", &args, &[]);
-    let v = connected_agent(&admin, "crashy", "grpc").await;
-    let _cleanup = Cleanup(v.id.clone());
-    let started = |cmd: &[&str]| {
-        let admin = admin.clone();
-        let agent = v.id.clone();
-        let spec_ = run(LOCAL_IMAGE, cmd);
+    let Host {
+        b,
+        mut a,
+        v,
+        _cleanup,
+    } = host(dir.path(), "crashy", &args, &[]).await;
+    let state = dir.path().join("a");
+    let (backend, agent) = (&b, v.id.as_str());
+    let start = |cmd: &[&str]| {
+        let rc = run(LOCAL_IMAGE, cmd);
         async move {
-            let c = admin
-                .enqueue(&agent, spec(Kind::RunContainer(spec_)))
-                .await
-                .unwrap();
-            let r = result_of(&admin, &c.id, Duration::from_secs(30))
-                .await
-                .result
-                .unwrap();
-            match r.detail {
-                Some(proto::command_result::Detail::RunContainer(rc)) => rc,
-                other => panic!("{other:?}"),
-            }
+            let timeout = Duration::from_secs(30);
+            started(exec(backend, agent, Kind::RunContainer(rc), timeout).await)
         }
     };
-    let long = started(&["sleep", "300"]).await;
-    let short = started(&["sh", "-c", "sleep 3; exit 7"]).await;
+    let long = start(&["sleep", "300"]).await;
+    let short = start(&["sh", "-c", "sleep 3; exit 7"]).await;
     let started_at = docker_out(&["inspect", "-f", "{{.State.StartedAt}}", &long.container_id]);
     a.kill9().await;
 
@@ -579,24 +519,25 @@ async fn after_a_crash_the_agent_adopts_running_containers_reports_exits_and_rem
 async fn concurrent_runs_never_pass_the_policy_totals_together() {
     let dir = tempfile::tempdir().unwrap();
     ensure_image(dir.path());
-    let b = TestBackend::start(&dir.path().join("backend")).await;
-    let admin = b.admin();
     let policy = dir.path().join("policy.json");
     std::fs::write(
         &policy,
         r#"{"allowed_images": ["*"], "max_cpus_total": 1.0}"#,
     )
     .unwrap();
-    let _a = agent_via(
-        &b,
-        &b.url.to_string(),
-        &dir.path().join("a"),
+    let Host {
+        b,
+        a: _a,
+        v,
+        _cleanup,
+    } = host(
+        dir.path(),
         "totals",
         &["--policy", policy.to_str().unwrap()],
         &[],
-    );
-    let v = connected_agent(&admin, "totals", "grpc").await;
-    let _cleanup = Cleanup(v.id.clone());
+    )
+    .await;
+    let admin = b.admin();
     // Six containers of half a core, queued at once: two fit.
     let mut ids = Vec::new();
     for _ in 0..6 {

@@ -27,15 +27,7 @@ struct Agent {
 }
 
 async fn grpc_client(b: &TestBackend) -> AgentClient {
-    let channel = uplink::client::grpc_channel(
-        &b.url,
-        &b.net(),
-        Duration::from_secs(10),
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("gRPC channel");
-    proto::agent_service_client::AgentServiceClient::new(channel)
+    b.agent_grpc().await
 }
 
 /// Enrolls with the backend's enrollment token, as an agent does.
@@ -93,6 +85,15 @@ async fn push_grpc(
     push_grpc_response(client, agent, encoding, req)
         .await
         .map(|r| r.stored)
+}
+
+/// Pushes over gRPC with zstd message compression, as the agent does.
+async fn push_zstd(
+    client: &AgentClient,
+    agent: &Agent,
+    req: proto::PushMetricsRequest,
+) -> Result<bool, tonic::Status> {
+    push_grpc(client, agent, CompressionEncoding::Zstd, req).await
 }
 
 async fn push_grpc_response(
@@ -423,23 +424,15 @@ async fn compressed_batches_on_both_rungs_reach_metrics_and_json_lines() {
     // After a restart, the same batches are duplicates on either rung.
     let b = TestBackend::start_with(cfg, "127.0.0.1:0".parse().unwrap()).await;
     let client = grpc_client(&b).await;
-    let r = push_grpc(
+    let r = push_zstd(
         &client,
         &agent,
-        CompressionEncoding::Zstd,
         push_request(7, 3, batch(&s, 21, 10, t0 + 300)),
     )
     .await;
     assert!(!r.unwrap(), "a stored batch, sent again after a restart");
-    let a = push_curl(
-        &b,
-        &agent,
-        dir.path(),
-        Compression::Zstd,
-        None,
-        &push_request(7, 1, batch(&s, 1, 10, t0)),
-    )
-    .await;
+    let req = push_request(7, 1, batch(&s, 1, 10, t0));
+    let a = push_curl(&b, &agent, dir.path(), Compression::Zstd, None, &req).await;
     assert!(!stored(&a));
     let page = scrape(&b).await;
     assert_eq!(counter(&page, "uplink_backend_metric_batches_total"), 0);
@@ -485,7 +478,7 @@ async fn batches_in_any_order_and_sent_twice_are_stored_exactly_once() {
             );
             for _ in 0..500 {
                 let outcome = if i % 2 == 0 {
-                    push_grpc(&client, &agent, CompressionEncoding::Zstd, req.clone()).await
+                    push_zstd(&client, &agent, req.clone()).await
                 } else {
                     let body = Compression::Zstd.compress(&req.encode_to_vec()).unwrap();
                     let file = dir.join(format!("b-{i}.bin"));
@@ -580,23 +573,16 @@ async fn batches_in_any_order_and_sent_twice_are_stored_exactly_once() {
         b.core.store().metric_batches(&agent.id, other).unwrap(),
         (0, 2)
     );
-    let err = push_grpc(
+    let err = push_zstd(
         &client,
         &agent,
-        CompressionEncoding::Zstd,
         push_request(other, 100_001 + 1, batch(&s, 0, 1, 0)),
     )
     .await
     .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("send batch 1 first"), "{err:?}");
-    let r = push_grpc(
-        &client,
-        &agent,
-        CompressionEncoding::Zstd,
-        push_request(other, 1, batch(&s, 0, 1, 0)),
-    )
-    .await;
+    let r = push_zstd(&client, &agent, push_request(other, 1, batch(&s, 0, 1, 0))).await;
     assert!(r.unwrap());
     assert_eq!(
         b.core.store().metric_batches(&agent.id, other).unwrap(),
@@ -623,25 +609,14 @@ async fn a_malformed_batch_is_rejected_with_its_reason_and_the_next_is_stored() 
     let s = series();
     let epoch = 9;
 
-    let r = push_grpc(
-        &client,
-        &agent,
-        CompressionEncoding::Zstd,
-        push_request(epoch, 1, batch(&s, 1, 4, 0)),
-    )
-    .await;
+    let r = push_zstd(&client, &agent, push_request(epoch, 1, batch(&s, 1, 4, 0))).await;
     assert!(r.unwrap());
     // A sample that refers to a series the batch does not define.
     let mut bad = batch(&s, 1, 4, 0);
     bad.sample_series[2] = 7;
-    let err = push_grpc(
-        &client,
-        &agent,
-        CompressionEncoding::Zstd,
-        push_request(epoch, 2, bad.clone()),
-    )
-    .await
-    .unwrap_err();
+    let err = push_zstd(&client, &agent, push_request(epoch, 2, bad.clone()))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(
         err.message().starts_with(
@@ -650,30 +625,16 @@ async fn a_malformed_batch_is_rejected_with_its_reason_and_the_next_is_stored() 
         "{err:?}"
     );
     // The same over Connect, and a batch whose columns differ.
-    let a = push_curl(
-        &b,
-        &agent,
-        dir.path(),
-        Compression::Gzip,
-        None,
-        &push_request(epoch, 2, bad),
-    )
-    .await;
+    let req = push_request(epoch, 2, bad);
+    let a = push_curl(&b, &agent, dir.path(), Compression::Gzip, None, &req).await;
     assert_eq!(a.status, 400);
     let (code, message) = a.connect_error();
     assert_eq!(code, "invalid_argument");
     assert!(message.contains("(series_out_of_range)"), "{message}");
     let mut uneven = batch(&s, 1, 4, 0);
     uneven.sample_time_delta_ms.pop();
-    let a = push_curl(
-        &b,
-        &agent,
-        dir.path(),
-        Compression::Zstd,
-        None,
-        &push_request(epoch, 3, uneven),
-    )
-    .await;
+    let req = push_request(epoch, 3, uneven);
+    let a = push_curl(&b, &agent, dir.path(), Compression::Zstd, None, &req).await;
     let (code, message) = a.connect_error();
     assert_eq!((a.status, code.as_str()), (400, "invalid_argument"));
     assert!(message.contains("(column_lengths)"), "{message}");
@@ -699,26 +660,16 @@ async fn a_malformed_batch_is_rejected_with_its_reason_and_the_next_is_stored() 
     // Both series columns, and a running index that leaves the series.
     let mut mixed = batch(&s, 1, 4, 0);
     mixed.sample_series_deltas = vec![0, 1, -1, 1];
-    let err = push_grpc(
-        &client,
-        &agent,
-        CompressionEncoding::Zstd,
-        push_request(epoch, 4, mixed),
-    )
-    .await
-    .unwrap_err();
+    let err = push_zstd(&client, &agent, push_request(epoch, 4, mixed))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("(mixed_series_columns)"), "{err:?}");
     let mut astray = batch_with_deltas(&s, 1, 4, 0);
     astray.sample_series_deltas[3] = -2;
-    let err = push_grpc(
-        &client,
-        &agent,
-        CompressionEncoding::Zstd,
-        push_request(epoch, 5, astray),
-    )
-    .await
-    .unwrap_err();
+    let err = push_zstd(&client, &agent, push_request(epoch, 5, astray))
+        .await
+        .unwrap_err();
     assert!(
         err.message().starts_with(
             "metric batch rejected (series_out_of_range): metric batch sample 3 refers to series -2"
@@ -728,10 +679,9 @@ async fn a_malformed_batch_is_rejected_with_its_reason_and_the_next_is_stored() 
 
     // The next good batch is stored, and the rejected seqs do not hold
     // the watermark back.
-    let r = push_grpc(
+    let r = push_zstd(
         &client,
         &agent,
-        CompressionEncoding::Zstd,
         push_request_zstd(epoch, 6, batch(&s, 5, 4, 10)),
     )
     .await;
@@ -765,14 +715,9 @@ async fn a_malformed_batch_is_rejected_with_its_reason_and_the_next_is_stored() 
         1
     );
     // Seq 0 is not a batch number.
-    let err = push_grpc(
-        &client,
-        &agent,
-        CompressionEncoding::Zstd,
-        push_request(epoch, 0, batch(&s, 1, 1, 0)),
-    )
-    .await
-    .unwrap_err();
+    let err = push_zstd(&client, &agent, push_request(epoch, 0, batch(&s, 1, 1, 0)))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("(bad_seq)"), "{err:?}");
 
@@ -878,10 +823,9 @@ async fn json_lines_rotate_at_the_size_limit_and_keep_the_newest_files() {
     const N: u64 = 30;
     const PER: u64 = 20;
     for seq in 1..=N {
-        let r = push_grpc(
+        let r = push_zstd(
             &client,
             &agent,
-            CompressionEncoding::Zstd,
             push_request(
                 5,
                 seq,

@@ -18,14 +18,6 @@ use uplink_testkit::*;
 /// Samples per second the generator sends.
 const RATE: u64 = 1000;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A backend with JSON lines in `dir/jsonl`.
 async fn backend(dir: &Path, addr: &str) -> TestBackend {
     let mut cfg = TestBackend::config(&dir.join("backend"));

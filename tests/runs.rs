@@ -45,6 +45,25 @@ async fn agents_with_docker(b: &TestBackend, hostnames: &[&str]) -> Vec<String> 
     .await
 }
 
+/// `ctl run` of the test image on the default provider, 32 MiB per
+/// container, named `name`, with more `flags` and the container's `command`
+/// (none: the image's own).
+async fn ctl_run(
+    b: &TestBackend,
+    name: &str,
+    flags: &[&str],
+    command: &[&str],
+) -> std::process::Output {
+    let mut args = vec!["run", "--provider", "default", "--image", LOCAL_IMAGE];
+    args.extend_from_slice(&["--memory", "32m", "--name", name]);
+    args.extend_from_slice(flags);
+    if !command.is_empty() {
+        args.push("--");
+        args.extend_from_slice(command);
+    }
+    ctl(b, &args).await
+}
+
 fn text(o: &std::process::Output) -> String {
     format!(
         "status {:?}\nstdout:\n{}\nstderr:\n{}",
@@ -82,29 +101,11 @@ async fn a_run_of_six_spreads_two_per_agent_survives_a_backend_restart_and_stop_
     // Six containers: two on each agent, all started when `ctl run` returns.
     let name = format!("six-{}", fastrand::u32(..));
     let script = "trap 'echo bye; exit 0' TERM; echo hello from $RUN_LABEL; sleep 600 & wait";
-    let out = ctl(
+    let out = ctl_run(
         &b,
-        &[
-            "run",
-            "--provider",
-            "default",
-            "--image",
-            LOCAL_IMAGE,
-            "--count",
-            "6",
-            "--cpus",
-            "0.1",
-            "--memory",
-            "32m",
-            "--name",
-            &name,
-            "--env",
-            "RUN_LABEL=six",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ],
+        &name,
+        &["--count", "6", "--cpus", "0.1", "--env", "RUN_LABEL=six"],
+        &["sh", "-c", script],
     )
     .await;
     assert!(out.status.success(), "{}", text(&out));
@@ -160,25 +161,7 @@ async fn a_run_of_six_spreads_two_per_agent_survives_a_backend_restart_and_stop_
     .await;
 
     // More than the provider can take: refused as a whole, nothing created.
-    let out = ctl(
-        &b,
-        &[
-            "run",
-            "--provider",
-            "default",
-            "--image",
-            LOCAL_IMAGE,
-            "--count",
-            "40",
-            "--cpus",
-            "1",
-            "--memory",
-            "32m",
-            "--name",
-            "too-many",
-        ],
-    )
-    .await;
+    let out = ctl_run(&b, "too-many", &["--count", "40", "--cpus", "1"], &[]).await;
     assert!(!out.status.success(), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -193,23 +176,7 @@ async fn a_run_of_six_spreads_two_per_agent_survives_a_backend_restart_and_stop_
         );
     }
     // The name of a live run is taken.
-    let out = ctl(
-        &b,
-        &[
-            "run",
-            "--provider",
-            "default",
-            "--image",
-            LOCAL_IMAGE,
-            "--cpus",
-            "0.1",
-            "--memory",
-            "32m",
-            "--name",
-            &name,
-        ],
-    )
-    .await;
+    let out = ctl_run(&b, &name, &["--cpus", "0.1"], &[]).await;
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("still has containers"),
         "{}",

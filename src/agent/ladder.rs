@@ -292,30 +292,18 @@ mod tests {
         let now = Instant::now();
         let mut l = Ladder::new(cfg());
         let e = err(FailureKind::Other);
+        let cut = |l: &mut Ladder, heartbeats| {
+            l.grpc_failed(&e, StreamEnd::After { heartbeats }, now, 0.5)
+        };
         // Streams cut at a fixed age of 60 s: healthy enough, stay.
         for _ in 0..10 {
-            assert_eq!(
-                l.grpc_failed(&e, StreamEnd::After { heartbeats: 6 }, now, 0.5),
-                Move::Stay
-            );
+            assert_eq!(cut(&mut l, 6), Move::Stay);
         }
-        assert_eq!(
-            l.grpc_failed(&e, StreamEnd::After { heartbeats: 0 }, now, 0.5),
-            Move::Stay
-        );
+        assert_eq!(cut(&mut l, 0), Move::Stay);
         // A long-lived one in between resets the count.
-        assert_eq!(
-            l.grpc_failed(&e, StreamEnd::After { heartbeats: 60 }, now, 0.5),
-            Move::Stay
-        );
-        assert_eq!(
-            l.grpc_failed(&e, StreamEnd::After { heartbeats: 0 }, now, 0.5),
-            Move::Stay
-        );
-        assert!(matches!(
-            l.grpc_failed(&e, StreamEnd::After { heartbeats: 0 }, now, 0.5),
-            Move::Fall(_)
-        ));
+        assert_eq!(cut(&mut l, 60), Move::Stay);
+        assert_eq!(cut(&mut l, 0), Move::Stay);
+        assert!(matches!(cut(&mut l, 0), Move::Fall(_)));
     }
 
     #[test]

@@ -375,6 +375,12 @@ mod tests {
         p.check(a, Usage::default()).err().map(|r| r.rule)
     }
 
+    /// The rule that refuses [`ok_ask`] with `image` instead of its own.
+    fn image_rule(p: &Policy, image: impl Into<String>) -> Option<&'static str> {
+        let image = image.into();
+        rule(p, &Ask { image, ..ok_ask() })
+    }
+
     #[test]
     fn defaults_allow_a_limited_plain_container() {
         assert_eq!(rule(&Policy::default(), &ok_ask()), None);
@@ -527,44 +533,11 @@ mod tests {
             ..Policy::default()
         };
         assert_eq!(rule(&p, &ok_ask()), None);
+        assert_eq!(image_rule(&p, "busybox"), None);
+        assert_eq!(image_rule(&p, "busybox:1.36"), None);
+        assert_eq!(image_rule(&p, "alpine"), Some("image_not_allowed"));
         assert_eq!(
-            rule(
-                &p,
-                &Ask {
-                    image: "busybox".into(),
-                    ..ok_ask()
-                }
-            ),
-            None
-        );
-        assert_eq!(
-            rule(
-                &p,
-                &Ask {
-                    image: "busybox:1.36".into(),
-                    ..ok_ask()
-                }
-            ),
-            None
-        );
-        assert_eq!(
-            rule(
-                &p,
-                &Ask {
-                    image: "alpine".into(),
-                    ..ok_ask()
-                }
-            ),
-            Some("image_not_allowed")
-        );
-        assert_eq!(
-            rule(
-                &p,
-                &Ask {
-                    image: "evil.corp/loadgen/x".into(),
-                    ..ok_ask()
-                }
-            ),
+            image_rule(&p, "evil.corp/loadgen/x"),
             Some("image_not_allowed")
         );
         let digest = "sha256:".to_string() + &"ab".repeat(32);
@@ -574,13 +547,7 @@ mod tests {
         };
         assert_eq!(rule(&pinned, &ok_ask()), Some("image_not_allowed"));
         assert_eq!(
-            rule(
-                &pinned,
-                &Ask {
-                    image: format!("registry.corp:5000/loadgen/k6@{digest}"),
-                    ..ok_ask()
-                }
-            ),
+            image_rule(&pinned, format!("registry.corp:5000/loadgen/k6@{digest}")),
             None
         );
         let none = Policy {

@@ -113,6 +113,18 @@ impl TestBackend {
         Admin::new(&self.url, &self.net(), self.admin_token.clone())
     }
 
+    /// A client of the agent service over gRPC on a direct connection,
+    /// with the keepalive an agent uses.
+    pub async fn agent_grpc(
+        &self,
+    ) -> proto::agent_service_client::AgentServiceClient<tonic::transport::Channel> {
+        let keepalive = Duration::from_secs(10);
+        let channel = uplink::client::grpc_channel(&self.url, &self.net(), keepalive, keepalive)
+            .await
+            .expect("gRPC channel");
+        proto::agent_service_client::AgentServiceClient::new(channel)
+    }
+
     /// Direct connections trusting the backend's CA.
     pub fn net(&self) -> uplink::net::Net {
         let tls = uplink::tls::client_config(&self.trust()).expect("client TLS");

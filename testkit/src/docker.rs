@@ -66,11 +66,7 @@ impl Registry {
     /// pull really pulls.
     pub async fn start(dir: &Path) -> Registry {
         ensure_image(dir);
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::free_port();
         let root = dir.join("registry");
         std::fs::create_dir_all(&root).unwrap();
         let conf = dir.join("registry.yml");

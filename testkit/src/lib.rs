@@ -10,9 +10,12 @@
 //! # Layout
 //!
 //! - [`waits`]: [`wait_for`], polling a condition until a timeout.
+//! - [`ports`]: [`free_port`], a loopback port for a part the test starts.
 //! - [`backend`]: [`TestBackend`], a backend in this process on a port
 //!   bound before it starts, and the command helpers used against it
 //!   ([`connected_agent`], [`ping`], [`result_of`]).
+//! - [`bench`]: [`bench::BenchBackend`], the in-process backend the
+//!   dispatch and ladder benchmarks measure against.
 //! - [`agents`]: [`Proc`], the `uplink` binary ([`bin`]) run as an agent,
 //!   a backend or `ctl`, its output collected; [`agent`], [`agent_via`]
 //!   and [`ctl`] start it against a [`TestBackend`].
@@ -38,12 +41,15 @@
 
 pub mod agents;
 pub mod backend;
+pub mod bench;
 pub mod docker;
 pub mod loadgen;
+pub mod ports;
 pub mod relay;
 pub mod squid;
 pub mod waits;
 
 pub use agents::{Proc, agent, agent_via, bin, ctl};
 pub use backend::{TestBackend, connected_agent, ping, result_of};
+pub use ports::free_port;
 pub use waits::wait_for;

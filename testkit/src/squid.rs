@@ -35,14 +35,6 @@ pub struct Squid {
     pub bump_ca: Option<PathBuf>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn secs(d: Duration) -> u64 {
     d.as_secs().max(1)
 }
@@ -60,7 +52,7 @@ impl Squid {
             .args(["a+rx"])
             .arg(dir.parent().unwrap())
             .status();
-        let port = free_port();
+        let port = crate::free_port();
         let d = dir.display();
         let mut conf = String::new();
         let mut bump_ca = None;

@@ -57,12 +57,7 @@ impl Unary {
         req: proto::EnrollRequest,
     ) -> Result<proto::EnrollResponse, CallError> {
         match self {
-            Unary::Grpc(c) => c
-                .clone()
-                .enroll(grpc_request(req, None)?)
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| CallError::from_tonic(&s)),
+            Unary::Grpc(c) => grpc_answer(c.clone().enroll(grpc_request(req, None)?).await),
             Unary::Connect(c) => c.call(AGENT_SERVICE, "Enroll", &req, UNARY_TIMEOUT).await,
         }
     }
@@ -73,12 +68,9 @@ impl Unary {
         req: proto::ReportRequest,
     ) -> Result<proto::ReportResponse, CallError> {
         match self {
-            Unary::Grpc(c) => c
-                .clone()
-                .report(grpc_request(req, Some(credential))?)
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| CallError::from_tonic(&s)),
+            Unary::Grpc(c) => {
+                grpc_answer(c.clone().report(grpc_request(req, Some(credential))?).await)
+            }
             Unary::Connect(c) => c.call(AGENT_SERVICE, "Report", &req, UNARY_TIMEOUT).await,
         }
     }
@@ -97,10 +89,7 @@ impl Unary {
                 if !compressed {
                     c = c.send_compressed(tonic::codec::CompressionEncoding::Zstd);
                 }
-                c.push_metrics(grpc_request(req, Some(credential))?)
-                    .await
-                    .map(|r| r.into_inner())
-                    .map_err(|s| CallError::from_tonic(&s))
+                grpc_answer(c.push_metrics(grpc_request(req, Some(credential))?).await)
             }
             Unary::Connect(c) => {
                 c.call_encoded(
@@ -114,6 +103,14 @@ impl Unary {
             }
         }
     }
+}
+
+/// A unary gRPC answer as the session reads it: the message, or the
+/// call's error.
+fn grpc_answer<T>(answer: Result<tonic::Response<T>, tonic::Status>) -> Result<T, CallError> {
+    answer
+        .map(tonic::Response::into_inner)
+        .map_err(|s| CallError::from_tonic(&s))
 }
 
 /// The unary client of the current rung: published by the rung loop,
