@@ -7,8 +7,8 @@ use std::time::Duration;
 use clap::Args;
 
 use super::ConfigError;
-use crate::metrics::pipeline::{self, MetricsConfig};
 use crate::agent::{self, AgentConfig, TransportMode};
+use crate::metrics::pipeline::{self, MetricsConfig};
 use crate::metrics::{batcher, spool};
 use crate::secret::Secret;
 use crate::units::{ByteSize, HumanDuration};

@@ -30,7 +30,7 @@ pub mod containers;
 pub mod encode;
 pub mod host;
 pub mod ingest;
-pub mod sample;
 pub mod pipeline;
+pub mod sample;
 pub mod selfmetrics;
 pub mod spool;

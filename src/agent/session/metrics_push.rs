@@ -10,9 +10,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::super::AgentError;
-use crate::metrics::pipeline::{MetricsConfig, Pipeline, Push};
 use super::transport::UnarySlot;
 use crate::client::{CallError, FailureKind};
+use crate::metrics::pipeline::{MetricsConfig, Pipeline, Push};
 use crate::proto;
 use crate::secret::Secret;
 
@@ -28,7 +28,9 @@ pub(super) async fn start_pipeline(
     let sender = Arc::new((slot, credential));
     let push: Push = Arc::new(move |req| {
         let sender = sender.clone();
-        Box::pin(async move { super::super::push::outcome(push_metrics(&sender.0, &sender.1, req).await) })
+        Box::pin(async move {
+            super::super::push::outcome(push_metrics(&sender.0, &sender.1, req).await)
+        })
     });
     Pipeline::start(m, state_dir, push, agent_id, interval)
         .await

@@ -54,9 +54,9 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::metrics::batcher::BatcherConfig;
 use crate::metrics::containers::ContainerConfig;
-use crate::metrics::sample::Sample;
 use crate::metrics::host::{HostConfig, HostSource};
 use crate::metrics::ingest::{Ingest, IngestConfig};
+use crate::metrics::sample::Sample;
 use crate::metrics::spool::{Spool, SpoolConfig, SyncPolicy};
 use crate::proto;
 
