@@ -93,7 +93,9 @@ impl Bench {
         cfg.admin_token = Some(Secret::generate(Kind::Admin));
         cfg.enroll_token = Some(enroll_token.clone());
         cfg.grace = Duration::from_secs(2);
-        let server = Server::new(cfg, listener).expect("backend does not start");
+        let server = Server::new(cfg, listener)
+            .await
+            .expect("backend does not start");
         let info = server.info().clone();
         let core = server.core();
         let ca_file = info
@@ -125,6 +127,7 @@ impl Bench {
         let agents = loop {
             let list = core
                 .list_agents(Default::default())
+                .await
                 .expect("list_agents failed")
                 .agents;
             let ids: Vec<Option<String>> = RUNGS
@@ -172,6 +175,7 @@ impl Bench {
                     kind: Some(command_spec::Kind::Ping(Ping::default())),
                 }),
             })
+            .await
             .expect("enqueue failed")
             .command
             .expect("enqueue returned no command");

@@ -43,6 +43,7 @@ async fn exit_of(b: &TestBackend, agent: &str, command: &str) -> proto::Containe
             b.core
                 .store()
                 .container_events(agent)
+                .await
                 .ok()?
                 .into_iter()
                 .find(|e| e.command_id == command)
@@ -477,6 +478,7 @@ async fn event_of(
             b.core
                 .store()
                 .container_events(agent)
+                .await
                 .ok()?
                 .into_iter()
                 .find(|e| {
