@@ -96,6 +96,7 @@ impl Bench {
             let list = backend
                 .core
                 .list_agents(Default::default())
+                .await
                 .expect("list_agents failed")
                 .agents;
             let ids: Vec<Option<String>> = RUNGS
@@ -133,7 +134,7 @@ impl Bench {
     /// time from just before the enqueue to the ack's arrival.
     async fn dispatch(&self, agent: &str) -> Duration {
         let start = Instant::now();
-        let (_, seq) = self.backend.enqueue_ping(agent);
+        let (_, seq) = self.backend.enqueue_ping(agent).await;
         if tokio::time::timeout(ACK_TIMEOUT, self.backend.core.wait_acked(agent, seq))
             .await
             .is_err()

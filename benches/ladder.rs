@@ -115,19 +115,21 @@ impl Backend {
     }
 
     /// A provider of its own, so that listing its agents stays cheap.
-    fn provider(&self, name: &str) -> Secret {
+    async fn provider(&self, name: &str) -> Secret {
         let r = self
             .core
             .create_provider(CreateProviderRequest { name: name.into() })
+            .await
             .expect("create_provider failed");
         Secret::new(r.enrollment_token)
     }
 
-    fn view(&self, provider: &str, agent: &str) -> Option<AgentView> {
+    async fn view(&self, provider: &str, agent: &str) -> Option<AgentView> {
         self.core
             .list_agents(ListAgentsRequest {
                 provider: provider.into(),
             })
+            .await
             .expect("list_agents failed")
             .agents
             .into_iter()
@@ -139,7 +141,7 @@ impl Backend {
     async fn wait_on(&self, provider: &str, agent: &str, rung: &str, what: &str) -> Duration {
         let start = Instant::now();
         loop {
-            let v = self.view(provider, agent);
+            let v = self.view(provider, agent).await;
             if let Some(v) = &v
                 && v.connected
                 && uplink::ctl::transport_name(v.transport) == rung
@@ -292,14 +294,14 @@ async fn first_command(b: &Backend, route: &Route, state_dir: PathBuf, name: &st
     );
     let id = agent.enrolled().await;
     let enrolled = started.elapsed();
-    let (command, seq) = b.enqueue_ping(&id);
+    let (command, seq) = b.enqueue_ping(&id).await;
     if tokio::time::timeout(FIRST_COMMAND_TIMEOUT, b.core.wait_acked(&id, seq))
         .await
         .is_err()
     {
         panic!(
             "agent {name}: no ack for its first command within {FIRST_COMMAND_TIMEOUT:?}; the backend shows {:?}",
-            b.view("", &id)
+            b.view("", &id).await
         );
     }
     let ack = started.elapsed();
@@ -320,7 +322,7 @@ async fn first_command(b: &Backend, route: &Route, state_dir: PathBuf, name: &st
     );
     let result = started.elapsed();
     // The rung it delivered on must be the one the route allows.
-    let v = b.view("", &id).expect("the agent is not listed");
+    let v = b.view("", &id).await.expect("the agent is not listed");
     let rung = uplink::ctl::transport_name(v.transport);
     let expected = if route.h2 { "grpc" } else { "longpoll" };
     assert_eq!(
@@ -448,7 +450,7 @@ async fn pass_climb(b: &Backend, dir: &Path, climbs: usize) -> Vec<ClimbSample> 
         ca_files: vec![b.ca.clone()],
     };
     let provider = "climb";
-    let token = b.provider(provider);
+    let token = b.provider(provider).await;
     let agent = start_agent(
         &route,
         &token,
@@ -484,7 +486,7 @@ async fn pass_climb(b: &Backend, dir: &Path, climbs: usize) -> Vec<ClimbSample> 
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // A command still gets through after all the switches.
-    let (_, seq) = b.enqueue_ping(&id);
+    let (_, seq) = b.enqueue_ping(&id).await;
     tokio::time::timeout(ACK_TIMEOUT, b.core.wait_acked(&id, seq))
         .await
         .expect("the climb agent did not ack a ping after the rounds");
@@ -545,7 +547,7 @@ async fn start_latency_agents(
     dir: &Path,
 ) -> (Vec<LatencyPath>, Vec<RunningAgent>) {
     let provider = "latency";
-    let token = b.provider(provider);
+    let token = b.provider(provider).await;
     let mut agents = Vec::new();
     for (route, mode) in routes {
         let name = format!("lat-{}-{}", mode.name(), route.name);
@@ -576,7 +578,7 @@ async fn start_latency_agents(
 /// One dispatch: enqueue a ping, wait for its ack at the backend.
 async fn dispatch(b: &Backend, agent: &str) -> Duration {
     let start = Instant::now();
-    let (_, seq) = b.enqueue_ping(agent);
+    let (_, seq) = b.enqueue_ping(agent).await;
     if tokio::time::timeout(ACK_TIMEOUT, b.core.wait_acked(agent, seq))
         .await
         .is_err()

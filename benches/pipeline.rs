@@ -644,7 +644,9 @@ impl Bench {
             cfg.admin_token = Some(Secret::generate(SecretKind::Admin));
             cfg.enroll_token = Some(enroll_token.clone());
             cfg.grace = Duration::from_secs(2);
-            Server::new(cfg, listener).expect("the backend does not start")
+            backend_rt
+                .block_on(Server::new(cfg, listener))
+                .expect("the backend does not start")
         };
         let (stop_backend, _) = watch::channel(false);
         let info = server.info().clone();
@@ -674,15 +676,15 @@ impl Bench {
         ));
 
         // The identity the pipeline sends as.
-        let enrolled = core
-            .enroll(proto::EnrollRequest {
+        let enrolled = backend_rt
+            .block_on(core.enroll(proto::EnrollRequest {
                 enrollment_token: enroll_token.expose().to_string(),
                 info: Some(proto::AgentInfo {
                     hostname: "bench-pipeline".into(),
                     version: uplink::VERSION.into(),
                     ..Default::default()
                 }),
-            })
+            }))
             .expect("enrollment failed");
         let url = uplink::client::parse_backend_url(&info.url).expect("backend URL");
         let credential = Secret::new(enrolled.credential.clone());
@@ -777,8 +779,8 @@ impl Bench {
             }
             let started = Instant::now();
             loop {
-                let list = core
-                    .list_agents(Default::default())
+                let list = backend_rt
+                    .block_on(core.list_agents(Default::default()))
                     .expect("list_agents failed")
                     .agents;
                 let connected = e2e.iter().all(|a| {
@@ -1139,16 +1141,21 @@ fn stages(b: &mut Bench, batches: usize, passes: usize) -> (Stages, usize) {
             let decoded = encode::decode(&req.batch.unwrap_or_default()).expect("valid");
             timed(&mut t, 12, start);
             let start = Instant::now();
-            store
-                .ack(&b.agent_id, 0, uplink::now_unix_ms())
-                .expect("ack");
-            store.agent(&b.agent_id).expect("agent");
-            let _ = store
-                .metric_batch_state(&b.agent_id, epoch, seq)
-                .expect("state");
-            store
-                .record_metric_batch(&b.agent_id, epoch, seq)
-                .expect("record");
+            b.agent_rt.block_on(async {
+                store
+                    .ack(&b.agent_id, 0, uplink::now_unix_ms())
+                    .await
+                    .expect("ack");
+                store.agent(&b.agent_id).await.expect("agent");
+                let _ = store
+                    .metric_batch_state(&b.agent_id, epoch, seq)
+                    .await
+                    .expect("state");
+                store
+                    .record_metric_batch(&b.agent_id, epoch, seq)
+                    .await
+                    .expect("record");
+            });
             timed(&mut t, 13, start);
             let start = Instant::now();
             b.agent_rt

@@ -73,7 +73,7 @@ impl Bench {
         cfg.hostnames = vec!["127.0.0.1".into()];
         cfg.admin_token = Some(Secret::generate(Kind::Admin));
         cfg.enroll_token = Some(enroll.clone());
-        let server = Server::new(cfg, listener).expect("backend starts");
+        let server = Server::new(cfg, listener).await.expect("backend starts");
         let info = server.info().clone();
         let core = server.core();
         let (stop, mut rx) = watch::channel(false);
@@ -97,7 +97,7 @@ impl Bench {
         let agent_pid = agent.id().expect("agent pid");
         let started = Instant::now();
         let agent_id = loop {
-            let list = core.list_agents(Default::default()).unwrap().agents;
+            let list = core.list_agents(Default::default()).await.unwrap().agents;
             if let Some(a) = list
                 .iter()
                 .find(|a| a.connected && a.capacity.as_ref().is_some_and(|c| c.docker_available))
@@ -125,6 +125,7 @@ impl Bench {
             let v = self
                 .core
                 .get_run(proto::GetRunRequest { run: id.into() })
+                .await
                 .unwrap()
                 .run
                 .unwrap();
@@ -151,6 +152,7 @@ impl Bench {
                 command: vec!["sh".into(), "-c".into(), SCRIPT.into()],
                 ..Default::default()
             })
+            .await
             .unwrap()
             .run
             .unwrap();
@@ -171,6 +173,7 @@ impl Bench {
                 run: run.id.clone(),
                 timeout_s: 1,
             })
+            .await
             .unwrap();
         self.wait(&run.id, uplink::ctl::run_stopped).await;
         (took, cpu)

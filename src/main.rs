@@ -187,7 +187,7 @@ async fn backend(addr: std::net::SocketAddr, cfg: BackendConfig) -> anyhow::Resu
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
-    let server = match Server::new(cfg, listener) {
+    let server = match Server::new(cfg, listener).await {
         Ok(s) => s,
         Err(e @ (BackendError::Tls(_) | BackendError::MetricsJsonl(_))) => {
             return Ok(config_error(ConfigError::from(e.to_string())));

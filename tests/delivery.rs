@@ -298,6 +298,7 @@ async fn unknown_command_kinds_get_a_clear_failure() {
         .core
         .store()
         .enqueue(&view.id, "cmd_future", &spec, 1)
+        .await
         .unwrap()
         .unwrap();
     b.core.wake(&view.id, cmd.seq);

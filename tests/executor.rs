@@ -75,6 +75,7 @@ async fn event_where(
         b.core
             .store()
             .container_events(agent)
+            .await
             .ok()?
             .into_iter()
             .find(|e| matches(e))

@@ -541,7 +541,11 @@ async fn batches_in_any_order_and_sent_twice_are_stored_exactly_once() {
         "each seq stored exactly once: {stored_per_seq:?}"
     );
     assert_eq!(
-        b.core.store().metric_batches(&agent.id, epoch).unwrap(),
+        b.core
+            .store()
+            .metric_batches(&agent.id, epoch)
+            .await
+            .unwrap(),
         (N, 0),
         "the watermark closed over every seq"
     );
@@ -570,7 +574,11 @@ async fn batches_in_any_order_and_sent_twice_are_stored_exactly_once() {
         assert!(r.unwrap(), "seq {seq}");
     }
     assert_eq!(
-        b.core.store().metric_batches(&agent.id, other).unwrap(),
+        b.core
+            .store()
+            .metric_batches(&agent.id, other)
+            .await
+            .unwrap(),
         (0, 2)
     );
     let err = push_zstd(
@@ -585,7 +593,11 @@ async fn batches_in_any_order_and_sent_twice_are_stored_exactly_once() {
     let r = push_zstd(&client, &agent, push_request(other, 1, batch(&s, 0, 1, 0))).await;
     assert!(r.unwrap());
     assert_eq!(
-        b.core.store().metric_batches(&agent.id, other).unwrap(),
+        b.core
+            .store()
+            .metric_batches(&agent.id, other)
+            .await
+            .unwrap(),
         (3, 0)
     );
 
@@ -687,7 +699,11 @@ async fn a_malformed_batch_is_rejected_with_its_reason_and_the_next_is_stored() 
     .await;
     assert!(r.unwrap());
     assert_eq!(
-        b.core.store().metric_batches(&agent.id, epoch).unwrap(),
+        b.core
+            .store()
+            .metric_batches(&agent.id, epoch)
+            .await
+            .unwrap(),
         (6, 0)
     );
     let page = scrape(&b).await;

@@ -228,7 +228,7 @@ async fn a_run_of_six_spreads_two_per_agent_survives_a_backend_restart_and_stop_
     let status = json(&ctl(&b, &["run-status", &run_id, "--json"]).await);
     assert_eq!(status["state"], "stopped", "{status}");
     // The name is free again.
-    assert!(!b.core.store().run_name_in_use(&name).unwrap());
+    assert!(!b.core.store().run_name_in_use(&name).await.unwrap());
     b.stop().await;
 }
 

@@ -35,7 +35,7 @@ impl AgentService for Agents {
         &self,
         req: Request<proto::EnrollRequest>,
     ) -> Result<Response<proto::EnrollResponse>, Status> {
-        self.0.enroll(req.into_inner()).map(Response::new)
+        self.0.enroll(req.into_inner()).await.map(Response::new)
     }
 
     type SubscribeStream = FrameStream;
@@ -44,8 +44,8 @@ impl AgentService for Agents {
         &self,
         req: Request<proto::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let agent = self.0.authenticate_agent(auth(&req))?;
-        let rx = self.0.subscribe(agent, req.into_inner())?;
+        let agent = self.0.authenticate_agent(auth(&req)).await?;
+        let rx = self.0.subscribe(agent, req.into_inner()).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -53,7 +53,7 @@ impl AgentService for Agents {
         &self,
         req: Request<proto::PollRequest>,
     ) -> Result<Response<proto::PollResponse>, Status> {
-        let agent = self.0.authenticate_agent(auth(&req))?;
+        let agent = self.0.authenticate_agent(auth(&req)).await?;
         self.0
             .poll(agent, req.into_inner())
             .await
@@ -64,15 +64,18 @@ impl AgentService for Agents {
         &self,
         req: Request<proto::ReportRequest>,
     ) -> Result<Response<proto::ReportResponse>, Status> {
-        let agent = self.0.authenticate_agent(auth(&req))?;
-        self.0.report(agent, req.into_inner()).map(Response::new)
+        let agent = self.0.authenticate_agent(auth(&req)).await?;
+        self.0
+            .report(agent, req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn push_metrics(
         &self,
         req: Request<proto::PushMetricsRequest>,
     ) -> Result<Response<proto::PushMetricsResponse>, Status> {
-        let agent = self.0.authenticate_agent(auth(&req))?;
+        let agent = self.0.authenticate_agent(auth(&req)).await?;
         self.0
             .push_metrics(agent, req.into_inner())
             .await
@@ -87,7 +90,10 @@ impl AdminService for Admin {
         req: Request<proto::ListAgentsRequest>,
     ) -> Result<Response<proto::ListAgentsResponse>, Status> {
         self.0.authenticate_admin(auth(&req))?;
-        self.0.list_agents(req.into_inner()).map(Response::new)
+        self.0
+            .list_agents(req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn list_providers(
@@ -95,7 +101,7 @@ impl AdminService for Admin {
         req: Request<proto::ListProvidersRequest>,
     ) -> Result<Response<proto::ListProvidersResponse>, Status> {
         self.0.authenticate_admin(auth(&req))?;
-        self.0.list_providers().map(Response::new)
+        self.0.list_providers().await.map(Response::new)
     }
 
     async fn create_provider(
@@ -103,7 +109,10 @@ impl AdminService for Admin {
         req: Request<proto::CreateProviderRequest>,
     ) -> Result<Response<proto::CreateProviderResponse>, Status> {
         self.0.authenticate_admin(auth(&req))?;
-        self.0.create_provider(req.into_inner()).map(Response::new)
+        self.0
+            .create_provider(req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn rotate_enrollment_token(
@@ -111,7 +120,10 @@ impl AdminService for Admin {
         req: Request<proto::RotateEnrollmentTokenRequest>,
     ) -> Result<Response<proto::RotateEnrollmentTokenResponse>, Status> {
         self.0.authenticate_admin(auth(&req))?;
-        self.0.rotate_token(req.into_inner()).map(Response::new)
+        self.0
+            .rotate_token(req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn enqueue_command(
@@ -119,7 +131,7 @@ impl AdminService for Admin {
         req: Request<proto::EnqueueCommandRequest>,
     ) -> Result<Response<proto::EnqueueCommandResponse>, Status> {
         self.0.authenticate_admin(auth(&req))?;
-        self.0.enqueue(req.into_inner()).map(Response::new)
+        self.0.enqueue(req.into_inner()).await.map(Response::new)
     }
 
     async fn get_command(
@@ -138,7 +150,7 @@ impl AdminService for Admin {
         req: Request<proto::CreateRunRequest>,
     ) -> Result<Response<proto::CreateRunResponse>, Status> {
         self.0.authenticate_admin(auth(&req))?;
-        self.0.create_run(req.into_inner()).map(Response::new)
+        self.0.create_run(req.into_inner()).await.map(Response::new)
     }
 
     async fn list_runs(
@@ -146,7 +158,7 @@ impl AdminService for Admin {
         req: Request<proto::ListRunsRequest>,
     ) -> Result<Response<proto::ListRunsResponse>, Status> {
         self.0.authenticate_admin(auth(&req))?;
-        self.0.list_runs(req.into_inner()).map(Response::new)
+        self.0.list_runs(req.into_inner()).await.map(Response::new)
     }
 
     async fn get_run(
@@ -154,7 +166,7 @@ impl AdminService for Admin {
         req: Request<proto::GetRunRequest>,
     ) -> Result<Response<proto::GetRunResponse>, Status> {
         self.0.authenticate_admin(auth(&req))?;
-        self.0.get_run(req.into_inner()).map(Response::new)
+        self.0.get_run(req.into_inner()).await.map(Response::new)
     }
 
     async fn stop_run(
@@ -162,7 +174,7 @@ impl AdminService for Admin {
         req: Request<proto::StopRunRequest>,
     ) -> Result<Response<proto::StopRunResponse>, Status> {
         self.0.authenticate_admin(auth(&req))?;
-        self.0.stop_run(req.into_inner()).map(Response::new)
+        self.0.stop_run(req.into_inner()).await.map(Response::new)
     }
 
     async fn get_run_logs(

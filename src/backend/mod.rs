@@ -319,7 +319,7 @@ pub struct Server {
 impl Server {
     /// Opens the store, prepares TLS and tokens, on an already bound
     /// listener (tests bind `127.0.0.1:0` first).
-    pub fn new(config: BackendConfig, listener: TcpListener) -> Result<Server, BackendError> {
+    pub async fn new(config: BackendConfig, listener: TcpListener) -> Result<Server, BackendError> {
         std::fs::create_dir_all(&config.data_dir).map_err(|source| BackendError::DataDir {
             path: config.data_dir.clone(),
             source,
@@ -350,14 +350,14 @@ impl Server {
         let mut new_admin_token = None;
         let admin_hash = match &config.admin_token {
             Some(t) => {
-                store.set_meta("admin_token_hash", &t.hash())?;
+                store.set_meta("admin_token_hash", &t.hash()).await?;
                 t.hash()
             }
-            None => match store.meta("admin_token_hash")? {
+            None => match store.meta("admin_token_hash").await? {
                 Some(hash) => hash,
                 None => {
                     let t = Secret::generate(Kind::Admin);
-                    store.set_meta("admin_token_hash", &t.hash())?;
+                    store.set_meta("admin_token_hash", &t.hash()).await?;
                     let hash = t.hash();
                     new_admin_token = Some(t);
                     hash
@@ -369,15 +369,21 @@ impl Server {
         let now = crate::now_unix_ms();
         let enroll_token = match &config.enroll_token {
             Some(t) => {
-                if !store.create_provider(DEFAULT_PROVIDER, &t.hash(), now)? {
-                    store.set_provider_token(DEFAULT_PROVIDER, &t.hash())?;
+                if !store
+                    .create_provider(DEFAULT_PROVIDER, &t.hash(), now)
+                    .await?
+                {
+                    store
+                        .set_provider_token(DEFAULT_PROVIDER, &t.hash())
+                        .await?;
                 }
                 Some(t.clone())
             }
             None => {
                 let t = Secret::generate(Kind::Enrollment);
                 store
-                    .create_provider(DEFAULT_PROVIDER, &t.hash(), now)?
+                    .create_provider(DEFAULT_PROVIDER, &t.hash(), now)
+                    .await?
                     .then_some(t)
             }
         };

@@ -185,7 +185,7 @@ impl Core {
     }
 
     /// `CreateRun`.
-    pub fn create_run(
+    pub async fn create_run(
         &self,
         req: proto::CreateRunRequest,
     ) -> Result<proto::CreateRunResponse, Status> {
@@ -231,16 +231,17 @@ impl Core {
             check_run_name(&req.name)?;
             req.name.clone()
         };
-        if self.store.run_name_in_use(&name).map_err(internal)? {
+        if self.store.run_name_in_use(&name).await.map_err(internal)? {
             return Err(Status::already_exists(format!(
                 "a run named {name:?} still has containers; stop it (`uplink ctl stop {name}`) or choose another --name"
             )));
         }
-        let agents = self.store.agents(&req.provider).map_err(internal)?;
+        let agents = self.store.agents(&req.provider).await.map_err(internal)?;
         if agents.is_empty()
             && !self
                 .store
                 .providers()
+                .await
                 .map_err(internal)?
                 .iter()
                 .any(|p| p.name == req.provider)
@@ -250,7 +251,9 @@ impl Core {
                 req.provider
             )));
         }
-        let candidates = self.candidates(agents.iter().map(|a| a.id.as_str()))?;
+        let candidates = self
+            .candidates(agents.iter().map(|a| a.id.as_str()))
+            .await?;
         let slots = placement::place(
             &candidates,
             Demand {
@@ -303,6 +306,7 @@ impl Core {
         let queued = self
             .store
             .create_run(&run, &containers)
+            .await
             .map_err(internal)?
             .ok_or_else(|| Status::aborted("an agent of the placement disappeared; try again"))?;
         for (agent, c) in queued {
@@ -319,6 +323,7 @@ impl Core {
         let (run, containers) = self
             .store
             .run(&id)
+            .await
             .map_err(internal)?
             .ok_or_else(|| Status::internal("the new run is not in the store"))?;
         Ok(proto::CreateRunResponse {
@@ -328,13 +333,13 @@ impl Core {
 
     /// Placement's view of `agents`: presence, last capacity, and what was
     /// placed on them since that report.
-    fn candidates<'a>(
+    async fn candidates<'a>(
         &self,
         agents: impl Iterator<Item = &'a str>,
     ) -> Result<Vec<Candidate>, Status> {
         let now = crate::now_unix_ms();
-        let capacities = self.store.capacities().map_err(internal)?;
-        let live = self.store.live_run_containers().map_err(internal)?;
+        let capacities = self.store.capacities().await.map_err(internal)?;
+        let live = self.store.live_run_containers().await.map_err(internal)?;
         Ok(agents
             .map(|id| {
                 let reported = capacities.get(id);
@@ -364,7 +369,7 @@ impl Core {
     }
 
     /// `ListRuns`.
-    pub fn list_runs(
+    pub async fn list_runs(
         &self,
         req: proto::ListRunsRequest,
     ) -> Result<proto::ListRunsResponse, Status> {
@@ -372,6 +377,7 @@ impl Core {
             runs: self
                 .store
                 .runs(&req.provider, MAX_LISTED)
+                .await
                 .map_err(internal)?
                 .into_iter()
                 .map(|(r, c)| view(r, c))
@@ -379,26 +385,32 @@ impl Core {
         })
     }
 
-    fn find_run(&self, run: &str) -> Result<(RunRecord, Vec<RunContainerRecord>), Status> {
+    async fn find_run(&self, run: &str) -> Result<(RunRecord, Vec<RunContainerRecord>), Status> {
         if run.is_empty() || run.len() > 128 {
             return Err(Status::invalid_argument("run must be a run's id or name"));
         }
-        self.store.run(run).map_err(internal)?.ok_or_else(|| {
+        self.store.run(run).await.map_err(internal)?.ok_or_else(|| {
             Status::not_found(format!("no run {run:?}; `uplink ctl runs` lists them"))
         })
     }
 
     /// `GetRun`.
-    pub fn get_run(&self, req: proto::GetRunRequest) -> Result<proto::GetRunResponse, Status> {
-        let (run, containers) = self.find_run(&req.run)?;
+    pub async fn get_run(
+        &self,
+        req: proto::GetRunRequest,
+    ) -> Result<proto::GetRunResponse, Status> {
+        let (run, containers) = self.find_run(&req.run).await?;
         Ok(proto::GetRunResponse {
             run: Some(view(run, containers)),
         })
     }
 
     /// `StopRun`.
-    pub fn stop_run(&self, req: proto::StopRunRequest) -> Result<proto::StopRunResponse, Status> {
-        let (run, containers) = self.find_run(&req.run)?;
+    pub async fn stop_run(
+        &self,
+        req: proto::StopRunRequest,
+    ) -> Result<proto::StopRunResponse, Status> {
+        let (run, containers) = self.find_run(&req.run).await?;
         let timeout = if req.timeout_s == 0 {
             10
         } else {
@@ -407,6 +419,7 @@ impl Core {
         let now = crate::now_unix_ms();
         self.store
             .stop_run(&run.id, now, timeout)
+            .await
             .map_err(internal)?;
         let mut asked = 0;
         for c in &containers {
@@ -423,6 +436,7 @@ impl Core {
                     }
                     _ => None,
                 })
+                .await
                 .map_err(internal)?;
             if let Some((c, cmd)) = changed {
                 asked += cmd.is_some() as u32;
@@ -430,16 +444,19 @@ impl Core {
             }
         }
         tracing::info!(run = %run.id, name = %run.name, containers = asked, "run stopping");
-        let (run, containers) = self.find_run(&run.id)?;
+        let (run, containers) = self.find_run(&run.id).await?;
         Ok(proto::StopRunResponse {
             run: Some(view(run, containers)),
         })
     }
 
     /// Moves a run's container along after one of its commands finished.
-    pub(super) fn run_result(&self, r: &proto::CommandResult) -> Result<(), Status> {
-        let Some((run_id, index, role)) =
-            self.store.run_command(&r.command_id).map_err(internal)?
+    pub(super) async fn run_result(&self, r: &proto::CommandResult) -> Result<(), Status> {
+        let Some((run_id, index, role)) = self
+            .store
+            .run_command(&r.command_id)
+            .await
+            .map_err(internal)?
         else {
             return Ok(());
         };
@@ -489,6 +506,7 @@ impl Core {
                     }
                 }
             })
+            .await
             .map_err(internal)?;
         if let Some((c, cmd)) = changed {
             tracing::debug!(run = %run_id, container = %c.name, state = c.state.as_str_name(), "run container");
@@ -498,7 +516,7 @@ impl Core {
     }
 
     /// Records a container event of a run's container.
-    pub(super) fn run_container_event(
+    pub(super) async fn run_container_event(
         &self,
         agent: &str,
         ev: &proto::ContainerEvent,
@@ -506,8 +524,11 @@ impl Core {
         if ev.command_id.is_empty() {
             return Ok(());
         }
-        let Some((run_id, index, Role::Start)) =
-            self.store.run_command(&ev.command_id).map_err(internal)?
+        let Some((run_id, index, Role::Start)) = self
+            .store
+            .run_command(&ev.command_id)
+            .await
+            .map_err(internal)?
         else {
             return Ok(());
         };
@@ -537,6 +558,7 @@ impl Core {
                 }
                 None
             })
+            .await
             .map_err(internal)?;
         Ok(())
     }
@@ -547,7 +569,7 @@ impl Core {
         &self,
         req: proto::GetRunLogsRequest,
     ) -> Result<proto::GetRunLogsResponse, Status> {
-        let (_, containers) = self.find_run(&req.run)?;
+        let (_, containers) = self.find_run(&req.run).await?;
         let tail = match req.tail {
             0 => 100,
             n => n.min(10_000),
@@ -565,17 +587,19 @@ impl Core {
                     | RunContainerState::Stopping
             )
         }) {
-            let cmd = self.enqueue(proto::EnqueueCommandRequest {
-                agent_id: c.agent_id.clone(),
-                spec: Some(proto::CommandSpec {
-                    kind: Some(proto::command_spec::Kind::ContainerLogs(
-                        proto::ContainerLogs {
-                            container: target(&c),
-                            tail,
-                        },
-                    )),
-                }),
-            })?;
+            let cmd = self
+                .enqueue(proto::EnqueueCommandRequest {
+                    agent_id: c.agent_id.clone(),
+                    spec: Some(proto::CommandSpec {
+                        kind: Some(proto::command_spec::Kind::ContainerLogs(
+                            proto::ContainerLogs {
+                                container: target(&c),
+                                tail,
+                            },
+                        )),
+                    }),
+                })
+                .await?;
             asked.push((c, cmd.command.map(|c| c.id).unwrap_or_default()));
         }
         let deadline = tokio::time::Instant::now() + wait;
@@ -584,16 +608,18 @@ impl Core {
         let mut waiting: HashSet<&str> = asked.iter().map(|(_, id)| id.as_str()).collect();
         loop {
             results.borrow_and_update();
-            waiting.retain(|id| match self.store.command(id) {
-                Ok(Some(rec)) => match rec.result {
-                    Some(r) => {
-                        answered.insert(id.to_string(), r);
-                        false
-                    }
-                    None => true,
-                },
-                _ => true,
-            });
+            // Each read is awaited, so a loop rather than `retain`.
+            let mut unanswered = HashSet::with_capacity(waiting.len());
+            for id in waiting {
+                if let Ok(Some(rec)) = self.store.command(id).await
+                    && let Some(r) = rec.result
+                {
+                    answered.insert(id.to_string(), r);
+                } else {
+                    unanswered.insert(id);
+                }
+            }
+            waiting = unanswered;
             if waiting.is_empty() || tokio::time::Instant::now() >= deadline {
                 break;
             }

@@ -104,6 +104,7 @@ async fn handle(
         ("uplink.v1.AgentService", _) => Some(
             st.core
                 .authenticate_agent(authorization.as_deref())
+                .await
                 .map(|_| ()),
         ),
         ("uplink.v1.AdminService", _) => Some(st.core.authenticate_admin(authorization.as_deref())),
@@ -184,24 +185,24 @@ async fn handle(
     let a = authorization.as_deref();
     match (service.as_str(), method.as_str()) {
         ("uplink.v1.AgentService", "Enroll") => {
-            call(enc, body, |r| async move { core.enroll(r) }).await
+            call(enc, body, |r| async move { core.enroll(r).await }).await
         }
         ("uplink.v1.AgentService", "Poll") => {
-            let agent = match core.authenticate_agent(a) {
+            let agent = match core.authenticate_agent(a).await {
                 Ok(id) => id,
                 Err(s) => return status_response(&s),
             };
             call(enc, body, |r| async move { core.poll(agent, r).await }).await
         }
         ("uplink.v1.AgentService", "Report") => {
-            let agent = match core.authenticate_agent(a) {
+            let agent = match core.authenticate_agent(a).await {
                 Ok(id) => id,
                 Err(s) => return status_response(&s),
             };
-            call(enc, body, |r| async move { core.report(agent, r) }).await
+            call(enc, body, |r| async move { core.report(agent, r).await }).await
         }
         ("uplink.v1.AgentService", "PushMetrics") => {
-            let agent = match core.authenticate_agent(a) {
+            let agent = match core.authenticate_agent(a).await {
                 Ok(id) => id,
                 Err(s) => return status_response(&s),
             };
@@ -222,25 +223,25 @@ async fn handle(
                 return status_response(&s);
             }
             match m {
-                "ListAgents" => call(enc, body, |r| async move { core.list_agents(r) }).await,
+                "ListAgents" => call(enc, body, |r| async move { core.list_agents(r).await }).await,
                 "ListProviders" => {
                     call(enc, body, |_: proto::ListProvidersRequest| async move {
-                        core.list_providers()
+                        core.list_providers().await
                     })
                     .await
                 }
                 "CreateProvider" => {
-                    call(enc, body, |r| async move { core.create_provider(r) }).await
+                    call(enc, body, |r| async move { core.create_provider(r).await }).await
                 }
                 "RotateEnrollmentToken" => {
-                    call(enc, body, |r| async move { core.rotate_token(r) }).await
+                    call(enc, body, |r| async move { core.rotate_token(r).await }).await
                 }
-                "EnqueueCommand" => call(enc, body, |r| async move { core.enqueue(r) }).await,
+                "EnqueueCommand" => call(enc, body, |r| async move { core.enqueue(r).await }).await,
                 "GetCommand" => call(enc, body, |r| async move { core.get_command(r).await }).await,
-                "CreateRun" => call(enc, body, |r| async move { core.create_run(r) }).await,
-                "ListRuns" => call(enc, body, |r| async move { core.list_runs(r) }).await,
-                "GetRun" => call(enc, body, |r| async move { core.get_run(r) }).await,
-                "StopRun" => call(enc, body, |r| async move { core.stop_run(r) }).await,
+                "CreateRun" => call(enc, body, |r| async move { core.create_run(r).await }).await,
+                "ListRuns" => call(enc, body, |r| async move { core.list_runs(r).await }).await,
+                "GetRun" => call(enc, body, |r| async move { core.get_run(r).await }).await,
+                "StopRun" => call(enc, body, |r| async move { core.stop_run(r).await }).await,
                 "GetRunLogs" => call(enc, body, |r| async move { core.run_logs(r).await }).await,
                 other => unknown(&service, other),
             }

@@ -68,7 +68,7 @@ async fn run_in(cfg: &DemoConfig, dir: &std::path::Path) -> Result<(), DemoError
     bcfg.enroll_token = Some(enroll_token.clone());
     bcfg.heartbeat = Duration::from_secs(5);
     bcfg.grace = Duration::from_secs(2);
-    let server = Server::new(bcfg, listener).map_err(fail)?;
+    let server = Server::new(bcfg, listener).await.map_err(fail)?;
     let core = server.core();
     let info = server.info().clone();
     let ca = info

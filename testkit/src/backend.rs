@@ -62,7 +62,9 @@ impl TestBackend {
         let listener = TcpListener::bind(addr)
             .await
             .unwrap_or_else(|e| panic!("cannot bind {addr}: {e}"));
-        let server = Server::new(cfg.clone(), listener).expect("backend starts");
+        let server = Server::new(cfg.clone(), listener)
+            .await
+            .expect("backend starts");
         let info = server.info().clone();
         let core = server.core();
         let (stop, mut rx) = watch::channel(false);

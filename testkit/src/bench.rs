@@ -72,7 +72,9 @@ impl BenchBackend {
         cfg.admin_token = Some(Secret::generate(Kind::Admin));
         cfg.enroll_token = Some(enroll_token.clone());
         cfg.grace = Duration::from_secs(2);
-        let server = Server::new(cfg, listener).expect("backend does not start");
+        let server = Server::new(cfg, listener)
+            .await
+            .expect("backend does not start");
         let info = server.info().clone();
         let core = server.core();
         let (stop, rx) = watch::channel(false);
@@ -89,7 +91,7 @@ impl BenchBackend {
     }
 
     /// Queues a ping for `agent`; returns its id and seq.
-    pub fn enqueue_ping(&self, agent: &str) -> (String, u64) {
+    pub async fn enqueue_ping(&self, agent: &str) -> (String, u64) {
         let c = self
             .core
             .enqueue(EnqueueCommandRequest {
@@ -98,6 +100,7 @@ impl BenchBackend {
                     kind: Some(command_spec::Kind::Ping(Ping::default())),
                 }),
             })
+            .await
             .expect("enqueue failed")
             .command
             .expect("enqueue returned no command");

@@ -16,18 +16,19 @@ const MAX_RESULT_WAIT: Duration = Duration::from_secs(60);
 
 impl Core {
     /// `ListAgents`.
-    pub fn list_agents(
+    pub async fn list_agents(
         &self,
         req: proto::ListAgentsRequest,
     ) -> Result<proto::ListAgentsResponse, Status> {
         let now = crate::now_unix_ms();
-        let mut capacities = self.store.capacities().map_err(internal)?;
+        let mut capacities = self.store.capacities().await.map_err(internal)?;
         let mut agents = Vec::new();
-        for a in self.store.agents(&req.provider).map_err(internal)? {
+        for a in self.store.agents(&req.provider).await.map_err(internal)? {
             let presence = self.hub.presence(&a.id, now);
             let pending = self
                 .store
                 .pending_count(&a.id, a.acked_seq)
+                .await
                 .map_err(internal)?;
             let (connected, transport, reason, last_seen) = match presence {
                 Some(p) => (
@@ -58,11 +59,12 @@ impl Core {
     }
 
     /// `ListProviders`.
-    pub fn list_providers(&self) -> Result<proto::ListProvidersResponse, Status> {
+    pub async fn list_providers(&self) -> Result<proto::ListProvidersResponse, Status> {
         Ok(proto::ListProvidersResponse {
             providers: self
                 .store
                 .providers()
+                .await
                 .map_err(internal)?
                 .into_iter()
                 .map(|p| proto::ProviderView {
@@ -75,7 +77,7 @@ impl Core {
     }
 
     /// `CreateProvider`.
-    pub fn create_provider(
+    pub async fn create_provider(
         &self,
         req: proto::CreateProviderRequest,
     ) -> Result<proto::CreateProviderResponse, Status> {
@@ -85,6 +87,7 @@ impl Core {
         if !self
             .store
             .create_provider(&req.name, &token.hash(), now)
+            .await
             .map_err(internal)?
         {
             return Err(Status::already_exists(format!(
@@ -105,7 +108,7 @@ impl Core {
     }
 
     /// `RotateEnrollmentToken`.
-    pub fn rotate_token(
+    pub async fn rotate_token(
         &self,
         req: proto::RotateEnrollmentTokenRequest,
     ) -> Result<proto::RotateEnrollmentTokenResponse, Status> {
@@ -114,6 +117,7 @@ impl Core {
         if !self
             .store
             .set_provider_token(&req.provider, &token.hash())
+            .await
             .map_err(internal)?
         {
             return Err(Status::not_found(format!("no provider {:?}", req.provider)));
@@ -126,7 +130,7 @@ impl Core {
     }
 
     /// `EnqueueCommand`.
-    pub fn enqueue(
+    pub async fn enqueue(
         &self,
         req: proto::EnqueueCommandRequest,
     ) -> Result<proto::EnqueueCommandResponse, Status> {
@@ -140,6 +144,7 @@ impl Core {
         let command = self
             .store
             .enqueue(&req.agent_id, &id, &spec, crate::now_unix_ms())
+            .await
             .map_err(internal)?
             .ok_or_else(|| {
                 Status::not_found(format!(
@@ -167,6 +172,7 @@ impl Core {
             let rec = self
                 .store
                 .command(&req.command_id)
+                .await
                 .map_err(internal)?
                 .ok_or_else(|| Status::not_found(format!("no command {:?}", req.command_id)))?;
             if rec.done_ms > 0 || tokio::time::Instant::now() >= deadline {

@@ -19,7 +19,7 @@ const MAX_COMMANDS_PER_POLL: usize = 256;
 
 impl Core {
     /// `Enroll`.
-    pub fn enroll(&self, req: proto::EnrollRequest) -> Result<proto::EnrollResponse, Status> {
+    pub async fn enroll(&self, req: proto::EnrollRequest) -> Result<proto::EnrollResponse, Status> {
         let info = req.info.unwrap_or_default();
         check_info(&info)?;
         if req.enrollment_token.is_empty() || req.enrollment_token.len() > 256 {
@@ -30,6 +30,7 @@ impl Core {
         let provider = self
             .store
             .provider_by_token(&secret::hash(&req.enrollment_token))
+            .await
             .map_err(internal)?
             .ok_or_else(|| {
                 tracing::warn!(hostname = %info.hostname, "enrollment with an unknown or revoked token");
@@ -52,6 +53,7 @@ impl Core {
                 },
                 &credential.hash(),
             )
+            .await
             .map_err(internal)?;
         tracing::info!(agent = %id, %provider, hostname = %info.hostname, "agent enrolled");
         Ok(proto::EnrollResponse {
@@ -61,14 +63,14 @@ impl Core {
         })
     }
 
-    pub(super) fn apply_ack(&self, agent: &str, ack: u64) -> Result<u64, Status> {
+    pub(super) async fn apply_ack(&self, agent: &str, ack: u64) -> Result<u64, Status> {
         if ack > 1 << 53 {
             return Err(Status::invalid_argument(format!(
                 "ack {ack} is out of range"
             )));
         }
         let now = crate::now_unix_ms();
-        let acked = self.store.ack(agent, ack, now).map_err(internal)?;
+        let acked = self.store.ack(agent, ack, now).await.map_err(internal)?;
         self.hub.notify_acked(agent, acked);
         self.hub.touch(agent, now);
         Ok(acked)
@@ -77,7 +79,7 @@ impl Core {
     /// Records what the agent says about itself; a request without a
     /// hostname and version (`doctor` with the agent's credential) keeps
     /// the stored values.
-    fn record_info(
+    async fn record_info(
         &self,
         agent: &str,
         info: &proto::AgentInfo,
@@ -87,6 +89,7 @@ impl Core {
             return self
                 .store
                 .touch_agent(agent, crate::now_unix_ms())
+                .await
                 .map_err(internal);
         }
         self.store
@@ -98,6 +101,7 @@ impl Core {
                 &info.transport_reason,
                 crate::now_unix_ms(),
             )
+            .await
             .map_err(internal)
     }
 
@@ -129,15 +133,15 @@ impl Core {
 
     /// `Subscribe`: returns the receiving end of the stream. A task feeds it
     /// until the agent goes away or the backend drains.
-    pub fn subscribe(
+    pub async fn subscribe(
         self: &Arc<Self>,
         agent: String,
         req: proto::SubscribeRequest,
     ) -> Result<mpsc::Receiver<Result<proto::SubscribeResponse, Status>>, Status> {
         let info = req.info.unwrap_or_default();
         check_info(&info)?;
-        let acked = self.apply_ack(&agent, req.ack)?;
-        self.record_info(&agent, &info, Transport::Grpc)?;
+        let acked = self.apply_ack(&agent, req.ack).await?;
+        self.record_info(&agent, &info, Transport::Grpc).await?;
         let (tx, rx) = mpsc::channel(64);
         let core = self.clone();
         let anonymous = info.hostname.is_empty() && info.version.is_empty();
@@ -153,7 +157,7 @@ impl Core {
         tokio::spawn(async move {
             let _conn = conn;
             let r = core.feed_stream(&agent, acked.max(req.ack), &tx).await;
-            let _ = core.store.touch_agent(&agent, crate::now_unix_ms());
+            let _ = core.store.touch_agent(&agent, crate::now_unix_ms()).await;
             match r {
                 Ok(reason) => tracing::info!(%agent, reason, "stream closed"),
                 Err(e) => {
@@ -184,6 +188,7 @@ impl Core {
             let batch = self
                 .store
                 .pending(agent, sent, MAX_COMMANDS_PER_POLL)
+                .await
                 .map_err(internal)?;
             let full = batch.len() == MAX_COMMANDS_PER_POLL;
             for c in batch {
@@ -234,7 +239,7 @@ impl Core {
     ) -> Result<proto::PollResponse, Status> {
         let info = req.info.unwrap_or_default();
         check_info(&info)?;
-        let acked = self.apply_ack(&agent, req.ack)?;
+        let acked = self.apply_ack(&agent, req.ack).await?;
         let presence = self
             .hub
             .presence(&agent, crate::now_unix_ms())
@@ -242,7 +247,7 @@ impl Core {
         if presence.transport != Transport::Longpoll as i32
             || presence.reason != info.transport_reason
         {
-            self.record_info(&agent, &info, Transport::Longpoll)?;
+            self.record_info(&agent, &info, Transport::Longpoll).await?;
         }
         // A request without AgentInfo (`doctor` with the agent's
         // credential) is not the agent's connection: leave presence alone.
@@ -268,6 +273,7 @@ impl Core {
             let cmds = self
                 .store
                 .pending(&agent, after, MAX_COMMANDS_PER_POLL)
+                .await
                 .map_err(internal)?;
             if !cmds.is_empty() {
                 return Ok(proto::PollResponse {
@@ -289,7 +295,7 @@ impl Core {
     }
 
     /// `Report`.
-    pub fn report(
+    pub async fn report(
         &self,
         agent: String,
         req: proto::ReportRequest,
@@ -300,10 +306,11 @@ impl Core {
                 req.events.len()
             )));
         }
-        self.apply_ack(&agent, req.ack)?;
+        self.apply_ack(&agent, req.ack).await?;
         let mut stored = self
             .store
             .cursor(&agent, "events", req.epoch)
+            .await
             .map_err(internal)?;
         let mut any_result = false;
         for ev in req.events {
@@ -325,11 +332,12 @@ impl Core {
                     match self
                         .store
                         .complete(&agent, &r, crate::now_unix_ms())
+                        .await
                         .map_err(internal)?
                     {
                         true => {
                             any_result = true;
-                            self.run_result(&r)?;
+                            self.run_result(&r).await?;
                         }
                         false => {
                             tracing::debug!(%agent, command = %r.command_id, "result for an unknown or finished command ignored")
@@ -340,6 +348,7 @@ impl Core {
                     let new = self
                         .store
                         .container_event(&agent, &c, crate::now_unix_ms())
+                        .await
                         .map_err(internal)?;
                     if new {
                         let kind = proto::ContainerEventKind::try_from(c.kind)
@@ -347,13 +356,14 @@ impl Core {
                             .unwrap_or("CONTAINER_EVENT_KIND_UNSPECIFIED");
                         tracing::info!(%agent, container = %c.name, command = %c.command_id, run = %c.run_id,
                             kind, exit_code = c.exit_code, oom_killed = c.oom_killed, "container event");
-                        self.run_container_event(&agent, &c)?;
+                        self.run_container_event(&agent, &c).await?;
                     }
                 }
                 Some(proto::event::Kind::Capacity(c)) => {
                     tracing::debug!(%agent, cores = c.cpu_cores, running = c.running_containers, docker = %c.docker_status, "capacity");
                     self.store
                         .set_capacity(&agent, &c, crate::now_unix_ms())
+                        .await
                         .map_err(internal)?;
                 }
                 Some(proto::event::Kind::Progress(p)) => {
@@ -364,6 +374,7 @@ impl Core {
             stored = ev.seq;
             self.store
                 .advance_cursor(&agent, "events", req.epoch, ev.seq)
+                .await
                 .map_err(internal)?;
         }
         if any_result {

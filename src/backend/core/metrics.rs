@@ -105,7 +105,7 @@ impl Core {
         agent: String,
         req: proto::PushMetricsRequest,
     ) -> Result<proto::PushMetricsResponse, Status> {
-        self.apply_ack(&agent, req.ack)?;
+        self.apply_ack(&agent, req.ack).await?;
         let (epoch, seq) = (req.epoch, req.seq);
         let limit = self.cfg.max_message_bytes;
         let decoded = match (req.batch, req.batch_zstd) {
@@ -142,7 +142,7 @@ impl Core {
                 // is used up, so the watermark can pass it. (A retry of it
                 // is decoded first, so it still gets this error.)
                 if (1..=i64::MAX as u64).contains(&seq)
-                    && let Err(e) = self.store.record_metric_batch(&agent, epoch, seq)
+                    && let Err(e) = self.store.record_metric_batch(&agent, epoch, seq).await
                 {
                     tracing::warn!(%agent, epoch, seq, error = %e, "cannot record the seq of a rejected metric batch");
                 }
@@ -181,6 +181,7 @@ impl Core {
         match self
             .store
             .metric_batch_state(&agent, epoch, seq)
+            .await
             .map_err(|e| reject(Rejection::Store, internal(e)))?
         {
             BatchSeq::Seen => {
@@ -207,6 +208,7 @@ impl Core {
         let rec = self
             .store
             .agent(&agent)
+            .await
             .map_err(|e| reject(Rejection::Store, internal(e)))?
             .unwrap_or_default();
         let origin = Arc::new(Origin {
@@ -225,7 +227,7 @@ impl Core {
             }
             // A crash here leaves the batch in the sinks but not recorded:
             // its retry is stored again (the documented at-least-once window).
-            match core.store.record_metric_batch(&agent, epoch, seq) {
+            match core.store.record_metric_batch(&agent, epoch, seq).await {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::warn!(%agent, epoch, seq, "metric batch was recorded by someone else meanwhile")

@@ -8,7 +8,8 @@
 //! reports); `metrics.rs` `PushMetrics`; `admin.rs` the admin service
 //! (providers, agents, commands); `checks.rs` the checks of what agents and
 //! operators send. The runs' part is in [`super::runs`]. `Core` reaches its
-//! durable state only through the [`Store`] trait.
+//! durable state only through the [`Store`] trait, awaiting each call, so
+//! it works the same over any store.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -126,7 +127,7 @@ impl Core {
     }
 
     /// The agent whose credential is in `authorization`.
-    pub fn authenticate_agent(&self, authorization: Option<&str>) -> Result<String, Status> {
+    pub async fn authenticate_agent(&self, authorization: Option<&str>) -> Result<String, Status> {
         let token = bearer(authorization).ok_or_else(|| {
             Status::unauthenticated(
                 "missing agent credential: send `authorization: Bearer <credential>`",
@@ -134,6 +135,7 @@ impl Core {
         })?;
         self.store
             .agent_by_credential(&secret::hash(token))
+            .await
             .map_err(internal)?
             .ok_or_else(|| {
                 Status::unauthenticated(

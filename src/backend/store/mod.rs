@@ -14,23 +14,26 @@
 //! ([`runs`]). Presence (who is connected right now) lives in memory, in
 //! the backend's hub.
 //!
-//! # Why the trait is synchronous
+//! # Why the trait is asynchronous
 //!
-//! Every call is short (well under a millisecond on SQLite) and runs
-//! inline on the async worker that serves the request, behind one mutex
-//! that is never held across an `.await`. A synchronous trait keeps exactly
-//! that: the same calls, at the same places, with the same cost, and the
-//! same tests (`tests/` reach the store through `core.store()`). An async
-//! trait would turn every `Core` method that touches the store into an
-//! `async fn` and every SQLite call into a boxed future or a hop to a
-//! blocking thread, for no gain until a networked store exists. When
-//! PostgreSQL arrives, its client is async: the trait then becomes async
-//! (methods returning `Pin<Box<dyn Future + Send>>`), `SqliteStore` wraps
-//! its bodies in ready futures so its behaviour does not change, and the
-//! call sites in `Core` gain an `.await`; the semantics written here, and
-//! the suite that checks them, stay as they are.
+//! A networked store's client (PostgreSQL's) is async, so every method
+//! returns a [`StoreFuture`]: a boxed, `Send` future, which keeps the trait
+//! usable as `dyn Store` (a trait with an `async fn` is not). `Core` awaits
+//! each call where it makes it; a second store brings its own futures and
+//! `Core` does not change.
+//!
+//! [`SqliteStore`] does its work when the method is called: each call runs
+//! inline on the async worker that makes it, under one mutex, and returns
+//! a ready future holding the outcome. So SQLite's behaviour and cost are
+//! those of plain synchronous calls (plus one small allocation per call for
+//! the box), and its mutex is released before the caller awaits.
+//!
+//! A store's errors are its own: [`StoreError::Backend`] carries them with
+//! the store's name, so a second store adds no variant that `Core` sees.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 
 use crate::proto;
 
@@ -42,11 +45,27 @@ pub(crate) mod suite;
 pub use runs::{FollowUp, LiveContainer, NewContainer, Role, RunContainerRecord, RunRecord};
 pub use sqlite::{CHECKPOINT_EVERY, SqliteStore};
 
+/// What every [`Store`] method returns: the future of its outcome, boxed
+/// so the trait stays usable as `dyn Store`, and `Send` so `Core`'s
+/// futures can move between the runtime's workers. It may borrow the
+/// method's arguments.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// How [`Store::change_container`] edits a container: called once with the
+/// run and the container, it may ask for a command to queue.
+pub type ContainerChange<'a> =
+    dyn FnMut(&RunRecord, &mut RunContainerRecord) -> Option<FollowUp> + Send + 'a;
+
 /// A failure of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database: {0}")]
-    Sql(#[from] rusqlite::Error),
+    /// The store's database failed (an SQL error, a lost connection):
+    /// `store` names the store, `source` is its client's error.
+    #[error("{store} database: {source}")]
+    Backend {
+        store: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("stored record {what} is corrupt: {source}")]
     Corrupt {
         what: String,
@@ -116,79 +135,97 @@ pub enum BatchSeq {
 /// The operations of a durable store, with the semantics every
 /// implementation must keep. Times are milliseconds since the Unix epoch,
 /// given by the caller. Each method is atomic: it either happens whole or
-/// not at all, also across a crash of the backend, and once it returns
-/// `Ok` its change survives a restart.
+/// not at all, also across a crash of the backend or a future dropped
+/// before it completes, and once its future yields `Ok` its change
+/// survives a restart. Callers await each future where they make the call
+/// and hold no lock across it.
 pub trait Store: Send + Sync {
     /// A value of the key/value table (the admin token's hash lives there).
-    fn meta(&self, key: &str) -> Result<Option<String>, StoreError>;
+    fn meta<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<String>>;
 
     /// Sets (inserts or replaces) a value of the key/value table.
-    fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError>;
+    fn set_meta<'a>(&'a self, key: &'a str, value: &'a str) -> StoreFuture<'a, ()>;
 
     /// Creates a provider with its enrollment token's hash; false, and
     /// nothing changed, when the name is taken. Token hashes are unique
     /// across providers.
-    fn create_provider(&self, name: &str, token_hash: &str, now: i64) -> Result<bool, StoreError>;
+    fn create_provider<'a>(
+        &'a self,
+        name: &'a str,
+        token_hash: &'a str,
+        now: i64,
+    ) -> StoreFuture<'a, bool>;
 
     /// Replaces a provider's token hash (the old token is revoked at once);
     /// false when there is no such provider.
-    fn set_provider_token(&self, name: &str, token_hash: &str) -> Result<bool, StoreError>;
+    fn set_provider_token<'a>(
+        &'a self,
+        name: &'a str,
+        token_hash: &'a str,
+    ) -> StoreFuture<'a, bool>;
 
     /// The provider whose current enrollment token hashes to `token_hash`.
-    fn provider_by_token(&self, token_hash: &str) -> Result<Option<String>, StoreError>;
+    fn provider_by_token<'a>(&'a self, token_hash: &'a str) -> StoreFuture<'a, Option<String>>;
 
     /// Every provider with its agent count, ordered by name.
-    fn providers(&self) -> Result<Vec<ProviderRecord>, StoreError>;
+    fn providers(&self) -> StoreFuture<'_, Vec<ProviderRecord>>;
 
     /// Stores a newly enrolled agent: its ack is 0, its next seq 1, and it
     /// was last seen when it enrolled. Credential hashes are unique; the
     /// provider must exist.
-    fn insert_agent(&self, a: &AgentRecord, credential_hash: &str) -> Result<(), StoreError>;
+    fn insert_agent<'a>(
+        &'a self,
+        a: &'a AgentRecord,
+        credential_hash: &'a str,
+    ) -> StoreFuture<'a, ()>;
 
     /// The agent whose credential hashes to `credential_hash`.
-    fn agent_by_credential(&self, credential_hash: &str) -> Result<Option<String>, StoreError>;
+    fn agent_by_credential<'a>(
+        &'a self,
+        credential_hash: &'a str,
+    ) -> StoreFuture<'a, Option<String>>;
 
     /// One agent.
-    fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError>;
+    fn agent<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<AgentRecord>>;
 
     /// Every agent (of `provider`, when not empty), ordered by id.
-    fn agents(&self, provider: &str) -> Result<Vec<AgentRecord>, StoreError>;
+    fn agents<'a>(&'a self, provider: &'a str) -> StoreFuture<'a, Vec<AgentRecord>>;
 
     /// Records what an agent said about itself and how it connects, and
     /// that it was seen at `now`.
-    fn update_agent_info(
-        &self,
-        id: &str,
-        hostname: &str,
-        version: &str,
+    fn update_agent_info<'a>(
+        &'a self,
+        id: &'a str,
+        hostname: &'a str,
+        version: &'a str,
         transport: i32,
-        reason: &str,
+        reason: &'a str,
         now: i64,
-    ) -> Result<(), StoreError>;
+    ) -> StoreFuture<'a, ()>;
 
     /// Records when the backend last heard from an agent.
-    fn touch_agent(&self, id: &str, now: i64) -> Result<(), StoreError>;
+    fn touch_agent<'a>(&'a self, id: &'a str, now: i64) -> StoreFuture<'a, ()>;
 
     /// Queues a command for `agent_id` and gives it the agent's next seq:
     /// seqs are per agent, start at 1 and have no gaps (the agent's journal
     /// relies on it), even when enqueues race. None, and nothing stored,
     /// when the agent does not exist.
-    fn enqueue(
-        &self,
-        agent_id: &str,
-        id: &str,
-        spec: &proto::CommandSpec,
+    fn enqueue<'a>(
+        &'a self,
+        agent_id: &'a str,
+        id: &'a str,
+        spec: &'a proto::CommandSpec,
         now: i64,
-    ) -> Result<Option<proto::Command>, StoreError>;
+    ) -> StoreFuture<'a, Option<proto::Command>>;
 
     /// Commands of `agent_id` with seq above `after`, in seq order, at most
     /// `limit`.
-    fn pending(
-        &self,
-        agent_id: &str,
+    fn pending<'a>(
+        &'a self,
+        agent_id: &'a str,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<proto::Command>, StoreError>;
+    ) -> StoreFuture<'a, Vec<proto::Command>>;
 
     /// Applies an agent's ack: the highest contiguous seq it durably
     /// accepted. The ack never goes backwards (a lower ack leaves it as it
@@ -201,36 +238,37 @@ pub trait Store: Send + Sync {
     /// new command is mistaken for a duplicate. (Commands queued after the
     /// loss and before the agent reconnected may reuse seqs the agent saw;
     /// the agent answers those with a failure that says so.)
-    fn ack(&self, agent_id: &str, ack: u64, now: i64) -> Result<u64, StoreError>;
+    fn ack<'a>(&'a self, agent_id: &'a str, ack: u64, now: i64) -> StoreFuture<'a, u64>;
 
     /// Stores a command's result, exactly once: true only for the first
     /// result of a command that exists and belongs to `agent_id`; false,
     /// and nothing changed, for an unknown command, another agent's, or one
     /// already done. A command done without an ack counts as accepted at
     /// `now` too.
-    fn complete(
-        &self,
-        agent_id: &str,
-        result: &proto::CommandResult,
+    fn complete<'a>(
+        &'a self,
+        agent_id: &'a str,
+        result: &'a proto::CommandResult,
         now: i64,
-    ) -> Result<bool, StoreError>;
+    ) -> StoreFuture<'a, bool>;
 
     /// One command, with its state and result.
-    fn command(&self, id: &str) -> Result<Option<CommandRecord>, StoreError>;
+    fn command<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<CommandRecord>>;
 
     /// Advances the dedup cursor of `(agent, stream, epoch)` to `seq` when
     /// `seq` is above it; a cursor never goes backwards. Returns true when
     /// `seq` was new.
-    fn advance_cursor(
-        &self,
-        agent_id: &str,
-        stream: &str,
+    fn advance_cursor<'a>(
+        &'a self,
+        agent_id: &'a str,
+        stream: &'a str,
         epoch: u64,
         seq: u64,
-    ) -> Result<bool, StoreError>;
+    ) -> StoreFuture<'a, bool>;
 
     /// The dedup cursor of `(agent, stream, epoch)` (0 when none).
-    fn cursor(&self, agent_id: &str, stream: &str, epoch: u64) -> Result<u64, StoreError>;
+    fn cursor<'a>(&'a self, agent_id: &'a str, stream: &'a str, epoch: u64)
+    -> StoreFuture<'a, u64>;
 
     /// Where metric batch `seq` of `(agent_id, epoch)` stands: new, a
     /// duplicate of a stored one, or too far ahead of the watermark.
@@ -240,12 +278,12 @@ pub trait Store: Send + Sync {
     /// were stored. So batches may arrive in any order and each is stored
     /// once; agents and epochs are independent of each other and of the
     /// event cursors.
-    fn metric_batch_state(
-        &self,
-        agent_id: &str,
+    fn metric_batch_state<'a>(
+        &'a self,
+        agent_id: &'a str,
         epoch: u64,
         seq: u64,
-    ) -> Result<BatchSeq, StoreError>;
+    ) -> StoreFuture<'a, BatchSeq>;
 
     /// Records metric batch `seq` of `(agent_id, epoch)` as stored, and
     /// moves the watermark over every contiguous seq above it (forgetting
@@ -253,60 +291,70 @@ pub trait Store: Send + Sync {
     /// above a gap). Returns false, and changes nothing, when the seq was
     /// recorded before or is too far ahead (see [`BatchSeq`]); so of two
     /// racing records of one seq, one wins.
-    fn record_metric_batch(&self, agent_id: &str, epoch: u64, seq: u64)
-    -> Result<bool, StoreError>;
+    fn record_metric_batch<'a>(
+        &'a self,
+        agent_id: &'a str,
+        epoch: u64,
+        seq: u64,
+    ) -> StoreFuture<'a, bool>;
 
     /// The dedup state of `(agent_id, epoch)`'s metric batches: the
     /// contiguous watermark and how many seqs above it are stored.
-    fn metric_batches(&self, agent_id: &str, epoch: u64) -> Result<(u64, u64), StoreError>;
+    fn metric_batches<'a>(&'a self, agent_id: &'a str, epoch: u64) -> StoreFuture<'a, (u64, u64)>;
 
     /// Records a container event an agent reported; false when the same
     /// kind of event of the same container was recorded before.
-    fn container_event(
-        &self,
-        agent_id: &str,
-        ev: &proto::ContainerEvent,
+    fn container_event<'a>(
+        &'a self,
+        agent_id: &'a str,
+        ev: &'a proto::ContainerEvent,
         now: i64,
-    ) -> Result<bool, StoreError>;
+    ) -> StoreFuture<'a, bool>;
 
     /// The container events of `agent_id`, oldest first (in the order
     /// recorded when times are equal).
-    fn container_events(&self, agent_id: &str) -> Result<Vec<proto::ContainerEvent>, StoreError>;
+    fn container_events<'a>(
+        &'a self,
+        agent_id: &'a str,
+    ) -> StoreFuture<'a, Vec<proto::ContainerEvent>>;
 
     /// Number of commands of `agent_id` above `acked`.
-    fn pending_count(&self, agent_id: &str, acked: u64) -> Result<u64, StoreError>;
+    fn pending_count<'a>(&'a self, agent_id: &'a str, acked: u64) -> StoreFuture<'a, u64>;
 
     /// Stores a run with its containers and queues their start commands
     /// (each with its agent's next seq, as [`Store::enqueue`]), all or
     /// nothing. Returns the queued commands by agent; None, and nothing
     /// stored, when one of the agents does not exist.
-    fn create_run(
-        &self,
-        run: &RunRecord,
-        containers: &[NewContainer],
-    ) -> Result<Option<Vec<(String, proto::Command)>>, StoreError>;
+    fn create_run<'a>(
+        &'a self,
+        run: &'a RunRecord,
+        containers: &'a [NewContainer],
+    ) -> StoreFuture<'a, Option<Vec<(String, proto::Command)>>>;
 
     /// A run by id, or else the newest run of that name, with its
     /// containers by index.
-    fn run(
-        &self,
-        id_or_name: &str,
-    ) -> Result<Option<(RunRecord, Vec<RunContainerRecord>)>, StoreError>;
+    fn run<'a>(
+        &'a self,
+        id_or_name: &'a str,
+    ) -> StoreFuture<'a, Option<(RunRecord, Vec<RunContainerRecord>)>>;
 
     /// The newest `limit` runs (of `provider`, when not empty), newest
     /// first, each with its containers by index.
-    fn runs(
-        &self,
-        provider: &str,
+    fn runs<'a>(
+        &'a self,
+        provider: &'a str,
         limit: usize,
-    ) -> Result<Vec<(RunRecord, Vec<RunContainerRecord>)>, StoreError>;
+    ) -> StoreFuture<'a, Vec<(RunRecord, Vec<RunContainerRecord>)>>;
 
     /// True when a run of this name still has a container that is not
     /// removed and did not fail to start (its container names are taken).
-    fn run_name_in_use(&self, name: &str) -> Result<bool, StoreError>;
+    fn run_name_in_use<'a>(&'a self, name: &'a str) -> StoreFuture<'a, bool>;
 
     /// The run container a command belongs to, and its role.
-    fn run_command(&self, command_id: &str) -> Result<Option<(String, u32, Role)>, StoreError>;
+    fn run_command<'a>(
+        &'a self,
+        command_id: &'a str,
+    ) -> StoreFuture<'a, Option<(String, u32, Role)>>;
 
     /// Changes one container of a run, all or nothing: `change` (called
     /// once) sees the run and the container, edits the container, and may
@@ -315,30 +363,30 @@ pub trait Store: Send + Sync {
     /// the run's command in its role). Returns the container after the
     /// change and the queued command; None when there is no such container.
     /// Two changes of one container never interleave.
-    fn change_container(
-        &self,
-        run_id: &str,
+    fn change_container<'a>(
+        &'a self,
+        run_id: &'a str,
         index: u32,
         now: i64,
-        change: &mut dyn FnMut(&RunRecord, &mut RunContainerRecord) -> Option<FollowUp>,
-    ) -> Result<Option<(RunContainerRecord, Option<proto::Command>)>, StoreError>;
+        change: &'a mut ContainerChange<'a>,
+    ) -> StoreFuture<'a, Option<(RunContainerRecord, Option<proto::Command>)>>;
 
     /// Records that a stop of the run was asked (the time of the first ask
     /// only) and the grace each container gets.
-    fn stop_run(&self, run_id: &str, now: i64, timeout_s: u32) -> Result<(), StoreError>;
+    fn stop_run<'a>(&'a self, run_id: &'a str, now: i64, timeout_s: u32) -> StoreFuture<'a, ()>;
 
     /// Run containers that are queued or running, with the limits of their
     /// run.
-    fn live_run_containers(&self) -> Result<Vec<LiveContainer>, StoreError>;
+    fn live_run_containers(&self) -> StoreFuture<'_, Vec<LiveContainer>>;
 
     /// Stores an agent's capacity report, replacing the one before.
-    fn set_capacity(
-        &self,
-        agent_id: &str,
-        capacity: &proto::Capacity,
+    fn set_capacity<'a>(
+        &'a self,
+        agent_id: &'a str,
+        capacity: &'a proto::Capacity,
         now: i64,
-    ) -> Result<(), StoreError>;
+    ) -> StoreFuture<'a, ()>;
 
     /// Every agent's last capacity report, with when it arrived.
-    fn capacities(&self) -> Result<HashMap<String, (proto::Capacity, i64)>, StoreError>;
+    fn capacities(&self) -> StoreFuture<'_, HashMap<String, (proto::Capacity, i64)>>;
 }

@@ -8,8 +8,10 @@
 //! change survives a crash or `kill -9` of the backend; only a power loss
 //! of the host can take the last commits with it.
 //!
-//! All calls are short and synchronous behind one mutex; no lock is held
-//! across an `.await` (callers are async but never await inside).
+//! Every call is short and runs inline, when the method is called, behind
+//! one mutex, and returns a ready future with its outcome: plain
+//! synchronous work at the call site, and the lock is released before the
+//! caller awaits.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,8 +21,9 @@ use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    AgentRecord, BatchSeq, CommandRecord, FollowUp, LiveContainer, METRIC_SEQ_WINDOW, NewContainer,
-    ProviderRecord, Role, RunContainerRecord, RunRecord, Store, StoreError,
+    AgentRecord, BatchSeq, CommandRecord, ContainerChange, LiveContainer, METRIC_SEQ_WINDOW,
+    NewContainer, ProviderRecord, Role, RunContainerRecord, RunRecord, Store, StoreError,
+    StoreFuture,
 };
 use crate::proto;
 
@@ -31,6 +34,16 @@ mod schema;
 pub use checkpoint::CHECKPOINT_EVERY;
 use checkpoint::Checkpointer;
 use schema::SCHEMA;
+
+/// The client errors of SQLite, as the store's errors.
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Backend {
+            store: "SQLite",
+            source: Box::new(e),
+        }
+    }
+}
 
 /// The SQLite store. Cheap to share behind an `Arc`.
 pub struct SqliteStore {
@@ -153,6 +166,16 @@ impl SqliteStore {
         f(&mut conn)
     }
 
+    /// Runs `f` on the connection now, under the lock, and returns its
+    /// outcome as a ready future: the lock is released before the caller
+    /// awaits, and the work is done whether or not the future is polled.
+    fn ready<'a, T: Send + 'a>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> StoreFuture<'a, T> {
+        Box::pin(std::future::ready(self.with(f)))
+    }
+
     fn agent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRecord> {
         Ok(AgentRecord {
             id: r.get(0)?,
@@ -172,8 +195,8 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
-    fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
-        self.with(|c| {
+    fn meta(&self, key: &str) -> StoreFuture<'_, Option<String>> {
+        self.ready(|c| {
             Ok(
                 c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
                     .optional()?,
@@ -181,8 +204,8 @@ impl Store for SqliteStore {
         })
     }
 
-    fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        self.with(|c| {
+    fn set_meta(&self, key: &str, value: &str) -> StoreFuture<'_, ()> {
+        self.ready(|c| {
             c.execute(
                 "INSERT INTO meta (key, value) VALUES (?1, ?2)
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -192,8 +215,8 @@ impl Store for SqliteStore {
         })
     }
 
-    fn create_provider(&self, name: &str, token_hash: &str, now: i64) -> Result<bool, StoreError> {
-        self.with(|c| {
+    fn create_provider(&self, name: &str, token_hash: &str, now: i64) -> StoreFuture<'_, bool> {
+        self.ready(|c| {
             let n = c.execute(
                 "INSERT OR IGNORE INTO providers (name, token_hash, created_ms) VALUES (?1, ?2, ?3)",
                 params![name, token_hash, now],
@@ -202,8 +225,8 @@ impl Store for SqliteStore {
         })
     }
 
-    fn set_provider_token(&self, name: &str, token_hash: &str) -> Result<bool, StoreError> {
-        self.with(|c| {
+    fn set_provider_token(&self, name: &str, token_hash: &str) -> StoreFuture<'_, bool> {
+        self.ready(|c| {
             let n = c.execute(
                 "UPDATE providers SET token_hash = ?2 WHERE name = ?1",
                 params![name, token_hash],
@@ -212,8 +235,8 @@ impl Store for SqliteStore {
         })
     }
 
-    fn provider_by_token(&self, token_hash: &str) -> Result<Option<String>, StoreError> {
-        self.with(|c| {
+    fn provider_by_token(&self, token_hash: &str) -> StoreFuture<'_, Option<String>> {
+        self.ready(|c| {
             Ok(c.query_row(
                 "SELECT name FROM providers WHERE token_hash = ?1",
                 [token_hash],
@@ -223,8 +246,8 @@ impl Store for SqliteStore {
         })
     }
 
-    fn providers(&self) -> Result<Vec<ProviderRecord>, StoreError> {
-        self.with(|c| {
+    fn providers(&self) -> StoreFuture<'_, Vec<ProviderRecord>> {
+        self.ready(|c| {
             let mut st = c.prepare(
                 "SELECT p.name, p.created_ms, (SELECT COUNT(*) FROM agents a WHERE a.provider = p.name)
                  FROM providers p ORDER BY p.name",
@@ -240,8 +263,8 @@ impl Store for SqliteStore {
         })
     }
 
-    fn insert_agent(&self, a: &AgentRecord, credential_hash: &str) -> Result<(), StoreError> {
-        self.with(|c| {
+    fn insert_agent(&self, a: &AgentRecord, credential_hash: &str) -> StoreFuture<'_, ()> {
+        self.ready(|c| {
             c.execute(
                 "INSERT INTO agents (id, provider, credential_hash, hostname, version, enrolled_ms, last_seen_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
@@ -251,8 +274,8 @@ impl Store for SqliteStore {
         })
     }
 
-    fn agent_by_credential(&self, credential_hash: &str) -> Result<Option<String>, StoreError> {
-        self.with(|c| {
+    fn agent_by_credential(&self, credential_hash: &str) -> StoreFuture<'_, Option<String>> {
+        self.ready(|c| {
             Ok(c.query_row(
                 "SELECT id FROM agents WHERE credential_hash = ?1",
                 [credential_hash],
@@ -262,8 +285,8 @@ impl Store for SqliteStore {
         })
     }
 
-    fn agent(&self, id: &str) -> Result<Option<AgentRecord>, StoreError> {
-        self.with(|c| {
+    fn agent(&self, id: &str) -> StoreFuture<'_, Option<AgentRecord>> {
+        self.ready(|c| {
             Ok(c.query_row(
                 &format!(
                     "SELECT {} FROM agents WHERE id = ?1",
@@ -276,8 +299,8 @@ impl Store for SqliteStore {
         })
     }
 
-    fn agents(&self, provider: &str) -> Result<Vec<AgentRecord>, StoreError> {
-        self.with(|c| {
+    fn agents(&self, provider: &str) -> StoreFuture<'_, Vec<AgentRecord>> {
+        self.ready(|c| {
             let mut st = c.prepare(&format!(
                 "SELECT {} FROM agents WHERE ?1 = '' OR provider = ?1 ORDER BY id",
                 SqliteStore::AGENT_COLUMNS
@@ -295,8 +318,8 @@ impl Store for SqliteStore {
         transport: i32,
         reason: &str,
         now: i64,
-    ) -> Result<(), StoreError> {
-        self.with(|c| {
+    ) -> StoreFuture<'_, ()> {
+        self.ready(|c| {
             c.execute(
                 "UPDATE agents SET hostname = ?2, version = ?3, transport = ?4, transport_reason = ?5,
                  last_seen_ms = ?6 WHERE id = ?1",
@@ -306,8 +329,8 @@ impl Store for SqliteStore {
         })
     }
 
-    fn touch_agent(&self, id: &str, now: i64) -> Result<(), StoreError> {
-        self.with(|c| {
+    fn touch_agent(&self, id: &str, now: i64) -> StoreFuture<'_, ()> {
+        self.ready(|c| {
             c.execute(
                 "UPDATE agents SET last_seen_ms = ?2 WHERE id = ?1",
                 params![id, now],
@@ -322,8 +345,8 @@ impl Store for SqliteStore {
         id: &str,
         spec: &proto::CommandSpec,
         now: i64,
-    ) -> Result<Option<proto::Command>, StoreError> {
-        self.with(|c| {
+    ) -> StoreFuture<'_, Option<proto::Command>> {
+        self.ready(|c| {
             let tx = c.transaction()?;
             let command = enqueue_in(&tx, agent_id, id, spec, now)?;
             tx.commit()?;
@@ -336,8 +359,8 @@ impl Store for SqliteStore {
         agent_id: &str,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<proto::Command>, StoreError> {
-        self.with(|c| {
+    ) -> StoreFuture<'_, Vec<proto::Command>> {
+        self.ready(|c| {
             let mut st = c.prepare_cached(
                 "SELECT id, seq, spec, created_ms FROM commands
                  WHERE agent_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
@@ -370,8 +393,8 @@ impl Store for SqliteStore {
         })
     }
 
-    fn ack(&self, agent_id: &str, ack: u64, now: i64) -> Result<u64, StoreError> {
-        self.with(|c| {
+    fn ack(&self, agent_id: &str, ack: u64, now: i64) -> StoreFuture<'_, u64> {
+        self.ready(|c| {
             let tx = c.transaction()?;
             let row: Option<(i64, i64)> = tx
                 .query_row(
@@ -418,8 +441,8 @@ impl Store for SqliteStore {
         agent_id: &str,
         result: &proto::CommandResult,
         now: i64,
-    ) -> Result<bool, StoreError> {
-        self.with(|c| {
+    ) -> StoreFuture<'_, bool> {
+        self.ready(|c| {
             let n = c.execute(
                 "UPDATE commands SET done_ms = ?3, result = ?4,
                  accepted_ms = CASE WHEN accepted_ms = 0 THEN ?3 ELSE accepted_ms END
@@ -430,8 +453,8 @@ impl Store for SqliteStore {
         })
     }
 
-    fn command(&self, id: &str) -> Result<Option<CommandRecord>, StoreError> {
-        self.with(|c| {
+    fn command(&self, id: &str) -> StoreFuture<'_, Option<CommandRecord>> {
+        self.ready(|c| {
             let row = c
                 .query_row(
                     "SELECT id, agent_id, seq, spec, created_ms, accepted_ms, done_ms, result
@@ -486,8 +509,8 @@ impl Store for SqliteStore {
         stream: &str,
         epoch: u64,
         seq: u64,
-    ) -> Result<bool, StoreError> {
-        self.with(|c| {
+    ) -> StoreFuture<'_, bool> {
+        self.ready(|c| {
             let n = c.execute(
                 "INSERT INTO cursors (agent_id, stream, epoch, seq) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (agent_id, stream, epoch) DO UPDATE SET seq = excluded.seq
@@ -498,8 +521,8 @@ impl Store for SqliteStore {
         })
     }
 
-    fn cursor(&self, agent_id: &str, stream: &str, epoch: u64) -> Result<u64, StoreError> {
-        self.with(|c| {
+    fn cursor(&self, agent_id: &str, stream: &str, epoch: u64) -> StoreFuture<'_, u64> {
+        self.ready(|c| {
             let v: Option<i64> = c
                 .query_row(
                     "SELECT seq FROM cursors WHERE agent_id = ?1 AND stream = ?2 AND epoch = ?3",
@@ -516,17 +539,12 @@ impl Store for SqliteStore {
         agent_id: &str,
         epoch: u64,
         seq: u64,
-    ) -> Result<BatchSeq, StoreError> {
-        self.with(|c| metric_batch_state_in(c, agent_id, epoch, seq))
+    ) -> StoreFuture<'_, BatchSeq> {
+        self.ready(|c| metric_batch_state_in(c, agent_id, epoch, seq))
     }
 
-    fn record_metric_batch(
-        &self,
-        agent_id: &str,
-        epoch: u64,
-        seq: u64,
-    ) -> Result<bool, StoreError> {
-        self.with(|c| {
+    fn record_metric_batch(&self, agent_id: &str, epoch: u64, seq: u64) -> StoreFuture<'_, bool> {
+        self.ready(|c| {
             let tx = c.transaction()?;
             if metric_batch_state_in(&tx, agent_id, epoch, seq)? != BatchSeq::New {
                 return Ok(false);
@@ -578,8 +596,8 @@ impl Store for SqliteStore {
         })
     }
 
-    fn metric_batches(&self, agent_id: &str, epoch: u64) -> Result<(u64, u64), StoreError> {
-        self.with(|c| {
+    fn metric_batches(&self, agent_id: &str, epoch: u64) -> StoreFuture<'_, (u64, u64)> {
+        self.ready(|c| {
             let watermark = cursor_in(c, agent_id, METRIC_BATCHES, epoch)?;
             let above: i64 = c.query_row(
                 "SELECT COUNT(*) FROM metric_batches_above WHERE agent_id = ?1 AND epoch = ?2",
@@ -595,8 +613,8 @@ impl Store for SqliteStore {
         agent_id: &str,
         ev: &proto::ContainerEvent,
         now: i64,
-    ) -> Result<bool, StoreError> {
-        self.with(|c| {
+    ) -> StoreFuture<'_, bool> {
+        self.ready(|c| {
             let n = c.execute(
                 "INSERT OR IGNORE INTO container_events (agent_id, container_id, kind, time_ms, event)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -606,8 +624,8 @@ impl Store for SqliteStore {
         })
     }
 
-    fn container_events(&self, agent_id: &str) -> Result<Vec<proto::ContainerEvent>, StoreError> {
-        self.with(|c| {
+    fn container_events(&self, agent_id: &str) -> StoreFuture<'_, Vec<proto::ContainerEvent>> {
+        self.ready(|c| {
             let mut st = c.prepare(
                 "SELECT event FROM container_events WHERE agent_id = ?1 ORDER BY time_ms, rowid",
             )?;
@@ -628,8 +646,8 @@ impl Store for SqliteStore {
         })
     }
 
-    fn pending_count(&self, agent_id: &str, acked: u64) -> Result<u64, StoreError> {
-        self.with(|c| {
+    fn pending_count(&self, agent_id: &str, acked: u64) -> StoreFuture<'_, u64> {
+        self.ready(|c| {
             let n: i64 = c.query_row(
                 "SELECT COUNT(*) FROM commands WHERE agent_id = ?1 AND seq > ?2",
                 params![agent_id, acked as i64],
@@ -643,31 +661,31 @@ impl Store for SqliteStore {
         &self,
         run: &RunRecord,
         containers: &[NewContainer],
-    ) -> Result<Option<Vec<(String, proto::Command)>>, StoreError> {
-        self.with(|c| runs::create_run(c, run, containers))
+    ) -> StoreFuture<'_, Option<Vec<(String, proto::Command)>>> {
+        self.ready(|c| runs::create_run(c, run, containers))
     }
 
     fn run(
         &self,
         id_or_name: &str,
-    ) -> Result<Option<(RunRecord, Vec<RunContainerRecord>)>, StoreError> {
-        self.with(|c| runs::run(c, id_or_name))
+    ) -> StoreFuture<'_, Option<(RunRecord, Vec<RunContainerRecord>)>> {
+        self.ready(|c| runs::run(c, id_or_name))
     }
 
     fn runs(
         &self,
         provider: &str,
         limit: usize,
-    ) -> Result<Vec<(RunRecord, Vec<RunContainerRecord>)>, StoreError> {
-        self.with(|c| runs::runs(c, provider, limit))
+    ) -> StoreFuture<'_, Vec<(RunRecord, Vec<RunContainerRecord>)>> {
+        self.ready(|c| runs::runs(c, provider, limit))
     }
 
-    fn run_name_in_use(&self, name: &str) -> Result<bool, StoreError> {
-        self.with(|c| runs::run_name_in_use(c, name))
+    fn run_name_in_use(&self, name: &str) -> StoreFuture<'_, bool> {
+        self.ready(|c| runs::run_name_in_use(c, name))
     }
 
-    fn run_command(&self, command_id: &str) -> Result<Option<(String, u32, Role)>, StoreError> {
-        self.with(|c| runs::run_command(c, command_id))
+    fn run_command(&self, command_id: &str) -> StoreFuture<'_, Option<(String, u32, Role)>> {
+        self.ready(|c| runs::run_command(c, command_id))
     }
 
     fn change_container(
@@ -675,17 +693,17 @@ impl Store for SqliteStore {
         run_id: &str,
         index: u32,
         now: i64,
-        change: &mut dyn FnMut(&RunRecord, &mut RunContainerRecord) -> Option<FollowUp>,
-    ) -> Result<Option<(RunContainerRecord, Option<proto::Command>)>, StoreError> {
-        self.with(|c| runs::change_container(c, run_id, index, now, change))
+        change: &mut ContainerChange<'_>,
+    ) -> StoreFuture<'_, Option<(RunContainerRecord, Option<proto::Command>)>> {
+        self.ready(|c| runs::change_container(c, run_id, index, now, change))
     }
 
-    fn stop_run(&self, run_id: &str, now: i64, timeout_s: u32) -> Result<(), StoreError> {
-        self.with(|c| runs::stop_run(c, run_id, now, timeout_s))
+    fn stop_run(&self, run_id: &str, now: i64, timeout_s: u32) -> StoreFuture<'_, ()> {
+        self.ready(|c| runs::stop_run(c, run_id, now, timeout_s))
     }
 
-    fn live_run_containers(&self) -> Result<Vec<LiveContainer>, StoreError> {
-        self.with(runs::live_run_containers)
+    fn live_run_containers(&self) -> StoreFuture<'_, Vec<LiveContainer>> {
+        self.ready(runs::live_run_containers)
     }
 
     fn set_capacity(
@@ -693,12 +711,12 @@ impl Store for SqliteStore {
         agent_id: &str,
         capacity: &proto::Capacity,
         now: i64,
-    ) -> Result<(), StoreError> {
-        self.with(|c| runs::set_capacity(c, agent_id, capacity, now))
+    ) -> StoreFuture<'_, ()> {
+        self.ready(|c| runs::set_capacity(c, agent_id, capacity, now))
     }
 
-    fn capacities(&self) -> Result<HashMap<String, (proto::Capacity, i64)>, StoreError> {
-        self.with(runs::capacities)
+    fn capacities(&self) -> StoreFuture<'_, HashMap<String, (proto::Capacity, i64)>> {
+        self.ready(runs::capacities)
     }
 }
 
@@ -708,31 +726,49 @@ mod tests {
 
     crate::backend::store::suite::store_suite!(SqliteStore::in_memory().unwrap());
 
-    #[test]
-    fn metric_batch_state_survives_reopening() {
+    #[tokio::test]
+    async fn metric_batch_state_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = SqliteStore::open(dir.path()).unwrap();
             for seq in [1, 2, 4] {
-                assert!(s.record_metric_batch("a", 3, seq).unwrap());
+                assert!(s.record_metric_batch("a", 3, seq).await.unwrap());
             }
         }
         let s = SqliteStore::open(dir.path()).unwrap();
-        assert_eq!(s.metric_batches("a", 3).unwrap(), (2, 1));
-        assert_eq!(s.metric_batch_state("a", 3, 4).unwrap(), BatchSeq::Seen);
-        assert_eq!(s.metric_batch_state("a", 3, 3).unwrap(), BatchSeq::New);
+        assert_eq!(s.metric_batches("a", 3).await.unwrap(), (2, 1));
+        assert_eq!(
+            s.metric_batch_state("a", 3, 4).await.unwrap(),
+            BatchSeq::Seen
+        );
+        assert_eq!(
+            s.metric_batch_state("a", 3, 3).await.unwrap(),
+            BatchSeq::New
+        );
     }
 
     #[test]
-    fn data_survives_reopening() {
+    fn sqlite_errors_say_where_they_come_from() {
+        let e = StoreError::from(rusqlite::Error::QueryReturnedNoRows);
+        assert_eq!(e.to_string(), "SQLite database: Query returned no rows");
+    }
+
+    #[tokio::test]
+    async fn data_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = SqliteStore::open(dir.path()).unwrap();
-            s.create_provider("p", "h", 1).unwrap();
-            s.set_meta("admin_token_hash", "x").unwrap();
+            s.create_provider("p", "h", 1).await.unwrap();
+            s.set_meta("admin_token_hash", "x").await.unwrap();
         }
         let s = SqliteStore::open(dir.path()).unwrap();
-        assert_eq!(s.provider_by_token("h").unwrap().as_deref(), Some("p"));
-        assert_eq!(s.meta("admin_token_hash").unwrap().as_deref(), Some("x"));
+        assert_eq!(
+            s.provider_by_token("h").await.unwrap().as_deref(),
+            Some("p")
+        );
+        assert_eq!(
+            s.meta("admin_token_hash").await.unwrap().as_deref(),
+            Some("x")
+        );
     }
 }
