@@ -44,7 +44,7 @@ log "proto lint (buf)"
 buf lint
 
 log "format and clippy"
-cargo fmt --check
+cargo fmt --all --check
 # The workspace: the uplink package and the harness its tests and benches
 # share (testkit/).
 cargo clippy --workspace --all-targets --locked -- -D warnings
