@@ -286,18 +286,7 @@ impl ConnectClient {
     }
 
     /// Like [`ConnectClient::call`], with the request body compressed with
-    /// zstd (`Content-Encoding: zstd`).
-    pub async fn call_zstd<Req: Named, Resp: Named>(
-        &self,
-        service: &str,
-        method: &str,
-        req: &Req,
-        timeout: Duration,
-    ) -> Result<Resp, CallError> {
-        self.call_encoded(service, method, req, timeout, true).await
-    }
-
-    /// [`ConnectClient::call_zstd`] when `zstd`, else [`ConnectClient::call`].
+    /// zstd (`Content-Encoding: zstd`) when `zstd` is set.
     pub async fn call_encoded<Req: Named, Resp: Named>(
         &self,
         service: &str,
