@@ -3,10 +3,19 @@
 //! the module doc of `containers` describes (memory less inactive cache,
 //! CPU limits, sums over interfaces and devices). Pure: no I/O, no clock.
 
-use super::*;
+use std::sync::Arc;
+
+use bollard::models::{
+    ContainerInspectResponse, ContainerMemoryStats, ContainerStatsResponse, ContainerSummary,
+};
+
+use crate::labels::LABEL_RUN;
+use crate::metrics::sample::{Kind, Sample, Series};
+
+use super::ContainerConfig;
 
 /// A metric's name, kind and unit.
-pub(super) type Def = (&'static str, Kind, &'static str);
+type Def = (&'static str, Kind, &'static str);
 
 /// Usage, then limit.
 pub(super) const CPU: [Def; 2] = [
@@ -14,22 +23,22 @@ pub(super) const CPU: [Def; 2] = [
     gauge("container_cpu_limit_cores", "cores"),
 ];
 /// Usage, then limit.
-pub(super) const MEMORY: [Def; 2] = [
+const MEMORY: [Def; 2] = [
     gauge("container_memory_usage_bytes", "bytes"),
     gauge("container_memory_limit_bytes", "bytes"),
 ];
-pub(super) const NETWORK: [Def; 4] = [
+const NETWORK: [Def; 4] = [
     counter("container_network_received_bytes_total", "bytes"),
     counter("container_network_transmitted_bytes_total", "bytes"),
     counter("container_network_received_packets_total", ""),
     counter("container_network_transmitted_packets_total", ""),
 ];
 /// Read, then written.
-pub(super) const BLOCK: [Def; 2] = [
+const BLOCK: [Def; 2] = [
     counter("container_block_read_bytes_total", "bytes"),
     counter("container_block_written_bytes_total", "bytes"),
 ];
-pub(super) const PIDS: Def = gauge("container_pids", "");
+const PIDS: Def = gauge("container_pids", "");
 
 pub(super) const fn gauge(name: &'static str, unit: &'static str) -> Def {
     (name, Kind::Gauge, unit)
@@ -125,7 +134,7 @@ pub(super) fn cpu_limit(inspected: &ContainerInspectResponse) -> CpuLimit {
 
 /// Memory in use as `docker stats` shows it: usage less the inactive file
 /// cache, which the kernel reclaims first.
-pub(super) fn memory_usage(memory: &ContainerMemoryStats) -> Option<u64> {
+fn memory_usage(memory: &ContainerMemoryStats) -> Option<u64> {
     let usage = memory.usage?;
     let stat = |key: &str| memory.stats.as_ref().and_then(|s| s.get(key)).copied();
     // cgroup v1 names the hierarchy's total; v2 has only `inactive_file`.
@@ -248,6 +257,7 @@ pub(super) fn series((name, kind, unit): Def, labels: &[(&str, &str)]) -> Arc<Se
 pub(super) mod tests {
     use super::*;
     use crate::metrics::encode::{BatchBuilder, decode};
+    use std::collections::HashMap;
 
     /// `GET /containers/<id>/stats?stream=false&one-shot=true` from Docker
     /// 20.10 (API 1.41, cgroup v1) for a busybox busy loop started with
