@@ -77,7 +77,8 @@
 //! too, since its `container` label changed.
 //!
 //! This file holds the source (configuration, the scrape, the engine
-//! calls); `stats` turns one reading into samples, without I/O.
+//! calls); `stats` turns one reading into samples, without I/O; `tests`
+//! scrapes a fake engine on a Unix socket.
 
 mod stats;
 
