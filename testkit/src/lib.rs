@@ -29,6 +29,9 @@
 //!   containers.
 //! - [`loadgen`]: the load generators' side of the ingest endpoint
 //!   (JMeter, the InfluxDB clients, curl) and an HTTP target for them.
+//! - [`push`]: a client of a [`TestBackend`]'s metrics path: an enrolled
+//!   agent, pushes over gRPC and Connect, `/metrics` and the JSON-lines
+//!   files.
 //!
 //! The benchmarks' workload generators (`benches/common/`) are meant to
 //! join this crate as modules of their own.
@@ -45,6 +48,7 @@ pub mod bench;
 pub mod docker;
 pub mod loadgen;
 pub mod ports;
+pub mod push;
 pub mod relay;
 pub mod squid;
 pub mod waits;

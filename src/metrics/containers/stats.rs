@@ -3,10 +3,19 @@
 //! the module doc of `containers` describes (memory less inactive cache,
 //! CPU limits, sums over interfaces and devices). Pure: no I/O, no clock.
 
-use super::*;
+use std::sync::Arc;
+
+use bollard::models::{
+    ContainerInspectResponse, ContainerMemoryStats, ContainerStatsResponse, ContainerSummary,
+};
+
+use crate::labels::LABEL_RUN;
+use crate::metrics::sample::{Kind, Sample, Series};
+
+use super::ContainerConfig;
 
 /// A metric's name, kind and unit.
-pub(super) type Def = (&'static str, Kind, &'static str);
+type Def = (&'static str, Kind, &'static str);
 
 /// Usage, then limit.
 pub(super) const CPU: [Def; 2] = [
@@ -14,22 +23,22 @@ pub(super) const CPU: [Def; 2] = [
     gauge("container_cpu_limit_cores", "cores"),
 ];
 /// Usage, then limit.
-pub(super) const MEMORY: [Def; 2] = [
+const MEMORY: [Def; 2] = [
     gauge("container_memory_usage_bytes", "bytes"),
     gauge("container_memory_limit_bytes", "bytes"),
 ];
-pub(super) const NETWORK: [Def; 4] = [
+const NETWORK: [Def; 4] = [
     counter("container_network_received_bytes_total", "bytes"),
     counter("container_network_transmitted_bytes_total", "bytes"),
     counter("container_network_received_packets_total", ""),
     counter("container_network_transmitted_packets_total", ""),
 ];
 /// Read, then written.
-pub(super) const BLOCK: [Def; 2] = [
+const BLOCK: [Def; 2] = [
     counter("container_block_read_bytes_total", "bytes"),
     counter("container_block_written_bytes_total", "bytes"),
 ];
-pub(super) const PIDS: Def = gauge("container_pids", "");
+const PIDS: Def = gauge("container_pids", "");
 
 pub(super) const fn gauge(name: &'static str, unit: &'static str) -> Def {
     (name, Kind::Gauge, unit)
@@ -125,7 +134,7 @@ pub(super) fn cpu_limit(inspected: &ContainerInspectResponse) -> CpuLimit {
 
 /// Memory in use as `docker stats` shows it: usage less the inactive file
 /// cache, which the kernel reclaims first.
-pub(super) fn memory_usage(memory: &ContainerMemoryStats) -> Option<u64> {
+fn memory_usage(memory: &ContainerMemoryStats) -> Option<u64> {
     let usage = memory.usage?;
     let stat = |key: &str| memory.stats.as_ref().and_then(|s| s.get(key)).copied();
     // cgroup v1 names the hierarchy's total; v2 has only `inactive_file`.
@@ -248,6 +257,7 @@ pub(super) fn series((name, kind, unit): Def, labels: &[(&str, &str)]) -> Arc<Se
 pub(super) mod tests {
     use super::*;
     use crate::metrics::encode::{BatchBuilder, decode};
+    use std::collections::HashMap;
 
     /// `GET /containers/<id>/stats?stream=false&one-shot=true` from Docker
     /// 20.10 (API 1.41, cgroup v1) for a busybox busy loop started with
@@ -261,7 +271,7 @@ pub(super) mod tests {
     /// A reading in the engine's cgroup v2 format (no per-CPU usage, v2
     /// `memory.stat` keys, lower-case block I/O operations, a pids limit),
     /// for a container on two networks with two block devices.
-    pub(crate) const CGROUP_V2: &str = r#"{"read":"2026-11-29T10:50:00.000000001Z","preread":"0001-01-01T00:00:00Z",
+    const CGROUP_V2: &str = r#"{"read":"2026-11-29T10:50:00.000000001Z","preread":"0001-01-01T00:00:00Z",
         "pids_stats":{"current":3,"limit":4915},
         "blkio_stats":{"io_service_bytes_recursive":[
             {"major":8,"minor":0,"op":"read","value":4096},
@@ -282,13 +292,13 @@ pub(super) mod tests {
         "networks":{"eth0":{"rx_bytes":1000,"rx_packets":10,"rx_errors":0,"rx_dropped":0,"tx_bytes":2000,"tx_packets":20,"tx_errors":0,"tx_dropped":0},
                     "eth1":{"rx_bytes":5,"rx_packets":1,"rx_errors":0,"rx_dropped":0,"tx_bytes":7,"tx_packets":2,"tx_errors":0,"tx_dropped":0}}}"#;
 
-    pub(crate) const MIB: f64 = 1024.0 * 1024.0;
+    const MIB: f64 = 1024.0 * 1024.0;
 
-    pub(crate) fn parse(json: &str) -> ContainerStatsResponse {
+    fn parse(json: &str) -> ContainerStatsResponse {
         serde_json::from_str(json).unwrap()
     }
 
-    pub(crate) fn identity(container: &str, run: &str) -> Identity {
+    fn identity(container: &str, run: &str) -> Identity {
         Identity {
             container: container.into(),
             image: "uplink-test/busybox:1".into(),
@@ -297,7 +307,7 @@ pub(super) mod tests {
     }
 
     /// The samples of one reading, stamped 1000.
-    pub(crate) fn samples_of(
+    fn samples_of(
         stats: &ContainerStatsResponse,
         limit: Option<CpuLimit>,
         config: &ContainerConfig,
@@ -309,7 +319,7 @@ pub(super) mod tests {
     }
 
     /// The value of each metric, by name; each name once.
-    pub(crate) fn values(samples: &[Sample]) -> HashMap<&str, f64> {
+    fn values(samples: &[Sample]) -> HashMap<&str, f64> {
         let mut by_name = HashMap::new();
         for s in samples {
             let old = by_name.insert(s.series.name.as_str(), s.value);
@@ -318,7 +328,7 @@ pub(super) mod tests {
         by_name
     }
 
-    pub(crate) fn names(samples: &[Sample]) -> Vec<&str> {
+    fn names(samples: &[Sample]) -> Vec<&str> {
         samples.iter().map(|s| s.series.name.as_str()).collect()
     }
 
@@ -328,7 +338,7 @@ pub(super) mod tests {
     }
 
     #[test]
-    pub(crate) fn a_cgroup_v1_reading_gives_every_metric_it_holds() {
+    fn a_cgroup_v1_reading_gives_every_metric_it_holds() {
         let config = ContainerConfig::default();
         let samples = samples_of(&parse(CGROUP_V1), Some(CpuLimit::Cores(0.5)), &config);
         let v = values(&samples);
@@ -361,7 +371,7 @@ pub(super) mod tests {
     }
 
     #[test]
-    pub(crate) fn a_cgroup_v2_reading_sums_interfaces_and_devices() {
+    fn a_cgroup_v2_reading_sums_interfaces_and_devices() {
         let config = ContainerConfig::default();
         let samples = samples_of(&parse(CGROUP_V2), Some(CpuLimit::Host), &config);
         let v = values(&samples);
@@ -382,7 +392,7 @@ pub(super) mod tests {
     }
 
     #[test]
-    pub(crate) fn missing_fields_give_no_samples() {
+    fn missing_fields_give_no_samples() {
         let all = ContainerConfig::default();
         let limits = [None, Some(CpuLimit::Host), Some(CpuLimit::Cores(1.0))];
         let empty = parse("{}");
@@ -442,7 +452,7 @@ pub(super) mod tests {
     }
 
     #[test]
-    pub(crate) fn disabled_groups_report_nothing() {
+    fn disabled_groups_report_nothing() {
         let stats = parse(CGROUP_V2);
         let limit = Some(CpuLimit::Cores(2.0));
         let only = |f: fn(&mut ContainerConfig)| {
@@ -479,7 +489,7 @@ pub(super) mod tests {
     }
 
     #[test]
-    pub(crate) fn values_that_are_not_finite_are_left_out() {
+    fn values_that_are_not_finite_are_left_out() {
         let set = SeriesSet::new(&identity("a", ""));
         let mut samples = Vec::new();
         let mut out = Out(&mut samples, 5);
@@ -501,7 +511,7 @@ pub(super) mod tests {
     }
 
     #[test]
-    pub(crate) fn a_stopped_container_reads_as_not_running() {
+    fn a_stopped_container_reads_as_not_running() {
         assert!(is_running(&parse(CGROUP_V1)));
         assert!(is_running(&parse(CGROUP_V2)));
         assert!(!is_running(&parse(STOPPED)));
@@ -509,7 +519,7 @@ pub(super) mod tests {
     }
 
     #[test]
-    pub(crate) fn cpu_limits_come_from_nano_cpus_or_the_quota() {
+    fn cpu_limits_come_from_nano_cpus_or_the_quota() {
         let limit = |json: &str| cpu_limit(&serde_json::from_str(json).unwrap());
         assert_eq!(
             limit(r#"{"HostConfig":{"NanoCpus":500000000,"CpuQuota":0,"CpuPeriod":0}}"#),
@@ -531,7 +541,7 @@ pub(super) mod tests {
     }
 
     #[test]
-    pub(crate) fn labels_name_the_container_its_image_and_run() {
+    fn labels_name_the_container_its_image_and_run() {
         let summary: ContainerSummary = serde_json::from_str(
             r#"{"Id":"e919","Names":["/cranky_leakey"],"Image":"uplink-test/busybox:1",
                 "Labels":{"uplink.agent":"a1","uplink.run":"r1","other":"x"},"State":"running"}"#,
@@ -566,7 +576,7 @@ pub(super) mod tests {
     }
 
     #[test]
-    pub(crate) fn samples_round_trip_through_a_batch() {
+    fn samples_round_trip_through_a_batch() {
         let config = ContainerConfig::default();
         let mut samples = samples_of(&parse(CGROUP_V1), Some(CpuLimit::Cores(0.5)), &config);
         samples.extend(samples_of(&parse(CGROUP_V2), Some(CpuLimit::Host), &config));

@@ -2,7 +2,9 @@
 //! (`path[;tag=value...] value [timestamp]`) without I/O, taking the time
 //! as a parameter.
 
-use super::*;
+use crate::metrics::encode::MAX_ABS_TIME_MS;
+
+use super::lines::{Reason, Rejection, reject, syntax};
 
 pub(super) fn in_range(ms: i64) -> Option<i64> {
     (-MAX_ABS_TIME_MS..=MAX_ABS_TIME_MS)
@@ -69,7 +71,7 @@ pub fn parse_graphite(line: &[u8], now_unix_ms: i64) -> Result<GraphiteLine<'_>,
 }
 
 /// Seconds since the epoch, whole or with a fraction, as milliseconds.
-pub(super) fn graphite_time(t: &str) -> Result<i64, Rejection> {
+fn graphite_time(t: &str) -> Result<i64, Rejection> {
     let out_of_range = reject(Reason::BadTimestamp, "the timestamp is out of range");
     if let Ok(secs) = t.parse::<i64>() {
         return secs
@@ -96,6 +98,7 @@ pub(super) fn graphite_time(t: &str) -> Result<i64, Rejection> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::ingest::testing::{NOW, graphite};
 
     #[test]
     fn graphite_lines_with_tags_and_every_kind_of_timestamp() {

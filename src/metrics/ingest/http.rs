@@ -2,7 +2,25 @@
 //! `POST /write` and `POST /api/v2/write`, bounded and gunzipped bodies,
 //! and the answers (204, 400 with the first bad line, 413, 415, 503).
 
-use super::*;
+use std::convert::Infallible;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::metrics::sample::Sample;
+
+use super::influx::Precision;
+use super::intake::BodyReport;
+use super::{INFLUX_API_VERSION, Shared, stopping};
 
 /// Serves HTTP/1.1 on one connection until the client closes, goes idle,
 /// or shutdown, which lets the request in progress finish within the
@@ -40,14 +58,14 @@ pub(super) async fn influx_connection(
 
 /// The two write APIs, which differ in their error bodies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Api {
+enum Api {
     V1,
     V2,
 }
 
 /// A failed write, as an HTTP answer.
 #[derive(Debug)]
-pub(super) enum WriteError {
+enum WriteError {
     BadRequest(String),
     MethodNotAllowed,
     Timeout(Duration),
@@ -106,7 +124,7 @@ impl WriteError {
     }
 }
 
-pub(super) fn json(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+fn json(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
@@ -116,13 +134,13 @@ pub(super) fn json(status: StatusCode, body: &serde_json::Value) -> Response<Ful
     resp
 }
 
-pub(super) fn no_content() -> Response<Full<Bytes>> {
+fn no_content() -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::NO_CONTENT;
     resp
 }
 
-pub(super) async fn respond(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Full<Bytes>> {
+async fn respond(req: Request<Incoming>, shared: &Arc<Shared>) -> Response<Full<Bytes>> {
     let api = match req.uri().path() {
         "/write" => Api::V1,
         "/api/v2/write" => Api::V2,
@@ -142,7 +160,7 @@ pub(super) async fn respond(req: Request<Incoming>, shared: &Arc<Shared>) -> Res
     }
 }
 
-pub(super) fn ping(method: &Method) -> Response<Full<Bytes>> {
+fn ping(method: &Method) -> Response<Full<Bytes>> {
     if method != Method::GET && method != Method::HEAD {
         let mut resp = json(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -164,7 +182,7 @@ pub(super) fn ping(method: &Method) -> Response<Full<Bytes>> {
 
 /// Reads, decodes and takes one write. A full channel fails it whole, so
 /// that the client's retry loses and repeats nothing.
-pub(super) async fn write(req: Request<Incoming>, shared: &Arc<Shared>) -> Result<(), WriteError> {
+async fn write(req: Request<Incoming>, shared: &Arc<Shared>) -> Result<(), WriteError> {
     if req.method() != Method::POST {
         return Err(WriteError::MethodNotAllowed);
     }
@@ -232,7 +250,7 @@ pub(super) async fn write(req: Request<Incoming>, shared: &Arc<Shared>) -> Resul
 /// Decompresses and parses a body on a blocking thread: a body of
 /// megabytes costs milliseconds of CPU that the runtime's workers should
 /// not spend.
-pub(super) async fn take_body(
+async fn take_body(
     body: Bytes,
     gzip: bool,
     precision: Precision,
@@ -260,7 +278,7 @@ pub(super) async fn take_body(
 }
 
 /// A gzip body (one or more members), decompressed to at most `max` bytes.
-pub(super) fn gunzip(body: &[u8], max: usize) -> Result<Vec<u8>, WriteError> {
+fn gunzip(body: &[u8], max: usize) -> Result<Vec<u8>, WriteError> {
     let mut out = Vec::new();
     let mut decoder = flate2::read::MultiGzDecoder::new(body).take(max as u64 + 1);
     decoder
@@ -275,7 +293,7 @@ pub(super) fn gunzip(body: &[u8], max: usize) -> Result<Vec<u8>, WriteError> {
 }
 
 /// The value of the first `name=value` pair of a query string.
-pub(super) fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
     query?
         .split('&')
         .filter_map(|pair| pair.split_once('='))

@@ -2,7 +2,10 @@
 //! (measurement, tags, fields, timestamp) without I/O, its escapes
 //! included, and [`Precision`] is the unit of its timestamp.
 
-use super::*;
+use std::borrow::Cow;
+
+use super::graphite::in_range;
+use super::lines::{Reason, Rejection, reject, syntax};
 
 /// The unit of Influx timestamps, from a request's `precision` parameter.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -170,7 +173,7 @@ pub fn parse_influx(
 /// The text from `start` up to the first unescaped byte of `stops` (or the
 /// end), with the escapes `\,`, `\ `, `\=` and `\\` undone, and the index
 /// where it stopped. Other backslashes are kept as they are.
-pub(super) fn unescape_until<'a>(s: &'a str, start: usize, stops: &[u8]) -> (Cow<'a, str>, usize) {
+fn unescape_until<'a>(s: &'a str, start: usize, stops: &[u8]) -> (Cow<'a, str>, usize) {
     let b = s.as_bytes();
     let mut i = start.min(b.len());
     let mut owned: Option<String> = None;
@@ -204,7 +207,7 @@ pub(super) fn unescape_until<'a>(s: &'a str, start: usize, stops: &[u8]) -> (Cow
 
 /// The index of the quote that closes a string field whose text starts at
 /// `from`, skipping escaped characters.
-pub(super) fn string_end(b: &[u8], from: usize) -> Option<usize> {
+fn string_end(b: &[u8], from: usize) -> Option<usize> {
     let mut i = from;
     while i < b.len() {
         match b[i] {
@@ -216,7 +219,7 @@ pub(super) fn string_end(b: &[u8], from: usize) -> Option<usize> {
     None
 }
 
-pub(super) fn skip_spaces(b: &[u8], mut i: usize) -> usize {
+fn skip_spaces(b: &[u8], mut i: usize) -> usize {
     while b.get(i) == Some(&b' ') {
         i += 1;
     }
@@ -224,7 +227,7 @@ pub(super) fn skip_spaces(b: &[u8], mut i: usize) -> usize {
 }
 
 /// An unquoted Influx field value.
-pub(super) fn field_value(v: &str) -> Result<FieldValue, Rejection> {
+fn field_value(v: &str) -> Result<FieldValue, Rejection> {
     let bad = reject(Reason::BadValue, "a field value is not a number or boolean");
     let n = match v {
         "" => return Err(syntax("a field has no value")),
@@ -253,6 +256,7 @@ pub(super) fn field_value(v: &str) -> Result<FieldValue, Rejection> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::ingest::testing::{NOW, influx, reason};
 
     #[test]
     fn influx_lines_with_tags_fields_and_types() {

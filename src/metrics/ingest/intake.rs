@@ -3,7 +3,18 @@
 //! ([`IngestCounters`]), limits warnings per reason, and sums up an HTTP
 //! body ([`BodyReport`]). It has no I/O and takes the time as a parameter.
 
-use super::*;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use crate::metrics::sample::{Kind, Sample, Series};
+
+use super::graphite::parse_graphite;
+use super::influx::{FieldValue, Precision, parse_influx};
+use super::lines::{LineError, Reason, Rejection, excerpt, has_control, reject, syntax};
+use super::series::SeriesCache;
+use super::{IngestLimits, WARN_EVERY_MS};
 
 /// The two protocols, for log fields.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,7 +71,7 @@ impl IngestCounters {
 
 /// What can be warned about, each at most once per [`WARN_EVERY_MS`].
 #[derive(Clone, Copy)]
-pub(super) enum Warning {
+enum Warning {
     Rejected(Reason),
     SeriesCap,
     ConnectionCap,
@@ -82,7 +93,7 @@ impl Warning {
 
 /// At most one warning per kind per [`WARN_EVERY_MS`], counting the ones
 /// held back.
-pub(super) struct WarnLimiter {
+struct WarnLimiter {
     last: [AtomicI64; Warning::COUNT],
     held: [AtomicU64; Warning::COUNT],
 }
@@ -114,7 +125,7 @@ impl WarnLimiter {
 }
 
 #[derive(Default)]
-pub(super) struct Counters {
+struct Counters {
     accepted: AtomicU64,
     rejected: [AtomicU64; Reason::ALL.len()],
     dropped_series_cap: AtomicU64,
@@ -491,6 +502,9 @@ impl Intake {
 mod tests {
     use super::*;
     use crate::metrics::encode::BatchBuilder;
+    use crate::metrics::encode::MAX_ABS_TIME_MS;
+    use crate::metrics::ingest::testing::{NOW, intake, labels};
+    use std::sync::Arc;
 
     #[test]
     fn graphite_samples_share_one_series_per_name_and_tags() {

@@ -3,7 +3,9 @@
 //! byte stream into bounded lines ([`LineSplitter`]), and the short,
 //! printable excerpt of a bad line that warnings and answers quote.
 
-use super::*;
+use std::fmt;
+
+use super::EXCERPT_BYTES;
 
 /// Why a line was rejected: a bounded set, for counters and log fields.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -99,38 +99,26 @@ mod lines;
 mod series;
 mod tcp;
 
-use std::borrow::Cow;
-use std::cell::Cell;
-use std::collections::HashMap;
-use std::convert::Infallible;
-use std::fmt;
 use std::future::Future;
-use std::io::{self, Read};
+use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use ::http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::metrics::encode::MAX_ABS_TIME_MS;
-use crate::metrics::sample::{Kind, Sample, Series};
+use crate::metrics::sample::Sample;
 
-pub use graphite::*;
-use http::*;
-pub use influx::*;
-pub use intake::*;
-pub use lines::*;
-use series::*;
-use tcp::*;
+pub use graphite::{GraphiteLine, parse_graphite};
+pub use influx::{FieldValue, InfluxLine, Precision, parse_influx};
+pub use intake::{BadLine, BodyReport, IngestCounters, Intake};
+pub use lines::{LineError, LineSplitter, Piece, Reason, Rejection};
+
+use http::influx_connection;
+use intake::Protocol;
+use tcp::graphite_connection;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
@@ -537,6 +525,7 @@ async fn accept_loop(
 #[cfg(test)]
 mod testing {
     use super::*;
+    use std::fmt;
 
     pub(super) const NOW: i64 = 1_700_000_000_123;
 
@@ -564,9 +553,6 @@ mod testing {
         }
     }
 }
-
-#[cfg(test)]
-use testing::*;
 
 #[cfg(test)]
 mod tests {

@@ -2,7 +2,13 @@
 //! name and labels, at most `max_series` of them, a series idle for
 //! `series_idle` making room when the cache is full.
 
-use super::*;
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::metrics::sample::Series;
+
+use super::{IngestLimits, SWEEP_EVERY_MS};
 
 /// The series seen so far, each in one shared `Arc`, with the time it was
 /// last used.
@@ -62,6 +68,8 @@ impl SeriesCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::ingest::{Intake, LineError, Precision};
+    use std::time::Duration;
 
     #[test]
     fn a_full_cache_drops_new_series_until_idle_ones_are_forgotten() {

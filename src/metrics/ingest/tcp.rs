@@ -2,7 +2,15 @@
 //! samples over, and wait for room in the batcher's channel before reading
 //! on (the only backpressure a protocol without answers has).
 
-use super::*;
+use std::net::SocketAddr;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::intake::Protocol;
+use super::lines::{LineSplitter, Piece};
+use super::{READ_BYTES, Shared, stopping};
 
 /// Reads Graphite lines until the client closes, goes idle, or shutdown.
 /// Sending waits while the channel is full: the client is backpressured by
