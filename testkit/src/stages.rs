@@ -45,15 +45,6 @@ pub struct Stages {
     samples: usize,
 }
 
-impl Stages {
-    /// Stage `i`'s median over the passes.
-    fn median(&self, i: usize) -> Duration {
-        let mut t: Vec<Duration> = self.passes.iter().map(|p| p[i]).collect();
-        t.sort();
-        t[t.len() / 2]
-    }
-}
-
 /// Times each stage of both paths alone, on this thread, `passes` times
 /// over `chunks` (whole batches of [`BATCH`] samples): what the
 /// throughput table's CPU time is made of, less TLS, HTTP and scheduling.
@@ -230,19 +221,19 @@ impl Stages {
     /// Prints each stage's median in ns per sample, then the sums per side
     /// and path.
     pub fn print(&self) {
-        let (st, samples) = (self, self.samples);
+        let samples = self.samples;
         let ns = |d: Duration| d.as_nanos() as f64 / samples as f64;
         println!();
         println!(
             "Where the time goes: each stage alone, one thread, {samples} samples in batches of {BATCH} (median of {} passes), ns per sample",
-            st.passes.len()
+            self.passes.len()
         );
         println!();
         println!("| side     | stage                                          | ns/sample |");
         println!("|----------|------------------------------------------------|----------:|");
         let mut sums: HashMap<&str, f64> = HashMap::new();
-        for (i, (side, name)) in st.names.iter().enumerate() {
-            let v = ns(st.median(i));
+        for (i, (side, name)) in self.names.iter().enumerate() {
+            let v = ns(self.median(i));
             *sums.entry(*side).or_default() += v;
             println!("| {side:<8} | {name:<46} | {v:>9.1} |");
         }
@@ -273,5 +264,12 @@ impl Stages {
         for (name, v) in rows {
             println!("| {name:<34} | {v:>9.1} | {:>22.0} |", 1e9 / v);
         }
+    }
+
+    /// Stage `i`'s median over the passes.
+    fn median(&self, i: usize) -> Duration {
+        let mut t: Vec<Duration> = self.passes.iter().map(|p| p[i]).collect();
+        t.sort();
+        t[t.len() / 2]
     }
 }
