@@ -24,14 +24,11 @@
 //!
 //! Run: `cargo bench --bench dispatch`.
 
-mod common;
-
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::Distribution;
 use criterion::Criterion;
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
@@ -40,6 +37,7 @@ use tokio::task::JoinHandle;
 use uplink::agent::{self, AgentConfig, AgentError, TransportMode};
 use uplink::tls::Trust;
 use uplink_testkit::bench::{BenchBackend, bench_dir, stopped};
+use uplink_testkit::measure::Distribution;
 
 /// Dispatches per rung in the percentile pass, unless overridden.
 const DEFAULT_DISPATCHES: usize = 2000;

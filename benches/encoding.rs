@@ -3,7 +3,7 @@
 //! The same samples are encoded as one uplink `MetricBatch` and as one OTLP
 //! `ExportMetricsServiceRequest` (the `opentelemetry-proto` crate's prost
 //! types), each sent raw, zstd-1 and gzip (level 6). The samples are the
-//! first minute of the seeded generator in `benches/common/workload.rs`,
+//! first minute of the seeded generator in `testkit/src/workload.rs`,
 //! shaped like what the agent collects:
 //!
 //! - one host at a 10 s interval, 100 series: CPU per core and in total (as
@@ -52,10 +52,6 @@
 //!
 //! Run: `cargo bench --bench encoding`.
 
-mod common;
-
-use common::otlp::otlp_request;
-use common::workload::{Minute, SCRAPES};
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -67,6 +63,8 @@ use prost::Message;
 use uplink::metrics::compress::{Compression, ZstdEncoder};
 use uplink::metrics::encode::{self, BatchBuilder};
 use uplink::metrics::sample::Sample;
+use uplink_testkit::otlp::otlp_request;
+use uplink_testkit::workload::{Minute, SCRAPES};
 
 /// Timed repetitions per cell of the table; the median is reported.
 const TIMED_RUNS: usize = 31;

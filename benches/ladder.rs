@@ -41,26 +41,21 @@
 //!
 //! Run: `cargo bench --bench ladder`.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::Distribution;
 use criterion::{BenchmarkId, Criterion};
 use http::Uri;
 use tokio::runtime::Runtime;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
-use uplink::agent::{self, AgentConfig, AgentError, TransportMode, identity};
-use uplink::net::ProxySettings;
+use uplink::agent::TransportMode;
 use uplink::proto::{
     AgentView, CommandState, CreateProviderRequest, GetCommandRequest, ListAgentsRequest,
 };
 use uplink::secret::Secret;
-use uplink::tls::Trust;
-use uplink_testkit::bench::{BenchBackend, bench_dir, stopped};
+use uplink_testkit::bench::{BenchBackend, bench_dir};
+use uplink_testkit::inprocess::{AgentOpts, Route, RunningAgent};
+use uplink_testkit::measure::{Distribution, count_from_env, load_average};
 use uplink_testkit::relay::{Mode, Relay};
 use uplink_testkit::squid::{Squid, SquidOpts};
 
@@ -81,16 +76,12 @@ const DEFAULT_DISPATCHES: usize = 1000;
 /// Dispatches per path before the percentile pass starts measuring.
 const WARM_UP_DISPATCHES: usize = 100;
 
-/// Longest wait for an agent to enroll.
-const ENROLL_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest wait for a fresh agent's first ack and result.
 const FIRST_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for an agent to show on a rung.
 const RUNG_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest wait for one ack in the latency pass.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest wait for an agent to stop.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the backend's agent list is read while waiting for a rung.
 const RUNG_POLL: Duration = Duration::from_millis(5);
 
@@ -162,99 +153,6 @@ impl Backend {
     }
 }
 
-/// How an agent reaches the backend.
-#[derive(Clone)]
-struct Route {
-    name: &'static str,
-    /// Whether HTTP/2 passes on this route.
-    h2: bool,
-    url: Uri,
-    proxy: Option<String>,
-    ca_files: Vec<PathBuf>,
-}
-
-/// An agent running in-process.
-struct RunningAgent {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<Result<(), AgentError>>,
-    state_dir: PathBuf,
-    name: String,
-}
-
-struct AgentOpts {
-    transport: TransportMode,
-    probe: Option<Duration>,
-}
-
-fn start_agent(
-    route: &Route,
-    token: &Secret,
-    state_dir: PathBuf,
-    name: &str,
-    opts: AgentOpts,
-) -> RunningAgent {
-    let mut cfg = AgentConfig::new(route.url.clone(), state_dir.clone());
-    cfg.token = Some(token.clone());
-    cfg.trust = Trust {
-        ca_files: route.ca_files.clone(),
-        skip_os_store: true,
-    };
-    cfg.transport = opts.transport;
-    cfg.proxy = ProxySettings {
-        proxy: route.proxy.clone(),
-        source: "--proxy",
-        no_proxy: String::new(),
-    };
-    cfg.hostname = name.into();
-    cfg.grace = Duration::from_secs(2);
-    if let Some(p) = opts.probe {
-        cfg.probe_initial = p;
-        cfg.probe_max = p;
-    }
-    let problems = cfg.validate();
-    assert!(problems.is_empty(), "agent {name}: {problems:?}");
-    let (stop, rx) = watch::channel(false);
-    RunningAgent {
-        stop,
-        task: tokio::spawn(agent::run(cfg, stopped(rx))),
-        state_dir,
-        name: name.into(),
-    }
-}
-
-impl RunningAgent {
-    /// Waits until the agent has enrolled (its identity file exists);
-    /// returns its id.
-    async fn enrolled(&self) -> String {
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(id)) = identity::load(&self.state_dir) {
-                return id.agent_id;
-            }
-            if self.task.is_finished() {
-                panic!("agent {} stopped before it enrolled", self.name);
-            }
-            if start.elapsed() > ENROLL_TIMEOUT {
-                panic!(
-                    "agent {} did not enroll within {ENROLL_TIMEOUT:?}",
-                    self.name
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        match tokio::time::timeout(STOP_TIMEOUT, self.task).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => panic!("agent {} failed: {e}", self.name),
-            Ok(Err(e)) => panic!("agent {} panicked: {e}", self.name),
-            Err(_) => panic!("agent {} did not stop within {STOP_TIMEOUT:?}", self.name),
-        }
-    }
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
 }
@@ -282,7 +180,7 @@ struct StartSample {
 /// One fresh agent on `route`: start, enroll, first ping acked and done.
 async fn first_command(b: &Backend, route: &Route, state_dir: PathBuf, name: &str) -> StartSample {
     let started = Instant::now();
-    let agent = start_agent(
+    let agent = RunningAgent::start(
         route,
         &b.enroll_token,
         state_dir,
@@ -451,7 +349,7 @@ async fn pass_climb(b: &Backend, dir: &Path, climbs: usize) -> Vec<ClimbSample> 
     };
     let provider = "climb";
     let token = b.provider(provider).await;
-    let agent = start_agent(
+    let agent = RunningAgent::start(
         &route,
         &token,
         dir.join("climb"),
@@ -551,7 +449,7 @@ async fn start_latency_agents(
     let mut agents = Vec::new();
     for (route, mode) in routes {
         let name = format!("lat-{}-{}", mode.name(), route.name);
-        agents.push(start_agent(
+        agents.push(RunningAgent::start(
             route,
             &token,
             dir.join(&name),
@@ -565,7 +463,7 @@ async fn start_latency_agents(
     let mut paths = Vec::new();
     for ((route, mode), a) in routes.iter().zip(&agents) {
         let id = a.enrolled().await;
-        b.wait_on(provider, &id, mode.name(), &a.name).await;
+        b.wait_on(provider, &id, mode.name(), a.name()).await;
         paths.push(LatencyPath {
             rung: mode.name(),
             route: route.name,
@@ -650,62 +548,6 @@ fn print_latency(paths: &[LatencyPath], dists: &[Distribution], n: usize, warm_u
 
 // ---- setup and main --------------------------------------------------
 
-fn count_from_env(name: &str, default: usize) -> usize {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a count (a non-negative integer)")),
-        Err(_) => default,
-    }
-}
-
-/// The system's load averages, for the record: other work on the machine
-/// moves every figure here.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-/// True when process `pid` has exited (gone, or a zombie not reaped yet).
-fn exited(pid: &str) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
-            .unwrap_or(false),
-        Err(_) => true,
-    }
-}
-
-/// Stops a squid with SIGTERM and waits up to 5 s for it to exit: that
-/// way it removes its shared memory segments (`/dev/shm/squid-*.shm`),
-/// which a SIGKILL leaves behind. Dropping it afterwards kills it if it is
-/// still there. True when it exited in time.
-async fn stop_squid(squid: Squid) -> bool {
-    let pid = std::fs::read_to_string(squid.dir.join("squid.pid"))
-        .map(|p| p.trim().to_string())
-        .unwrap_or_default();
-    let mut stopped = false;
-    if !pid.is_empty() {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status();
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(5) {
-            if exited(&pid) {
-                stopped = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    drop(squid);
-    stopped
-}
-
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` does not, and
     // `cargo bench -- --test` adds `--test`: then every pass runs small.
@@ -716,16 +558,16 @@ fn main() {
     let full = has("--bench") && !has("--test");
     let (runs, climbs, dispatches, warm_up) = if full {
         (
-            count_from_env(RUNS_ENV, DEFAULT_RUNS),
-            count_from_env(CLIMBS_ENV, DEFAULT_CLIMBS),
-            count_from_env(DISPATCHES_ENV, DEFAULT_DISPATCHES),
+            count_from_env(RUNS_ENV, DEFAULT_RUNS as u64) as usize,
+            count_from_env(CLIMBS_ENV, DEFAULT_CLIMBS as u64) as usize,
+            count_from_env(DISPATCHES_ENV, DEFAULT_DISPATCHES as u64) as usize,
             WARM_UP_DISPATCHES,
         )
     } else {
         (
-            count_from_env(RUNS_ENV, 2),
-            count_from_env(CLIMBS_ENV, 2),
-            count_from_env(DISPATCHES_ENV, 20),
+            count_from_env(RUNS_ENV, 2) as usize,
+            count_from_env(CLIMBS_ENV, 2) as usize,
+            count_from_env(DISPATCHES_ENV, 20) as usize,
             5,
         )
     };
@@ -887,8 +729,7 @@ fn main() {
         }
         backend.shutdown().await;
     });
-    let squids_stopped =
-        runtime.block_on(async { stop_squid(plain).await & stop_squid(bump).await });
+    let squids_stopped = runtime.block_on(async { plain.stop().await & bump.stop().await });
     println!();
     println!(
         "goals: first command with h2 blocked <= {}: {}; climb back <= {} (probe interval + 1 s): {}",

@@ -19,13 +19,10 @@
 //!
 //! Run: `cargo bench --bench runs` (needs Docker and busybox-static).
 
-mod common;
-
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::Distribution;
 use criterion::Criterion;
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
@@ -35,6 +32,7 @@ use uplink::backend::{BackendConfig, Core, Server};
 use uplink::proto;
 use uplink::secret::{Kind, Secret};
 use uplink_testkit::docker;
+use uplink_testkit::measure::Distribution;
 
 const BIN: &str = env!("CARGO_BIN_EXE_uplink");
 /// Longest wait for a run to start or be removed.

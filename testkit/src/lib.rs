@@ -33,8 +33,23 @@
 //!   agent, pushes over gRPC and Connect, `/metrics` and the JSON-lines
 //!   files.
 //!
-//! The benchmarks' workload generators (`benches/common/`) are meant to
-//! join this crate as modules of their own.
+//! For the benchmarks:
+//!
+//! - [`inprocess`]: agents run in this process on a route to the backend
+//!   (direct, through a proxy or a relay).
+//! - [`measure`]: [`measure::Distribution`] (latency percentiles), the
+//!   load average, counts from the environment.
+//! - [`workload`]: the one seeded workload generator (a host, 50
+//!   containers, a load test) of the encoding and pipeline benchmarks.
+//! - [`otlp`]: the OTLP peer: samples as an OTLP request, a minimal
+//!   receiver, an exporter with a window in flight.
+//! - [`rung_push`]: the metrics pipeline's push on each rung, as the agent's
+//!   session sends it.
+//! - [`feed`]: the source thread that feeds a workload to a pipeline or
+//!   to an agent's Graphite endpoint.
+//! - [`throughput`]: CPU time per thread group from `/proc`, what one
+//!   throughput run measured and its table.
+//! - [`stages`]: each stage of the uplink and OTLP paths timed alone.
 //!
 //! Everything here panics with a message instead of returning errors: a
 //! harness failure is a test failure.
@@ -46,12 +61,20 @@ pub mod agents;
 pub mod backend;
 pub mod bench;
 pub mod docker;
+pub mod feed;
+pub mod inprocess;
 pub mod loadgen;
+pub mod measure;
+pub mod otlp;
 pub mod ports;
 pub mod push;
 pub mod relay;
+pub mod rung_push;
 pub mod squid;
+pub mod stages;
+pub mod throughput;
 pub mod waits;
+pub mod workload;
 
 pub use agents::{Proc, agent, agent_via, bin, ctl};
 pub use backend::{TestBackend, connected_agent, ping, result_of};

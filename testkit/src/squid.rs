@@ -179,6 +179,44 @@ impl Squid {
     pub fn access_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
     }
+
+    /// Stops squid with SIGTERM and waits up to 5 s for it to exit: that
+    /// way it removes its shared memory segments (`/dev/shm/squid-*.shm`),
+    /// which a SIGKILL leaves behind. Dropping it afterwards signals it
+    /// again if it is still there. True when it exited in time.
+    pub async fn stop(self) -> bool {
+        let pid = std::fs::read_to_string(self.dir.join("squid.pid"))
+            .map(|p| p.trim().to_string())
+            .unwrap_or_default();
+        let mut stopped = false;
+        if !pid.is_empty() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status();
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_secs(5) {
+                if exited(&pid) {
+                    stopped = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        drop(self);
+        stopped
+    }
+}
+
+/// True when process `pid` has exited (gone, or a zombie not reaped yet).
+fn exited(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => true,
+    }
 }
 
 impl Drop for Squid {

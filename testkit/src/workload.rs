@@ -1,4 +1,4 @@
-//! The samples both benchmarks measure, from one seeded generator shaped
+//! The samples the encoding and pipeline benchmarks measure, from one seeded generator shaped
 //! like what an agent collects:
 //!
 //! - one host at a 10 s interval, 100 series: CPU per core and in total (as
@@ -22,8 +22,8 @@ use std::sync::Arc;
 
 use uplink::metrics::sample::{Kind, Sample, Series};
 
-use super::T0_MS;
-
+/// The benchmarks' clock starts here (Unix ms): sample times are reproducible.
+pub const T0_MS: i64 = 1_790_000_000_000;
 /// Seed of the sample generator: every run sees the same samples.
 const SEED: u64 = 0x5eed_2026;
 /// Scrapes of the host and containers in a minute.
@@ -500,7 +500,9 @@ impl LoadTest {
 /// One minute's samples: host and containers scrape by scrape, and the
 /// load test's samples.
 pub struct Minute {
+    /// The host's and the containers' samples, one chunk per scrape.
     pub scrapes: Vec<Vec<Sample>>,
+    /// The load test's samples of the minute.
     pub burst: Vec<Sample>,
 }
 
@@ -533,7 +535,14 @@ pub struct Workload {
     second: i64,
 }
 
+impl Default for Workload {
+    fn default() -> Self {
+        Workload::new()
+    }
+}
+
 impl Workload {
+    /// The workload at its start, from the fixed seed.
     pub fn new() -> Self {
         let mut rng = fastrand::Rng::with_seed(SEED);
         let host = host(&mut rng);
