@@ -297,11 +297,7 @@ async fn batches_in_any_order_and_sent_twice_are_stored_exactly_once() {
         "each seq stored exactly once: {stored_per_seq:?}"
     );
     assert_eq!(
-        b.core
-            .store()
-            .metric_batches(&agent.id, epoch)
-            .await
-            .unwrap(),
+        watermark(&b, &agent.id, epoch).await,
         (N, 0),
         "the watermark closed over every seq"
     );
@@ -329,14 +325,7 @@ async fn batches_in_any_order_and_sent_twice_are_stored_exactly_once() {
         .await;
         assert!(r.unwrap(), "seq {seq}");
     }
-    assert_eq!(
-        b.core
-            .store()
-            .metric_batches(&agent.id, other)
-            .await
-            .unwrap(),
-        (0, 2)
-    );
+    assert_eq!(watermark(&b, &agent.id, other).await, (0, 2));
     let err = push_zstd(
         &client,
         &agent,
@@ -348,14 +337,7 @@ async fn batches_in_any_order_and_sent_twice_are_stored_exactly_once() {
     assert!(err.message().contains("send batch 1 first"), "{err:?}");
     let r = push_zstd(&client, &agent, push_request(other, 1, batch(&s, 0, 1, 0))).await;
     assert!(r.unwrap());
-    assert_eq!(
-        b.core
-            .store()
-            .metric_batches(&agent.id, other)
-            .await
-            .unwrap(),
-        (3, 0)
-    );
+    assert_eq!(watermark(&b, &agent.id, other).await, (3, 0));
 
     b.stop().await;
     let lines = json_lines(&jsonl);
@@ -454,14 +436,7 @@ async fn a_malformed_batch_is_rejected_with_its_reason_and_the_next_is_stored() 
     )
     .await;
     assert!(r.unwrap());
-    assert_eq!(
-        b.core
-            .store()
-            .metric_batches(&agent.id, epoch)
-            .await
-            .unwrap(),
-        (6, 0)
-    );
+    assert_eq!(watermark(&b, &agent.id, epoch).await, (6, 0));
     let page = scrape(&b).await;
     assert_eq!(counter(&page, "uplink_backend_metric_batches_total"), 2);
     assert_eq!(counter(&page, "uplink_backend_metric_samples_total"), 8);
@@ -672,4 +647,14 @@ async fn bad_metrics_settings_exit_64_with_the_reason() {
             assert!(p.logs().contains(e), "{extra:?}: {e:?} not in {}", p.logs());
         }
     }
+}
+
+/// The backend's stored position for `(agent, epoch)`: the contiguous
+/// watermark and how many batches it holds above it.
+async fn watermark(b: &TestBackend, agent: &str, epoch: u64) -> (u64, u64) {
+    b.core
+        .store()
+        .metric_batches(agent, epoch)
+        .await
+        .expect("the store answers")
 }

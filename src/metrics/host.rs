@@ -63,7 +63,7 @@ use sysinfo::{
     System,
 };
 
-use crate::metrics::sample::{Kind, Sample, Series};
+use crate::metrics::sample::{Kind, Out, Sample, Series};
 
 /// A metric's name, kind and unit.
 type Def = (&'static str, Kind, &'static str);
@@ -328,22 +328,6 @@ impl HostSource {
                 out.push(&set[3], io.total_written_bytes as f64);
             }
             self.file_systems.insert(key, set);
-        }
-    }
-}
-
-/// Where a scrape appends its samples, and the time it stamps on them.
-struct Out<'a>(&'a mut Vec<Sample>, i64);
-
-impl Out<'_> {
-    /// Appends a sample of `series`, unless `value` is not finite.
-    fn push(&mut self, series: &Arc<Series>, value: f64) {
-        if value.is_finite() {
-            self.0.push(Sample {
-                series: series.clone(),
-                time_unix_ms: self.1,
-                value,
-            });
         }
     }
 }

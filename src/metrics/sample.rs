@@ -71,3 +71,20 @@ pub struct Sample {
     /// The value.
     pub value: f64,
 }
+
+/// Where a scrape appends its samples, and the time it stamps on them:
+/// the host and container sources write through it.
+pub(crate) struct Out<'a>(pub(crate) &'a mut Vec<Sample>, pub(crate) i64);
+
+impl Out<'_> {
+    /// Appends a sample of `series`, unless `value` is not finite.
+    pub(crate) fn push(&mut self, series: &Arc<Series>, value: f64) {
+        if value.is_finite() {
+            self.0.push(Sample {
+                series: series.clone(),
+                time_unix_ms: self.1,
+                value,
+            });
+        }
+    }
+}

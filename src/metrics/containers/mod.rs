@@ -92,9 +92,9 @@ use bollard::query_parameters::{InspectContainerOptions, ListContainersOptions, 
 use futures_util::StreamExt;
 
 use crate::labels::LABEL_AGENT;
-use crate::metrics::sample::Sample;
+use crate::metrics::sample::{Out, Sample};
 
-use stats::{CpuLimit, Identity, Out, SeriesSet, cpu_limit, is_running, push_samples};
+use stats::{CpuLimit, Identity, SeriesSet, cpu_limit, is_running, push_samples};
 
 /// Containers read at once by default. Each stats call waits for the
 /// engine's next once-a-second sample, so this many containers are read

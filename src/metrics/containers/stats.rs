@@ -10,7 +10,7 @@ use bollard::models::{
 };
 
 use crate::labels::LABEL_RUN;
-use crate::metrics::sample::{Kind, Sample, Series};
+use crate::metrics::sample::{Kind, Out, Series};
 
 use super::ContainerConfig;
 
@@ -226,22 +226,6 @@ pub(super) fn push_samples(
     }
 }
 
-/// Where a scrape appends its samples, and the time it stamps on them.
-pub(super) struct Out<'a>(pub(super) &'a mut Vec<Sample>, pub(super) i64);
-
-impl Out<'_> {
-    /// Appends a sample of `series`, unless `value` is not finite.
-    fn push(&mut self, series: &Arc<Series>, value: f64) {
-        if value.is_finite() {
-            self.0.push(Sample {
-                series: series.clone(),
-                time_unix_ms: self.1,
-                value,
-            });
-        }
-    }
-}
-
 /// A new shared series of `def` with the non-empty ones of `labels`.
 pub(super) fn series((name, kind, unit): Def, labels: &[(&str, &str)]) -> Arc<Series> {
     let mut s = Series::new(name, kind).unit(unit);
@@ -257,6 +241,7 @@ pub(super) fn series((name, kind, unit): Def, labels: &[(&str, &str)]) -> Arc<Se
 pub(super) mod tests {
     use super::*;
     use crate::metrics::encode::{BatchBuilder, decode};
+    use crate::metrics::sample::Sample;
     use std::collections::HashMap;
 
     /// `GET /containers/<id>/stats?stream=false&one-shot=true` from Docker
