@@ -37,7 +37,7 @@ use tokio::task::JoinHandle;
 use uplink::agent::{self, AgentConfig, AgentError, TransportMode};
 use uplink::tls::Trust;
 use uplink_testkit::bench::{BenchBackend, bench_dir, stopped};
-use uplink_testkit::measure::Distribution;
+use uplink_testkit::measure::{Distribution, count_from_env};
 
 /// Dispatches per rung in the percentile pass, unless overridden.
 const DEFAULT_DISPATCHES: usize = 2000;
@@ -178,15 +178,6 @@ fn fsync_baseline(dir: &Path, samples: usize) -> Distribution {
     Distribution::new(out)
 }
 
-fn dispatches_from_env(default: usize) -> usize {
-    match std::env::var(DISPATCHES_ENV) {
-        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
-            panic!("{DISPATCHES_ENV}={v:?} is not a count of dispatches (a non-negative integer)")
-        }),
-        Err(_) => default,
-    }
-}
-
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` does not (and
     // `cargo bench -- --test` adds `--test`): criterion then runs each
@@ -197,12 +188,12 @@ fn main() {
         (0, 0, 0)
     } else if has("--bench") && !has("--test") {
         (
-            dispatches_from_env(DEFAULT_DISPATCHES),
+            count_from_env(DISPATCHES_ENV, DEFAULT_DISPATCHES as u64) as usize,
             WARM_UP_DISPATCHES,
             FSYNC_SAMPLES,
         )
     } else {
-        (dispatches_from_env(20), 5, 20)
+        (count_from_env(DISPATCHES_ENV, 20) as usize, 5, 20)
     };
 
     let runtime = Runtime::new().expect("cannot build the tokio runtime");
