@@ -279,3 +279,37 @@ pub fn jsonl_files(dir: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// Sends a `Report` over gRPC with the agent's credential.
+pub async fn report(
+    client: &AgentClient,
+    agent: &Agent,
+    req: proto::ReportRequest,
+) -> Result<proto::ReportResponse, tonic::Status> {
+    let mut r = tonic::Request::new(req);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", agent.credential).parse().unwrap(),
+    );
+    client.clone().report(r).await.map(|r| r.into_inner())
+}
+
+/// The resident memory of this process (where a [`TestBackend`] runs), in
+/// bytes, from `/proc/self/status`.
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status");
+    kib * 1024
+}
+
+/// Bytes of a store on disk: `uplink.db` and its WAL in `dir`.
+pub fn store_bytes(dir: &Path) -> u64 {
+    ["uplink.db", "uplink.db-wal"]
+        .iter()
+        .map(|f| std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0))
+        .sum()
+}

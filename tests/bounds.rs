@@ -1,0 +1,203 @@
+//! What one agent credential can make the backend keep, against a real
+//! backend over real TLS: container events, new epochs, rejected metric
+//! batches and huge labels stay bounded on disk, in memory and on the
+//! `/metrics` page, and agent-supplied text reaches neither the store nor
+//! `ctl` output raw.
+
+use uplink::ctl::render::agents_table;
+use uplink::metrics::encode::{BatchBuilder, ValueEncoding};
+use uplink::metrics::sample::{Kind, Sample, Series};
+use uplink::proto;
+use uplink_testkit::push::{
+    counter, enroll, grpc_client, push_request, push_zstd, report, rss_bytes, scrape, store_bytes,
+};
+use uplink_testkit::*;
+
+const HOSTILE: &str =
+    "web\n2026-01-01T00:00:00.000000Z  INFO uplink: forged line\u{1b}[2J\u{1b}[31m";
+
+fn container_event(seq: u64, i: u64) -> proto::Event {
+    proto::Event {
+        seq,
+        time_unix_ms: 1,
+        kind: Some(proto::event::Kind::Container(proto::ContainerEvent {
+            container_id: format!("c{i}"),
+            name: HOSTILE.into(),
+            kind: proto::ContainerEventKind::Exited as i32,
+            ..Default::default()
+        })),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_cannot_grow_the_store_or_forge_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBackend::start(dir.path()).await;
+    let agent = enroll(&b, "abuser").await;
+    let client = grpc_client(&b).await;
+
+    // A 3.9 MB Docker status full of escape sequences and fake rows.
+    let status = format!(
+        "27.1\nagt_fake  evil  default  yes\u{1b}[2J{}",
+        "x".repeat(3_900_000)
+    );
+    report(
+        &client,
+        &agent,
+        proto::ReportRequest {
+            epoch: 1,
+            events: vec![proto::Event {
+                seq: 1,
+                time_unix_ms: 1,
+                kind: Some(proto::event::Kind::Capacity(proto::Capacity {
+                    docker_available: true,
+                    docker_status: status,
+                    ..Default::default()
+                })),
+            }],
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("a capacity report is taken, clipped");
+
+    // 400 reports of 1000 container events each, every one in a new epoch:
+    // 400,000 rows and 400 cursors if nothing bounded them.
+    let rss_before = rss_bytes();
+    let (mut ok, mut refused) = (0, 0);
+    let mut next = 0u64;
+    for epoch in 2..402u64 {
+        let events = (1..=1000)
+            .map(|seq| {
+                next += 1;
+                container_event(seq, next)
+            })
+            .collect();
+        let r = report(
+            &client,
+            &agent,
+            proto::ReportRequest {
+                epoch,
+                events,
+                ..Default::default()
+            },
+        )
+        .await;
+        match r {
+            Ok(_) => ok += 1,
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+                assert!(s.message().contains("retry later"), "{}", s.message());
+                refused += 1;
+            }
+        }
+    }
+    // Rejected batches (an empty name) at every other seq of new epochs:
+    // each would leave a row above the epoch's watermark.
+    let bad = proto::MetricBatch {
+        symbols: vec!["".into()],
+        series: vec![proto::Series::default()],
+        sample_series: vec![0],
+        sample_time_delta_ms: vec![0],
+        sample_values: vec![1.0],
+        ..Default::default()
+    };
+    let mut exhausted = 0;
+    for i in 0..300u64 {
+        let e = push_zstd(
+            &client,
+            &agent,
+            push_request(1000 + i / 10, 2 * i + 2, bad.clone()),
+        )
+        .await
+        .unwrap_err();
+        if e.code() == tonic::Code::ResourceExhausted {
+            exhausted += 1;
+        }
+    }
+    b.core.prune().await.expect("prune");
+    let events = b.core.store().container_events(&agent.id).await.unwrap();
+    let rss_growth = rss_bytes().saturating_sub(rss_before);
+    let disk = store_bytes(dir.path());
+    println!(
+        "reports taken {ok}, refused {refused}; events stored {}; pushes refused for budget {exhausted}; store {disk} bytes; RSS +{rss_growth} bytes",
+        events.len()
+    );
+    assert!(refused > 0 && exhausted > 0, "the budgets never refused");
+    assert!(
+        events.len() <= 2_000,
+        "{} container events kept for one agent",
+        events.len()
+    );
+    assert!(
+        disk < 24 << 20,
+        "uplink.db and its WAL take {disk} bytes after the abuse"
+    );
+    assert!(rss_growth < 200 << 20, "RSS grew by {rss_growth} bytes");
+    for e in &events {
+        assert!(!e.name.chars().any(char::is_control), "{:?}", e.name);
+        assert!(e.name.starts_with("web\\n2026"), "{:?}", e.name);
+    }
+
+    // `ctl agents` shows one row for the agent, without escape sequences,
+    // and the status clipped.
+    let agents = b.admin().agents("").await.unwrap();
+    let docker = &agents[0].capacity.as_ref().unwrap().docker_status;
+    assert!(
+        docker.len() <= 256,
+        "{} bytes of status stored",
+        docker.len()
+    );
+    let table = agents_table(&agents);
+    assert_eq!(table.lines().count(), 2, "{table}");
+    assert!(!table.contains('\u{1b}'), "{table}");
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_labels_are_refused_and_metrics_stays_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBackend::start(dir.path()).await;
+    let agent = enroll(&b, "labels").await;
+    let client = grpc_client(&b).await;
+    let rss_before = rss_bytes();
+    // 1,026 series with 100 KiB labels, 27 per batch.
+    let mut seq = 0;
+    for chunk in (0..1026u32).collect::<Vec<_>>().chunks(27) {
+        let mut builder = BatchBuilder::with_encoding(ValueEncoding::Doubles);
+        for &i in chunk {
+            let s = std::sync::Arc::new(
+                Series::new("big", Kind::Gauge).label("l", format!("{i}{}", "x".repeat(100 << 10))),
+            );
+            builder
+                .add(&Sample {
+                    series: s,
+                    time_unix_ms: 1,
+                    value: 1.0,
+                })
+                .unwrap();
+        }
+        seq += 1;
+        let e = push_zstd(&client, &agent, push_request(1, seq, builder.finish()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("too_long"), "{}", e.message());
+    }
+    let page = scrape(&b).await;
+    let rss_growth = rss_bytes().saturating_sub(rss_before);
+    println!(
+        "{seq} batches refused; /metrics {} bytes; RSS +{rss_growth} bytes",
+        page.len()
+    );
+    assert_eq!(
+        counter(
+            &page,
+            "uplink_backend_metric_batches_rejected_total{reason=\"too_long\"}"
+        ),
+        seq
+    );
+    assert!(page.len() < 1 << 20, "/metrics is {} bytes", page.len());
+    assert!(rss_growth < 100 << 20, "RSS grew by {rss_growth} bytes");
+    b.stop().await;
+}
