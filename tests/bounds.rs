@@ -63,7 +63,7 @@ async fn one_agent_cannot_grow_the_store_or_forge_text() {
 
     // 400 reports of 1000 container events each, every one in a new epoch:
     // 400,000 rows and 400 cursors if nothing bounded them.
-    let rss_before = rss_bytes();
+    let rss_before = rss_bytes(std::process::id());
     let (mut ok, mut refused) = (0, 0);
     let mut next = 0u64;
     for epoch in 2..402u64 {
@@ -117,7 +117,7 @@ async fn one_agent_cannot_grow_the_store_or_forge_text() {
     }
     b.core.prune().await.expect("prune");
     let events = b.core.store().container_events(&agent.id).await.unwrap();
-    let rss_growth = rss_bytes().saturating_sub(rss_before);
+    let rss_growth = rss_bytes(std::process::id()).saturating_sub(rss_before);
     let disk = store_bytes(dir.path());
     println!(
         "reports taken {ok}, refused {refused}; events stored {}; pushes refused for budget {exhausted}; store {disk} bytes; RSS +{rss_growth} bytes",
@@ -160,7 +160,7 @@ async fn huge_labels_are_refused_and_metrics_stays_small() {
     let b = TestBackend::start(dir.path()).await;
     let agent = enroll(&b, "labels").await;
     let client = grpc_client(&b).await;
-    let rss_before = rss_bytes();
+    let rss_before = rss_bytes(std::process::id());
     // 1,026 series with 100 KiB labels, 27 per batch.
     let mut seq = 0;
     for chunk in (0..1026u32).collect::<Vec<_>>().chunks(27) {
@@ -185,7 +185,7 @@ async fn huge_labels_are_refused_and_metrics_stays_small() {
         assert!(e.message().contains("too_long"), "{}", e.message());
     }
     let page = scrape(&b).await;
-    let rss_growth = rss_bytes().saturating_sub(rss_before);
+    let rss_growth = rss_bytes(std::process::id()).saturating_sub(rss_before);
     println!(
         "{seq} batches refused; /metrics {} bytes; RSS +{rss_growth} bytes",
         page.len()
@@ -200,4 +200,183 @@ async fn huge_labels_are_refused_and_metrics_stays_small() {
     assert!(page.len() < 1 << 20, "/metrics is {} bytes", page.len());
     assert!(rss_growth < 100 << 20, "RSS grew by {rss_growth} bytes");
     b.stop().await;
+}
+
+/// A gRPC client of a backend process at `url` whose CA is `ca`.
+async fn client_of(url: &str, ca: &std::path::Path) -> uplink_testkit::push::AgentClient {
+    let trust = uplink::tls::Trust {
+        ca_files: vec![ca.to_path_buf()],
+        skip_os_store: true,
+    };
+    let tls = uplink::tls::client_config(&trust).expect("client TLS");
+    let net = uplink::net::Net::new(tls, uplink::net::ProxySettings::direct());
+    let keepalive = std::time::Duration::from_secs(10);
+    let channel = uplink::client::grpc_channel(&url.parse().unwrap(), &net, keepalive, keepalive)
+        .await
+        .expect("gRPC channel");
+    proto::agent_service_client::AgentServiceClient::new(channel)
+}
+
+/// Against the release-shaped binary: the figures the operator sees (the
+/// process' RSS, `uplink.db` and its WAL), its log and `uplink ctl agents`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_binary_stays_bounded_and_logs_and_shows_agent_text_escaped() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = ports::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let admin = uplink::secret::Secret::generate(uplink::secret::Kind::Admin);
+    let enroll_token = uplink::secret::Secret::generate(uplink::secret::Kind::Enrollment);
+    let backend = Proc::spawn(
+        &[
+            "backend",
+            "--listen",
+            &listen,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[
+            ("UPLINK_ADMIN_TOKEN", admin.expose()),
+            ("UPLINK_ENROLL_TOKEN", enroll_token.expose()),
+        ],
+    );
+    backend
+        .wait_log(&["backend listening"], Duration::from_secs(30))
+        .await;
+    let pid = backend.child.id().expect("backend pid");
+    let url = format!("https://127.0.0.1:{port}");
+    let ca = data.join("ca.pem");
+    let client = client_of(&url, &ca).await;
+    let enroll = async |hostname: &str| {
+        let r = client
+            .clone()
+            .enroll(proto::EnrollRequest {
+                enrollment_token: enroll_token.expose().to_string(),
+                info: Some(proto::AgentInfo {
+                    hostname: hostname.into(),
+                    version: "test".into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("enroll")
+            .into_inner();
+        uplink_testkit::push::Agent {
+            id: r.agent_id,
+            credential: r.credential,
+        }
+    };
+    let agent = enroll("abuser").await;
+    let labeller = enroll("labeller").await;
+    let rss_before = rss_bytes(pid);
+
+    let status = format!(
+        "27.1\nagt_fake  evil  default  yes\u{1b}[2J{}",
+        "x".repeat(3_900_000)
+    );
+    let capacity = proto::Event {
+        seq: 1,
+        time_unix_ms: 1,
+        kind: Some(proto::event::Kind::Capacity(proto::Capacity {
+            docker_available: true,
+            docker_status: status,
+            ..Default::default()
+        })),
+    };
+    report(
+        &client,
+        &agent,
+        proto::ReportRequest {
+            epoch: 1,
+            events: vec![capacity],
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("capacity");
+    let mut next = 0u64;
+    for epoch in 2..402u64 {
+        let events = (1..=1000)
+            .map(|seq| {
+                next += 1;
+                container_event(seq, next)
+            })
+            .collect();
+        let req = proto::ReportRequest {
+            epoch,
+            events,
+            ..Default::default()
+        };
+        if let Err(s) = report(&client, &agent, req).await {
+            assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+        }
+    }
+    // 1,026 series with 100 KiB labels.
+    for (seq, chunk) in (0..1026u32).collect::<Vec<_>>().chunks(27).enumerate() {
+        let mut builder = BatchBuilder::with_encoding(ValueEncoding::Doubles);
+        for &i in chunk {
+            let s = std::sync::Arc::new(
+                Series::new("big", Kind::Gauge).label("l", format!("{i}{}", "x".repeat(100 << 10))),
+            );
+            builder
+                .add(&Sample {
+                    series: s,
+                    time_unix_ms: 1,
+                    value: 1.0,
+                })
+                .unwrap();
+        }
+        let req = push_request(1, seq as u64 + 1, builder.finish());
+        let e = push_zstd(&client, &labeller, req).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    }
+    let rss_growth = rss_bytes(pid).saturating_sub(rss_before);
+    let peak_disk = store_bytes(&data);
+
+    // The log: the event's line is one line, with the name escaped in it.
+    let line = backend
+        .wait_log(&["container event", "forged line"], Duration::from_secs(30))
+        .await;
+    assert!(line.contains("web\\n2026-01-01"), "{line}");
+    let logs = backend.logs();
+    for l in logs.lines() {
+        assert!(
+            !l.starts_with("2026-01-01T00:00:00.000000Z"),
+            "a forged log line:\n{l}"
+        );
+        assert!(!l.contains('\u{1b}'), "an escape sequence in the log:\n{l}");
+    }
+
+    // `uplink ctl agents`: the header and a row per agent, no escape
+    // sequence.
+    let out = tokio::process::Command::new(bin())
+        .args(["ctl", "--backend", &url, "--ca-file"])
+        .arg(&ca)
+        .arg("agents")
+        .env("UPLINK_ADMIN_TOKEN", admin.expose())
+        .output()
+        .await
+        .expect("uplink ctl runs");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert_eq!(table.lines().count(), 3, "{table}");
+    assert!(!table.contains('\u{1b}'), "{table}");
+    assert!(table.len() < 2048, "{} bytes of table", table.len());
+
+    // The WAL is cut back by the truncating checkpoint.
+    let settled = wait_for(Duration::from_secs(90), "the WAL truncated", || {
+        let bytes = store_bytes(&data);
+        async move { (bytes < 2 << 20).then_some(bytes) }
+    })
+    .await;
+    println!(
+        "backend RSS +{} KiB; uplink.db + WAL {peak_disk} bytes after the abuse, {settled} bytes once checkpointed",
+        rss_growth / 1024
+    );
+    assert!(peak_disk < 24 << 20, "{peak_disk} bytes on disk");
+    assert!(
+        rss_growth < 100 << 20,
+        "backend RSS grew by {rss_growth} bytes"
+    );
 }

@@ -294,15 +294,16 @@ pub async fn report(
     client.clone().report(r).await.map(|r| r.into_inner())
 }
 
-/// The resident memory of this process (where a [`TestBackend`] runs), in
-/// bytes, from `/proc/self/status`.
-pub fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+/// The resident memory of process `pid` (`std::process::id()` for this
+/// one, where a [`TestBackend`] runs), in bytes, from `/proc/PID/status`.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let kib: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status");
+        .unwrap_or_else(|| panic!("no VmRSS in {path}"));
     kib * 1024
 }
 

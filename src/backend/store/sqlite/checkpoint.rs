@@ -23,7 +23,7 @@ pub(super) struct Checkpointer {
 /// Interval of background WAL checkpoints.
 pub const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 /// Interval of the checkpoints that truncate the WAL file to zero bytes.
-pub const TRUNCATE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+pub const TRUNCATE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 /// Size the WAL file is cut back to when a writer starts it over.
 pub const WAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
 
