@@ -92,8 +92,8 @@ async fn one_agent_cannot_grow_the_store_or_forge_text() {
             }
         }
     }
-    // Rejected batches (an empty name) at every other seq of new epochs:
-    // each would leave a row above the epoch's watermark.
+    // Rejected batches (an empty name) at every other seq of one epoch,
+    // from another agent: each would leave a row above the watermark.
     let bad = proto::MetricBatch {
         symbols: vec!["".into()],
         series: vec![proto::Series::default()],
@@ -102,19 +102,24 @@ async fn one_agent_cannot_grow_the_store_or_forge_text() {
         sample_values: vec![1.0],
         ..Default::default()
     };
+    let rejecter = enroll(&b, "rejecter").await;
     let mut exhausted = 0;
     for i in 0..300u64 {
-        let e = push_zstd(
-            &client,
-            &agent,
-            push_request(1000 + i / 10, 2 * i + 2, bad.clone()),
-        )
-        .await
-        .unwrap_err();
-        if e.code() == tonic::Code::ResourceExhausted {
-            exhausted += 1;
+        let e = push_zstd(&client, &rejecter, push_request(7, 2 * i + 2, bad.clone()))
+            .await
+            .unwrap_err();
+        match e.code() {
+            tonic::Code::ResourceExhausted => exhausted += 1,
+            code => assert_eq!(code, tonic::Code::InvalidArgument, "{e:?}"),
         }
     }
+    let (_, above) = b
+        .core
+        .store()
+        .metric_batches(&rejecter.id, 7)
+        .await
+        .unwrap();
+    assert!(above <= 110, "{above} rejected seqs recorded for one epoch");
     b.core.prune().await.expect("prune");
     let events = b.core.store().container_events(&agent.id).await.unwrap();
     let rss_growth = rss_bytes(std::process::id()).saturating_sub(rss_before);
@@ -139,17 +144,18 @@ async fn one_agent_cannot_grow_the_store_or_forge_text() {
         assert!(e.name.starts_with("web\\n2026"), "{:?}", e.name);
     }
 
-    // `ctl agents` shows one row for the agent, without escape sequences,
-    // and the status clipped.
+    // `ctl agents` shows one row per agent, without escape sequences, and
+    // the status clipped.
     let agents = b.admin().agents("").await.unwrap();
-    let docker = &agents[0].capacity.as_ref().unwrap().docker_status;
+    let abuser = agents.iter().find(|a| a.id == agent.id).unwrap();
+    let docker = &abuser.capacity.as_ref().unwrap().docker_status;
     assert!(
         docker.len() <= 256,
         "{} bytes of status stored",
         docker.len()
     );
     let table = agents_table(&agents);
-    assert_eq!(table.lines().count(), 2, "{table}");
+    assert_eq!(table.lines().count(), 1 + agents.len(), "{table}");
     assert!(!table.contains('\u{1b}'), "{table}");
     b.stop().await;
 }

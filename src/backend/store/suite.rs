@@ -3,7 +3,9 @@
 //! runs them on in-memory databases with `store_suite!`; a second store
 //! runs them the same way with its own constructor.
 
-use super::{AgentRecord, BatchSeq, METRIC_SEQ_WINDOW, Pruned, Retention, Store};
+use super::{
+    AgentRecord, BatchSeq, METRIC_SEQ_WINDOW, NewContainer, Pruned, Retention, RunRecord, Store,
+};
 use crate::proto;
 
 /// Defines every test of the suite as a `#[tokio::test]` of its own, each
@@ -22,6 +24,7 @@ macro_rules! store_suite {
             metric_batches_far_above_the_watermark_are_refused,
             pruning_keeps_what_delivery_needs,
             pruning_bounds_container_events_and_epochs,
+            pruning_keeps_runs_with_anything_left_on_a_host,
         );
     };
     ($make:expr; $($name:ident,)*) => {
@@ -293,4 +296,79 @@ pub(crate) async fn pruning_bounds_container_events_and_epochs(s: &dyn Store) {
     assert!(s.advance_cursor("a2", "events", 1, 1).await.unwrap());
     s.prune(&r).await.unwrap();
     assert_eq!(s.cursor("a2", "events", 1).await.unwrap(), 1);
+}
+
+pub(crate) async fn pruning_keeps_runs_with_anything_left_on_a_host(s: &dyn Store) {
+    use crate::proto::RunContainerState as St;
+    add_agent(s).await;
+    // One run per final state of its single container, all old.
+    let states = [
+        St::Failed,
+        St::Removed,
+        St::Exited,
+        St::Running,
+        St::Pending,
+    ];
+    for (i, state) in states.iter().enumerate() {
+        let run = RunRecord {
+            id: format!("run{i}"),
+            name: format!("r{i}"),
+            provider: "default".into(),
+            image: "alpine".into(),
+            count: 1,
+            created_ms: 10,
+            ..Default::default()
+        };
+        let start = NewContainer {
+            index: 0,
+            agent_id: "a1".into(),
+            name: format!("r{i}-0"),
+            command_id: format!("start{i}"),
+            spec: ping(),
+        };
+        s.create_run(&run, &[start]).await.unwrap().unwrap();
+        let mut change = |_: &RunRecord, c: &mut super::RunContainerRecord| {
+            c.state = *state;
+            None
+        };
+        s.change_container(&run.id, 0, 20, &mut change)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    // A removed container with a remove still in flight stays too.
+    let mut pending = |_: &RunRecord, c: &mut super::RunContainerRecord| {
+        c.pending_command = "rm".into();
+        None
+    };
+    s.change_container("run1", 0, 30, &mut pending)
+        .await
+        .unwrap()
+        .unwrap();
+    let r = Retention {
+        runs_before_ms: 1_000,
+        ..keep_all()
+    };
+    assert_eq!(s.prune(&r).await.unwrap().runs, 1);
+    assert!(s.run("run0").await.unwrap().is_none(), "nothing left of it");
+    for id in ["run1", "run2", "run3", "run4"] {
+        assert!(
+            s.run(id).await.unwrap().is_some(),
+            "{id} still has a container"
+        );
+    }
+    // Runs newer than the cutoff stay whatever their state.
+    let r = Retention {
+        runs_before_ms: 10,
+        ..keep_all()
+    };
+    let mut clear = |_: &RunRecord, c: &mut super::RunContainerRecord| {
+        c.pending_command.clear();
+        None
+    };
+    s.change_container("run1", 0, 40, &mut clear)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.prune(&r).await.unwrap().runs, 0);
 }

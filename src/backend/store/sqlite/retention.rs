@@ -67,21 +67,30 @@ pub(super) fn prune(c: &mut Connection, r: &Retention) -> Result<Pruned, StoreEr
     )? as u64;
     // Cursors of superseded epochs: each `(agent, stream)` keeps the
     // `epochs_kept` newest epochs (by when their cursor was made), and
-    // the seqs stored above a forgotten epoch's watermark go with it.
+    // the seqs stored above a forgotten metric epoch's watermark go with it.
     let tx = c.transaction()?;
-    out.cursors = tx.execute(
-        "DELETE FROM cursors WHERE rowid IN (
-            SELECT rowid FROM (SELECT rowid, ROW_NUMBER() OVER (
-                PARTITION BY agent_id, stream ORDER BY rowid DESC) AS n
-                FROM cursors) WHERE n > ?1)",
+    tx.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS prune_cursors (id INTEGER PRIMARY KEY)",
+        [],
+    )?;
+    tx.execute("DELETE FROM prune_cursors", [])?;
+    tx.execute(
+        "INSERT INTO prune_cursors SELECT rowid FROM (SELECT rowid, ROW_NUMBER() OVER (
+            PARTITION BY agent_id, stream ORDER BY rowid DESC) AS n FROM cursors) WHERE n > ?1",
         [r.epochs_kept as i64],
-    )? as u64;
-    out.cursors += tx.execute(
-        "DELETE FROM metric_batches_above WHERE NOT EXISTS (
-            SELECT 1 FROM cursors k WHERE k.agent_id = metric_batches_above.agent_id
-            AND k.stream = ?1 AND k.epoch = metric_batches_above.epoch)",
+    )?;
+    out.cursors = tx.execute(
+        "DELETE FROM metric_batches_above WHERE EXISTS (
+            SELECT 1 FROM cursors k JOIN prune_cursors p ON p.id = k.rowid
+            WHERE k.stream = ?1 AND k.agent_id = metric_batches_above.agent_id
+            AND k.epoch = metric_batches_above.epoch)",
         [super::METRIC_BATCHES],
     )? as u64;
+    out.cursors += tx.execute(
+        "DELETE FROM cursors WHERE rowid IN (SELECT id FROM prune_cursors)",
+        [],
+    )? as u64;
+    tx.execute("DELETE FROM prune_cursors", [])?;
     tx.commit()?;
     Ok(out)
 }
