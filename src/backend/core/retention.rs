@@ -110,3 +110,102 @@ impl Core {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::backend::CoreConfig;
+    use crate::backend::store::{AgentRecord, SqliteStore, Store};
+    use crate::proto;
+
+    fn core(store: Arc<dyn Store>, draining: watch::Receiver<bool>) -> Arc<Core> {
+        let cfg = CoreConfig {
+            heartbeat: Duration::from_secs(10),
+            poll_hold: Duration::from_secs(10),
+            public_url: "https://localhost:1".into(),
+            ca_file: None,
+            agent_metrics_interval: None,
+            max_message_bytes: 1 << 20,
+            retention: RetentionConfig {
+                commands: Duration::from_secs(3600),
+                ..RetentionConfig::default()
+            },
+        };
+        Arc::new(Core::with_admin_hash(store, cfg, "h", draining))
+    }
+
+    #[test]
+    fn cutoffs_are_the_retention_before_now() {
+        let r = RetentionConfig::default().at(40 * 86_400_000);
+        assert_eq!(r.commands_before_ms, 10 * 86_400_000);
+        assert_eq!(r.container_events_before_ms, 33 * 86_400_000);
+        assert_eq!(r.epochs_kept, DEFAULT_EPOCHS_KEPT);
+        // Far in the past, nothing is old enough to go.
+        assert!(RetentionConfig::default().at(0).runs_before_ms < 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_prune_task_prunes_on_its_own_and_stops_on_drain() {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().unwrap());
+        assert!(store.create_provider("p", "t", 1).await.unwrap());
+        let agent = AgentRecord {
+            id: "a".into(),
+            provider: "p".into(),
+            ..Default::default()
+        };
+        store.insert_agent(&agent, "c").await.unwrap();
+        let spec = proto::CommandSpec {
+            kind: Some(proto::command_spec::Kind::Ping(proto::Ping::default())),
+        };
+        store.enqueue("a", "old", &spec, 1).await.unwrap();
+        store.ack("a", 1, 2).await.unwrap();
+        let result = proto::CommandResult {
+            command_id: "old".into(),
+            status: proto::CommandStatus::Ok as i32,
+            ..Default::default()
+        };
+        // Done two hours ago, by the wall clock the store is given.
+        let done = crate::now_unix_ms() - 2 * 3_600_000;
+        assert!(store.complete("a", &result, done).await.unwrap());
+        let (drain, draining) = watch::channel(false);
+        let task = tokio::spawn({
+            let core = core(store.clone(), draining);
+            async move { core.prune_every(PRUNE_EVERY).await }
+        });
+        tokio::time::sleep(PRUNE_EVERY / 2).await;
+        assert!(store.command("old").await.unwrap().is_some(), "too early");
+        tokio::time::sleep(PRUNE_EVERY).await;
+        assert!(store.command("old").await.unwrap().is_none());
+        drain.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("the prune task stops when the backend drains")
+            .unwrap();
+    }
+
+    #[test]
+    fn retention_flags_out_of_range_are_named() {
+        let mut cfg = crate::backend::BackendConfig::new("/tmp/x");
+        cfg.retention = RetentionConfig {
+            commands: Duration::from_secs(1),
+            runs: Duration::from_secs(400 * 86_400),
+            container_events: Duration::from_secs(3600),
+            container_events_per_agent: 0,
+            epochs_kept: 0,
+        };
+        let errs = cfg.validate().join("\n");
+        for flag in [
+            "--retain-commands",
+            "--retain-runs",
+            "--max-container-events-per-agent",
+            "--epochs-kept",
+        ] {
+            assert!(errs.contains(flag), "{flag} not named in:\n{errs}");
+        }
+        assert!(!errs.contains("--retain-container-events"), "{errs}");
+    }
+}
