@@ -9,7 +9,8 @@ use uplink::metrics::encode::{BatchBuilder, ValueEncoding};
 use uplink::metrics::sample::{Kind, Sample, Series};
 use uplink::proto;
 use uplink_testkit::push::{
-    counter, enroll, grpc_client, push_request, push_zstd, report, rss_bytes, scrape, store_bytes,
+    Agent, AgentClient, counter, enroll, grpc_client, push_request, push_zstd, report, rss_bytes,
+    scrape, store_bytes,
 };
 use uplink_testkit::*;
 
@@ -29,41 +30,37 @@ fn container_event(seq: u64, i: u64) -> proto::Event {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_agent_cannot_grow_the_store_or_forge_text() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = TestBackend::start(dir.path()).await;
-    let agent = enroll(&b, "abuser").await;
-    let client = grpc_client(&b).await;
-
-    // A 3.9 MB Docker status full of escape sequences and fake rows.
+/// Reports a 3.9 MB Docker status full of escape sequences and fake rows
+/// (epoch 1); the backend takes it, clipped.
+async fn report_hostile_status(client: &AgentClient, agent: &Agent) {
     let status = format!(
         "27.1\nagt_fake  evil  default  yes\u{1b}[2J{}",
         "x".repeat(3_900_000)
     );
-    report(
-        &client,
-        &agent,
-        proto::ReportRequest {
-            epoch: 1,
-            events: vec![proto::Event {
-                seq: 1,
-                time_unix_ms: 1,
-                kind: Some(proto::event::Kind::Capacity(proto::Capacity {
-                    docker_available: true,
-                    docker_status: status,
-                    ..Default::default()
-                })),
-            }],
+    let capacity = proto::Event {
+        seq: 1,
+        time_unix_ms: 1,
+        kind: Some(proto::event::Kind::Capacity(proto::Capacity {
+            docker_available: true,
+            docker_status: status,
             ..Default::default()
-        },
-    )
-    .await
-    .expect("a capacity report is taken, clipped");
+        })),
+    };
+    let req = proto::ReportRequest {
+        epoch: 1,
+        events: vec![capacity],
+        ..Default::default()
+    };
+    report(client, agent, req)
+        .await
+        .expect("a capacity report is taken, clipped");
+}
 
-    // 400 reports of 1000 container events each, every one in a new epoch:
-    // 400,000 rows and 400 cursors if nothing bounded them.
-    let rss_before = rss_bytes(std::process::id());
+/// 400 reports of 1000 container events with a hostile name, every one in
+/// a new epoch (2 to 401): 400,000 rows and 400 cursors if nothing bounded
+/// them. Returns the reports taken and refused; every refusal must be
+/// RESOURCE_EXHAUSTED with a retry hint.
+async fn flood_container_events(client: &AgentClient, agent: &Agent) -> (u32, u32) {
     let (mut ok, mut refused) = (0, 0);
     let mut next = 0u64;
     for epoch in 2..402u64 {
@@ -73,17 +70,12 @@ async fn one_agent_cannot_grow_the_store_or_forge_text() {
                 container_event(seq, next)
             })
             .collect();
-        let r = report(
-            &client,
-            &agent,
-            proto::ReportRequest {
-                epoch,
-                events,
-                ..Default::default()
-            },
-        )
-        .await;
-        match r {
+        let req = proto::ReportRequest {
+            epoch,
+            events,
+            ..Default::default()
+        };
+        match report(client, agent, req).await {
             Ok(_) => ok += 1,
             Err(s) => {
                 assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
@@ -92,6 +84,47 @@ async fn one_agent_cannot_grow_the_store_or_forge_text() {
             }
         }
     }
+    (ok, refused)
+}
+
+/// Pushes 1,026 series with 100 KiB labels, 27 per batch, in epoch 1;
+/// every batch must be refused as `too_long`. Returns the batches sent.
+async fn flood_huge_labels(client: &AgentClient, agent: &Agent) -> u64 {
+    let mut seq = 0;
+    for chunk in (0..1026u32).collect::<Vec<_>>().chunks(27) {
+        let mut builder = BatchBuilder::with_encoding(ValueEncoding::Doubles);
+        for &i in chunk {
+            let s = std::sync::Arc::new(
+                Series::new("big", Kind::Gauge).label("l", format!("{i}{}", "x".repeat(100 << 10))),
+            );
+            builder
+                .add(&Sample {
+                    series: s,
+                    time_unix_ms: 1,
+                    value: 1.0,
+                })
+                .unwrap();
+        }
+        seq += 1;
+        let e = push_zstd(client, agent, push_request(1, seq, builder.finish()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("too_long"), "{}", e.message());
+    }
+    seq
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_cannot_grow_the_store_or_forge_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBackend::start(dir.path()).await;
+    let agent = enroll(&b, "abuser").await;
+    let client = grpc_client(&b).await;
+
+    report_hostile_status(&client, &agent).await;
+    let rss_before = rss_bytes(std::process::id());
+    let (ok, refused) = flood_container_events(&client, &agent).await;
     // Rejected batches (an empty name) at every other seq of one epoch,
     // from another agent: each would leave a row above the watermark.
     let bad = proto::MetricBatch {
@@ -167,29 +200,7 @@ async fn huge_labels_are_refused_and_metrics_stays_small() {
     let agent = enroll(&b, "labels").await;
     let client = grpc_client(&b).await;
     let rss_before = rss_bytes(std::process::id());
-    // 1,026 series with 100 KiB labels, 27 per batch.
-    let mut seq = 0;
-    for chunk in (0..1026u32).collect::<Vec<_>>().chunks(27) {
-        let mut builder = BatchBuilder::with_encoding(ValueEncoding::Doubles);
-        for &i in chunk {
-            let s = std::sync::Arc::new(
-                Series::new("big", Kind::Gauge).label("l", format!("{i}{}", "x".repeat(100 << 10))),
-            );
-            builder
-                .add(&Sample {
-                    series: s,
-                    time_unix_ms: 1,
-                    value: 1.0,
-                })
-                .unwrap();
-        }
-        seq += 1;
-        let e = push_zstd(&client, &agent, push_request(1, seq, builder.finish()))
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-        assert!(e.message().contains("too_long"), "{}", e.message());
-    }
+    let seq = flood_huge_labels(&client, &agent).await;
     let page = scrape(&b).await;
     let rss_growth = rss_bytes(std::process::id()).saturating_sub(rss_before);
     println!(
@@ -209,7 +220,7 @@ async fn huge_labels_are_refused_and_metrics_stays_small() {
 }
 
 /// A gRPC client of a backend process at `url` whose CA is `ca`.
-async fn client_of(url: &str, ca: &std::path::Path) -> uplink_testkit::push::AgentClient {
+async fn client_of(url: &str, ca: &std::path::Path) -> AgentClient {
     let trust = uplink::tls::Trust {
         ca_files: vec![ca.to_path_buf()],
         skip_os_store: true,
@@ -268,7 +279,7 @@ async fn the_backend_binary_stays_bounded_and_logs_and_shows_agent_text_escaped(
             .await
             .expect("enroll")
             .into_inner();
-        uplink_testkit::push::Agent {
+        Agent {
             id: r.agent_id,
             credential: r.credential,
         }
@@ -277,66 +288,9 @@ async fn the_backend_binary_stays_bounded_and_logs_and_shows_agent_text_escaped(
     let labeller = enroll("labeller").await;
     let rss_before = rss_bytes(pid);
 
-    let status = format!(
-        "27.1\nagt_fake  evil  default  yes\u{1b}[2J{}",
-        "x".repeat(3_900_000)
-    );
-    let capacity = proto::Event {
-        seq: 1,
-        time_unix_ms: 1,
-        kind: Some(proto::event::Kind::Capacity(proto::Capacity {
-            docker_available: true,
-            docker_status: status,
-            ..Default::default()
-        })),
-    };
-    report(
-        &client,
-        &agent,
-        proto::ReportRequest {
-            epoch: 1,
-            events: vec![capacity],
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("capacity");
-    let mut next = 0u64;
-    for epoch in 2..402u64 {
-        let events = (1..=1000)
-            .map(|seq| {
-                next += 1;
-                container_event(seq, next)
-            })
-            .collect();
-        let req = proto::ReportRequest {
-            epoch,
-            events,
-            ..Default::default()
-        };
-        if let Err(s) = report(&client, &agent, req).await {
-            assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
-        }
-    }
-    // 1,026 series with 100 KiB labels.
-    for (seq, chunk) in (0..1026u32).collect::<Vec<_>>().chunks(27).enumerate() {
-        let mut builder = BatchBuilder::with_encoding(ValueEncoding::Doubles);
-        for &i in chunk {
-            let s = std::sync::Arc::new(
-                Series::new("big", Kind::Gauge).label("l", format!("{i}{}", "x".repeat(100 << 10))),
-            );
-            builder
-                .add(&Sample {
-                    series: s,
-                    time_unix_ms: 1,
-                    value: 1.0,
-                })
-                .unwrap();
-        }
-        let req = push_request(1, seq as u64 + 1, builder.finish());
-        let e = push_zstd(&client, &labeller, req).await.unwrap_err();
-        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-    }
+    report_hostile_status(&client, &agent).await;
+    flood_container_events(&client, &agent).await;
+    flood_huge_labels(&client, &labeller).await;
     let rss_growth = rss_bytes(pid).saturating_sub(rss_before);
     let peak_disk = store_bytes(&data);
 
