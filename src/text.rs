@@ -8,15 +8,16 @@
 use std::borrow::Cow;
 
 /// True for a character [`escape`] rewrites: every Unicode control
-/// character (C0, DEL, C1) and the bidirectional controls that reorder
-/// what a terminal shows.
+/// character (C0, DEL, C1) but the tab, and the bidirectional controls that
+/// reorder what a terminal shows.
 fn unsafe_char(c: char) -> bool {
-    c.is_control()
+    (c.is_control() && c != '\t')
         || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// `s` with every unsafe character written as an escape (`\n`, `\r`,
-/// `\t`, `\e` for ESC, `\u{..}` otherwise); borrowed when there is none.
+/// `\e` for ESC, `\u{..}` otherwise); borrowed when there is none. A tab
+/// stays: it can neither start a line nor drive a terminal.
 /// A backslash is left alone: the result is for people to read, not to
 /// parse back.
 pub fn escape(s: &str) -> Cow<'_, str> {
@@ -28,7 +29,6 @@ pub fn escape(s: &str) -> Cow<'_, str> {
         match c {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
             '\u{1b}' => out.push_str("\\e"),
             c if unsafe_char(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
             c => out.push(c),
@@ -65,6 +65,7 @@ mod tests {
     fn plain_text_is_borrowed_unchanged() {
         assert!(matches!(escape("web-1 (Docker 27.1)"), Cow::Borrowed(_)));
         assert_eq!(escape("café ünïcode"), "café ünïcode");
+        assert_eq!(escape("a\tb"), "a\tb");
     }
 
     #[test]
