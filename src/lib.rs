@@ -32,6 +32,8 @@
 //!   backend, and which rung would be used.
 //! - [`hostname`]: the host's name, for the agent and the backend.
 //! - [`telemetry`]: the agent's self-metrics (names, recorder, endpoint).
+//! - [`text`]: text from agents and containers, clipped and escaped before
+//!   it is stored, logged or printed.
 //! - [`cli`]: the flags, one file per subcommand, each args struct turning
 //!   itself into its config; and the exit-status convention (64 on bad
 //!   config).
@@ -73,6 +75,7 @@ pub mod net;
 pub mod proto;
 pub mod secret;
 pub mod telemetry;
+pub mod text;
 pub mod tls;
 pub mod units;
 

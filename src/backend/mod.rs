@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tonic::codec::CompressionEncoding;
 use tower::ServiceExt;
 
-pub use self::core::{Core, CoreConfig};
+pub use self::core::{Core, CoreConfig, PRUNE_EVERY, RetentionConfig};
 pub use self::defaults::*;
 use self::store::{SqliteStore, Store};
 use crate::proto::{
@@ -73,6 +73,9 @@ pub struct BackendConfig {
     /// series beyond it are dropped and counted, so memory stays bounded
     /// whatever agents send.
     pub metrics_max_series: usize,
+    /// Most bytes of series (names and labels) `/metrics` keeps; new series
+    /// beyond it are dropped and counted, like beyond `metrics_max_series`.
+    pub metrics_max_bytes: usize,
     /// A series not updated for this long leaves `/metrics` (a stopped
     /// container's series should not be scraped forever).
     pub metrics_series_ttl: Duration,
@@ -86,6 +89,9 @@ pub struct BackendConfig {
     /// The metrics interval agents are asked to use (`Reconfigure`); None
     /// leaves it to each agent's flags.
     pub agent_metrics_interval: Option<Duration>,
+    /// What the store keeps of finished commands, runs, container events
+    /// and old epochs' cursors; pruned every [`PRUNE_EVERY`].
+    pub retention: RetentionConfig,
 }
 
 impl BackendConfig {
@@ -104,11 +110,13 @@ impl BackendConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             grace: Duration::from_secs(5),
             metrics_max_series: sinks::DEFAULT_MAX_SERIES,
+            metrics_max_bytes: sinks::DEFAULT_MAX_BYTES,
             metrics_series_ttl: sinks::DEFAULT_SERIES_TTL,
             metrics_jsonl_dir: None,
             metrics_jsonl_max_bytes: sinks::DEFAULT_JSONL_MAX_BYTES,
             metrics_jsonl_keep: sinks::DEFAULT_JSONL_KEEP,
             agent_metrics_interval: None,
+            retention: RetentionConfig::default(),
         }
     }
 
@@ -116,6 +124,7 @@ impl BackendConfig {
     pub fn sinks_config(&self) -> sinks::SinksConfig {
         sinks::SinksConfig {
             max_series: self.metrics_max_series,
+            max_bytes: self.metrics_max_bytes,
             series_ttl: self.metrics_series_ttl,
             jsonl: self
                 .metrics_jsonl_dir
@@ -136,6 +145,30 @@ impl BackendConfig {
         {
             errs.push(format!(
                 "--agent-metrics-interval {i:?} is out of range: 200ms to 1h"
+            ));
+        }
+        let r = &self.retention;
+        for (flag, d) in [
+            ("--retain-commands", r.commands),
+            ("--retain-runs", r.runs),
+            ("--retain-container-events", r.container_events),
+        ] {
+            if d < Duration::from_secs(60) || d > Duration::from_secs(366 * 86_400) {
+                errs.push(format!(
+                    "{flag} {d:?} is out of range: 1m to 8784h (366 days)"
+                ));
+            }
+        }
+        if !(1..=10_000_000).contains(&r.container_events_per_agent) {
+            errs.push(format!(
+                "--max-container-events-per-agent {} is out of range: 1 to 10000000",
+                r.container_events_per_agent
+            ));
+        }
+        if !(1..=1000).contains(&r.epochs_kept) {
+            errs.push(format!(
+                "--epochs-kept {} is out of range: 1 to 1000",
+                r.epochs_kept
             ));
         }
         if self.hostnames.is_empty() {
@@ -169,6 +202,12 @@ impl BackendConfig {
             errs.push(format!(
                 "--metrics-max-series {} is out of range: 1 to 100000000",
                 self.metrics_max_series
+            ));
+        }
+        if self.metrics_max_bytes < 1 << 20 || self.metrics_max_bytes > 1 << 40 {
+            errs.push(format!(
+                "--metrics-max-bytes {} is out of range: 1m to 1t",
+                self.metrics_max_bytes
             ));
         }
         if self.metrics_series_ttl < Duration::from_secs(1)
@@ -407,6 +446,7 @@ impl Server {
                     ca_file: server_tls.ca_file.clone(),
                     agent_metrics_interval: config.agent_metrics_interval,
                     max_message_bytes: config.max_message_bytes,
+                    retention: config.retention.clone(),
                 },
                 &admin_hash,
                 draining_rx,
@@ -502,6 +542,8 @@ impl Server {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tracing::info!(addr = %self.info.addr, url = %self.info.url, "backend listening");
+        let pruner = core.clone();
+        tokio::spawn(async move { pruner.prune_every(PRUNE_EVERY).await });
         tokio::pin!(shutdown);
         loop {
             let (tcp, peer) = tokio::select! {

@@ -7,8 +7,9 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::backend::defaults::{
-    DEFAULT_DATA_DIR, DEFAULT_HEARTBEAT, DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_POLL_HOLD,
+    DEFAULT_DATA_DIR, DEFAULT_EPOCHS_KEPT, DEFAULT_HEARTBEAT, DEFAULT_LISTEN,
+    DEFAULT_MAX_CONTAINER_EVENTS_PER_AGENT, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_POLL_HOLD,
+    DEFAULT_RETAIN_COMMANDS, DEFAULT_RETAIN_CONTAINER_EVENTS, DEFAULT_RETAIN_RUNS,
 };
 use crate::units::{HumanDuration, parse_bytes, parse_duration};
 
@@ -50,6 +51,9 @@ pub struct BackendArgs {
     /// Most series whose latest value /metrics keeps (default 1000000); new series beyond are dropped and counted.
     #[arg(long, env = "UPLINK_METRICS_MAX_SERIES")]
     pub metrics_max_series: Option<usize>,
+    /// Most bytes of series names and labels /metrics keeps (default 256m); new series beyond are dropped and counted.
+    #[arg(long, env = "UPLINK_METRICS_MAX_BYTES", value_parser = parse_bytes)]
+    pub metrics_max_bytes: Option<u64>,
     /// Series not updated for this long leave /metrics (default 15m).
     #[arg(long, env = "UPLINK_METRICS_SERIES_TTL", value_parser = parse_duration)]
     pub metrics_series_ttl: Option<Duration>,
@@ -65,6 +69,21 @@ pub struct BackendArgs {
     /// Ask every agent to scrape its metrics at this interval (sent as Reconfigure); default: each agent's own.
     #[arg(long, env = "UPLINK_AGENT_METRICS_INTERVAL", value_parser = parse_duration)]
     pub agent_metrics_interval: Option<Duration>,
+    /// Keep finished commands (and their results) this long after they finished.
+    #[arg(long, env = "UPLINK_RETAIN_COMMANDS", default_value_t = HumanDuration(DEFAULT_RETAIN_COMMANDS), value_parser = HumanDuration::from_str)]
+    pub retain_commands: HumanDuration,
+    /// Keep runs whose containers are all gone from their hosts this long after they were created.
+    #[arg(long, env = "UPLINK_RETAIN_RUNS", default_value_t = HumanDuration(DEFAULT_RETAIN_RUNS), value_parser = HumanDuration::from_str)]
+    pub retain_runs: HumanDuration,
+    /// Keep container events this long.
+    #[arg(long, env = "UPLINK_RETAIN_CONTAINER_EVENTS", default_value_t = HumanDuration(DEFAULT_RETAIN_CONTAINER_EVENTS), value_parser = HumanDuration::from_str)]
+    pub retain_container_events: HumanDuration,
+    /// Keep at most this many container events per agent (the newest).
+    #[arg(long, env = "UPLINK_MAX_CONTAINER_EVENTS_PER_AGENT", default_value_t = DEFAULT_MAX_CONTAINER_EVENTS_PER_AGENT)]
+    pub max_container_events_per_agent: u64,
+    /// Keep the dedup cursors of this many epochs (the newest) per agent and stream.
+    #[arg(long, env = "UPLINK_EPOCHS_KEPT", default_value_t = DEFAULT_EPOCHS_KEPT)]
+    pub epochs_kept: u64,
 }
 
 #[cfg(feature = "backend")]
@@ -90,6 +109,9 @@ impl BackendArgs {
         if let Some(n) = a.metrics_max_series {
             cfg.metrics_max_series = n;
         }
+        if let Some(n) = a.metrics_max_bytes {
+            cfg.metrics_max_bytes = usize::try_from(n).unwrap_or(usize::MAX);
+        }
         if let Some(ttl) = a.metrics_series_ttl {
             cfg.metrics_series_ttl = ttl;
         }
@@ -101,6 +123,13 @@ impl BackendArgs {
             cfg.metrics_jsonl_keep = n;
         }
         cfg.agent_metrics_interval = a.agent_metrics_interval;
+        cfg.retention = crate::backend::RetentionConfig {
+            commands: a.retain_commands.into(),
+            runs: a.retain_runs.into(),
+            container_events: a.retain_container_events.into(),
+            container_events_per_agent: a.max_container_events_per_agent,
+            epochs_kept: a.epochs_kept,
+        };
         let mut problems = cfg.validate();
         let addr: Option<std::net::SocketAddr> = match a.listen.parse() {
             Ok(addr) => Some(addr),

@@ -16,6 +16,7 @@ use crate::cli::{CtlCommand, ProviderAction};
 use crate::client::{CallError, ConnectClient};
 use crate::proto::{self, Named};
 use crate::secret::Secret;
+use crate::text::escape;
 
 /// Prints to stdout; a closed pipe (`ctl agents --json | head`) is not an
 /// error worth a panic.
@@ -357,7 +358,7 @@ pub async fn run(cfg: CtlConfig) -> Result<ExitCode, CallError> {
                     let r = p.view.result.unwrap_or_default();
                     out!(
                         "{} from {agent}: {} in {:.2} ms",
-                        r.message,
+                        escape(&r.message),
                         p.command_id,
                         p.round_trip.as_secs_f64() * 1000.0
                     );
@@ -502,7 +503,12 @@ pub async fn run(cfg: CtlConfig) -> Result<ExitCode, CallError> {
                         v.id
                     );
                     for c in v.containers.iter().filter(|c| !c.message.is_empty()) {
-                        eprintln!("  {} on {}: {}", c.name, c.agent_id, c.message);
+                        eprintln!(
+                            "  {} on {}: {}",
+                            escape(&c.name),
+                            c.agent_id,
+                            escape(&c.message)
+                        );
                     }
                     return Ok(ExitCode::FAILURE);
                 }
@@ -513,10 +519,12 @@ pub async fn run(cfg: CtlConfig) -> Result<ExitCode, CallError> {
             for c in admin.run_logs(&run, tail).await? {
                 if !c.error.is_empty() {
                     failed = true;
-                    eprintln!("{}: {}", c.name, c.error);
+                    eprintln!("{}: {}", escape(&c.name), escape(&c.error));
                 }
+                // A container's output is shown, not obeyed: no escape
+                // sequence of it reaches the operator's terminal.
                 for line in &c.lines {
-                    out!("{} | {line}", c.name);
+                    out!("{} | {}", escape(&c.name), escape(line));
                 }
             }
             if failed {

@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 
 use crate::proto;
+use crate::text::escape;
 use crate::units::human_bytes;
 
 /// A run's state in `ctl` output.
@@ -87,12 +88,12 @@ pub fn runs_table(runs: &[proto::RunView]) -> String {
         let _ = writeln!(
             out,
             "{:<24} {:<16} {:<12} {:<9} {:<21} {:<30} {}",
-            r.id,
-            r.name,
-            r.provider,
+            escape(&r.id),
+            escape(&r.name),
+            escape(&r.provider),
             run_state_name(r.state),
             rfc3339(r.created_unix_ms),
-            r.image,
+            escape(&r.image),
             run_counts(r)
         );
     }
@@ -103,12 +104,12 @@ pub fn runs_table(runs: &[proto::RunView]) -> String {
 pub fn run_table(r: &proto::RunView) -> String {
     let mut out = format!(
         "run {} ({}) on {}: {}, {} x {} ({} cores, {} each)\n",
-        r.id,
-        r.name,
-        r.provider,
+        escape(&r.id),
+        escape(&r.name),
+        escape(&r.provider),
         run_state_name(r.state),
         r.count,
-        r.image,
+        escape(&r.image),
         r.cpus,
         human_bytes(r.memory_bytes)
     );
@@ -127,12 +128,12 @@ pub fn run_table(r: &proto::RunView) -> String {
             out,
             "{:<5} {:<22} {:<22} {:<9} {:<6} {:<14} {}",
             c.index,
-            c.name,
-            c.agent_id,
+            escape(&c.name),
+            escape(&c.agent_id),
             container_state_name(c.state),
             exit,
-            c.container_id.chars().take(12).collect::<String>(),
-            c.message
+            escape(&c.container_id.chars().take(12).collect::<String>()),
+            escape(&c.message)
         );
     }
     out
@@ -234,16 +235,16 @@ pub fn agents_table(agents: &[proto::AgentView]) -> String {
         let _ = writeln!(
             out,
             "{:<22} {:<20} {:<12} {:<9} {:<9} {:<21} {:<8} {:<7} {:<10} {}",
-            a.id,
-            a.hostname,
-            a.provider,
+            escape(&a.id),
+            escape(&a.hostname),
+            escape(&a.provider),
             if a.connected { "yes" } else { "no" },
             transport_name(a.transport),
             rfc3339(a.last_seen_unix_ms),
-            a.version,
+            escape(&a.version),
             a.pending_commands,
             containers,
-            docker
+            escape(&docker)
         );
     }
     out
@@ -256,7 +257,7 @@ pub fn providers_table(providers: &[proto::ProviderView]) -> String {
         let _ = writeln!(
             out,
             "{:<20} {:<21} {}",
-            p.name,
+            escape(&p.name),
             rfc3339(p.created_unix_ms),
             p.agents
         );
@@ -317,5 +318,47 @@ mod tests {
         }
         assert_eq!(o["transport"], "longpoll");
         assert_eq!(o["connected"], true);
+    }
+
+    #[test]
+    fn agent_text_cannot_fake_rows_or_reach_the_terminal() {
+        let hostile = "27.1\nagt_fake  evil  default  yes\u{1b}[2J\u{1b}]0;title\u{7}";
+        let a = proto::AgentView {
+            id: "agt_1".into(),
+            hostname: hostile.into(),
+            version: hostile.into(),
+            capacity: Some(proto::Capacity {
+                docker_available: true,
+                docker_status: hostile.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let table = agents_table(&[a]);
+        assert_eq!(table.lines().count(), 2, "{table}");
+        assert!(
+            !table.contains('\u{1b}') && !table.contains('\u{7}'),
+            "{table}"
+        );
+        assert!(table.contains("27.1\\nagt_fake"), "{table}");
+        let run = proto::RunView {
+            id: "run_1".into(),
+            name: hostile.into(),
+            containers: vec![proto::RunContainerView {
+                name: hostile.into(),
+                message: hostile.into(),
+                container_id: "\u{1b}[31m\n".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        for out in [runs_table(std::slice::from_ref(&run)), run_table(&run)] {
+            assert_eq!(
+                out.lines().count(),
+                2 + usize::from(out.starts_with("run ")),
+                "{out}"
+            );
+            assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out}");
+        }
     }
 }

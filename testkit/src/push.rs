@@ -279,3 +279,38 @@ pub fn jsonl_files(dir: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// Sends a `Report` over gRPC with the agent's credential.
+pub async fn report(
+    client: &AgentClient,
+    agent: &Agent,
+    req: proto::ReportRequest,
+) -> Result<proto::ReportResponse, tonic::Status> {
+    let mut r = tonic::Request::new(req);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", agent.credential).parse().unwrap(),
+    );
+    client.clone().report(r).await.map(|r| r.into_inner())
+}
+
+/// The resident memory of process `pid` (`std::process::id()` for this
+/// one, where a [`TestBackend`] runs), in bytes, from `/proc/PID/status`.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {path}"));
+    kib * 1024
+}
+
+/// Bytes of a store on disk: `uplink.db` and its WAL in `dir`.
+pub fn store_bytes(dir: &Path) -> u64 {
+    ["uplink.db", "uplink.db-wal"]
+        .iter()
+        .map(|f| std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0))
+        .sum()
+}

@@ -8,7 +8,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use super::checks::check_info;
+use super::checks::{check_info, clean_capacity, clean_container_event, clean_result};
+use super::limits::CONTAINER_EVENTS;
 use super::{Core, internal};
 use crate::backend::store::AgentRecord;
 use crate::proto::{self, Transport};
@@ -312,6 +313,10 @@ impl Core {
             .cursor(&agent, "events", req.epoch)
             .await
             .map_err(internal)?;
+        if !req.events.is_empty() {
+            self.admit_epoch(&agent, "events", req.epoch, async { Ok(stored > 0) })
+                .await?;
+        }
         let mut any_result = false;
         for ev in req.events {
             if ev.seq <= stored {
@@ -319,6 +324,7 @@ impl Core {
             }
             match ev.kind {
                 Some(proto::event::Kind::Result(mut r)) => {
+                    clean_result(&mut r);
                     if proto::CommandStatus::try_from(r.status).unwrap_or_default()
                         == proto::CommandStatus::Unspecified
                     {
@@ -344,7 +350,15 @@ impl Core {
                         }
                     }
                 }
-                Some(proto::event::Kind::Container(c)) => {
+                Some(proto::event::Kind::Container(mut c)) => {
+                    clean_container_event(&mut c);
+                    if let Err(e) = self.budgets.take(&agent, CONTAINER_EVENTS) {
+                        // What came before is stored: the retry starts here.
+                        if any_result {
+                            self.results.send_modify(|n| *n += 1);
+                        }
+                        return Err(e);
+                    }
                     let new = self
                         .store
                         .container_event(&agent, &c, crate::now_unix_ms())
@@ -359,7 +373,8 @@ impl Core {
                         self.run_container_event(&agent, &c).await?;
                     }
                 }
-                Some(proto::event::Kind::Capacity(c)) => {
+                Some(proto::event::Kind::Capacity(mut c)) => {
+                    clean_capacity(&mut c);
                     tracing::debug!(%agent, cores = c.cpu_cores, running = c.running_containers, docker = %c.docker_status, "capacity");
                     self.store
                         .set_capacity(&agent, &c, crate::now_unix_ms())

@@ -23,6 +23,41 @@ pub(super) fn check_len(field: &str, value: &str, max: usize) -> Result<(), Stat
     Ok(())
 }
 
+/// Longest container id, command id or run id kept from a container event.
+const MAX_EVENT_ID: usize = 128;
+/// Longest container name kept from a container event.
+const MAX_EVENT_NAME: usize = 256;
+/// Longest `Capacity.docker_status` kept.
+pub(super) const MAX_DOCKER_STATUS: usize = 256;
+/// Longest `CommandResult.message` kept.
+pub(super) const MAX_RESULT_MESSAGE: usize = 4096;
+
+/// Clips and escapes the text of a container event (see [`crate::text`]).
+/// Not refused: the event carries a run's state, and events behind it in
+/// the agent's report would wait for it.
+pub(super) fn clean_container_event(c: &mut proto::ContainerEvent) {
+    for (field, max) in [
+        (&mut c.container_id, MAX_EVENT_ID),
+        (&mut c.name, MAX_EVENT_NAME),
+        (&mut c.command_id, MAX_EVENT_ID),
+        (&mut c.run_id, MAX_EVENT_ID),
+    ] {
+        *field = crate::text::clip(field, max);
+    }
+}
+
+/// Clips and escapes the text of a capacity report.
+pub(super) fn clean_capacity(c: &mut proto::Capacity) {
+    c.docker_status = crate::text::clip(&c.docker_status, MAX_DOCKER_STATUS);
+}
+
+/// Clips and escapes a result's message (what `ctl` shows of it) and
+/// command id (which is logged).
+pub(super) fn clean_result(r: &mut proto::CommandResult) {
+    r.command_id = crate::text::clip(&r.command_id, MAX_EVENT_ID);
+    r.message = crate::text::clip(&r.message, MAX_RESULT_MESSAGE);
+}
+
 pub(super) fn check_info(info: &proto::AgentInfo) -> Result<(), Status> {
     check_len("info.hostname", &info.hostname, 255)?;
     check_len("info.version", &info.version, 64)?;
@@ -172,6 +207,31 @@ mod tests {
         );
         b.sample_series = vec![0, 0];
         assert!(validate_batch(&b).unwrap_err().message().contains("differ"));
+    }
+
+    #[test]
+    fn agent_text_is_clipped_and_escaped_at_intake() {
+        let mut c = proto::Capacity {
+            docker_status: format!("27.1\n\u{1b}[2Jfake row{}", "x".repeat(4 << 20)),
+            ..Default::default()
+        };
+        clean_capacity(&mut c);
+        assert!(c.docker_status.len() <= MAX_DOCKER_STATUS);
+        assert!(c.docker_status.starts_with("27.1\\n\\e[2Jfake row"));
+        let mut e = proto::ContainerEvent {
+            name: "web\nINFO forged".into(),
+            container_id: "c".repeat(10_000),
+            ..Default::default()
+        };
+        clean_container_event(&mut e);
+        assert_eq!(e.name, "web\\nINFO forged");
+        assert!(e.container_id.len() <= MAX_EVENT_ID);
+        let mut r = proto::CommandResult {
+            message: "m".repeat(1 << 20),
+            ..Default::default()
+        };
+        clean_result(&mut r);
+        assert!(r.message.len() <= MAX_RESULT_MESSAGE);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tonic::Status;
 
+use super::limits::REJECTED_BATCHES;
 use super::{Core, internal};
 use crate::backend::sinks::{Origin, Rejection};
 use crate::backend::store::{BatchSeq, METRIC_SEQ_WINDOW};
@@ -94,8 +95,9 @@ impl Core {
     /// starts with the reason; its seq counts as used, so the watermark
     /// moves past it), FAILED_PRECONDITION (seq too far ahead),
     /// UNAVAILABLE (a sink is behind or failing, the backend is stopping,
-    /// or the same batch is being stored by another request): keep the
-    /// batch and retry.
+    /// or the same batch is being stored by another request),
+    /// RESOURCE_EXHAUSTED (the agent is over its budget of new epochs or
+    /// of rejected batches, see `limits.rs`): keep the batch and retry.
     ///
     /// Storing runs in its own task, so a caller that goes away (a timeout,
     /// a cut connection) does not cut it short between the sinks and the
@@ -107,6 +109,11 @@ impl Core {
     ) -> Result<proto::PushMetricsResponse, Status> {
         self.apply_ack(&agent, req.ack).await?;
         let (epoch, seq) = (req.epoch, req.seq);
+        let store = &self.store;
+        self.admit_epoch(&agent, "metrics", epoch, async {
+            Ok(store.metric_batches(&agent, epoch).await? != (0, 0))
+        })
+        .await?;
         let limit = self.cfg.max_message_bytes;
         let decoded = match (req.batch, req.batch_zstd) {
             (Some(_), zstd) if !zstd.is_empty() => Err(BatchError::BothForms),
@@ -141,6 +148,9 @@ impl Core {
                 // The agent drops a batch that can never be stored: its seq
                 // is used up, so the watermark can pass it. (A retry of it
                 // is decoded first, so it still gets this error.)
+                if (1..=i64::MAX as u64).contains(&seq) {
+                    self.budgets.take(&agent, REJECTED_BATCHES)?;
+                }
                 if (1..=i64::MAX as u64).contains(&seq)
                     && let Err(e) = self.store.record_metric_batch(&agent, epoch, seq).await
                 {

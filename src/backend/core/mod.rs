@@ -7,7 +7,8 @@
 //! authentication; `agent.rs` the agent service (enroll, the stream, polls,
 //! reports); `metrics.rs` `PushMetrics`; `admin.rs` the admin service
 //! (providers, agents, commands); `checks.rs` the checks of what agents and
-//! operators send. The runs' part is in [`super::runs`]. `Core` reaches its
+//! operators send; `limits.rs` the per-agent budgets on what the store
+//! keeps; `retention.rs` the pruning of the rest. The runs' part is in [`super::runs`]. `Core` reaches its
 //! durable state only through the [`Store`] trait, awaiting each call, so
 //! it works the same over any store.
 
@@ -26,10 +27,13 @@ use crate::secret;
 mod admin;
 mod agent;
 mod checks;
+mod limits;
 mod metrics;
+mod retention;
 
 pub(super) use checks::check_image;
 pub use checks::{check_provider_name, check_spec, validate_batch};
+pub use retention::{PRUNE_EVERY, RetentionConfig};
 
 /// Settings the core needs.
 #[derive(Clone, Debug)]
@@ -48,6 +52,8 @@ pub struct CoreConfig {
     /// Largest message accepted; also the largest `batch_zstd` once
     /// decompressed.
     pub max_message_bytes: usize,
+    /// What the store keeps.
+    pub retention: RetentionConfig,
 }
 
 /// The backend's state and logic.
@@ -63,6 +69,8 @@ pub struct Core {
     /// `(agent, epoch, seq)` of metric batches being stored right now, so a
     /// retry that arrives meanwhile cannot store the same batch again.
     metric_batches_in_flight: Mutex<HashSet<(String, u64, u64)>>,
+    /// What each agent may still make the store keep.
+    budgets: limits::Budgets,
 }
 
 pub(super) fn internal(e: StoreError) -> Status {
@@ -95,6 +103,7 @@ impl Core {
             draining,
             sinks: Sinks::in_memory(),
             metric_batches_in_flight: Mutex::new(HashSet::new()),
+            budgets: limits::Budgets::default(),
         }
     }
 

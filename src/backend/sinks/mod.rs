@@ -23,6 +23,9 @@ use crate::metrics::encode::{DecodeError, Decoded};
 
 /// Default cap on series kept for `/metrics`.
 pub const DEFAULT_MAX_SERIES: usize = 1_000_000;
+/// Default cap on the bytes of the series kept for `/metrics` (names and
+/// labels, see [`prometheus::SERIES_OVERHEAD`]).
+pub const DEFAULT_MAX_BYTES: usize = 256 * 1024 * 1024;
 /// Default time after which a series without updates leaves `/metrics`.
 pub const DEFAULT_SERIES_TTL: Duration = Duration::from_secs(15 * 60);
 /// Default size at which a JSON-lines file is closed and the next begun.
@@ -40,7 +43,7 @@ pub const DUPLICATES: &str = "uplink_backend_metric_batches_duplicate_total";
 pub const REJECTED: &str = "uplink_backend_metric_batches_rejected_total";
 /// Series shown at `/metrics` now.
 pub const SERIES: &str = "uplink_backend_metric_series";
-/// New series refused because the cap was reached.
+/// New series refused because the cap on series or on bytes was reached.
 pub const SERIES_DROPPED: &str = "uplink_backend_metric_series_dropped_total";
 /// Series evicted after the TTL without an update.
 pub const SERIES_EVICTED: &str = "uplink_backend_metric_series_evicted_total";
@@ -94,6 +97,10 @@ pub enum Rejection {
     OddLabels,
     EmptyLabelName,
     UnsortedLabels,
+    /// A name or label beyond the decoder's length limits.
+    TooLong,
+    /// More labels on a series than the decoder allows.
+    TooManyLabels,
     UnknownKind,
     SeriesOutOfRange,
     TimeOutOfRange,
@@ -118,7 +125,7 @@ pub enum Rejection {
 
 impl Rejection {
     /// Every reason, in the order `/metrics` lists them.
-    pub const ALL: [Rejection; 25] = [
+    pub const ALL: [Rejection; 27] = [
         Rejection::BothBatchForms,
         Rejection::BatchZstd,
         Rejection::MixedSeriesColumns,
@@ -132,6 +139,8 @@ impl Rejection {
         Rejection::OddLabels,
         Rejection::EmptyLabelName,
         Rejection::UnsortedLabels,
+        Rejection::TooLong,
+        Rejection::TooManyLabels,
         Rejection::UnknownKind,
         Rejection::SeriesOutOfRange,
         Rejection::TimeOutOfRange,
@@ -162,6 +171,8 @@ impl Rejection {
             Rejection::OddLabels => "odd_labels",
             Rejection::EmptyLabelName => "empty_label_name",
             Rejection::UnsortedLabels => "unsorted_labels",
+            Rejection::TooLong => "too_long",
+            Rejection::TooManyLabels => "too_many_labels",
             Rejection::UnknownKind => "unknown_kind",
             Rejection::SeriesOutOfRange => "series_out_of_range",
             Rejection::TimeOutOfRange => "time_out_of_range",
@@ -191,6 +202,8 @@ impl Rejection {
             DecodeError::OddLabels { .. } => Rejection::OddLabels,
             DecodeError::EmptyLabelName { .. } => Rejection::EmptyLabelName,
             DecodeError::UnsortedLabels { .. } => Rejection::UnsortedLabels,
+            DecodeError::TooLong { .. } => Rejection::TooLong,
+            DecodeError::TooManyLabels { .. } => Rejection::TooManyLabels,
             DecodeError::UnknownKind { .. } => Rejection::UnknownKind,
             DecodeError::SeriesOutOfRange { .. } => Rejection::SeriesOutOfRange,
             DecodeError::TimeOutOfRange { .. } => Rejection::TimeOutOfRange,
@@ -209,6 +222,8 @@ impl Rejection {
 pub struct SinksConfig {
     /// Most series kept for `/metrics`.
     pub max_series: usize,
+    /// Most bytes of series kept for `/metrics`.
+    pub max_bytes: usize,
     /// A series not updated for this long leaves `/metrics`.
     pub series_ttl: Duration,
     /// JSON lines, when wanted.
@@ -219,6 +234,7 @@ impl Default for SinksConfig {
     fn default() -> Self {
         SinksConfig {
             max_series: DEFAULT_MAX_SERIES,
+            max_bytes: DEFAULT_MAX_BYTES,
             series_ttl: DEFAULT_SERIES_TTL,
             jsonl: None,
         }
@@ -262,7 +278,7 @@ impl Sinks {
             .map(|j| jsonl::JsonLines::open(j, start_unix_ms))
             .transpose()?;
         Ok(Sinks {
-            latest: prometheus::LatestValues::new(cfg.max_series, cfg.series_ttl),
+            latest: prometheus::LatestValues::new(cfg.max_series, cfg.max_bytes, cfg.series_ttl),
             jsonl,
             batches: AtomicU64::new(0),
             samples: AtomicU64::new(0),
@@ -274,7 +290,11 @@ impl Sinks {
     /// Latest values only, with the default settings.
     pub fn in_memory() -> Sinks {
         Sinks {
-            latest: prometheus::LatestValues::new(DEFAULT_MAX_SERIES, DEFAULT_SERIES_TTL),
+            latest: prometheus::LatestValues::new(
+                DEFAULT_MAX_SERIES,
+                DEFAULT_MAX_BYTES,
+                DEFAULT_SERIES_TTL,
+            ),
             jsonl: None,
             batches: AtomicU64::new(0),
             samples: AtomicU64::new(0),

@@ -10,9 +10,11 @@
 //! labels. Two series that become the same after sanitizing share one
 //! entry.
 //!
-//! Memory is bounded: at most `max_series` series are kept (a sample of a
-//! new series beyond that is dropped and counted), and a series not updated
-//! for `ttl` is evicted. Time is passed in, so this is plain logic.
+//! Memory is bounded: at most `max_series` series are kept, and at most
+//! `max_bytes` of their names and label blocks (each series also counted
+//! with [`SERIES_OVERHEAD`]), so the scrape page stays about that size too;
+//! a sample of a new series beyond either is dropped and counted; and a
+//! series not updated for `ttl` is evicted. Time is passed in, so this is plain logic.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -36,6 +38,7 @@ pub struct Origin {
 /// The latest value of every series.
 pub struct LatestValues {
     max_series: usize,
+    max_bytes: usize,
     ttl: Duration,
     state: Mutex<State>,
 }
@@ -45,6 +48,8 @@ struct State {
     families: HashMap<String, Family>,
     /// Series in all families.
     series: usize,
+    /// What those series cost, see [`cost`].
+    bytes: usize,
     /// When series older than the TTL were last evicted.
     last_sweep: Option<Instant>,
     /// New series refused because `max_series` was reached.
@@ -90,16 +95,28 @@ pub struct Counts {
     pub evicted: u64,
 }
 
+/// What a series costs besides its name and labels: the map entries, the
+/// value, its time and the page's punctuation, about.
+pub const SERIES_OVERHEAD: usize = 64;
+
+/// What a series of metric `name` with label block `labels` counts against
+/// `max_bytes`.
+fn cost(name: &str, labels: &str) -> usize {
+    name.len() + labels.len() + SERIES_OVERHEAD
+}
+
 impl LatestValues {
-    /// An empty store of at most `max_series` series, each kept `ttl`
-    /// after its last update.
-    pub fn new(max_series: usize, ttl: Duration) -> Self {
+    /// An empty store of at most `max_series` series and `max_bytes` (see
+    /// [`cost`]), each kept `ttl` after its last update.
+    pub fn new(max_series: usize, max_bytes: usize, ttl: Duration) -> Self {
         LatestValues {
             max_series,
+            max_bytes,
             ttl,
             state: Mutex::new(State {
                 families: HashMap::new(),
                 series: 0,
+                bytes: 0,
                 last_sweep: None,
                 dropped: 0,
                 evicted: 0,
@@ -143,8 +160,11 @@ impl LatestValues {
         let mut guard = self.lock();
         let st = &mut *guard;
         self.sweep_if_due(st, now);
+        let mut added_bytes = 0;
         for (name, kind, labels, time_ms, value) in updates {
-            let full = st.series + out.created >= self.max_series;
+            let bytes = cost(&name, &labels);
+            let full = st.series + out.created >= self.max_series
+                || st.bytes + added_bytes + bytes > self.max_bytes;
             let family = match st.families.get_mut(&name) {
                 Some(f) => f,
                 None if full => {
@@ -173,10 +193,12 @@ impl LatestValues {
                 None => {
                     family.series.insert(labels.into_boxed_str(), fresh);
                     out.created += 1;
+                    added_bytes += bytes;
                 }
             }
         }
         st.series += out.created;
+        st.bytes += added_bytes;
         st.dropped += out.dropped as u64;
         // Families are created only below the cap, for a series that is
         // then inserted: no empty family is left behind.
@@ -196,14 +218,20 @@ impl LatestValues {
         st.last_sweep = Some(now);
         let ttl = self.ttl;
         let mut evicted = 0usize;
-        st.families.retain(|_, f| {
-            let before = f.series.len();
-            f.series
-                .retain(|_, l| now.saturating_duration_since(l.updated) < ttl);
-            evicted += before - f.series.len();
+        let mut freed = 0usize;
+        st.families.retain(|name, f| {
+            f.series.retain(|labels, l| {
+                let keep = now.saturating_duration_since(l.updated) < ttl;
+                if !keep {
+                    evicted += 1;
+                    freed += cost(name, labels);
+                }
+                keep
+            });
             !f.series.is_empty()
         });
         st.series -= evicted;
+        st.bytes -= freed;
         st.evicted += evicted as u64;
     }
 
@@ -414,7 +442,7 @@ mod tests {
 
     #[test]
     fn the_latest_sample_by_time_wins_and_types_print_once() {
-        let v = LatestValues::new(100, Duration::from_secs(900));
+        let v = LatestValues::new(100, usize::MAX, Duration::from_secs(900));
         let now = Instant::now();
         let cpu = Series::new("cpu", Kind::Gauge).label("core", "0");
         let cpu1 = Series::new("cpu", Kind::Gauge).label("core", "1");
@@ -459,7 +487,7 @@ mod tests {
     #[test]
     fn series_are_capped_and_evicted_when_stale() {
         let ttl = Duration::from_secs(60);
-        let v = LatestValues::new(2, ttl);
+        let v = LatestValues::new(2, usize::MAX, ttl);
         let t0 = Instant::now();
         let s = |i: u32| Series::new("m", Kind::Gauge).label("i", i.to_string());
         let up = v.update(
@@ -508,5 +536,25 @@ mod tests {
         let much_later = after + Duration::from_secs(3600);
         assert_eq!(v.counts(much_later).series, 0);
         assert_eq!(text(&v, much_later), "");
+    }
+
+    #[test]
+    fn the_bytes_of_series_are_capped_and_what_is_dropped_counted() {
+        let v = LatestValues::new(1_000_000, 64 * 1024, Duration::from_secs(900));
+        let now = Instant::now();
+        let mut created = 0;
+        for i in 0..100 {
+            let series =
+                Series::new("m", Kind::Gauge).label("big", format!("{i}{}", "x".repeat(4000)));
+            created += v
+                .update(&origin(), &batch(vec![series], &[(0, 1, 1.0)]), now)
+                .created;
+        }
+        let counts = v.counts(now);
+        assert!((10..=16).contains(&created), "{created}");
+        assert_eq!(counts.dropped, 100 - created as u64);
+        let mut page = String::new();
+        v.render(now, &[], &mut page);
+        assert!(page.len() <= 64 * 1024, "{}", page.len());
     }
 }

@@ -115,6 +115,38 @@ pub struct CommandRecord {
 /// gap below them fills, so this bounds those rows per `(agent, epoch)`.
 pub const METRIC_SEQ_WINDOW: u64 = 100_000;
 
+/// What [`Store::prune`] deletes: times are milliseconds since the Unix
+/// epoch; anything older than its cutoff may go, but never what delivery
+/// still needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Retention {
+    /// Finished commands (with their results) done before this, whose seq
+    /// the agent acknowledged.
+    pub commands_before_ms: i64,
+    /// Runs created before this whose every container failed to start or
+    /// was removed, with no stop or remove in flight.
+    pub runs_before_ms: i64,
+    /// Container events recorded before this.
+    pub container_events_before_ms: i64,
+    /// Container events kept per agent at most (the newest).
+    pub container_events_per_agent: u64,
+    /// Epochs whose cursors are kept per `(agent, stream)`: the newest,
+    /// by when their cursor was made. An older epoch is superseded: a
+    /// replay of it (an agent restarted that many times with events or
+    /// batches of it still unsent) is taken as new.
+    pub epochs_kept: u64,
+}
+
+/// How many rows [`Store::prune`] deleted, by table.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Pruned {
+    pub commands: u64,
+    pub runs: u64,
+    pub container_events: u64,
+    /// Cursors and the metric batch seqs stored above their watermark.
+    pub cursors: u64,
+}
+
 /// Where a metric batch's `(epoch, seq)` stands, see
 /// [`Store::metric_batch_state`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -389,4 +421,10 @@ pub trait Store: Send + Sync {
 
     /// Every agent's last capacity report, with when it arrived.
     fn capacities(&self) -> StoreFuture<'_, HashMap<String, (proto::Capacity, i64)>>;
+
+    /// Deletes what `retention` lets go, and nothing delivery still needs:
+    /// commands not finished or not acknowledged, runs with a container
+    /// that may still exist on a host, the newest epochs' cursors (so the
+    /// current epoch's).
+    fn prune<'a>(&'a self, retention: &'a Retention) -> StoreFuture<'a, Pruned>;
 }

@@ -3,7 +3,9 @@
 //! runs them on in-memory databases with `store_suite!`; a second store
 //! runs them the same way with its own constructor.
 
-use super::{AgentRecord, BatchSeq, METRIC_SEQ_WINDOW, Store};
+use super::{
+    AgentRecord, BatchSeq, METRIC_SEQ_WINDOW, NewContainer, Pruned, Retention, RunRecord, Store,
+};
 use crate::proto;
 
 /// Defines every test of the suite as a `#[tokio::test]` of its own, each
@@ -20,6 +22,9 @@ macro_rules! store_suite {
             cursors_only_move_forward,
             metric_batches_are_stored_once_in_any_order,
             metric_batches_far_above_the_watermark_are_refused,
+            pruning_keeps_what_delivery_needs,
+            pruning_bounds_container_events_and_epochs,
+            pruning_keeps_runs_with_anything_left_on_a_host,
         );
     };
     ($make:expr; $($name:ident,)*) => {
@@ -192,4 +197,178 @@ pub(crate) async fn metric_batches_far_above_the_watermark_are_refused(s: &dyn S
     assert!(!s.record_metric_batch("a1", 1, edge + 1).await.unwrap());
     assert!(s.record_metric_batch("a1", 1, edge).await.unwrap());
     assert_eq!(s.metric_batches("a1", 1).await.unwrap(), (1, 1));
+}
+
+fn keep_all() -> Retention {
+    Retention {
+        commands_before_ms: 0,
+        runs_before_ms: 0,
+        container_events_before_ms: 0,
+        container_events_per_agent: u64::MAX >> 1,
+        epochs_kept: u64::MAX >> 1,
+    }
+}
+
+pub(crate) async fn pruning_keeps_what_delivery_needs(s: &dyn Store) {
+    add_agent(s).await;
+    for i in 1..=4 {
+        s.enqueue("a1", &format!("c{i}"), &ping(), 10)
+            .await
+            .unwrap();
+    }
+    let done = |id: &str| proto::CommandResult {
+        command_id: id.into(),
+        status: proto::CommandStatus::Ok as i32,
+        ..Default::default()
+    };
+    // c1: acked and done; c2: acked, running; c3: done without an ack
+    // covering it (its seq is above the ack); c4: queued.
+    s.ack("a1", 2, 20).await.unwrap();
+    assert!(s.complete("a1", &done("c1"), 30).await.unwrap());
+    assert!(s.complete("a1", &done("c3"), 30).await.unwrap());
+    assert_eq!(s.prune(&keep_all()).await.unwrap(), Pruned::default());
+    let r = Retention {
+        commands_before_ms: 1_000,
+        ..keep_all()
+    };
+    assert_eq!(s.prune(&r).await.unwrap().commands, 1);
+    assert!(s.command("c1").await.unwrap().is_none());
+    for id in ["c2", "c3", "c4"] {
+        assert!(
+            s.command(id).await.unwrap().is_some(),
+            "{id} is still needed"
+        );
+    }
+    // Numbering goes on where it was; what was pending still is.
+    let c = s.enqueue("a1", "c5", &ping(), 40).await.unwrap().unwrap();
+    assert_eq!(c.seq, 5);
+    let p = s.pending("a1", 2, 10).await.unwrap();
+    assert_eq!(p.iter().map(|c| c.seq).collect::<Vec<_>>(), [3, 4, 5]);
+}
+
+pub(crate) async fn pruning_bounds_container_events_and_epochs(s: &dyn Store) {
+    add_agent(s).await;
+    for i in 0..10 {
+        let ev = proto::ContainerEvent {
+            container_id: format!("k{i}"),
+            kind: proto::ContainerEventKind::Exited as i32,
+            ..Default::default()
+        };
+        assert!(s.container_event("a1", &ev, 100 + i).await.unwrap());
+    }
+    // Epochs 1..=5 of events and of metric batches, oldest first; epoch
+    // 5's batches have a gap, so seqs are stored above its watermark.
+    for epoch in 1..=5 {
+        assert!(s.advance_cursor("a1", "events", epoch, 3).await.unwrap());
+        assert!(s.record_metric_batch("a1", epoch, 2).await.unwrap());
+    }
+    let r = Retention {
+        container_events_before_ms: 103,
+        container_events_per_agent: 4,
+        epochs_kept: 2,
+        ..keep_all()
+    };
+    let pruned = s.prune(&r).await.unwrap();
+    assert_eq!(pruned.container_events, 6);
+    let left: Vec<String> = s
+        .container_events("a1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.container_id)
+        .collect();
+    assert_eq!(left, ["k6", "k7", "k8", "k9"]);
+    // The newest two epochs of each stream stay whole.
+    for epoch in [4, 5] {
+        assert_eq!(s.cursor("a1", "events", epoch).await.unwrap(), 3);
+        assert_eq!(s.metric_batches("a1", epoch).await.unwrap(), (0, 1));
+        assert_eq!(
+            s.metric_batch_state("a1", epoch, 2).await.unwrap(),
+            BatchSeq::Seen
+        );
+    }
+    for epoch in 1..=3 {
+        assert_eq!(s.cursor("a1", "events", epoch).await.unwrap(), 0);
+        assert_eq!(s.metric_batches("a1", epoch).await.unwrap(), (0, 0));
+    }
+    assert!(pruned.cursors >= 6, "{pruned:?}");
+    // Another agent's epochs are its own.
+    assert!(s.advance_cursor("a2", "events", 1, 1).await.unwrap());
+    s.prune(&r).await.unwrap();
+    assert_eq!(s.cursor("a2", "events", 1).await.unwrap(), 1);
+}
+
+pub(crate) async fn pruning_keeps_runs_with_anything_left_on_a_host(s: &dyn Store) {
+    use crate::proto::RunContainerState as St;
+    add_agent(s).await;
+    // One run per final state of its single container, all old.
+    let states = [
+        St::Failed,
+        St::Removed,
+        St::Exited,
+        St::Running,
+        St::Pending,
+    ];
+    for (i, state) in states.iter().enumerate() {
+        let run = RunRecord {
+            id: format!("run{i}"),
+            name: format!("r{i}"),
+            provider: "default".into(),
+            image: "alpine".into(),
+            count: 1,
+            created_ms: 10,
+            ..Default::default()
+        };
+        let start = NewContainer {
+            index: 0,
+            agent_id: "a1".into(),
+            name: format!("r{i}-0"),
+            command_id: format!("start{i}"),
+            spec: ping(),
+        };
+        s.create_run(&run, &[start]).await.unwrap().unwrap();
+        let mut change = |_: &RunRecord, c: &mut super::RunContainerRecord| {
+            c.state = *state;
+            None
+        };
+        s.change_container(&run.id, 0, 20, &mut change)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    // A removed container with a remove still in flight stays too.
+    let mut pending = |_: &RunRecord, c: &mut super::RunContainerRecord| {
+        c.pending_command = "rm".into();
+        None
+    };
+    s.change_container("run1", 0, 30, &mut pending)
+        .await
+        .unwrap()
+        .unwrap();
+    let r = Retention {
+        runs_before_ms: 1_000,
+        ..keep_all()
+    };
+    assert_eq!(s.prune(&r).await.unwrap().runs, 1);
+    assert!(s.run("run0").await.unwrap().is_none(), "nothing left of it");
+    for id in ["run1", "run2", "run3", "run4"] {
+        assert!(
+            s.run(id).await.unwrap().is_some(),
+            "{id} still has a container"
+        );
+    }
+    // Runs newer than the cutoff stay whatever their state.
+    let r = Retention {
+        runs_before_ms: 10,
+        ..keep_all()
+    };
+    let mut clear = |_: &RunRecord, c: &mut super::RunContainerRecord| {
+        c.pending_command.clear();
+        None
+    };
+    s.change_container("run1", 0, 40, &mut clear)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.prune(&r).await.unwrap().runs, 0);
 }

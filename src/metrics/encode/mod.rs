@@ -585,6 +585,31 @@ pub enum DecodeError {
         /// Entries of `symbols`.
         symbols: usize,
     },
+    /// A series' name, a label name or a label value is longer than the
+    /// backend keeps (see [`MAX_NAME_BYTES`] and its neighbours).
+    #[error(
+        "metric batch series {series}: its {what} is {bytes} bytes long; at most {max} are allowed"
+    )]
+    TooLong {
+        /// The series' index.
+        series: usize,
+        /// `name`, `label name` or `label value`.
+        what: &'static str,
+        /// Its length.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A series has more labels than [`MAX_LABELS`].
+    #[error("metric batch series {series} has {labels} labels; at most {max} are allowed")]
+    TooManyLabels {
+        /// The series' index.
+        series: usize,
+        /// Its labels.
+        labels: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A series' name is the empty string.
     #[error("metric batch series {series} has an empty name")]
     EmptyName {
@@ -775,6 +800,28 @@ pub fn decode(b: &proto::MetricBatch) -> Result<Decoded, DecodeError> {
     Ok(Decoded { series, points })
 }
 
+/// Longest metric name a batch may carry.
+pub const MAX_NAME_BYTES: usize = 512;
+/// Longest label name a batch may carry.
+pub const MAX_LABEL_NAME_BYTES: usize = 256;
+/// Longest label value a batch may carry (an image reference is up to 512).
+pub const MAX_LABEL_VALUE_BYTES: usize = 4096;
+/// Most labels of one series.
+pub const MAX_LABELS: usize = 64;
+
+/// `text`'s length within `max`, or the error naming it.
+fn within(series: usize, what: &'static str, text: &str, max: usize) -> Result<(), DecodeError> {
+    if text.len() > max {
+        return Err(DecodeError::TooLong {
+            series,
+            what,
+            bytes: text.len(),
+            max,
+        });
+    }
+    Ok(())
+}
+
 fn decode_series(b: &proto::MetricBatch) -> Result<Vec<Arc<Series>>, DecodeError> {
     if b.symbols.first().is_some_and(|s| !s.is_empty()) {
         return Err(DecodeError::FirstSymbolNotEmpty);
@@ -797,8 +844,16 @@ fn decode_series(b: &proto::MetricBatch) -> Result<Vec<Arc<Series>>, DecodeError
         if name.is_empty() {
             return Err(DecodeError::EmptyName { series: i });
         }
+        within(i, "name", name, MAX_NAME_BYTES)?;
         if s.labels.len() % 2 != 0 {
             return Err(DecodeError::OddLabels { series: i });
+        }
+        if s.labels.len() / 2 > MAX_LABELS {
+            return Err(DecodeError::TooManyLabels {
+                series: i,
+                labels: s.labels.len() / 2,
+                max: MAX_LABELS,
+            });
         }
         let mut labels: Vec<(String, String)> = Vec::with_capacity(s.labels.len() / 2);
         for pair in s.labels.chunks_exact(2) {
@@ -806,6 +861,8 @@ fn decode_series(b: &proto::MetricBatch) -> Result<Vec<Arc<Series>>, DecodeError
             if n.is_empty() {
                 return Err(DecodeError::EmptyLabelName { series: i });
             }
+            within(i, "label name", n, MAX_LABEL_NAME_BYTES)?;
+            within(i, "label value", v, MAX_LABEL_VALUE_BYTES)?;
             if labels.last().is_some_and(|(prev, _)| prev.as_str() >= n) {
                 return Err(DecodeError::UnsortedLabels {
                     series: i,

@@ -575,3 +575,70 @@ fn series_labels_stay_sorted() {
         ]
     );
 }
+
+#[test]
+fn long_names_and_labels_and_too_many_labels_are_refused() {
+    let s = |name: &str, labels: Vec<(String, String)>| {
+        let mut series = Series::new(name, Kind::Gauge);
+        for (n, v) in labels {
+            series = series.label(n, v);
+        }
+        let series = Arc::new(series);
+        build(&[sample(&series, 1, 1.0)], ValueEncoding::Doubles)
+    };
+    let at_limits = s(
+        &"n".repeat(MAX_NAME_BYTES),
+        (0..MAX_LABELS)
+            .map(|i| {
+                (
+                    format!("{i:0>width$}", width = MAX_LABEL_NAME_BYTES),
+                    "v".repeat(MAX_LABEL_VALUE_BYTES),
+                )
+            })
+            .collect(),
+    );
+    assert!(decode(&at_limits).is_ok());
+    let long_value = s("m", vec![("k".into(), "v".repeat(100 * 1024))]);
+    let e = decode(&long_value).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            DecodeError::TooLong {
+                what: "label value",
+                bytes: 102_400,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let long_name = s(&"n".repeat(MAX_NAME_BYTES + 1), vec![]);
+    assert!(matches!(
+        decode(&long_name),
+        Err(DecodeError::TooLong { what: "name", .. })
+    ));
+    let long_label = s(
+        "m",
+        vec![("k".repeat(MAX_LABEL_NAME_BYTES + 1), "v".into())],
+    );
+    assert!(matches!(
+        decode(&long_label),
+        Err(DecodeError::TooLong {
+            what: "label name",
+            ..
+        })
+    ));
+    let many = s(
+        "m",
+        (0..=MAX_LABELS)
+            .map(|i| (format!("l{i:03}"), "v".into()))
+            .collect(),
+    );
+    assert!(matches!(
+        decode(&many),
+        Err(DecodeError::TooManyLabels {
+            labels: 65,
+            max: 64,
+            ..
+        })
+    ));
+}

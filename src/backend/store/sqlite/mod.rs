@@ -22,12 +22,13 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
     AgentRecord, BatchSeq, CommandRecord, ContainerChange, LiveContainer, METRIC_SEQ_WINDOW,
-    NewContainer, ProviderRecord, Role, RunContainerRecord, RunRecord, Store, StoreError,
-    StoreFuture,
+    NewContainer, ProviderRecord, Pruned, Retention, Role, RunContainerRecord, RunRecord, Store,
+    StoreError, StoreFuture,
 };
 use crate::proto;
 
 mod checkpoint;
+mod retention;
 mod runs;
 mod schema;
 
@@ -135,6 +136,7 @@ impl SqliteStore {
         let mut store = Self::from_connection(Connection::open(&path)?)?;
         store.with(|c| {
             c.pragma_update(None, "wal_autocheckpoint", 0)?;
+            c.pragma_update(None, "journal_size_limit", checkpoint::WAL_SIZE_LIMIT)?;
             Ok(())
         })?;
         store.checkpointer = Some(Checkpointer::start(path)?);
@@ -586,6 +588,12 @@ impl Store for SqliteStore {
                     top as i64
                 ])?;
             } else {
+                // The epoch's cursor exists from its first batch on, so
+                // retention sees the epoch and its rows above the watermark.
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO cursors (agent_id, stream, epoch, seq) VALUES (?1, ?2, ?3, 0)",
+                )?
+                .execute(params![agent_id, METRIC_BATCHES, epoch as i64])?;
                 tx.prepare_cached(
                     "INSERT INTO metric_batches_above (agent_id, epoch, seq) VALUES (?1, ?2, ?3)",
                 )?
@@ -717,6 +725,10 @@ impl Store for SqliteStore {
 
     fn capacities(&self) -> StoreFuture<'_, HashMap<String, (proto::Capacity, i64)>> {
         self.ready(runs::capacities)
+    }
+
+    fn prune(&self, retention: &Retention) -> StoreFuture<'_, Pruned> {
+        self.ready(|c| retention::prune(c, retention))
     }
 }
 
