@@ -59,8 +59,10 @@ pub struct Policy {
     pub max_pids_per_container: i64,
 }
 
-/// The default [`Policy::max_pids_per_container`].
-pub const DEFAULT_MAX_PIDS_PER_CONTAINER: i64 = 1024;
+/// The default [`Policy::max_pids_per_container`]. Threads count as
+/// processes, and a thread-per-user load generator (JMeter) runs
+/// thousands; a fork bomb still stops there.
+pub const DEFAULT_MAX_PIDS_PER_CONTAINER: i64 = 4096;
 
 /// The smallest CPU limit Docker applies (a smaller one is no limit).
 pub const MIN_CPUS: f64 = 0.01;
