@@ -34,6 +34,27 @@ impl Drop for Foreign {
     }
 }
 
+/// A Docker network this test created, removed when dropped (after the
+/// containers on it).
+struct Network(String);
+
+impl Network {
+    fn create() -> Network {
+        let name = format!("uplink-test-net-{}", std::process::id());
+        assert!(
+            !docker_out(&["network", "create", &name]).is_empty(),
+            "docker network create {name}"
+        );
+        Network(name)
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        docker_out(&["network", "rm", &self.0]);
+    }
+}
+
 /// Writes `json` as the policy file in `dir`; the agent flags to use it.
 fn policy_file(dir: &std::path::Path, json: &str) -> [String; 2] {
     let path = dir.join("policy.json");
@@ -72,7 +93,9 @@ async fn a_hostile_backend_cannot_get_past_the_local_policy() {
             allowed.display().to_string()
         ),
     );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let net = Network::create();
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend_from_slice(&["--allow-network", &net.0]);
     let Host {
         b,
         a: _a,
@@ -159,6 +182,15 @@ async fn a_hostile_backend_cannot_get_past_the_local_policy() {
         docker_out(&["image", "inspect", "-f", "{{.Id}}", &reg.image()]).is_empty(),
         "the refused image was pulled"
     );
+
+    // The operator's network may be joined.
+    let on_net = proto::RunContainer {
+        network: net.0.clone(),
+        ..ok.clone()
+    };
+    let (c, r) = run_container(&b, &v.id, on_net).await;
+    assert_eq!(r.status, CommandStatus::Ok as i32, "{r:?}");
+    assert_eq!(exit_of(&b, &v.id, &c).await.exit_code, 0);
 
     // An allowed bind mount reaches the file inside the prefix.
     let mut reads = run(LOCAL_IMAGE, &["sh", "-c", "test \"$(cat /x/f)\" = inside"]);
