@@ -12,7 +12,7 @@
 //! so an engine that comes back is noticed without restarting the agent.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bollard::Docker;
@@ -24,7 +24,7 @@ use bollard::query_parameters::{
 };
 use futures_util::StreamExt;
 
-use super::policy::{Ask, Policy, Usage};
+use super::policy::{self, Ask, Policy, Refusal, Usage};
 use crate::labels::{LABEL_AGENT, LABEL_COMMAND, LABEL_RUN};
 use crate::proto;
 
@@ -277,38 +277,8 @@ impl Engine {
                 existed: true,
             });
         }
-        let ask = Ask {
-            image: spec.image.clone(),
-            privileged: spec.privileged,
-            network: if spec.network.is_empty() {
-                "bridge".into()
-            } else {
-                spec.network.clone()
-            },
-            host_pid: spec.host_pid,
-            host_ipc: spec.host_ipc,
-            binds: spec
-                .binds
-                .iter()
-                .map(|b| {
-                    (
-                        PathBuf::from(&b.host_path),
-                        PathBuf::from(&b.container_path),
-                    )
-                })
-                .collect(),
-            capabilities: spec.cap_add.clone(),
-            devices: spec.devices.iter().map(PathBuf::from).collect(),
-            cpus: spec.cpus,
-            memory: spec.memory_bytes,
-        };
-        let refuse = |r: super::policy::Refusal| {
-            tracing::warn!(audit = true, command = %command_id, rule = r.rule, image = %spec.image, "refused by local policy: {}", r.message);
-            Failure {
-                status: proto::CommandStatus::Refused,
-                message: r.to_string(),
-            }
-        };
+        let refuse = |r: Refusal| refused(command_id, &spec.image, r);
+        let ask = ask_of(spec).map_err(refuse)?;
         // Checked before any change to the engine (a refused image is not
         // even pulled), and again when it is created: under a lock, against
         // the listed containers plus those being created (reserved until
@@ -349,19 +319,22 @@ impl Engine {
             // No swap beyond the limit: a container over it is OOM-killed,
             // as a load generator's operator expects, instead of thrashing.
             memory_swap: (spec.memory_bytes > 0).then_some(spec.memory_bytes as i64),
-            pids_limit: (spec.pids_limit > 0).then_some(spec.pids_limit),
+            pids_limit: Some(policy.pids_limit(spec.pids_limit)),
             network_mode: Some(ask.network.clone()),
             privileged: Some(spec.privileged),
             pid_mode: spec.host_pid.then(|| "host".to_string()),
             ipc_mode: spec.host_ipc.then(|| "host".to_string()),
-            binds: (!spec.binds.is_empty()).then(|| {
-                spec.binds
+            // The resolved host paths the policy checked, not the asked
+            // ones (which may be links).
+            binds: (!ask.binds.is_empty()).then(|| {
+                ask.binds
                     .iter()
-                    .map(|b| {
+                    .zip(&spec.binds)
+                    .map(|((host, container), b)| {
                         format!(
                             "{}:{}{}",
-                            b.host_path,
-                            b.container_path,
+                            host.display(),
+                            container.display(),
                             if b.read_only { ":ro" } else { "" }
                         )
                     })
@@ -405,10 +378,37 @@ impl Engine {
             reserved.1 = reserved.1.saturating_sub(ask.memory);
         }
         let created = created.map_err(|e| failed(format!("docker create {name}: {e}")))?;
-        self.docker
+        if let Err(e) = self
+            .docker
             .start_container(&created.id, None::<StartContainerOptions>)
             .await
-            .map_err(|e| failed(format!("docker start {name}: {e}")))?;
+        {
+            // A container that never started holds nothing: removed, so
+            // that it neither counts against the totals nor waits as an
+            // orphan.
+            let removed = self
+                .docker
+                .remove_container(
+                    &created.id,
+                    Some(RemoveContainerOptions {
+                        force: true,
+                        ..Default::default()
+                    }),
+                )
+                .await;
+            self.limits
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&created.id);
+            let fate = match removed {
+                Ok(()) => "was removed".to_string(),
+                Err(r) => format!("could not be removed: {r}"),
+            };
+            return Err(failed(format!(
+                "docker start {name}: {}; the container {fate}",
+                start_reason(&e)
+            )));
+        }
         Ok(proto::RunContainerResult {
             container_id: created.id,
             name,
@@ -591,6 +591,53 @@ impl Engine {
                 oom_killed: state.oom_killed.unwrap_or(false),
             });
         }
+    }
+}
+
+/// The result of a command the local policy refused, and its audit line.
+pub fn refused(command_id: &str, image: &str, r: Refusal) -> Failure {
+    tracing::warn!(audit = true, command = %command_id, rule = r.rule, %image, "refused by local policy: {}", r.message);
+    Failure {
+        status: proto::CommandStatus::Refused,
+        message: r.to_string(),
+    }
+}
+
+/// What `spec` asks of the host, bind mount sources resolved to the real
+/// paths Docker would mount.
+fn ask_of(spec: &proto::RunContainer) -> Result<Ask, Refusal> {
+    let binds = spec
+        .binds
+        .iter()
+        .map(|b| {
+            policy::real_path(Path::new(&b.host_path))
+                .map(|host| (host, PathBuf::from(&b.container_path)))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Ask {
+        image: spec.image.clone(),
+        privileged: spec.privileged,
+        network: if spec.network.is_empty() {
+            "bridge".into()
+        } else {
+            spec.network.clone()
+        },
+        host_pid: spec.host_pid,
+        host_ipc: spec.host_ipc,
+        binds,
+        capabilities: spec.cap_add.clone(),
+        devices: spec.devices.iter().map(PathBuf::from).collect(),
+        cpus: spec.cpus,
+        memory: spec.memory_bytes,
+        pids_limit: spec.pids_limit,
+    })
+}
+
+/// Why Docker could not start a container, without the client's wrapping.
+fn start_reason(e: &bollard::errors::Error) -> String {
+    match e {
+        bollard::errors::Error::DockerResponseServerError { message, .. } => message.clone(),
+        other => other.to_string(),
     }
 }
 

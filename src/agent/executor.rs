@@ -55,7 +55,7 @@ impl Executor {
     pub fn new(agent: &str, policy: Policy) -> Self {
         Executor {
             agent: agent.to_string(),
-            policy,
+            policy: policy.with_real_prefixes(),
             engine: Mutex::new(None),
         }
     }
@@ -154,16 +154,21 @@ impl Executor {
                 status: CommandStatus::Failed,
                 message: "ping is not a container command".into(),
             }),
-            Kind::PullImage(p) => engine
-                .pull(&p.image, p.auth.as_ref(), |percent, message| {
-                    progress(proto::CommandProgress {
-                        command_id: id.to_string(),
-                        percent,
-                        message,
+            Kind::PullImage(p) => {
+                self.policy
+                    .check_image(&p.image)
+                    .map_err(|r| docker::refused(id, &p.image, r))?;
+                engine
+                    .pull(&p.image, p.auth.as_ref(), |percent, message| {
+                        progress(proto::CommandProgress {
+                            command_id: id.to_string(),
+                            percent,
+                            message,
+                        })
                     })
-                })
-                .await
-                .map(|()| result(id, CommandStatus::Ok, format!("pulled {}", p.image), None)),
+                    .await
+                    .map(|()| result(id, CommandStatus::Ok, format!("pulled {}", p.image), None))
+            }
             Kind::RunContainer(r) => engine.run(&self.policy, id, r).await.map(|r| {
                 let msg = if r.existed {
                     format!(

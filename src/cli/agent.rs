@@ -68,6 +68,13 @@ pub struct AgentArgs {
         value_delimiter = ','
     )]
     pub allow_images: Vec<String>,
+    /// Networks containers may join besides bridge and none (Docker network names; repeatable); added to the policy's allowed_networks.
+    #[arg(
+        long = "allow-network",
+        env = "UPLINK_ALLOW_NETWORKS",
+        value_delimiter = ','
+    )]
+    pub allow_networks: Vec<String>,
     /// Keep containers that no successful command accounts for this long, then remove them.
     #[arg(long, env = "UPLINK_ORPHAN_GRACE", default_value_t = HumanDuration(agent::DEFAULT_ORPHAN_GRACE), value_parser = HumanDuration::from_str)]
     pub orphan_grace: HumanDuration,
@@ -159,6 +166,7 @@ impl AgentArgs {
         if !a.allow_images.is_empty() {
             cfg.policy.allowed_images = a.allow_images;
         }
+        cfg.policy.allowed_networks.extend(a.allow_networks);
         cfg.probe_max = a.probe_max.into();
         cfg.stream_max_age = a.stream_max_age.into();
         if let Some(h) = a.hostname {

@@ -11,6 +11,8 @@ use uplink_testkit::docker::{
 };
 use uplink_testkit::*;
 
+mod hostile;
+
 fn spec(kind: Kind) -> proto::CommandSpec {
     proto::CommandSpec { kind: Some(kind) }
 }

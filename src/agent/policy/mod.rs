@@ -3,9 +3,15 @@
 //! agent (flags, environment, or a JSON file); the backend cannot change it.
 //!
 //! Defaults: every dangerous setting is denied (privileged mode, host
-//! network/PID/IPC namespaces, bind mounts, added capabilities, devices),
-//! and every container must carry CPU and memory limits within the
-//! per-container and total caps. A refusal names the rule that refused.
+//! network/PID/IPC namespaces, joining another container's network, bind
+//! mounts, added capabilities, devices), and every container must carry
+//! CPU and memory limits within the per-container and total caps, and a
+//! process-count limit within its cap. A refusal names the rule that
+//! refused.
+//!
+//! [`Policy::check`] is pure logic over an [`Ask`]; the host paths of bind
+//! mounts in an ask are resolved first ([`real_path`]: every symlink
+//! followed, as Docker would) so that the check sees what Docker mounts.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -23,6 +29,10 @@ pub struct Policy {
     pub allow_privileged: bool,
     /// Allow the host's network namespace (`network: host`).
     pub allow_host_network: bool,
+    /// Networks a container may join besides `bridge` and `none` (Docker
+    /// network names). Another container's namespace (`container:ID`)
+    /// cannot be listed: it is always refused.
+    pub allowed_networks: Vec<String>,
     /// Allow the host's PID namespace.
     pub allow_host_pid: bool,
     /// Allow the host's IPC namespace.
@@ -43,7 +53,19 @@ pub struct Policy {
     pub max_cpus_total: f64,
     /// Largest sum of memory limits over this agent's running containers.
     pub max_memory_total: u64,
+    /// Largest process-count limit of one container; also the limit of a
+    /// container that asks for none, so that no container can fork
+    /// without bound.
+    pub max_pids_per_container: i64,
 }
+
+/// The default [`Policy::max_pids_per_container`]. Threads count as
+/// processes, and a thread-per-user load generator (JMeter) runs
+/// thousands; a fork bomb still stops there.
+pub const DEFAULT_MAX_PIDS_PER_CONTAINER: i64 = 4096;
+
+/// The smallest CPU limit Docker applies (a smaller one is no limit).
+pub const MIN_CPUS: f64 = 0.01;
 
 impl Default for Policy {
     fn default() -> Self {
@@ -51,6 +73,7 @@ impl Default for Policy {
             allowed_images: vec!["*".into()],
             allow_privileged: false,
             allow_host_network: false,
+            allowed_networks: Vec::new(),
             allow_host_pid: false,
             allow_host_ipc: false,
             bind_mount_prefixes: Vec::new(),
@@ -61,6 +84,7 @@ impl Default for Policy {
             max_memory_per_container: 8 << 30,
             max_cpus_total: 16.0,
             max_memory_total: 32 << 30,
+            max_pids_per_container: DEFAULT_MAX_PIDS_PER_CONTAINER,
         }
     }
 }
@@ -82,6 +106,8 @@ pub struct Ask {
     pub cpus: f64,
     /// Memory limit in bytes (0: none).
     pub memory: u64,
+    /// Process-count limit (0 or less: none asked; the policy's cap applies).
+    pub pids_limit: i64,
 }
 
 /// What this agent's running containers already hold.
@@ -166,6 +192,35 @@ pub fn image_forms(image: &str) -> Vec<String> {
     forms
 }
 
+/// The real path of host path `p`, as Docker would mount it: absolute,
+/// every symlink followed. A path that does not exist (or cannot be
+/// resolved) is refused, since what it will point to cannot be checked.
+pub fn real_path(p: &Path) -> Result<PathBuf, Refusal> {
+    let Some(clean) = clean(p) else {
+        return Err(Refusal {
+            rule: "bind_mount",
+            message: format!(
+                "bind mount source {:?} is not an absolute path without '..'",
+                p.display()
+            ),
+        });
+    };
+    std::fs::canonicalize(&clean).map_err(|e| Refusal {
+        rule: "bind_mount",
+        message: format!(
+            "bind mount source {} cannot be resolved on this host ({e}); it must exist",
+            clean.display()
+        ),
+    })
+}
+
+/// A container-side mount path: absolute, normalised, not `/`, and with
+/// no `:` or `,` that Docker would read as mount options.
+fn container_path_ok(p: &Path) -> bool {
+    let text = p.to_string_lossy();
+    !text.contains([':', ',']) && clean(p).is_some_and(|c| c != Path::new("/"))
+}
+
 /// A host path without `..` tricks: absolute, normalised.
 fn clean(p: &Path) -> Option<PathBuf> {
     if !p.is_absolute() {
@@ -205,22 +260,56 @@ impl Policy {
                 ));
             }
         }
+        for n in &self.allowed_networks {
+            if n.is_empty() || n == "host" || n.contains(':') {
+                errs.push(format!(
+                    "policy allowed_networks entry {n:?} must be a Docker network's name (use allow_host_network for the host's; another container's namespace cannot be allowed)"
+                ));
+            }
+        }
+        if self.max_pids_per_container <= 0 {
+            errs.push(format!(
+                "policy max_pids_per_container must be a positive number of processes, not {}",
+                self.max_pids_per_container
+            ));
+        }
         if self.bind_mount_prefixes.iter().any(|p| p == Path::new("/")) {
             errs.push("policy bind_mount_prefixes contains '/': that allows mounting the whole host; list narrower paths".into());
         }
         errs
     }
 
-    /// Decides whether `ask` may run, given what already runs.
-    pub fn check(&self, ask: &Ask, running: Usage) -> Result<(), Refusal> {
-        // Image.
-        let forms = image_forms(&ask.image);
+    /// This policy with the bind mount prefixes that exist resolved to
+    /// their real paths, as [`real_path`] resolves the sources asked for
+    /// (a prefix through a symlink, e.g. `/var/run`, still matches).
+    pub fn with_real_prefixes(mut self) -> Self {
+        for p in &mut self.bind_mount_prefixes {
+            if let Some(real) = clean(p).and_then(|c| std::fs::canonicalize(c).ok()) {
+                *p = real;
+            }
+        }
+        self
+    }
+
+    /// The process-count limit a container gets: what it asked for, or
+    /// the policy's cap when it asked for none.
+    pub fn pids_limit(&self, asked: i64) -> i64 {
+        if asked > 0 {
+            asked
+        } else {
+            self.max_pids_per_container
+        }
+    }
+
+    /// Decides whether `image` may be pulled or run.
+    pub fn check_image(&self, image: &str) -> Result<(), Refusal> {
+        let forms = image_forms(image);
         let allowed =
             self.allowed_images
                 .iter()
                 .any(|pattern| match pattern.split_once("@sha256:") {
                     Some((name, digest)) => {
-                        ask.image.ends_with(&format!("@sha256:{digest}"))
+                        image.ends_with(&format!("@sha256:{digest}"))
                             && forms.iter().any(|f| {
                                 glob(&format!("{name}@sha256:{digest}"), f)
                                     || glob(name, f.split('@').next().unwrap_or(f))
@@ -232,20 +321,46 @@ impl Policy {
             return refuse(
                 "image_not_allowed",
                 format!(
-                    "image {:?} matches none of the allowed patterns {:?}",
-                    ask.image, self.allowed_images
+                    "image {image:?} matches none of the allowed patterns {:?}",
+                    self.allowed_images
                 ),
             );
         }
+        Ok(())
+    }
+
+    /// Decides whether the network `network` may be joined.
+    fn check_network(&self, network: &str) -> Result<(), Refusal> {
+        match network {
+            "bridge" | "none" => Ok(()),
+            "host" if self.allow_host_network => Ok(()),
+            "host" => refuse(
+                "host_network",
+                "the host's network namespace is not allowed on this host",
+            ),
+            n if n.starts_with("container:") => refuse(
+                "network",
+                format!("joining another container's network namespace ({n:?}) is not allowed"),
+            ),
+            n if self.allowed_networks.iter().any(|a| a == n) => Ok(()),
+            n => refuse(
+                "network",
+                format!(
+                    "network {n:?} is not allowed on this host (allowed: bridge, none, {:?})",
+                    self.allowed_networks
+                ),
+            ),
+        }
+    }
+
+    /// Decides whether `ask` may run, given what already runs. Bind mount
+    /// sources are taken as they are: resolve them first ([`real_path`]).
+    pub fn check(&self, ask: &Ask, running: Usage) -> Result<(), Refusal> {
+        self.check_image(&ask.image)?;
         if ask.privileged && !self.allow_privileged {
             return refuse("privileged", "privileged mode is not allowed on this host");
         }
-        if ask.network == "host" && !self.allow_host_network {
-            return refuse(
-                "host_network",
-                "the host's network namespace is not allowed on this host",
-            );
-        }
+        self.check_network(&ask.network)?;
         if ask.host_pid && !self.allow_host_pid {
             return refuse(
                 "host_pid",
@@ -258,7 +373,17 @@ impl Policy {
                 "the host's IPC namespace is not allowed on this host",
             );
         }
-        for (host, _) in &ask.binds {
+        for (host, container) in &ask.binds {
+            if !container_path_ok(container) || host.to_string_lossy().contains([':', ',']) {
+                return refuse(
+                    "bind_mount",
+                    format!(
+                        "bind mount {:?} -> {:?}: both paths must be absolute, without '..', ':' or ',', and the container path not '/'",
+                        host.display(),
+                        container.display()
+                    ),
+                );
+            }
             let Some(h) = clean(host) else {
                 return refuse(
                     "bind_mount",
@@ -311,6 +436,24 @@ impl Policy {
                 );
             }
         }
+        if !ask.cpus.is_finite() || ask.cpus < 0.0 || (ask.cpus > 0.0 && ask.cpus < MIN_CPUS) {
+            return refuse(
+                "cpus",
+                format!(
+                    "cpus {} is not a CPU limit: use 0 for none or at least {MIN_CPUS} cores",
+                    ask.cpus
+                ),
+            );
+        }
+        if ask.pids_limit > self.max_pids_per_container {
+            return refuse(
+                "pids_per_container",
+                format!(
+                    "a limit of {} processes asked; at most {} per container",
+                    ask.pids_limit, self.max_pids_per_container
+                ),
+            );
+        }
         if self.require_limits && (ask.cpus <= 0.0 || ask.memory == 0) {
             return refuse(
                 "limits_required",
@@ -358,241 +501,4 @@ impl Policy {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ok_ask() -> Ask {
-        Ask {
-            image: "registry.corp:5000/loadgen/k6:0.50".into(),
-            network: "bridge".into(),
-            cpus: 1.0,
-            memory: 512 << 20,
-            ..Default::default()
-        }
-    }
-
-    fn rule(p: &Policy, a: &Ask) -> Option<&'static str> {
-        p.check(a, Usage::default()).err().map(|r| r.rule)
-    }
-
-    /// The rule that refuses [`ok_ask`] with `image` instead of its own.
-    fn image_rule(p: &Policy, image: impl Into<String>) -> Option<&'static str> {
-        let image = image.into();
-        rule(p, &Ask { image, ..ok_ask() })
-    }
-
-    #[test]
-    fn defaults_allow_a_limited_plain_container() {
-        assert_eq!(rule(&Policy::default(), &ok_ask()), None);
-        assert!(Policy::default().validate().is_empty());
-    }
-
-    #[test]
-    fn each_dangerous_setting_is_refused_by_default_and_named() {
-        let p = Policy::default();
-        let cases: Vec<(Ask, &str)> = vec![
-            (
-                Ask {
-                    privileged: true,
-                    ..ok_ask()
-                },
-                "privileged",
-            ),
-            (
-                Ask {
-                    network: "host".into(),
-                    ..ok_ask()
-                },
-                "host_network",
-            ),
-            (
-                Ask {
-                    host_pid: true,
-                    ..ok_ask()
-                },
-                "host_pid",
-            ),
-            (
-                Ask {
-                    host_ipc: true,
-                    ..ok_ask()
-                },
-                "host_ipc",
-            ),
-            (
-                Ask {
-                    binds: vec![("/".into(), "/host".into())],
-                    ..ok_ask()
-                },
-                "bind_mount",
-            ),
-            (
-                Ask {
-                    capabilities: vec!["NET_ADMIN".into()],
-                    ..ok_ask()
-                },
-                "capability",
-            ),
-            (
-                Ask {
-                    devices: vec!["/dev/kvm".into()],
-                    ..ok_ask()
-                },
-                "device",
-            ),
-            (
-                Ask {
-                    cpus: 0.0,
-                    ..ok_ask()
-                },
-                "limits_required",
-            ),
-            (
-                Ask {
-                    memory: 0,
-                    ..ok_ask()
-                },
-                "limits_required",
-            ),
-            (
-                Ask {
-                    cpus: 64.0,
-                    ..ok_ask()
-                },
-                "cpu_per_container",
-            ),
-            (
-                Ask {
-                    memory: 1 << 40,
-                    ..ok_ask()
-                },
-                "memory_per_container",
-            ),
-        ];
-        for (ask, want) in cases {
-            let r = p.check(&ask, Usage::default()).unwrap_err();
-            assert_eq!(r.rule, want, "{ask:?}");
-            assert!(r.to_string().contains(want), "{r}");
-        }
-    }
-
-    #[test]
-    fn totals_count_what_already_runs() {
-        let p = Policy {
-            max_cpus_total: 2.0,
-            max_memory_total: 1 << 30,
-            ..Policy::default()
-        };
-        let a = ok_ask();
-        assert!(
-            p.check(
-                &a,
-                Usage {
-                    cpus: 1.0,
-                    memory: 512 << 20,
-                    ..Usage::default()
-                }
-            )
-            .is_ok()
-        );
-        assert_eq!(
-            p.check(
-                &a,
-                Usage {
-                    cpus: 1.5,
-                    memory: 0,
-                    ..Usage::default()
-                }
-            )
-            .unwrap_err()
-            .rule,
-            "cpu_total"
-        );
-        assert_eq!(
-            p.check(
-                &a,
-                Usage {
-                    cpus: 0.0,
-                    memory: 800 << 20,
-                    ..Usage::default()
-                }
-            )
-            .unwrap_err()
-            .rule,
-            "memory_total"
-        );
-    }
-
-    #[test]
-    fn images_match_patterns_in_both_forms_and_pins() {
-        let p = Policy {
-            allowed_images: vec![
-                "registry.corp:5000/loadgen/*".into(),
-                "docker.io/library/busybox:*".into(),
-            ],
-            ..Policy::default()
-        };
-        assert_eq!(rule(&p, &ok_ask()), None);
-        assert_eq!(image_rule(&p, "busybox"), None);
-        assert_eq!(image_rule(&p, "busybox:1.36"), None);
-        assert_eq!(image_rule(&p, "alpine"), Some("image_not_allowed"));
-        assert_eq!(
-            image_rule(&p, "evil.corp/loadgen/x"),
-            Some("image_not_allowed")
-        );
-        let digest = "sha256:".to_string() + &"ab".repeat(32);
-        let pinned = Policy {
-            allowed_images: vec![format!("registry.corp:5000/loadgen/k6@{digest}")],
-            ..Policy::default()
-        };
-        assert_eq!(rule(&pinned, &ok_ask()), Some("image_not_allowed"));
-        assert_eq!(
-            image_rule(&pinned, format!("registry.corp:5000/loadgen/k6@{digest}")),
-            None
-        );
-        let none = Policy {
-            allowed_images: vec![],
-            ..Policy::default()
-        };
-        assert_eq!(rule(&none, &ok_ask()), Some("image_not_allowed"));
-    }
-
-    #[test]
-    fn bind_mounts_need_an_allowed_prefix_and_no_dot_dot() {
-        let p = Policy {
-            bind_mount_prefixes: vec!["/srv/loadgen".into()],
-            ..Policy::default()
-        };
-        let ask = |h: &str| Ask {
-            binds: vec![(h.into(), "/data".into())],
-            ..ok_ask()
-        };
-        assert_eq!(rule(&p, &ask("/srv/loadgen/scripts")), None);
-        assert_eq!(rule(&p, &ask("/srv/loadgen/../../etc")), Some("bind_mount"));
-        assert_eq!(rule(&p, &ask("/srv/loadgenX")), Some("bind_mount"));
-        assert_eq!(rule(&p, &ask("relative")), Some("bind_mount"));
-    }
-
-    #[test]
-    fn bad_policies_are_reported() {
-        let p = Policy {
-            bind_mount_prefixes: vec!["/".into(), "rel".into()],
-            max_cpus_total: f64::NAN,
-            ..Policy::default()
-        };
-        let errs = p.validate();
-        assert_eq!(errs.len(), 3, "{errs:?}");
-        let parsed: Result<Policy, _> =
-            serde_json::from_str(r#"{"allow_privileged": true, "nope": 1}"#);
-        assert!(parsed.unwrap_err().to_string().contains("nope"));
-    }
-
-    #[test]
-    fn glob_matches_like_a_shell_star() {
-        assert!(glob("*", "anything"));
-        assert!(glob("a*c", "abbbc"));
-        assert!(glob("a*b*c", "a-b-c"));
-        assert!(!glob("a*c", "ab"));
-        assert!(!glob("abc", "abcd"));
-    }
-}
+mod tests;
