@@ -90,7 +90,10 @@ pub fn save(state_dir: &Path, id: &Identity) -> Result<(), IdentityError> {
         let mut f = opts.open(&tmp)?;
         f.write_all(&serde_json::to_vec_pretty(id).map_err(std::io::Error::other)?)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, &p)
+        std::fs::rename(&tmp, &p)?;
+        // The rename itself durable: after a power loss the file is the
+        // old one or the new one, never missing.
+        std::fs::File::open(state_dir)?.sync_all()
     };
     write().map_err(|source| IdentityError::Write { path: p, source })
 }

@@ -108,7 +108,8 @@ pub(super) async fn run(
     cfg: AgentConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AgentError::StateDir {
+    // Owner-only: it holds the credential, the journal and the spool.
+    crate::owner_only::secure(&cfg.state_dir).map_err(|source| AgentError::StateDir {
         path: cfg.state_dir.clone(),
         source,
     })?;

@@ -1,5 +1,12 @@
-//! The SQLite schema of [`SqliteStore`](super::SqliteStore): every table,
-//! created when missing at open.
+//! The SQLite schema of [`SqliteStore`](super::SqliteStore): the first
+//! version's tables, created when missing at open, and the [`MIGRATIONS`]
+//! that bring any database up to the current version, counted in
+//! `PRAGMA user_version` (0 is a database of the first version, made before
+//! the count existed).
+
+use rusqlite::Connection;
+
+use crate::backend::store::StoreError;
 
 pub(super) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
@@ -97,3 +104,45 @@ CREATE TABLE IF NOT EXISTS metric_batches_above (
     PRIMARY KEY (agent_id, epoch, seq)
 ) WITHOUT ROWID;
 ";
+
+/// The steps from each version to the next: `MIGRATIONS[i]` turns version
+/// `i + 1` into `i + 2`. A step only adds (tables, columns with defaults,
+/// indexes), so a backend of the previous version's data keeps working.
+/// Append new steps; never edit one that shipped.
+const MIGRATIONS: &[&str] = &[
+    // 2: agent revocation and credential rotation; limits of enrollment
+    // tokens.
+    "ALTER TABLE agents ADD COLUMN revoked_ms INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE agents ADD COLUMN pending_credential_hash TEXT;
+     CREATE UNIQUE INDEX agents_pending_credential ON agents (pending_credential_hash);
+     ALTER TABLE providers ADD COLUMN max_agents INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE providers ADD COLUMN expires_ms INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE providers ADD COLUMN token_enrolled INTEGER NOT NULL DEFAULT 0;",
+];
+
+/// The schema version this build writes.
+pub(super) const VERSION: i64 = MIGRATIONS.len() as i64 + 1;
+
+/// Creates the first version's tables when missing, then applies every
+/// migration the database has not had, each in a transaction with the
+/// version it reaches. A database newer than this build is refused rather
+/// than misread.
+pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    conn.execute_batch(SCHEMA)?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let version = version.max(1);
+    if version > VERSION {
+        return Err(StoreError::Version {
+            found: version,
+            known: VERSION,
+        });
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize - 1) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(step)?;
+        tx.pragma_update(None, "user_version", i as i64 + 2)?;
+        tx.commit()?;
+        tracing::info!(version = i + 2, "store schema migrated");
+    }
+    Ok(())
+}
