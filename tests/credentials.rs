@@ -305,3 +305,95 @@ async fn data_dir_and_state_dir_are_owner_only_even_when_made_open_before() {
     }
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_rotate_their_credentials_under_traffic_without_losing_a_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBackend::start(&dir.path().join("backend")).await;
+    let admin = b.admin();
+    for rung in ["grpc", "longpoll"] {
+        let state = dir.path().join(format!("agent-{rung}"));
+        let host = format!("rot-{rung}");
+        let start = |state: &Path| {
+            agent_via(
+                &b,
+                &b.url.to_string(),
+                state,
+                &host,
+                &["--transport", rung, "--credential-max-age", "1s"],
+                &[],
+            )
+        };
+        let mut a = start(&state);
+        let view = connected_agent(&admin, &host, rung).await;
+        let first = credential(&state);
+
+        // Pings one after another while the credential changes about
+        // every second: each is answered once, none is lost.
+        let mut ids = Vec::new();
+        let began = std::time::Instant::now();
+        while began.elapsed() < Duration::from_secs(6) || a.count(&["credential rotated"]) < 3 {
+            assert!(
+                began.elapsed() < Duration::from_secs(90),
+                "{rung}: fewer than 3 rotations in 90 s:\n{}",
+                a.logs()
+            );
+            let p = admin
+                .ping(&view.id, "under rotation", Duration::from_secs(30))
+                .await
+                .unwrap();
+            assert_eq!(
+                p.view.state,
+                proto::CommandState::Done as i32,
+                "{rung}: {:?}\n{}",
+                p.view,
+                a.logs()
+            );
+            assert_eq!(
+                p.view.result.unwrap().status,
+                proto::CommandStatus::Ok as i32
+            );
+            ids.push(p.command_id);
+        }
+        assert!(ids.len() >= 3, "{rung}: {ids:?}");
+        // The first credential is gone; the stored one works.
+        let now = credential(&state);
+        assert_ne!(now.expose(), first.expose(), "{rung}");
+        let e = report_with(&b, &first)
+            .await
+            .expect_err("the old one is refused");
+        assert_eq!(
+            e.kind,
+            FailureKind::Status(tonic::Code::Unauthenticated),
+            "{e}"
+        );
+
+        // A crash at any moment of a rotation leaves a credential that
+        // works: kill -9 at spread offsets, restart, and get an answer.
+        for i in 0..4u64 {
+            tokio::time::sleep(Duration::from_millis(250 * i + 100)).await;
+            a.kill9().await;
+            a = start(&state);
+            let again = connected_agent(&admin, &host, rung).await;
+            assert_eq!(
+                again.id, view.id,
+                "{rung}: the same agent, not a new enrollment"
+            );
+            let p = admin
+                .ping(&view.id, "after a crash", Duration::from_secs(30))
+                .await
+                .unwrap();
+            assert_eq!(
+                p.view.state,
+                proto::CommandState::Done as i32,
+                "{rung} crash {i}: {:?}\n{}",
+                p.view,
+                a.logs()
+            );
+        }
+        let logs = a.logs();
+        assert!(!logs.contains(now.expose()), "credential leaked:\n{logs}");
+    }
+    assert_eq!(admin.agents("").await.unwrap().len(), 2);
+    b.stop().await;
+}

@@ -16,6 +16,10 @@ pub struct Identity {
     pub agent_id: String,
     pub credential: String,
     pub provider: String,
+    /// When the credential was issued (enrollment or rotation), Unix ms;
+    /// 0 in files written before rotation existed.
+    #[serde(default)]
+    pub issued_unix_ms: i64,
 }
 
 impl std::fmt::Debug for Identity {
@@ -25,6 +29,7 @@ impl std::fmt::Debug for Identity {
             .field("agent_id", &self.agent_id)
             .field("credential", &Secret::new(self.credential.clone()))
             .field("provider", &self.provider)
+            .field("issued_unix_ms", &self.issued_unix_ms)
             .finish()
     }
 }
@@ -111,6 +116,7 @@ mod tests {
             agent_id: "agt_1".into(),
             credential: "upl_c_secretsecret".into(),
             provider: "default".into(),
+            issued_unix_ms: 1,
         };
         save(dir.path(), &id).unwrap();
         let back = load(dir.path()).unwrap().unwrap();
