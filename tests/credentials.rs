@@ -90,8 +90,11 @@ async fn a_revoked_agent_is_cut_at_once_on_both_rungs_and_refused_after_a_restar
     }
     // Both connections end now, not at a heartbeat or a hold's end.
     for (rung, _, a, _) in &agents {
-        a.wait_log(&["was revoked by the operator"], Duration::from_secs(20))
-            .await;
+        a.wait_log(
+            &["cannot connect", "was revoked by the operator"],
+            Duration::from_secs(20),
+        )
+        .await;
         eprintln!("{rung}: cut");
     }
     let listed = ctl(&b, &["agents"]).await;
@@ -396,4 +399,31 @@ async fn agents_rotate_their_credentials_under_traffic_without_losing_a_command(
     }
     assert_eq!(admin.agents("").await.unwrap().len(), 2);
     b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_through_one_backend_ends_a_stream_held_by_another_sharing_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("backend");
+    let b1 = TestBackend::start(&data).await;
+    // A second backend over the same store, as a replica would be.
+    let b2 = TestBackend::start_with(b1.config.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let state = dir.path().join("agent");
+    let a = agent(&b2, "grpc", &state, "host-replica");
+    let view = connected_agent(&b2.admin(), "host-replica", "grpc").await;
+    let out = ctl(&b1, &["agents", "revoke", &view.id]).await;
+    assert!(out.status.success(), "{out:?}");
+    // b2's hub heard nothing: its stream ends at its next heartbeat (2 s
+    // in tests), when it reads the store.
+    a.wait_log(
+        &["cannot connect", "was revoked by the operator"],
+        Duration::from_secs(30),
+    )
+    .await;
+    let e = report_with(&b2, &credential(&state))
+        .await
+        .expect_err("refused by the other backend too");
+    assert_refused_as_revoked(&e);
+    b2.stop().await;
+    b1.stop().await;
 }
