@@ -348,10 +348,35 @@ mod tests {
             "last_seen",
             "version",
             "transport_reason",
+            "revoked",
+            "revoked_unix_ms",
         ] {
             assert!(o.get(k).is_some(), "missing {k}");
         }
         assert_eq!(o["transport"], "longpoll");
         assert_eq!(o["connected"], true);
+    }
+
+    #[test]
+    fn providers_show_their_token_use_and_expiry() {
+        let now = crate::now_unix_ms();
+        let p = |name: &str, max_agents, expires| proto::ProviderView {
+            name: name.into(),
+            agents: 3,
+            max_agents,
+            token_expires_unix_ms: expires,
+            token_enrolled: 2,
+            ..Default::default()
+        };
+        let t = providers_table(&[
+            p("open", 0, 0),
+            p("capped", 5, now + 3_600_000),
+            p("gone", 0, now - 1000),
+        ]);
+        let line = |n: &str| t.lines().find(|l| l.starts_with(n)).unwrap().to_string();
+        assert!(line("open").trim_end().ends_with(" 2"), "{t}");
+        assert!(line("capped").contains("2/5"), "{t}");
+        assert!(line("capped").contains(&rfc3339(now + 3_600_000)), "{t}");
+        assert!(line("gone").contains("(expired)"), "{t}");
     }
 }

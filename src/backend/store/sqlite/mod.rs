@@ -760,49 +760,6 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_database_of_the_first_schema_is_migrated_and_keeps_its_agents() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            // The first version, as backends before migrations left it.
-            let c = Connection::open(dir.path().join("uplink.db")).unwrap();
-            c.execute_batch(schema::SCHEMA).unwrap();
-            c.execute_batch(
-                "INSERT INTO providers (name, token_hash, created_ms) VALUES ('default', 'th', 1);
-                 INSERT INTO agents (id, provider, credential_hash, enrolled_ms, acked_seq, next_seq)
-                 VALUES ('a1', 'default', 'ch', 1, 4, 5);",
-            )
-            .unwrap();
-        }
-        let s = SqliteStore::open(dir.path()).unwrap();
-        let a = s.agent("a1").await.unwrap().unwrap();
-        assert_eq!((a.acked_seq, a.next_seq, a.revoked_ms), (4, 5, 0));
-        let owner = s.agent_by_credential("ch").await.unwrap().unwrap();
-        assert_eq!(owner.agent_id, "a1");
-        assert_eq!(s.providers().await.unwrap()[0].agents, 1);
-        assert_eq!(s.revoke_agent("a1", 9).await.unwrap(), Some(9));
-        drop(s);
-        // Reopened at the current version: nothing is applied twice.
-        let s = SqliteStore::open(dir.path()).unwrap();
-        let version: i64 = s
-            .with(|c| Ok(c.query_row("PRAGMA user_version", [], |r| r.get(0))?))
-            .unwrap();
-        assert_eq!(version, schema::VERSION);
-        assert_eq!(s.agent("a1").await.unwrap().unwrap().revoked_ms, 9);
-    }
-
-    #[test]
-    fn a_database_newer_than_this_build_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let c = Connection::open(dir.path().join("uplink.db")).unwrap();
-            c.pragma_update(None, "user_version", schema::VERSION + 1)
-                .unwrap();
-        }
-        let e = SqliteStore::open(dir.path()).err().expect("refused");
-        assert!(e.to_string().contains("run a newer uplink"), "{e}");
-    }
-
     #[test]
     fn sqlite_errors_say_where_they_come_from() {
         let e = StoreError::from(rusqlite::Error::QueryReturnedNoRows);
