@@ -109,7 +109,10 @@ impl Backend {
     async fn provider(&self, name: &str) -> Secret {
         let r = self
             .core
-            .create_provider(CreateProviderRequest { name: name.into() })
+            .create_provider(CreateProviderRequest {
+                name: name.into(),
+                ..Default::default()
+            })
             .await
             .expect("create_provider failed");
         Secret::new(r.enrollment_token)

@@ -39,6 +39,8 @@
 //!   config).
 //! - [`units`]: durations and sizes as operators write and read them
 //!   (parsing and formatting); a bottom floor that imports nothing else.
+//! - [`owner_only`]: owner-only directories and files (the backend's data
+//!   dir, the agent's state dir); a bottom floor.
 //!
 //! # Features
 //!
@@ -72,6 +74,7 @@ pub mod labels;
 pub mod loadgen;
 pub mod metrics;
 pub mod net;
+pub mod owner_only;
 pub mod proto;
 pub mod secret;
 pub mod telemetry;

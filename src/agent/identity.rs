@@ -16,6 +16,10 @@ pub struct Identity {
     pub agent_id: String,
     pub credential: String,
     pub provider: String,
+    /// When the credential was issued (enrollment or rotation), Unix ms;
+    /// 0 in files written before rotation existed.
+    #[serde(default)]
+    pub issued_unix_ms: i64,
 }
 
 impl std::fmt::Debug for Identity {
@@ -25,6 +29,7 @@ impl std::fmt::Debug for Identity {
             .field("agent_id", &self.agent_id)
             .field("credential", &Secret::new(self.credential.clone()))
             .field("provider", &self.provider)
+            .field("issued_unix_ms", &self.issued_unix_ms)
             .finish()
     }
 }
@@ -90,7 +95,10 @@ pub fn save(state_dir: &Path, id: &Identity) -> Result<(), IdentityError> {
         let mut f = opts.open(&tmp)?;
         f.write_all(&serde_json::to_vec_pretty(id).map_err(std::io::Error::other)?)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, &p)
+        std::fs::rename(&tmp, &p)?;
+        // The rename itself durable: after a power loss the file is the
+        // old one or the new one, never missing.
+        std::fs::File::open(state_dir)?.sync_all()
     };
     write().map_err(|source| IdentityError::Write { path: p, source })
 }
@@ -108,6 +116,7 @@ mod tests {
             agent_id: "agt_1".into(),
             credential: "upl_c_secretsecret".into(),
             provider: "default".into(),
+            issued_unix_ms: 1,
         };
         save(dir.path(), &id).unwrap();
         let back = load(dir.path()).unwrap().unwrap();

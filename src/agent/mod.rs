@@ -63,6 +63,8 @@ pub const DEFAULT_POLL_HOLD: Duration = Duration::from_secs(25);
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(10);
 /// How long an orphaned container is kept before it is removed.
 pub const DEFAULT_ORPHAN_GRACE: Duration = Duration::from_secs(600);
+/// Age at which the agent replaces its credential (`RotateCredential`).
+pub const DEFAULT_CREDENTIAL_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Settings of `uplink agent`.
 #[derive(Clone, Debug)]
@@ -107,6 +109,8 @@ pub struct AgentConfig {
     /// How long an orphaned container (one no successful command accounts
     /// for) is kept before the agent removes it.
     pub orphan_grace: Duration,
+    /// Age at which the agent replaces its credential (zero: never).
+    pub credential_max_age: Duration,
     /// The metrics pipeline (None: off).
     pub metrics: Option<crate::metrics::pipeline::MetricsConfig>,
 }
@@ -134,6 +138,7 @@ impl AgentConfig {
             metrics_listen: None,
             policy: policy::Policy::default(),
             orphan_grace: DEFAULT_ORPHAN_GRACE,
+            credential_max_age: DEFAULT_CREDENTIAL_MAX_AGE,
             metrics: Some(crate::metrics::pipeline::MetricsConfig::default()),
         }
     }
@@ -150,6 +155,12 @@ impl AgentConfig {
                 || t.expose().chars().any(|c| c.is_whitespace()))
         {
             errs.push("--token: must be 1 to 256 characters without spaces".into());
+        }
+        if !self.credential_max_age.is_zero() && self.credential_max_age < Duration::from_secs(1) {
+            errs.push(format!(
+                "--credential-max-age {:?} is out of range: at least 1s (0: never rotate)",
+                self.credential_max_age
+            ));
         }
         if self.poll_hold < Duration::from_secs(1) || self.poll_hold > Duration::from_secs(120) {
             errs.push(format!(

@@ -81,10 +81,32 @@ impl AgentService for Agents {
             .await
             .map(Response::new)
     }
+
+    async fn rotate_credential(
+        &self,
+        req: Request<proto::RotateCredentialRequest>,
+    ) -> Result<Response<proto::RotateCredentialResponse>, Status> {
+        let agent = self.0.authenticate_agent(auth(&req)).await?;
+        self.0
+            .rotate_credential(agent, req.into_inner())
+            .await
+            .map(Response::new)
+    }
 }
 
 #[tonic::async_trait]
 impl AdminService for Admin {
+    async fn revoke_agent(
+        &self,
+        req: Request<proto::RevokeAgentRequest>,
+    ) -> Result<Response<proto::RevokeAgentResponse>, Status> {
+        self.0.authenticate_admin(auth(&req))?;
+        self.0
+            .revoke_agent(req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn list_agents(
         &self,
         req: Request<proto::ListAgentsRequest>,

@@ -14,6 +14,8 @@ struct Slot {
     queued: watch::Sender<u64>,
     /// Highest seq acknowledged.
     acked: watch::Sender<u64>,
+    /// Set when the agent is revoked: its streams and held polls end.
+    revoked: watch::Sender<bool>,
     streams: u32,
     polls: u32,
     last_seen_ms: i64,
@@ -26,6 +28,7 @@ impl Slot {
         Slot {
             queued: watch::channel(0).0,
             acked: watch::channel(0).0,
+            revoked: watch::channel(false).0,
             streams: 0,
             polls: 0,
             last_seen_ms: 0,
@@ -70,6 +73,18 @@ impl Hub {
     pub fn notify_queued(&self, agent: &str, seq: u64) {
         self.with(agent, |s| {
             s.queued.send_replace(seq);
+        })
+    }
+
+    /// A receiver that turns true when `agent` is revoked.
+    pub fn revoked(&self, agent: &str) -> watch::Receiver<bool> {
+        self.with(agent, |s| s.revoked.subscribe())
+    }
+
+    /// Ends every stream and held poll of `agent` on this backend.
+    pub fn revoke(&self, agent: &str) {
+        self.with(agent, |s| {
+            s.revoked.send_replace(true);
         })
     }
 

@@ -359,7 +359,7 @@ impl Server {
     /// Opens the store, prepares TLS and tokens, on an already bound
     /// listener (tests bind `127.0.0.1:0` first).
     pub async fn new(config: BackendConfig, listener: TcpListener) -> Result<Server, BackendError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| BackendError::DataDir {
+        crate::owner_only::secure(&config.data_dir).map_err(|source| BackendError::DataDir {
             path: config.data_dir.clone(),
             source,
         })?;
@@ -383,6 +383,11 @@ impl Server {
         };
         let server_tls = tls::server_config(&identity)?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir)?);
+        // What TLS and the store just created, owner-only too.
+        crate::owner_only::secure(&config.data_dir).map_err(|source| BackendError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
         let sinks = sinks::Sinks::open(config.sinks_config(), crate::now_unix_ms())?;
 
         // Admin token: the flag wins; otherwise the stored one; otherwise new.

@@ -213,6 +213,16 @@ async fn handle(
             )
             .await
         }
+        ("uplink.v1.AgentService", "RotateCredential") => {
+            let agent = match core.authenticate_agent(a).await {
+                Ok(id) => id,
+                Err(s) => return status_response(&s),
+            };
+            call(enc, body, |r| async move {
+                core.rotate_credential(agent, r).await
+            })
+            .await
+        }
         ("uplink.v1.AgentService", "Subscribe") => error(
             StatusCode::NOT_IMPLEMENTED,
             Code::Unimplemented,
@@ -235,6 +245,9 @@ async fn handle(
                 }
                 "RotateEnrollmentToken" => {
                     call(enc, body, |r| async move { core.rotate_token(r).await }).await
+                }
+                "RevokeAgent" => {
+                    call(enc, body, |r| async move { core.revoke_agent(r).await }).await
                 }
                 "EnqueueCommand" => call(enc, body, |r| async move { core.enqueue(r).await }).await,
                 "GetCommand" => call(enc, body, |r| async move { core.get_command(r).await }).await,

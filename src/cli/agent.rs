@@ -78,6 +78,9 @@ pub struct AgentArgs {
     /// Keep containers that no successful command accounts for this long, then remove them.
     #[arg(long, env = "UPLINK_ORPHAN_GRACE", default_value_t = HumanDuration(agent::DEFAULT_ORPHAN_GRACE), value_parser = HumanDuration::from_str)]
     pub orphan_grace: HumanDuration,
+    /// Replace the agent's credential when it is this old (0: never); the old one works until the new one is used.
+    #[arg(long, env = "UPLINK_CREDENTIAL_MAX_AGE", default_value_t = HumanDuration(agent::DEFAULT_CREDENTIAL_MAX_AGE), value_parser = HumanDuration::from_str)]
+    pub credential_max_age: HumanDuration,
     /// Turn the metrics pipeline off (no host, container or load-generator samples are sent).
     #[arg(long, env = "UPLINK_NO_METRICS")]
     pub no_metrics: bool,
@@ -137,6 +140,7 @@ impl AgentArgs {
         cfg.probe_initial = a.probe_initial.into();
         cfg.metrics_listen = a.metrics_listen;
         cfg.orphan_grace = a.orphan_grace.into();
+        cfg.credential_max_age = a.credential_max_age.into();
         cfg.metrics = (!a.no_metrics).then(|| {
             let interval = Duration::from(a.metrics_interval);
             let mut m = MetricsConfig {

@@ -73,8 +73,10 @@ pub struct CtlArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum CtlCommand {
-    /// List agents.
+    /// List agents, or revoke one.
     Agents {
+        #[command(subcommand)]
+        action: Option<AgentAction>,
         /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
@@ -172,11 +174,51 @@ pub enum CtlCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum AgentAction {
+    /// Revoke an agent for good: its connections end now and its
+    /// credential is refused from then on (the host enrolls again to come
+    /// back).
+    Revoke {
+        /// The agent's id.
+        agent: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum ProviderAction {
     /// Create a provider; prints its enrollment token and host command.
-    Create { name: String },
+    Create {
+        name: String,
+        #[command(flatten)]
+        limits: TokenLimits,
+    },
     /// Revoke a provider's enrollment token and print a new one.
-    Rotate { name: String },
+    Rotate {
+        name: String,
+        #[command(flatten)]
+        limits: TokenLimits,
+    },
+}
+
+/// The limits of a new enrollment token.
+#[derive(Args, Debug, Default)]
+pub struct TokenLimits {
+    /// How many agents the token may enroll (0: no cap).
+    #[arg(long, default_value_t = 0)]
+    pub max_agents: u32,
+    /// How long the token enrolls agents (e.g. 12h, 30d; default: no
+    /// expiry).
+    #[arg(long, value_parser = HumanDuration::from_str)]
+    pub expires_in: Option<HumanDuration>,
+}
+
+impl TokenLimits {
+    /// When the token expires, as the contract says it (0: never).
+    pub fn expires_unix_ms(&self) -> i64 {
+        self.expires_in.map_or(0, |d| {
+            crate::now_unix_ms() + Duration::from(d).as_millis().min(i64::MAX as u128 / 2) as i64
+        })
+    }
 }
 
 impl CtlArgs {

@@ -27,7 +27,7 @@ use clap::{Parser, Subcommand};
 
 pub use self::agent::AgentArgs;
 pub use self::backend::BackendArgs;
-pub use self::ctl::{CtlArgs, CtlCommand, ProviderAction};
+pub use self::ctl::{AgentAction, CtlArgs, CtlCommand, ProviderAction, TokenLimits};
 pub use self::demo::DemoArgs;
 pub use self::doctor::DoctorArgs;
 pub use self::loadgen::LoadgenArgs;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use http::Uri;
 
 pub use self::render::*;
-use crate::cli::{CtlCommand, ProviderAction};
+use crate::cli::{AgentAction, CtlCommand, ProviderAction, TokenLimits};
 use crate::client::{CallError, ConnectClient};
 use crate::proto::{self, Named};
 use crate::secret::Secret;
@@ -96,32 +96,54 @@ impl Admin {
         Ok(r.providers)
     }
 
-    /// `CreateProvider`.
+    /// `CreateProvider`, its token within `limits`.
     pub async fn create_provider(
         &self,
         name: &str,
+        limits: &TokenLimits,
     ) -> Result<proto::CreateProviderResponse, CallError> {
         self.call(
             "CreateProvider",
-            &proto::CreateProviderRequest { name: name.into() },
+            &proto::CreateProviderRequest {
+                name: name.into(),
+                max_agents: limits.max_agents,
+                token_expires_unix_ms: limits.expires_unix_ms(),
+            },
             Duration::from_secs(30),
         )
         .await
     }
 
-    /// `RotateEnrollmentToken`.
+    /// `RotateEnrollmentToken`, the new token within `limits`.
     pub async fn rotate(
         &self,
         name: &str,
+        limits: &TokenLimits,
     ) -> Result<proto::RotateEnrollmentTokenResponse, CallError> {
         self.call(
             "RotateEnrollmentToken",
             &proto::RotateEnrollmentTokenRequest {
                 provider: name.into(),
+                max_agents: limits.max_agents,
+                token_expires_unix_ms: limits.expires_unix_ms(),
             },
             Duration::from_secs(30),
         )
         .await
+    }
+
+    /// `RevokeAgent`: when the agent was revoked.
+    pub async fn revoke_agent(&self, agent: &str) -> Result<i64, CallError> {
+        let r: proto::RevokeAgentResponse = self
+            .call(
+                "RevokeAgent",
+                &proto::RevokeAgentRequest {
+                    agent_id: agent.into(),
+                },
+                Duration::from_secs(30),
+            )
+            .await?;
+        Ok(r.revoked_unix_ms)
     }
 
     /// `EnqueueCommand`.
@@ -335,7 +357,22 @@ pub struct CtlConfig {
 pub async fn run(cfg: CtlConfig) -> Result<ExitCode, CallError> {
     let admin = Admin::new(&cfg.backend, &cfg.net, cfg.admin_token);
     match cfg.command {
-        CtlCommand::Agents { json, provider } => {
+        CtlCommand::Agents {
+            action: Some(AgentAction::Revoke { agent }),
+            ..
+        } => {
+            let at = admin.revoke_agent(&agent).await?;
+            out!(
+                "agent {agent} revoked at {}: its connections are closed and its credential is refused; \
+                 to bring the host back, remove its state dir and enroll it again",
+                rfc3339(at)
+            );
+        }
+        CtlCommand::Agents {
+            action: None,
+            json,
+            provider,
+        } => {
             let agents = admin.agents(provider.as_deref().unwrap_or("")).await?;
             if json {
                 out!("{}", agents_json(&agents));
@@ -379,18 +416,20 @@ pub async fn run(cfg: CtlConfig) -> Result<ExitCode, CallError> {
             out_raw!("{}", providers_table(&admin.providers().await?));
         }
         CtlCommand::Providers {
-            action: Some(ProviderAction::Create { name }),
+            action: Some(ProviderAction::Create { name, limits }),
         } => {
-            let r = admin.create_provider(&name).await?;
+            let r = admin.create_provider(&name, &limits).await?;
             out!("provider {name} created");
+            out!("{}", token_limits(&limits));
             out!("enrollment token (shown once): {}", r.enrollment_token);
             out!("run an agent with:\n  {}", r.host_command);
         }
         CtlCommand::Providers {
-            action: Some(ProviderAction::Rotate { name }),
+            action: Some(ProviderAction::Rotate { name, limits }),
         } => {
-            let r = admin.rotate(&name).await?;
+            let r = admin.rotate(&name, &limits).await?;
             out!("enrollment token of {name} rotated; the old one enrolls no new agent");
+            out!("{}", token_limits(&limits));
             out!("new enrollment token (shown once): {}", r.enrollment_token);
             out!("run an agent with:\n  {}", r.host_command);
         }

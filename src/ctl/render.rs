@@ -192,6 +192,8 @@ pub fn agents_json(agents: &[proto::AgentView]) -> String {
                 "version": a.version,
                 "acked_seq": a.acked_seq,
                 "pending_commands": a.pending_commands,
+                "revoked": rfc3339(a.revoked_unix_ms),
+                "revoked_unix_ms": a.revoked_unix_ms,
                 "capacity": a.capacity.as_ref().map(|c| serde_json::json!({
                     "cpu_cores": c.cpu_cores,
                     "memory_bytes": c.memory_bytes,
@@ -238,7 +240,11 @@ pub fn agents_table(agents: &[proto::AgentView]) -> String {
             escape(&a.id),
             escape(&a.hostname),
             escape(&a.provider),
-            if a.connected { "yes" } else { "no" },
+            match (a.revoked_unix_ms, a.connected) {
+                (r, _) if r > 0 => "revoked",
+                (_, true) => "yes",
+                _ => "no",
+            },
             transport_name(a.transport),
             rfc3339(a.last_seen_unix_ms),
             escape(&a.version),
@@ -250,19 +256,49 @@ pub fn agents_table(agents: &[proto::AgentView]) -> String {
     out
 }
 
-/// `ctl providers`: a table.
+/// `ctl providers`: a table. TOKEN USE is what the current enrollment
+/// token enrolled, out of its cap; TOKEN EXPIRES is empty for a token that
+/// does not expire.
 pub fn providers_table(providers: &[proto::ProviderView]) -> String {
-    let mut out = format!("{:<20} {:<21} AGENTS\n", "NAME", "CREATED");
+    let mut out = format!(
+        "{:<20} {:<21} {:<7} {:<10} TOKEN EXPIRES\n",
+        "NAME", "CREATED", "AGENTS", "TOKEN USE"
+    );
+    let now = crate::now_unix_ms();
     for p in providers {
+        let used = match p.max_agents {
+            0 => format!("{}", p.token_enrolled),
+            max => format!("{}/{max}", p.token_enrolled),
+        };
+        let expires = match p.token_expires_unix_ms {
+            0 => String::new(),
+            t if t <= now => format!("{} (expired)", rfc3339(t)),
+            t => rfc3339(t),
+        };
         let _ = writeln!(
             out,
-            "{:<20} {:<21} {}",
+            "{:<20} {:<21} {:<7} {:<10} {}",
             escape(&p.name),
             rfc3339(p.created_unix_ms),
-            p.agents
+            p.agents,
+            used,
+            expires
         );
     }
     out
+}
+
+/// What `ctl providers create`/`rotate` say of a new token's limits.
+pub fn token_limits(limits: &crate::cli::TokenLimits) -> String {
+    let cap = match limits.max_agents {
+        0 => "any number of agents".to_string(),
+        1 => "at most 1 agent".to_string(),
+        n => format!("at most {n} agents"),
+    };
+    match limits.expires_unix_ms() {
+        0 => format!("the token enrolls {cap} and does not expire"),
+        t => format!("the token enrolls {cap} until {}", rfc3339(t)),
+    }
 }
 
 /// Where a run's containers were placed, e.g. "2 on agt_a, 1 on agt_b"
@@ -313,6 +349,8 @@ mod tests {
             "last_seen",
             "version",
             "transport_reason",
+            "revoked",
+            "revoked_unix_ms",
         ] {
             assert!(o.get(k).is_some(), "missing {k}");
         }
@@ -360,5 +398,28 @@ mod tests {
             );
             assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out}");
         }
+    }
+
+    #[test]
+    fn providers_show_their_token_use_and_expiry() {
+        let now = crate::now_unix_ms();
+        let p = |name: &str, max_agents, expires| proto::ProviderView {
+            name: name.into(),
+            agents: 3,
+            max_agents,
+            token_expires_unix_ms: expires,
+            token_enrolled: 2,
+            ..Default::default()
+        };
+        let t = providers_table(&[
+            p("open", 0, 0),
+            p("capped", 5, now + 3_600_000),
+            p("gone", 0, now - 1000),
+        ]);
+        let line = |n: &str| t.lines().find(|l| l.starts_with(n)).unwrap().to_string();
+        assert!(line("open").trim_end().ends_with(" 2"), "{t}");
+        assert!(line("capped").contains("2/5"), "{t}");
+        assert!(line("capped").contains(&rfc3339(now + 3_600_000)), "{t}");
+        assert!(line("gone").contains("(expired)"), "{t}");
     }
 }

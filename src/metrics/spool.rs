@@ -346,7 +346,8 @@ impl Spool {
             return Err(SpoolError::Config(errs));
         }
         let dir = config.dir.clone();
-        fs::create_dir_all(&dir).map_err(io_err(&dir, "create directory"))?;
+        // Owner-only, as the agent's state dir it usually lives in.
+        crate::owner_only::secure(&dir).map_err(io_err(&dir, "create directory"))?;
         let (mut segs, mut acks, mut foreign, mut last) =
             (BTreeSet::new(), BTreeSet::new(), 0, None);
         for entry in fs::read_dir(&dir).map_err(io_err(&dir, "list directory"))? {

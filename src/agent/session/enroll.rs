@@ -83,6 +83,7 @@ pub(super) async fn enrolled(
                     agent_id: resp.agent_id,
                     credential: resp.credential,
                     provider: resp.provider,
+                    issued_unix_ms: crate::now_unix_ms(),
                 };
                 identity::save(&cfg.state_dir, &id)?;
                 tracing::info!(agent = %id.agent_id, provider = %id.provider, "enrolled");

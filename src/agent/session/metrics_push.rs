@@ -10,11 +10,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::super::AgentError;
+use super::credential::Credential;
 use super::transport::UnarySlot;
 use crate::client::{CallError, FailureKind};
 use crate::metrics::pipeline::{MetricsConfig, Pipeline, Push};
 use crate::proto;
-use crate::secret::Secret;
 
 /// Starts the metrics pipeline, pushing on the current rung.
 pub(super) async fn start_pipeline(
@@ -22,7 +22,7 @@ pub(super) async fn start_pipeline(
     state_dir: PathBuf,
     agent_id: &str,
     slot: UnarySlot,
-    credential: Secret,
+    credential: Credential,
     interval: watch::Receiver<Option<Duration>>,
 ) -> Result<Pipeline, AgentError> {
     let sender = Arc::new((slot, credential));
@@ -40,7 +40,7 @@ pub(super) async fn start_pipeline(
 /// Sends a metric batch on the current rung, waiting for one.
 async fn push_metrics(
     slot: &UnarySlot,
-    credential: &Secret,
+    credential: &Credential,
     req: proto::PushMetricsRequest,
 ) -> Result<proto::PushMetricsResponse, CallError> {
     let mut rx = slot.subscribe();
@@ -54,5 +54,5 @@ async fn push_metrics(
             message: "the agent is stopping".into(),
         });
     };
-    unary.push_metrics(credential, req).await
+    unary.push_metrics(&credential.get(), req).await
 }

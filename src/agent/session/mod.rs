@@ -39,6 +39,7 @@
 
 mod capacity;
 mod containers;
+mod credential;
 mod enroll;
 mod intake;
 mod metrics_push;
@@ -108,7 +109,8 @@ pub(super) async fn run(
     cfg: AgentConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AgentError::StateDir {
+    // Owner-only: it holds the credential, the journal and the spool.
+    crate::owner_only::secure(&cfg.state_dir).map_err(|source| AgentError::StateDir {
         path: cfg.state_dir.clone(),
         source,
     })?;
@@ -140,10 +142,21 @@ pub(super) async fn run(
             tracing::warn!(lines = journal.skipped_lines, path = %jpath.display(), "skipped torn or corrupt journal lines");
         }
         let journal = Arc::new(Mutex::new(journal));
-        let credential = Secret::new(ident.credential.clone());
+        let credential = credential::Credential::new(Secret::new(ident.credential.clone()));
+
         let executor = Arc::new(executor::Executor::new(&ident.agent_id, cfg.policy.clone()));
         let capacity_changed = Arc::new(Notify::new());
         let slot = transport::UnarySlot::new();
+        let rotator = tokio::spawn(
+            credential::Rotator {
+                max_age: cfg.credential_max_age,
+                state_dir: cfg.state_dir.clone(),
+                identity: ident.clone(),
+                credential: credential.clone(),
+                unary: slot.subscribe(),
+            }
+            .run(stop.clone()),
+        );
         let (reports, events) = reporter::Reports::channel();
         let intake = Arc::new(intake::Intake::new(
             journal.clone(),
@@ -251,6 +264,8 @@ pub(super) async fn run(
             );
         }
         reporter.abort();
+        // Stopped by `stop`; a rotation under way finishes its write first.
+        let _ = rotator.await;
         watcher.abort();
         capacity.abort();
         if let Some(t) = &metrics_task {

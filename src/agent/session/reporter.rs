@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 
 use super::super::journal::Journal;
+use super::credential::Credential;
 use super::transport::Unary;
 use crate::backoff::{Backoff, Retry};
 use crate::proto;
-use crate::secret::Secret;
 
 /// Events buffered between their senders and the reporter.
 pub(super) const EVENT_BUFFER: usize = 1024;
@@ -147,7 +147,7 @@ impl Window {
 
 /// What the reporter needs besides its events.
 pub(super) struct Reporter {
-    pub(super) credential: Secret,
+    pub(super) credential: Credential,
     pub(super) backoff: Backoff,
     /// The journal, told which results reached the backend.
     pub(super) journal: Arc<Mutex<Journal>>,
@@ -215,7 +215,7 @@ impl Reporter {
                 epoch,
                 events: window.batch(),
             };
-            match unary.report(&credential, req).await {
+            match unary.report(&credential.get(), req).await {
                 Ok(resp) => {
                     retry.reset();
                     sent_ack = ack;

@@ -15,7 +15,7 @@ use super::super::{AgentConfig, TransportMode};
 use super::Stop;
 use super::intake::Intake;
 use super::transport::{
-    AGENT_SERVICE, FIRST_FRAME_TIMEOUT, Info, OpenStream, Opening, Transport, opening,
+    AGENT_SERVICE, FIRST_FRAME_TIMEOUT, Info, OpenStream, Opening, Transport, as_whom, opening,
 };
 use crate::backoff::{Backoff, Retry};
 use crate::client::{CallError, FailureKind};
@@ -366,6 +366,7 @@ impl Rungs {
                 hold_ms: if first { 1 } else { hold.as_millis() as u32 },
                 info: Some(self.info.current()),
             };
+            let client = as_whom(&client, &self.transport.credential.get());
             let poll = client.call(AGENT_SERVICE, "Poll", &req, hold + Duration::from_secs(15));
             tokio::pin!(poll);
             let resp: proto::PollResponse = loop {

@@ -20,6 +20,7 @@ use crate::proto::{self, agent_service_client::AgentServiceClient};
 use crate::secret::Secret;
 
 use super::super::ladder::jitter as ld_jitter;
+use super::credential::Credential;
 
 /// How long a new stream may take to deliver its first frame (the backend
 /// sends a heartbeat at once). Short, so that a path that swallows HTTP/2
@@ -71,7 +72,31 @@ impl Unary {
             Unary::Grpc(c) => {
                 grpc_answer(c.clone().report(grpc_request(req, Some(credential))?).await)
             }
-            Unary::Connect(c) => c.call(AGENT_SERVICE, "Report", &req, UNARY_TIMEOUT).await,
+            Unary::Connect(c) => {
+                as_whom(c, credential)
+                    .call(AGENT_SERVICE, "Report", &req, UNARY_TIMEOUT)
+                    .await
+            }
+        }
+    }
+
+    /// `RotateCredential`.
+    pub(super) async fn rotate_credential(
+        &self,
+        credential: &Secret,
+    ) -> Result<proto::RotateCredentialResponse, CallError> {
+        let req = proto::RotateCredentialRequest {};
+        match self {
+            Unary::Grpc(c) => grpc_answer(
+                c.clone()
+                    .rotate_credential(grpc_request(req, Some(credential))?)
+                    .await,
+            ),
+            Unary::Connect(c) => {
+                as_whom(c, credential)
+                    .call(AGENT_SERVICE, "RotateCredential", &req, UNARY_TIMEOUT)
+                    .await
+            }
         }
     }
 
@@ -92,17 +117,25 @@ impl Unary {
                 grpc_answer(c.push_metrics(grpc_request(req, Some(credential))?).await)
             }
             Unary::Connect(c) => {
-                c.call_encoded(
-                    AGENT_SERVICE,
-                    "PushMetrics",
-                    &req,
-                    UNARY_TIMEOUT,
-                    !compressed,
-                )
-                .await
+                as_whom(c, credential)
+                    .call_encoded(
+                        AGENT_SERVICE,
+                        "PushMetrics",
+                        &req,
+                        UNARY_TIMEOUT,
+                        !compressed,
+                    )
+                    .await
             }
         }
     }
+}
+
+/// A Connect client that sends `credential`: the one the caller read from
+/// the session's [`Credential`](super::credential::Credential) for this
+/// call, so a rotated credential is used from the next call on.
+pub(super) fn as_whom(c: &ConnectClient, credential: &Secret) -> ConnectClient {
+    c.clone().with_auth(credential.clone())
 }
 
 /// A unary gRPC answer as the session reads it: the message, or the
@@ -218,7 +251,7 @@ pub(super) struct Transport {
     pub(super) keepalive_timeout: Duration,
     /// A stream older than this is replaced.
     pub(super) stream_max_age: Duration,
-    pub(super) credential: Secret,
+    pub(super) credential: Credential,
     pub(super) slot: UnarySlot,
 }
 
@@ -226,8 +259,7 @@ impl Transport {
     /// A Connect client for long-polling, published as the rung's unary
     /// client.
     pub(super) fn connect_longpoll(&self) -> ConnectClient {
-        let client =
-            ConnectClient::new(&self.backend, &self.net).with_auth(self.credential.clone());
+        let client = ConnectClient::new(&self.backend, &self.net);
         self.slot.publish(Unary::Connect(Box::new(client.clone())));
         client
     }
@@ -255,7 +287,7 @@ impl Transport {
                 ack,
                 info: Some(info.current()),
             },
-            Some(&self.credential),
+            Some(&self.credential.get()),
         )?;
         // A stream has no deadline; the dead-stream timer guards it.
         req.set_timeout(Duration::from_secs(365 * 24 * 3600));

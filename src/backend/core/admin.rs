@@ -14,6 +14,25 @@ use crate::secret::{self, Kind, Secret};
 /// Longest `GetCommand` wait.
 const MAX_RESULT_WAIT: Duration = Duration::from_secs(60);
 
+/// Largest cap of agents an enrollment token may be given.
+const MAX_TOKEN_AGENTS: u32 = 1_000_000;
+
+/// Checks the limits asked for a new enrollment token: a cap within
+/// [`MAX_TOKEN_AGENTS`], an expiry in the future (or none).
+fn check_token_limits(max_agents: u32, expires_ms: i64, now: i64) -> Result<(), Status> {
+    if max_agents > MAX_TOKEN_AGENTS {
+        return Err(Status::invalid_argument(format!(
+            "max_agents {max_agents} is above the largest cap, {MAX_TOKEN_AGENTS} (0: no cap)"
+        )));
+    }
+    if expires_ms != 0 && expires_ms <= now {
+        return Err(Status::invalid_argument(format!(
+            "token_expires_unix_ms {expires_ms} is not in the future (now is {now}; 0: never)"
+        )));
+    }
+    Ok(())
+}
+
 impl Core {
     /// `ListAgents`.
     pub async fn list_agents(
@@ -53,6 +72,7 @@ impl Core {
                 pending_commands: pending,
                 enrolled_unix_ms: a.enrolled_ms,
                 capacity,
+                revoked_unix_ms: a.revoked_ms,
             });
         }
         Ok(proto::ListAgentsResponse { agents })
@@ -71,6 +91,9 @@ impl Core {
                     name: p.name,
                     created_unix_ms: p.created_ms,
                     agents: p.agents,
+                    max_agents: p.max_agents,
+                    token_expires_unix_ms: p.expires_ms,
+                    token_enrolled: p.token_enrolled,
                 })
                 .collect(),
         })
@@ -82,8 +105,9 @@ impl Core {
         req: proto::CreateProviderRequest,
     ) -> Result<proto::CreateProviderResponse, Status> {
         check_provider_name(&req.name)?;
-        let token = Secret::generate(Kind::Enrollment);
         let now = crate::now_unix_ms();
+        check_token_limits(req.max_agents, req.token_expires_unix_ms, now)?;
+        let token = Secret::generate(Kind::Enrollment);
         if !self
             .store
             .create_provider(&req.name, &token.hash(), now)
@@ -95,12 +119,19 @@ impl Core {
                 req.name
             )));
         }
-        tracing::info!(provider = %req.name, "provider created");
+        self.store
+            .set_token_limits(&req.name, req.max_agents, req.token_expires_unix_ms)
+            .await
+            .map_err(internal)?;
+        tracing::info!(provider = %req.name, max_agents = req.max_agents, expires_ms = req.token_expires_unix_ms, "provider created");
         Ok(proto::CreateProviderResponse {
             provider: Some(proto::ProviderView {
                 name: req.name,
                 created_unix_ms: now,
                 agents: 0,
+                max_agents: req.max_agents,
+                token_expires_unix_ms: req.token_expires_unix_ms,
+                token_enrolled: 0,
             }),
             host_command: self.host_command(token.expose()),
             enrollment_token: token.expose().to_string(),
@@ -113,6 +144,11 @@ impl Core {
         req: proto::RotateEnrollmentTokenRequest,
     ) -> Result<proto::RotateEnrollmentTokenResponse, Status> {
         check_provider_name(&req.provider)?;
+        check_token_limits(
+            req.max_agents,
+            req.token_expires_unix_ms,
+            crate::now_unix_ms(),
+        )?;
         let token = Secret::generate(Kind::Enrollment);
         if !self
             .store
@@ -122,10 +158,41 @@ impl Core {
         {
             return Err(Status::not_found(format!("no provider {:?}", req.provider)));
         }
-        tracing::info!(provider = %req.provider, "enrollment token rotated; the old one is revoked");
+        // The new token is not shown to anyone before its limits are set.
+        self.store
+            .set_token_limits(&req.provider, req.max_agents, req.token_expires_unix_ms)
+            .await
+            .map_err(internal)?;
+        tracing::info!(provider = %req.provider, max_agents = req.max_agents, expires_ms = req.token_expires_unix_ms,
+            "enrollment token rotated; the old one is revoked");
         Ok(proto::RotateEnrollmentTokenResponse {
             host_command: self.host_command(token.expose()),
             enrollment_token: token.expose().to_string(),
+        })
+    }
+
+    /// `RevokeAgent`.
+    pub async fn revoke_agent(
+        &self,
+        req: proto::RevokeAgentRequest,
+    ) -> Result<proto::RevokeAgentResponse, Status> {
+        let revoked = self
+            .store
+            .revoke_agent(&req.agent_id, crate::now_unix_ms())
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no agent {:?}; `uplink ctl agents` lists them",
+                    req.agent_id
+                ))
+            })?;
+        // Stored first, so a call racing this one is refused by its
+        // credential lookup; then what is open on this backend ends.
+        self.hub.revoke(&req.agent_id);
+        tracing::warn!(agent = %req.agent_id, "agent revoked; its streams and polls end and its credential is refused");
+        Ok(proto::RevokeAgentResponse {
+            revoked_unix_ms: revoked,
         })
     }
 

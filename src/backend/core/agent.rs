@@ -39,10 +39,21 @@ impl Core {
                     "enrollment token rejected by backend: unknown or revoked; ask the operator for the provider's current token",
                 )
             })?;
+        let now = crate::now_unix_ms();
+        if provider.expires_ms > 0 && now >= provider.expires_ms {
+            tracing::warn!(provider = %provider.name, hostname = %info.hostname, "enrollment with an expired token");
+            return Err(Status::permission_denied(format!(
+                "enrollment token of provider {:?} expired {} s ago: ask the operator for a new one (`uplink ctl providers rotate {}`)",
+                provider.name,
+                (now - provider.expires_ms) / 1000,
+                provider.name
+            )));
+        }
         let id = secret::random_id("agt_");
         let credential = Secret::generate(Kind::Credential);
-        let now = crate::now_unix_ms();
-        self.store
+        let provider = provider.name;
+        let inserted = self
+            .store
             .insert_agent(
                 &AgentRecord {
                     id: id.clone(),
@@ -56,12 +67,50 @@ impl Core {
             )
             .await
             .map_err(internal)?;
+        if !inserted {
+            tracing::warn!(%provider, hostname = %info.hostname, "enrollment past the token's cap of agents");
+            return Err(Status::permission_denied(format!(
+                "enrollment token of provider {provider:?} has enrolled as many agents as it may: \
+                 ask the operator for a new token (`uplink ctl providers rotate {provider} --max-agents N`)"
+            )));
+        }
         tracing::info!(agent = %id, %provider, hostname = %info.hostname, "agent enrolled");
         Ok(proto::EnrollResponse {
             agent_id: id,
             credential: credential.expose().to_string(),
             provider,
         })
+    }
+
+    /// `RotateCredential`: a new credential for `agent`, pending beside the
+    /// current one until its first use.
+    pub async fn rotate_credential(
+        &self,
+        agent: String,
+        _req: proto::RotateCredentialRequest,
+    ) -> Result<proto::RotateCredentialResponse, Status> {
+        let credential = Secret::generate(Kind::Credential);
+        if !self
+            .store
+            .set_pending_credential(&agent, &credential.hash())
+            .await
+            .map_err(internal)?
+        {
+            return Err(super::revoked(&agent));
+        }
+        tracing::info!(%agent, "new credential issued; the current one stays valid until the new one is used");
+        Ok(proto::RotateCredentialResponse {
+            credential: credential.expose().to_string(),
+        })
+    }
+
+    /// Refuses an agent revoked since its call was authenticated (through
+    /// this backend or another one sharing the store).
+    async fn check_not_revoked(&self, agent: &str) -> Result<(), Status> {
+        match self.store.agent(agent).await.map_err(internal)? {
+            Some(a) if a.revoked_ms == 0 => Ok(()),
+            _ => Err(super::revoked(agent)),
+        }
     }
 
     pub(super) async fn apply_ack(&self, agent: &str, ack: u64) -> Result<u64, Status> {
@@ -178,6 +227,7 @@ impl Core {
     ) -> Result<&'static str, Status> {
         let frame = |f| Ok(proto::SubscribeResponse { frame: Some(f) });
         let mut queued = self.hub.queued(agent);
+        let mut revoked = self.hub.revoked(agent);
         let mut draining = self.draining.clone();
         // The first tick fires at once: the agent sees a heartbeat right
         // after opening the stream, which proves the path works end to end.
@@ -206,6 +256,7 @@ impl Core {
             tokio::select! {
                 biased;
                 _ = tx.closed() => return Ok("agent went away"),
+                _ = async { let _ = revoked.wait_for(|r| *r).await; } => return Err(super::revoked(agent)),
                 _ = async { let _ = draining.wait_for(|d| *d).await; } => {
                     let rotate = proto::ServerFrame {
                         kind: Some(proto::server_frame::Kind::Rotate(proto::Rotate {
@@ -217,6 +268,9 @@ impl Core {
                 }
                 r = queued.changed() => if r.is_err() { return Ok("hub closed") },
                 _ = heartbeat.tick() => {
+                    // A revocation made through another backend sharing
+                    // the store reaches this stream by the next heartbeat.
+                    self.check_not_revoked(agent).await?;
                     if tx.send(frame(self.heartbeat())).await.is_err() {
                         return Ok("agent went away");
                     }
@@ -267,6 +321,7 @@ impl Core {
         };
         let deadline = tokio::time::Instant::now() + hold;
         let mut queued = self.hub.queued(&agent);
+        let mut revoked = self.hub.revoked(&agent);
         let mut draining = self.draining.clone();
         let after = acked.max(req.ack);
         loop {
@@ -283,11 +338,13 @@ impl Core {
             }
             tokio::select! {
                 biased;
+                _ = async { let _ = revoked.wait_for(|r| *r).await; } => return Err(super::revoked(&agent)),
                 _ = async { let _ = draining.wait_for(|d| *d).await; } => break,
                 r = queued.changed() => if r.is_err() { break },
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
+        self.check_not_revoked(&agent).await?;
         Ok(proto::PollResponse {
             frames: std::iter::once(self.heartbeat())
                 .chain(self.reconfigure())

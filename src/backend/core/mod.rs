@@ -78,6 +78,14 @@ pub(super) fn internal(e: StoreError) -> Status {
     Status::internal(format!("backend store failure: {e}"))
 }
 
+/// The refusal of a revoked agent's calls: what happened and what to do.
+pub(super) fn revoked(agent: &str) -> Status {
+    Status::unauthenticated(format!(
+        "agent {agent} was revoked by the operator: its credential is refused; to bring this host back, \
+         remove the agent's state dir (identity.json) and enroll it again with a current enrollment token"
+    ))
+}
+
 /// Reads a bearer token from an `authorization` header value.
 pub fn bearer(header: Option<&str>) -> Option<&str> {
     let v = header?.trim();
@@ -135,14 +143,16 @@ impl Core {
         self.hub.notify_queued(agent, seq);
     }
 
-    /// The agent whose credential is in `authorization`.
+    /// The agent whose credential is in `authorization`; a revoked agent's
+    /// credential is refused with [`revoked`].
     pub async fn authenticate_agent(&self, authorization: Option<&str>) -> Result<String, Status> {
         let token = bearer(authorization).ok_or_else(|| {
             Status::unauthenticated(
                 "missing agent credential: send `authorization: Bearer <credential>`",
             )
         })?;
-        self.store
+        let owner = self
+            .store
             .agent_by_credential(&secret::hash(token))
             .await
             .map_err(internal)?
@@ -150,7 +160,14 @@ impl Core {
                 Status::unauthenticated(
                     "agent credential unknown or revoked: remove the agent's state dir so it enrolls again",
                 )
-            })
+            })?;
+        if owner.revoked_ms > 0 {
+            return Err(revoked(&owner.agent_id));
+        }
+        if owner.promoted {
+            tracing::info!(agent = %owner.agent_id, "agent switched to its new credential; the previous one is no longer accepted");
+        }
+        Ok(owner.agent_id)
     }
 
     /// Checks the admin token in `authorization`.

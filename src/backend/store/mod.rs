@@ -45,6 +45,36 @@ pub(crate) mod suite;
 pub use runs::{FollowUp, LiveContainer, NewContainer, Role, RunContainerRecord, RunRecord};
 pub use sqlite::{CHECKPOINT_EVERY, SqliteStore};
 
+/// What replaces a secret in a finished command's stored spec.
+pub const SCRUBBED: &str = "[scrubbed]";
+
+/// Replaces the secrets of a command spec (a pull's registry password, a
+/// container's environment values) with [`SCRUBBED`]: a store keeps a
+/// finished command's spec only in this form, so the secrets it carried
+/// are not readable in the store once the agent no longer needs them.
+/// Names (of variables, of the registry user) stay, so an operator can
+/// still see what was asked. True when anything was replaced.
+pub fn scrub_secrets(spec: &mut proto::CommandSpec) -> bool {
+    use proto::command_spec::Kind;
+    let mut changed = false;
+    let mut scrub = |v: &mut String| {
+        if !v.is_empty() && v != SCRUBBED {
+            *v = SCRUBBED.to_string();
+            changed = true;
+        }
+    };
+    match &mut spec.kind {
+        Some(Kind::PullImage(p)) => {
+            if let Some(a) = &mut p.auth {
+                scrub(&mut a.password);
+            }
+        }
+        Some(Kind::RunContainer(r)) => r.env.values_mut().for_each(scrub),
+        _ => {}
+    }
+    changed
+}
+
 /// What every [`Store`] method returns: the future of its outcome, boxed
 /// so the trait stays usable as `dyn Store`, and `Send` so `Core`'s
 /// futures can move between the runtime's workers. It may borrow the
@@ -73,6 +103,10 @@ pub enum StoreError {
     },
     #[error("the store's lock was poisoned by a crashed thread")]
     Poisoned,
+    #[error(
+        "the store's schema is version {found}, newer than this backend's {known}: run a newer uplink"
+    )]
+    Version { found: i64, known: i64 },
     #[error("cannot start the checkpoint thread: {0}")]
     Thread(std::io::Error),
 }
@@ -90,6 +124,19 @@ pub struct AgentRecord {
     pub next_seq: u64,
     pub transport: i32,
     pub transport_reason: String,
+    /// When the agent was revoked (0: it is not).
+    pub revoked_ms: i64,
+}
+
+/// The agent a credential belongs to, see [`Store::agent_by_credential`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct CredentialOwner {
+    pub agent_id: String,
+    /// When the agent was revoked (0: it is not).
+    pub revoked_ms: i64,
+    /// True when this lookup made the credential the agent's current one
+    /// (its first use after [`Store::set_pending_credential`]).
+    pub promoted: bool,
 }
 
 /// A provider as stored.
@@ -97,7 +144,14 @@ pub struct AgentRecord {
 pub struct ProviderRecord {
     pub name: String,
     pub created_ms: i64,
+    /// Agents enrolled with the provider, with any of its tokens.
     pub agents: u32,
+    /// How many agents the current enrollment token may enroll (0: no cap).
+    pub max_agents: u32,
+    /// When the current enrollment token stops enrolling (0: never).
+    pub expires_ms: i64,
+    /// Agents the current enrollment token enrolled.
+    pub token_enrolled: u32,
 }
 
 /// A command as stored.
@@ -188,34 +242,70 @@ pub trait Store: Send + Sync {
         now: i64,
     ) -> StoreFuture<'a, bool>;
 
-    /// Replaces a provider's token hash (the old token is revoked at once);
-    /// false when there is no such provider.
+    /// Replaces a provider's token hash (the old token is revoked at once),
+    /// with no limits and no agents enrolled by it yet; false when there is
+    /// no such provider.
     fn set_provider_token<'a>(
         &'a self,
         name: &'a str,
         token_hash: &'a str,
     ) -> StoreFuture<'a, bool>;
 
-    /// The provider whose current enrollment token hashes to `token_hash`.
-    fn provider_by_token<'a>(&'a self, token_hash: &'a str) -> StoreFuture<'a, Option<String>>;
+    /// Sets the limits of a provider's current enrollment token: how many
+    /// agents it may enroll (0: no cap) and when it stops (0: never); false
+    /// when there is no such provider.
+    fn set_token_limits<'a>(
+        &'a self,
+        name: &'a str,
+        max_agents: u32,
+        expires_ms: i64,
+    ) -> StoreFuture<'a, bool>;
+
+    /// The provider whose current enrollment token hashes to `token_hash`,
+    /// with that token's limits and count.
+    fn provider_by_token<'a>(
+        &'a self,
+        token_hash: &'a str,
+    ) -> StoreFuture<'a, Option<ProviderRecord>>;
 
     /// Every provider with its agent count, ordered by name.
     fn providers(&self) -> StoreFuture<'_, Vec<ProviderRecord>>;
 
     /// Stores a newly enrolled agent: its ack is 0, its next seq 1, and it
-    /// was last seen when it enrolled. Credential hashes are unique; the
-    /// provider must exist.
+    /// was last seen when it enrolled; it counts against the provider's
+    /// current token. False, and nothing stored, when that token has
+    /// enrolled its `max_agents` already (checked and counted atomically, so
+    /// racing enrollments cannot pass the cap together). Credential hashes
+    /// are unique; the provider must exist.
     fn insert_agent<'a>(
         &'a self,
         a: &'a AgentRecord,
         credential_hash: &'a str,
-    ) -> StoreFuture<'a, ()>;
+    ) -> StoreFuture<'a, bool>;
 
-    /// The agent whose credential hashes to `credential_hash`.
+    /// The agent whose current or pending credential hashes to
+    /// `credential_hash`, revoked or not (the caller refuses a revoked
+    /// one). The first lookup of a pending credential makes it the
+    /// current one and forgets the one before, atomically.
     fn agent_by_credential<'a>(
         &'a self,
         credential_hash: &'a str,
-    ) -> StoreFuture<'a, Option<String>>;
+    ) -> StoreFuture<'a, Option<CredentialOwner>>;
+
+    /// Gives an agent a pending credential beside its current one (replacing
+    /// an earlier pending one): both are accepted until the pending one is
+    /// first used. False when the agent does not exist or is revoked.
+    fn set_pending_credential<'a>(
+        &'a self,
+        agent_id: &'a str,
+        credential_hash: &'a str,
+    ) -> StoreFuture<'a, bool>;
+
+    /// Revokes an agent for good: from then on its credentials are refused
+    /// by every backend that shares this store. Returns when it was revoked
+    /// (the first revocation's time when repeated); None when there is no
+    /// such agent.
+    fn revoke_agent<'a>(&'a self, agent_id: &'a str, now: i64) -> StoreFuture<'a, Option<i64>>;
 
     /// One agent.
     fn agent<'a>(&'a self, id: &'a str) -> StoreFuture<'a, Option<AgentRecord>>;
@@ -276,7 +366,8 @@ pub trait Store: Send + Sync {
     /// result of a command that exists and belongs to `agent_id`; false,
     /// and nothing changed, for an unknown command, another agent's, or one
     /// already done. A command done without an ack counts as accepted at
-    /// `now` too.
+    /// `now` too. The secrets of its spec (registry passwords, environment
+    /// values) are scrubbed in the same change, see [`scrub_secrets`].
     fn complete<'a>(
         &'a self,
         agent_id: &'a str,

@@ -4,7 +4,8 @@
 //! runs them the same way with its own constructor.
 
 use super::{
-    AgentRecord, BatchSeq, METRIC_SEQ_WINDOW, NewContainer, Pruned, Retention, RunRecord, Store,
+    AgentRecord, BatchSeq, METRIC_SEQ_WINDOW, NewContainer, Pruned, Retention, RunRecord, SCRUBBED,
+    Store,
 };
 use crate::proto;
 
@@ -25,6 +26,10 @@ macro_rules! store_suite {
             pruning_keeps_what_delivery_needs,
             pruning_bounds_container_events_and_epochs,
             pruning_keeps_runs_with_anything_left_on_a_host,
+            revoked_agents_stay_revoked_and_keep_their_record,
+            a_pending_credential_replaces_the_current_one_at_first_use,
+            token_caps_count_enrollments_until_the_token_is_rotated,
+            finished_commands_keep_no_secrets,
         );
     };
     ($make:expr; $($name:ident,)*) => {
@@ -48,17 +53,22 @@ fn ping() -> proto::CommandSpec {
 /// Adds provider `default` and its agent `a1`.
 async fn add_agent(s: &dyn Store) {
     assert!(s.create_provider("default", "th", 1).await.unwrap());
+    assert!(enroll(s, "a1", "ch").await);
+}
+
+/// Enrolls agent `id` with provider `default` and credential hash `ch`.
+async fn enroll(s: &dyn Store, id: &str, ch: &str) -> bool {
     s.insert_agent(
         &AgentRecord {
-            id: "a1".into(),
+            id: id.into(),
             provider: "default".into(),
             enrolled_ms: 1,
             ..Default::default()
         },
-        "ch",
+        ch,
     )
     .await
-    .unwrap();
+    .unwrap()
 }
 
 pub(crate) async fn seqs_are_contiguous_and_pending_follows_acks(s: &dyn Store) {
@@ -371,4 +381,133 @@ pub(crate) async fn pruning_keeps_runs_with_anything_left_on_a_host(s: &dyn Stor
         .unwrap()
         .unwrap();
     assert_eq!(s.prune(&r).await.unwrap().runs, 0);
+}
+
+pub(crate) async fn revoked_agents_stay_revoked_and_keep_their_record(s: &dyn Store) {
+    add_agent(s).await;
+    let owner = s.agent_by_credential("ch").await.unwrap().unwrap();
+    assert_eq!((owner.agent_id.as_str(), owner.revoked_ms), ("a1", 0));
+    assert_eq!(s.revoke_agent("a1", 50).await.unwrap(), Some(50));
+    // Repeated: the first time stays.
+    assert_eq!(s.revoke_agent("a1", 60).await.unwrap(), Some(50));
+    assert_eq!(s.revoke_agent("nobody", 60).await.unwrap(), None);
+    let owner = s.agent_by_credential("ch").await.unwrap().unwrap();
+    assert_eq!(
+        owner.revoked_ms, 50,
+        "the lookup tells the caller to refuse it"
+    );
+    let a = s.agent("a1").await.unwrap().unwrap();
+    assert_eq!(a.revoked_ms, 50);
+    assert_eq!(s.agents("").await.unwrap().len(), 1, "the record stays");
+    // A revoked agent gets no new credential.
+    assert!(!s.set_pending_credential("a1", "ch2").await.unwrap());
+    assert!(s.agent_by_credential("ch2").await.unwrap().is_none());
+}
+
+pub(crate) async fn a_pending_credential_replaces_the_current_one_at_first_use(s: &dyn Store) {
+    add_agent(s).await;
+    assert!(s.set_pending_credential("a1", "ch2").await.unwrap());
+    // Replaced before use (the agent crashed before storing it): the
+    // first pending one is forgotten, the current one still works.
+    assert!(s.set_pending_credential("a1", "ch3").await.unwrap());
+    assert!(s.agent_by_credential("ch2").await.unwrap().is_none());
+    let old = s.agent_by_credential("ch").await.unwrap().unwrap();
+    assert_eq!((old.agent_id.as_str(), old.promoted), ("a1", false));
+    // The first use of the new one makes it current and ends the old one.
+    let new = s.agent_by_credential("ch3").await.unwrap().unwrap();
+    assert_eq!((new.agent_id.as_str(), new.promoted), ("a1", true));
+    assert!(s.agent_by_credential("ch").await.unwrap().is_none());
+    let again = s.agent_by_credential("ch3").await.unwrap().unwrap();
+    assert!(!again.promoted);
+    assert!(!s.set_pending_credential("nobody", "ch4").await.unwrap());
+}
+
+pub(crate) async fn token_caps_count_enrollments_until_the_token_is_rotated(s: &dyn Store) {
+    assert!(s.create_provider("default", "th", 1).await.unwrap());
+    assert!(s.set_token_limits("default", 2, 1_000).await.unwrap());
+    assert!(!s.set_token_limits("nobody", 2, 0).await.unwrap());
+    assert!(enroll(s, "a1", "c1").await);
+    assert!(enroll(s, "a2", "c2").await);
+    assert!(!enroll(s, "a3", "c3").await, "past the cap");
+    assert!(s.agent("a3").await.unwrap().is_none());
+    let p = s.provider_by_token("th").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            p.name.as_str(),
+            p.max_agents,
+            p.expires_ms,
+            p.token_enrolled,
+            p.agents
+        ),
+        ("default", 2, 1_000, 2, 2)
+    );
+    // A new token starts with no limits and no count; the agents stay.
+    assert!(s.set_provider_token("default", "th2").await.unwrap());
+    assert!(s.provider_by_token("th").await.unwrap().is_none());
+    let p = &s.providers().await.unwrap()[0];
+    assert_eq!(
+        (p.max_agents, p.expires_ms, p.token_enrolled, p.agents),
+        (0, 0, 0, 2)
+    );
+    assert!(s.set_token_limits("default", 1, 0).await.unwrap());
+    assert!(enroll(s, "a3", "c3").await);
+    assert!(!enroll(s, "a4", "c4").await);
+}
+
+pub(crate) async fn finished_commands_keep_no_secrets(s: &dyn Store) {
+    use proto::command_spec::Kind;
+    add_agent(s).await;
+    let pull = proto::CommandSpec {
+        kind: Some(Kind::PullImage(proto::PullImage {
+            image: "registry.corp/x:1".into(),
+            auth: Some(proto::RegistryAuth {
+                username: "deploy".into(),
+                password: "hunter22".into(),
+            }),
+        })),
+    };
+    let run = proto::CommandSpec {
+        kind: Some(Kind::RunContainer(proto::RunContainer {
+            image: "x".into(),
+            env: [("TOKEN".to_string(), "s3cret".to_string())].into(),
+            ..Default::default()
+        })),
+    };
+    s.enqueue("a1", "c1", &pull, 10).await.unwrap();
+    s.enqueue("a1", "c2", &run, 10).await.unwrap();
+    // Until its result is stored, the agent may need the spec as it is.
+    assert_eq!(
+        s.command("c1").await.unwrap().unwrap().command.spec,
+        Some(pull)
+    );
+    for id in ["c1", "c2"] {
+        let r = proto::CommandResult {
+            command_id: id.into(),
+            status: proto::CommandStatus::Ok as i32,
+            ..Default::default()
+        };
+        assert!(s.complete("a1", &r, 11).await.unwrap());
+    }
+    let spec = |id: &'static str| async move {
+        s.command(id)
+            .await
+            .unwrap()
+            .unwrap()
+            .command
+            .spec
+            .unwrap()
+            .kind
+    };
+    let Some(Kind::PullImage(p)) = spec("c1").await else {
+        panic!("c1 is a pull")
+    };
+    let auth = p.auth.unwrap();
+    assert_eq!(
+        (auth.username.as_str(), auth.password.as_str()),
+        ("deploy", SCRUBBED)
+    );
+    let Some(Kind::RunContainer(r)) = spec("c2").await else {
+        panic!("c2 is a run")
+    };
+    assert_eq!(r.env.get("TOKEN").map(String::as_str), Some(SCRUBBED));
 }

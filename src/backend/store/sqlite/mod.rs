@@ -21,20 +21,20 @@ use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    AgentRecord, BatchSeq, CommandRecord, ContainerChange, LiveContainer, METRIC_SEQ_WINDOW,
-    NewContainer, ProviderRecord, Pruned, Retention, Role, RunContainerRecord, RunRecord, Store,
-    StoreError, StoreFuture,
+    AgentRecord, BatchSeq, CommandRecord, ContainerChange, CredentialOwner, LiveContainer,
+    METRIC_SEQ_WINDOW, NewContainer, ProviderRecord, Pruned, Retention, Role, RunContainerRecord,
+    RunRecord, Store, StoreError, StoreFuture, scrub_secrets,
 };
 use crate::proto;
 
 mod checkpoint;
+mod credentials;
 mod retention;
 mod runs;
 mod schema;
 
 pub use checkpoint::CHECKPOINT_EVERY;
 use checkpoint::Checkpointer;
-use schema::SCHEMA;
 
 /// The client errors of SQLite, as the store's errors.
 impl From<rusqlite::Error> for StoreError {
@@ -133,6 +133,10 @@ impl SqliteStore {
     /// Opens (creating if needed) `dir/uplink.db`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join("uplink.db");
+        crate::owner_only::create_private(&path).map_err(|e| StoreError::Backend {
+            store: "SQLite",
+            source: Box::new(e),
+        })?;
         let mut store = Self::from_connection(Connection::open(&path)?)?;
         store.with(|c| {
             c.pragma_update(None, "wal_autocheckpoint", 0)?;
@@ -148,12 +152,15 @@ impl SqliteStore {
         Self::from_connection(Connection::open_in_memory()?)
     }
 
-    fn from_connection(conn: Connection) -> Result<Self, StoreError> {
+    fn from_connection(mut conn: Connection) -> Result<Self, StoreError> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // Freed and overwritten content (a finished command's scrubbed
+        // secrets) is zeroed in the file, not left in free pages.
+        conn.pragma_update(None, "secure_delete", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
+        schema::migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
             checkpointer: None,
@@ -190,10 +197,11 @@ impl SqliteStore {
             next_seq: r.get::<_, i64>(7)? as u64,
             transport: r.get(8)?,
             transport_reason: r.get(9)?,
+            revoked_ms: r.get(10)?,
         })
     }
 
-    const AGENT_COLUMNS: &str = "id, provider, hostname, version, enrolled_ms, last_seen_ms, acked_seq, next_seq, transport, transport_reason";
+    const AGENT_COLUMNS: &str = "id, provider, hostname, version, enrolled_ms, last_seen_ms, acked_seq, next_seq, transport, transport_reason, revoked_ms";
 }
 
 impl Store for SqliteStore {
@@ -228,63 +236,47 @@ impl Store for SqliteStore {
     }
 
     fn set_provider_token(&self, name: &str, token_hash: &str) -> StoreFuture<'_, bool> {
-        self.ready(|c| {
-            let n = c.execute(
-                "UPDATE providers SET token_hash = ?2 WHERE name = ?1",
-                params![name, token_hash],
-            )?;
-            Ok(n == 1)
-        })
+        self.ready(|c| credentials::set_provider_token(c, name, token_hash))
     }
 
-    fn provider_by_token(&self, token_hash: &str) -> StoreFuture<'_, Option<String>> {
-        self.ready(|c| {
-            Ok(c.query_row(
-                "SELECT name FROM providers WHERE token_hash = ?1",
-                [token_hash],
-                |r| r.get(0),
-            )
-            .optional()?)
-        })
+    fn set_token_limits(
+        &self,
+        name: &str,
+        max_agents: u32,
+        expires_ms: i64,
+    ) -> StoreFuture<'_, bool> {
+        self.ready(|c| credentials::set_token_limits(c, name, max_agents, expires_ms))
+    }
+
+    fn provider_by_token(&self, token_hash: &str) -> StoreFuture<'_, Option<ProviderRecord>> {
+        self.ready(|c| credentials::provider_by_token(c, token_hash))
     }
 
     fn providers(&self) -> StoreFuture<'_, Vec<ProviderRecord>> {
-        self.ready(|c| {
-            let mut st = c.prepare(
-                "SELECT p.name, p.created_ms, (SELECT COUNT(*) FROM agents a WHERE a.provider = p.name)
-                 FROM providers p ORDER BY p.name",
-            )?;
-            let rows = st.query_map([], |r| {
-                Ok(ProviderRecord {
-                    name: r.get(0)?,
-                    created_ms: r.get(1)?,
-                    agents: r.get(2)?,
-                })
-            })?;
-            Ok(rows.collect::<Result<_, _>>()?)
-        })
+        self.ready(credentials::providers)
     }
 
-    fn insert_agent(&self, a: &AgentRecord, credential_hash: &str) -> StoreFuture<'_, ()> {
-        self.ready(|c| {
-            c.execute(
-                "INSERT INTO agents (id, provider, credential_hash, hostname, version, enrolled_ms, last_seen_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-                params![a.id, a.provider, credential_hash, a.hostname, a.version, a.enrolled_ms],
-            )?;
-            Ok(())
-        })
+    fn insert_agent(&self, a: &AgentRecord, credential_hash: &str) -> StoreFuture<'_, bool> {
+        self.ready(|c| credentials::insert_agent(c, a, credential_hash))
     }
 
-    fn agent_by_credential(&self, credential_hash: &str) -> StoreFuture<'_, Option<String>> {
-        self.ready(|c| {
-            Ok(c.query_row(
-                "SELECT id FROM agents WHERE credential_hash = ?1",
-                [credential_hash],
-                |r| r.get(0),
-            )
-            .optional()?)
-        })
+    fn agent_by_credential(
+        &self,
+        credential_hash: &str,
+    ) -> StoreFuture<'_, Option<CredentialOwner>> {
+        self.ready(|c| credentials::agent_by_credential(c, credential_hash))
+    }
+
+    fn set_pending_credential(
+        &self,
+        agent_id: &str,
+        credential_hash: &str,
+    ) -> StoreFuture<'_, bool> {
+        self.ready(|c| credentials::set_pending_credential(c, agent_id, credential_hash))
+    }
+
+    fn revoke_agent(&self, agent_id: &str, now: i64) -> StoreFuture<'_, Option<i64>> {
+        self.ready(|c| credentials::revoke_agent(c, agent_id, now))
     }
 
     fn agent(&self, id: &str) -> StoreFuture<'_, Option<AgentRecord>> {
@@ -445,12 +437,33 @@ impl Store for SqliteStore {
         now: i64,
     ) -> StoreFuture<'_, bool> {
         self.ready(|c| {
-            let n = c.execute(
+            let tx = c.transaction()?;
+            let n = tx.execute(
                 "UPDATE commands SET done_ms = ?3, result = ?4,
                  accepted_ms = CASE WHEN accepted_ms = 0 THEN ?3 ELSE accepted_ms END
                  WHERE id = ?1 AND agent_id = ?2 AND done_ms = 0",
                 params![result.command_id, agent_id, now, result.encode_to_vec()],
             )?;
+            if n == 1 {
+                let spec: Vec<u8> = tx.query_row(
+                    "SELECT spec FROM commands WHERE id = ?1",
+                    [&result.command_id],
+                    |r| r.get(0),
+                )?;
+                let mut spec = proto::CommandSpec::decode(spec.as_slice()).map_err(|source| {
+                    StoreError::Corrupt {
+                        what: format!("command {}", result.command_id),
+                        source,
+                    }
+                })?;
+                if scrub_secrets(&mut spec) {
+                    tx.execute(
+                        "UPDATE commands SET spec = ?2 WHERE id = ?1",
+                        params![result.command_id, spec.encode_to_vec()],
+                    )?;
+                }
+            }
+            tx.commit()?;
             Ok(n == 1)
         })
     }
@@ -775,7 +788,11 @@ mod tests {
         }
         let s = SqliteStore::open(dir.path()).unwrap();
         assert_eq!(
-            s.provider_by_token("h").await.unwrap().as_deref(),
+            s.provider_by_token("h")
+                .await
+                .unwrap()
+                .map(|p| p.name)
+                .as_deref(),
             Some("p")
         );
         assert_eq!(
