@@ -192,6 +192,11 @@ pub enum ConnectError {
         if *.via_proxy { " (through the proxy)" } else { "" }
     )]
     NoH2Answer { via_proxy: bool },
+    #[error(
+        "HTTP/2 cannot pass: the server{} refused a TLS handshake offering only h2 (alert no_application_protocol: HTTP/2 is off there; an ingress needs `http2` on its TLS listener)",
+        if *.via_proxy { " (through the proxy)" } else { "" }
+    )]
+    NoH2Refused { via_proxy: bool },
     #[error("no connection within {0:?} ({1})")]
     Timeout(Duration, &'static str),
     #[error("invalid destination {0}")]
@@ -208,6 +213,17 @@ fn tls_reason(e: &io::Error) -> String {
         Some(r) => r.to_string(),
         None => e.to_string(),
     }
+}
+
+/// True when a TLS handshake ended with the peer's `no_application_protocol`
+/// alert: it speaks none of the protocols offered.
+fn refused_h2(e: &io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::NoApplicationProtocol
+        ))
+    )
 }
 
 /// A proxy refused or failed the CONNECT.
@@ -434,9 +450,18 @@ impl Connector {
         } else {
             handshake.await
         }
-        .map_err(|source| ConnectError::Tls {
-            host: host.clone(),
-            source,
+        .map_err(|source| {
+            // Offered only h2, a server that does not speak it (an ingress
+            // with HTTP/2 off) may end the handshake with this alert: the
+            // path is fine, HTTP/2 is what cannot pass.
+            if self.alpn == Alpn::H2 && refused_h2(&source) {
+                ConnectError::NoH2Refused { via_proxy }
+            } else {
+                ConnectError::Tls {
+                    host: host.clone(),
+                    source,
+                }
+            }
         })?;
         let alpn = stream.get_ref().1.alpn_protocol().map(|p| p.to_vec());
         if self.alpn == Alpn::H2 && alpn.as_deref() != Some(b"h2") {

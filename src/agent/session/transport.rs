@@ -12,9 +12,9 @@ use std::time::Duration;
 use http::Uri;
 use tokio::sync::watch;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
 
 use crate::client::{self, CallError, ConnectClient, FailureKind};
+use crate::grpc_path::{EndToEnd, GrpcPath};
 use crate::net::Net;
 use crate::proto::{self, agent_service_client::AgentServiceClient};
 use crate::secret::Secret;
@@ -33,7 +33,7 @@ pub(super) const AGENT_SERVICE: &str = "uplink.v1.AgentService";
 /// A unary client on the current rung.
 #[derive(Clone)]
 pub(super) enum Unary {
-    Grpc(AgentServiceClient<Channel>),
+    Grpc(AgentServiceClient<GrpcPath>),
     Connect(Box<ConnectClient>),
 }
 
@@ -187,7 +187,8 @@ fn clip_reason(reason: &str) -> String {
 
 /// A gRPC stream that delivered its first frame.
 pub(super) struct OpenStream {
-    client: AgentServiceClient<Channel>,
+    client: AgentServiceClient<GrpcPath>,
+    end_to_end: Arc<EndToEnd>,
     stream: tonic::Streaming<proto::SubscribeResponse>,
     first: proto::SubscribeResponse,
     /// The ack it was opened with.
@@ -204,6 +205,8 @@ pub(super) struct LiveStream {
     pub(super) opened: tokio::time::Instant,
     /// When it is replaced, make before break.
     pub(super) rotate_at: tokio::time::Instant,
+    /// How the calls on its connection end (with trailers or without).
+    pub(super) end_to_end: Arc<EndToEnd>,
 }
 
 /// A stream being opened.
@@ -246,7 +249,9 @@ impl Transport {
             self.keepalive_timeout,
         )
         .await?;
-        let client = AgentServiceClient::new(channel)
+        let path = GrpcPath::new(channel);
+        let end_to_end = path.end_to_end();
+        let client = AgentServiceClient::new(path)
             .max_decoding_message_size(16 * 1024 * 1024)
             .max_encoding_message_size(16 * 1024 * 1024);
         let ack = *ack.borrow();
@@ -285,6 +290,7 @@ impl Transport {
             })??;
         Ok(OpenStream {
             client,
+            end_to_end,
             stream,
             first,
             ack,
@@ -303,6 +309,7 @@ impl Transport {
             heartbeats: 0,
             opened,
             rotate_at: opened + ld_jitter(self.stream_max_age, fastrand::f64()),
+            end_to_end: open.end_to_end,
         }
     }
 }
