@@ -25,6 +25,9 @@ use super::super::ladder::jitter as ld_jitter;
 /// sends a heartbeat at once). Short, so that a path that swallows HTTP/2
 /// costs the ladder seconds, not minutes.
 pub(super) const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(4);
+/// After [`FIRST_FRAME_TIMEOUT`], how long a frame that may have arrived
+/// in time gets to be read before the stream is judged.
+const FIRST_FRAME_GRACE: Duration = Duration::from_millis(500);
 /// Timeout of unary calls.
 const UNARY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -264,8 +267,9 @@ impl Transport {
         )?;
         // A stream has no deadline; the dead-stream timer guards it.
         req.set_timeout(Duration::from_secs(365 * 24 * 3600));
-        let first = async {
-            let mut stream = client
+        let subscriber = client.clone();
+        let first = async move {
+            let mut stream = subscriber
                 .clone()
                 .subscribe(req)
                 .await
@@ -280,14 +284,23 @@ impl Transport {
                 Err(s) => Err(CallError::from_tonic(&s)),
             }
         };
-        let (stream, first) = tokio::time::timeout(FIRST_FRAME_TIMEOUT, first)
-            .await
-            .map_err(|_| CallError {
-                kind: FailureKind::NoH2,
-                message: format!(
-                    "the stream delivered no frame within {FIRST_FRAME_TIMEOUT:?} (the backend sends a heartbeat at once)"
-                ),
-            })??;
+        let mut first = std::pin::pin!(first);
+        let no_frame = || CallError {
+            kind: FailureKind::NoH2,
+            message: format!(
+                "the stream delivered no frame within {FIRST_FRAME_TIMEOUT:?} (the backend sends a heartbeat at once)"
+            ),
+        };
+        let (stream, first) = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, first.as_mut()).await
+        {
+            Ok(r) => r?,
+            // The deadline and the frame can wake this task together on a
+            // busy host: the frame then still sits with the connection's
+            // task, unread. Let that task run before judging the path.
+            Err(_) => tokio::time::timeout(FIRST_FRAME_GRACE, first.as_mut())
+                .await
+                .map_err(|_| no_frame())??,
+        };
         Ok(OpenStream {
             client,
             end_to_end,
