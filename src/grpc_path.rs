@@ -6,9 +6,9 @@
 //!   ingress's own error page while the backend behind it is down), fails
 //!   the call as [`Intermediary`]: the backend is unreachable, which is not
 //!   "HTTP/2 cannot pass" (tonic would read the page as a broken frame);
-//! - answers that end without trailers (gRPC forwarded as HTTP/1.1, which
-//!   drops them: every call then "fails" although the backend processed
-//!   it) are counted by [`EndToEnd`]: [`TRAILERLESS_IN_A_ROW`] of them in a
+//! - unary answers that end without trailers (gRPC forwarded as HTTP/1.1,
+//!   which drops them: every call then "fails" although the backend
+//!   processed it) are counted by [`EndToEnd`]: [`TRAILERLESS_IN_A_ROW`] of them in a
 //!   row trip it once, so the rung loop can say so and fall.
 
 use std::future::Future;
@@ -114,6 +114,9 @@ impl tower::Service<http::Request<Body>> for GrpcPath {
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        // Only unary answers are judged: a stream may be cut without
+        // trailers for other reasons (an idle timeout, a restart).
+        let unary = !req.uri().path().ends_with("/Subscribe");
         let answer = self.inner.call(req);
         let watch = self.watch.clone();
         Box::pin(async move {
@@ -128,6 +131,9 @@ impl tower::Service<http::Request<Body>> for GrpcPath {
                 )
             {
                 return Err(Box::new(Intermediary { status }) as BoxError);
+            }
+            if !unary {
+                return Ok(resp);
             }
             if resp.headers().contains_key("grpc-status") {
                 // Trailers-only: the status came in the headers.

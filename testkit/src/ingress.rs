@@ -4,6 +4,7 @@
 //! files put in, and stopped when dropped. Variants make the mistakes an
 //! operator makes with it.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -73,12 +74,13 @@ fn edit(text: &str, from: &str, to: &str) -> String {
     text.replace(from, to)
 }
 
-/// A certificate for 127.0.0.1 and localhost issued by the backend's CA,
-/// as the operator's own: `(cert, key)` PEM files in `dir`.
-fn front_certificate(b: &TestBackend, dir: &Path) -> (PathBuf, PathBuf) {
-    let ca_pem = std::fs::read_to_string(b.dir.join("ca.pem")).unwrap();
+/// A certificate for 127.0.0.1 and localhost issued by the backend's CA
+/// (in its data dir), as the operator's own: `(cert, key)` PEM files in
+/// `dir`.
+fn front_certificate(data_dir: &Path, dir: &Path) -> (PathBuf, PathBuf) {
+    let ca_pem = std::fs::read_to_string(data_dir.join("ca.pem")).unwrap();
     let ca_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(b.dir.join("ca-key.pem")).unwrap())
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(data_dir.join("ca-key.pem")).unwrap())
             .unwrap();
     let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
@@ -98,11 +100,23 @@ fn front_certificate(b: &TestBackend, dir: &Path) -> (PathBuf, PathBuf) {
 impl RunningIngress {
     /// Starts `which` in `dir` in front of `b` and waits until it listens.
     pub async fn start(which: &Ingress, b: &TestBackend, dir: &Path) -> RunningIngress {
+        Self::in_front_of(which, b.addr, &b.dir, dir).await
+    }
+
+    /// Starts `which` in `dir` in front of the backend at `addr` whose
+    /// generated CA is in `data_dir` (its certificate must name
+    /// `localhost`), and waits until it listens.
+    pub async fn in_front_of(
+        which: &Ingress,
+        addr: SocketAddr,
+        data_dir: &Path,
+        dir: &Path,
+    ) -> RunningIngress {
         std::fs::create_dir_all(dir).unwrap();
         let port = crate::free_port();
-        let (cert, key) = front_certificate(b, dir);
-        let backend = format!("127.0.0.1:{}", b.addr.port());
-        let ca = b.ca.display().to_string();
+        let (cert, key) = front_certificate(data_dir, dir);
+        let backend = format!("127.0.0.1:{}", addr.port());
+        let ca = data_dir.join("ca.pem").display().to_string();
         let d = dir.display();
         let mut cmd = match which {
             Ingress::Nginx { edits } => {
