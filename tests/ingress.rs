@@ -202,6 +202,13 @@ async fn a_backend_restart_behind_nginx_keeps_the_agent_on_grpc() {
         (agent.count(&["stream open"]) >= 2).then_some(())
     })
     .await;
+    // The retry backoff starts at 0.5 s: the agent is back within a few
+    // seconds (bounded generously for a loaded host).
+    let took = back.elapsed();
+    assert!(
+        took < Duration::from_secs(20),
+        "back on gRPC after {took:?}"
+    );
     let a = connected_agent(&b.admin(), "restarted", "grpc").await;
     assert_eq!(
         agent.count(&["switching rung"]),
@@ -209,11 +216,7 @@ async fn a_backend_restart_behind_nginx_keeps_the_agent_on_grpc() {
         "the agent left gRPC: {}",
         agent.logs()
     );
-    assert!(
-        a.transport_reason.starts_with("auto: starting"),
-        "{a:?} after {:?}",
-        back.elapsed()
-    );
+    assert!(a.transport_reason.starts_with("auto: starting"), "{a:?}");
     ping_ok(&b, "restarted", "grpc").await;
 }
 
