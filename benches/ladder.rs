@@ -26,9 +26,11 @@
 //!    long ones after it has failed, while the next one is pending.
 //!    `UPLINK_BENCH_CLIMBS` rounds (default 10).
 //! 3. **Dispatch latency per path.** Enqueue -> ack, as in
-//!    `benches/dispatch.rs`, for agents pinned to a rung: gRPC direct and
-//!    through squid CONNECT; long-poll direct, through squid CONNECT and
-//!    through squid ssl_bump. The criterion group `through_proxies`, then
+//!    `benches/dispatch.rs`, for agents pinned to a rung: gRPC direct,
+//!    through squid CONNECT and through a TLS-terminating ingress (nginx
+//!    and HAProxy as `docs/ingress/` configures them); long-poll direct,
+//!    through squid CONNECT, through squid ssl_bump and through each
+//!    ingress. The criterion group `through_proxies`, then
 //!    percentiles over `UPLINK_BENCH_DISPATCHES` dispatches per path
 //!    (default 1000, after 100 warm-up), the paths taking turns so that
 //!    load on the machine falls on all of them alike.
@@ -54,6 +56,7 @@ use uplink::proto::{
 };
 use uplink::secret::Secret;
 use uplink_testkit::bench::{BenchBackend, bench_dir};
+use uplink_testkit::ingress::{Ingress, RunningIngress};
 use uplink_testkit::inprocess::{AgentOpts, Route, RunningAgent};
 use uplink_testkit::measure::{Distribution, count_from_env, load_average};
 use uplink_testkit::relay::{Mode, Relay};
@@ -576,7 +579,12 @@ fn main() {
     };
     if list_only {
         for rung in ["grpc", "longpoll"] {
-            for path in ["direct", "squid-connect"] {
+            for path in [
+                "direct",
+                "squid-connect",
+                "ingress-nginx",
+                "ingress-haproxy",
+            ] {
                 println!("through_proxies/{rung}/{path}: benchmark");
             }
         }
@@ -666,6 +674,36 @@ fn main() {
         ca_files: vec![bump.bump_ca.clone().expect("the bumping squid has a CA")],
     };
 
+    // A TLS-terminating ingress in front, configured as the README shows.
+    let (nginx, haproxy) = runtime.block_on(async {
+        let data_dir = dir.path().join("backend");
+        (
+            RunningIngress::in_front_of(
+                &Ingress::nginx(),
+                backend.addr,
+                &data_dir,
+                &dir.path().join("nginx"),
+            )
+            .await,
+            RunningIngress::in_front_of(
+                &Ingress::Haproxy,
+                backend.addr,
+                &data_dir,
+                &dir.path().join("haproxy"),
+            )
+            .await,
+        )
+    });
+    let ingress_route = |name, ing: &RunningIngress| Route {
+        name,
+        h2: true,
+        url: ing.url().parse().expect("ingress URL"),
+        proxy: None,
+        ca_files: vec![backend.ca.clone()],
+    };
+    let via_nginx = ingress_route("ingress-nginx", &nginx);
+    let via_haproxy = ingress_route("ingress-haproxy", &haproxy);
+
     // 1. First command with h2 blocked (and, for reference, not blocked).
     let starts = runtime.block_on(pass_first_command(
         &backend,
@@ -691,9 +729,13 @@ fn main() {
         &[
             (&direct, TransportMode::Grpc),
             (&squid_connect, TransportMode::Grpc),
+            (&via_nginx, TransportMode::Grpc),
+            (&via_haproxy, TransportMode::Grpc),
             (&direct, TransportMode::Longpoll),
             (&squid_connect, TransportMode::Longpoll),
             (&squid_bump, TransportMode::Longpoll),
+            (&via_nginx, TransportMode::Longpoll),
+            (&via_haproxy, TransportMode::Longpoll),
         ],
         dir.path(),
     ));

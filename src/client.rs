@@ -132,13 +132,21 @@ impl CallError {
                             FailureKind::Other
                         }
                     }
-                    ConnectError::NoH2 { .. } | ConnectError::NoH2Answer { .. } => {
-                        FailureKind::NoH2
-                    }
+                    ConnectError::NoH2 { .. }
+                    | ConnectError::NoH2Answer { .. }
+                    | ConnectError::NoH2Refused { .. } => FailureKind::NoH2,
                     ConnectError::Timeout(..) => FailureKind::Timeout,
                     ConnectError::BadUri(_) => FailureKind::Other,
                 };
                 return CallError { kind, message };
+            }
+            if e.is::<crate::grpc_path::Intermediary>() {
+                // The ingress is up, the backend behind it is not: every
+                // rung meets that alike.
+                return CallError {
+                    kind: FailureKind::Unreachable,
+                    message,
+                };
             }
             if let Some(p) = e.downcast_ref::<ProxyError>() {
                 return CallError {
@@ -177,7 +185,9 @@ impl CallError {
         match s.source() {
             Some(src) => {
                 let mut e = CallError::transport(src);
-                e.message = format!("{}: {}", s.message(), e.message);
+                if !e.message.contains(s.message()) {
+                    e.message = format!("{}: {}", s.message(), e.message);
+                }
                 e
             }
             None => CallError::status(s),

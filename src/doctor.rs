@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use http::Uri;
 
 use crate::client::{CallError, ConnectClient, FailureKind};
+use crate::grpc_path::GrpcPath;
 use crate::net::{Alpn, ConnectError, Net, Route};
 use crate::proto;
 use crate::secret::Secret;
@@ -214,7 +215,9 @@ pub async fn run(cfg: DoctorConfig) -> Report {
                 }
                 ConnectError::Proxy(_) => "connect",
                 ConnectError::Tls { .. } => "tls",
-                ConnectError::NoH2 { .. } | ConnectError::NoH2Answer { .. } => "alpn",
+                ConnectError::NoH2 { .. }
+                | ConnectError::NoH2Answer { .. }
+                | ConnectError::NoH2Refused { .. } => "alpn",
             };
             r.step(Verdict::Fail, step, e.to_string());
             r.text.push_str("verdict: no rung works: the failure above happens before any HTTP, so both rungs meet it\n");
@@ -234,15 +237,14 @@ pub async fn run(cfg: DoctorConfig) -> Report {
         " (no --state-dir credential: checked up to the backend's answer)"
     };
 
-    // gRPC rung.
-    let grpc = if h2_passes {
-        grpc_check(&cfg.backend, &net, credential.as_ref()).await
-    } else {
-        Err("skipped: HTTP/2 cannot pass".to_string())
-    };
+    // gRPC rung, as the agent opens it: a handshake offering only h2, the
+    // stream, and (with a credential) one `Report` and one `PushMetrics`
+    // on the same connection. The handshake above offered both protocols,
+    // which a server with HTTP/2 off answers differently.
+    let grpc = grpc_check(&cfg.backend, &net, credential.as_ref()).await;
     match &grpc {
         Ok(d) => r.step(Verdict::Ok, "grpc", format!("{d}{cred_note}")),
-        Err(d) if !h2_passes => r.step(Verdict::Skip, "grpc", d),
+        Err(d) if !h2_passes => r.step(Verdict::Warn, "grpc", d),
         Err(d) => r.step(Verdict::Fail, "grpc", d),
     }
     // Long-poll rung.
@@ -282,28 +284,71 @@ async fn grpc_check(
     )
     .await
     .map_err(|e| e.message)?;
-    let mut client = proto::agent_service_client::AgentServiceClient::new(channel);
+    let path = GrpcPath::new(channel);
+    let end_to_end = path.end_to_end();
+    let client = proto::agent_service_client::AgentServiceClient::new(path);
     // Ack 0 changes nothing at the backend (acks never go back); commands
     // the stream may carry are ignored here and stay unacknowledged, so the
     // agent still gets them.
-    let mut req = tonic::Request::new(proto::SubscribeRequest { ack: 0, info: None });
-    if let Some(c) = credential
-        && let Ok(v) = tonic::metadata::MetadataValue::try_from(format!("Bearer {}", c.expose()))
-    {
-        req.metadata_mut().insert("authorization", v);
-    }
+    let req = authed(
+        credential,
+        proto::SubscribeRequest {
+            ack: 0,
+            ..Default::default()
+        },
+    );
     let work = async {
-        match client.subscribe(req).await {
+        match client.clone().subscribe(req).await {
             Ok(resp) => {
                 let mut s = resp.into_inner();
                 match s.message().await {
-                    Ok(Some(_)) => Ok(format!(
-                        "stream opened, first heartbeat after {:.0?}",
-                        started.elapsed()
-                    )),
-                    Ok(None) => Err("the stream ended before its first frame".to_string()),
-                    Err(st) => Err(CallError::from_tonic(&st).message),
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Err("the stream ended before its first frame".to_string()),
+                    Err(st) => return Err(CallError::from_tonic(&st).message),
                 }
+                let first = started.elapsed();
+                // The unary calls an agent makes beside its stream, which
+                // store nothing: a report without events and an empty
+                // metric batch, in an epoch of their own. Their answers
+                // must arrive whole (with their trailers).
+                let epoch = fastrand::u64(1..1 << 53);
+                let report = client
+                    .clone()
+                    .report(authed(
+                        credential,
+                        proto::ReportRequest {
+                            epoch,
+                            ..Default::default()
+                        },
+                    ))
+                    .await;
+                let push = client
+                    .clone()
+                    .push_metrics(authed(
+                        credential,
+                        proto::PushMetricsRequest {
+                            epoch,
+                            seq: 1,
+                            batch: Some(proto::MetricBatch::default()),
+                            ..Default::default()
+                        },
+                    ))
+                    .await;
+                if end_to_end.trailerless() > 0 {
+                    return Err("the stream opened, but the answers to `Report` and `PushMetrics` arrived without their gRPC trailers (grpc-status): something in the path forwards gRPC as HTTP/1.1 (an ingress with proxy_pass instead of grpc_pass); an agent would fall to long-polling".to_string());
+                }
+                for (call, answer) in [("Report", report.err()), ("PushMetrics", push.err())] {
+                    if let Some(st) = answer {
+                        return Err(format!(
+                            "the stream opened, but `{call}` failed: {}",
+                            CallError::from_tonic(&st)
+                        ));
+                    }
+                }
+                Ok(format!(
+                    "stream opened, first heartbeat after {first:.0?}; `Report` and `PushMetrics` answered on the same connection ({:.0?})",
+                    started.elapsed()
+                ))
             }
             Err(st) => {
                 let e = CallError::from_tonic(&st);
@@ -323,6 +368,17 @@ async fn grpc_check(
     tokio::time::timeout(Duration::from_secs(8), work)
         .await
         .unwrap_or_else(|_| Err("no answer on the stream within 8s".into()))
+}
+
+/// A request carrying `credential`, if any.
+fn authed<T>(credential: Option<&Secret>, msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(c) = credential
+        && let Ok(v) = tonic::metadata::MetadataValue::try_from(format!("Bearer {}", c.expose()))
+    {
+        req.metadata_mut().insert("authorization", v);
+    }
+    req
 }
 
 async fn poll_check(

@@ -69,6 +69,7 @@ pub mod ctl;
 #[cfg(feature = "backend")]
 pub mod demo;
 pub mod doctor;
+pub mod grpc_path;
 pub mod hostname;
 pub mod labels;
 pub mod loadgen;

@@ -192,6 +192,11 @@ pub enum ConnectError {
         if *.via_proxy { " (through the proxy)" } else { "" }
     )]
     NoH2Answer { via_proxy: bool },
+    #[error(
+        "HTTP/2 cannot pass: the server{} refused a TLS handshake offering only h2 (alert no_application_protocol: HTTP/2 is off there; an ingress needs `http2` on its TLS listener)",
+        if *.via_proxy { " (through the proxy)" } else { "" }
+    )]
+    NoH2Refused { via_proxy: bool },
     #[error("no connection within {0:?} ({1})")]
     Timeout(Duration, &'static str),
     #[error("invalid destination {0}")]
@@ -208,6 +213,17 @@ fn tls_reason(e: &io::Error) -> String {
         Some(r) => r.to_string(),
         None => e.to_string(),
     }
+}
+
+/// True when a TLS handshake ended with the peer's `no_application_protocol`
+/// alert: it speaks none of the protocols offered.
+fn refused_h2(e: &io::Error) -> bool {
+    matches!(
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::NoApplicationProtocol
+        ))
+    )
 }
 
 /// A proxy refused or failed the CONNECT.
@@ -434,9 +450,18 @@ impl Connector {
         } else {
             handshake.await
         }
-        .map_err(|source| ConnectError::Tls {
-            host: host.clone(),
-            source,
+        .map_err(|source| {
+            // Offered only h2, a server that does not speak it (an ingress
+            // with HTTP/2 off) may end the handshake with this alert: the
+            // path is fine, HTTP/2 is what cannot pass.
+            if self.alpn == Alpn::H2 && refused_h2(&source) {
+                ConnectError::NoH2Refused { via_proxy }
+            } else {
+                ConnectError::Tls {
+                    host: host.clone(),
+                    source,
+                }
+            }
         })?;
         let alpn = stream.get_ref().1.alpn_protocol().map(|p| p.to_vec());
         if self.alpn == Alpn::H2 && alpn.as_deref() != Some(b"h2") {
@@ -596,6 +621,77 @@ async fn tunnel(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A TLS server on loopback that speaks only HTTP/1.1 and says so with
+    /// ALPN (an ingress with HTTP/2 off), and a `Net` trusting it.
+    async fn http1_only_server(dir: &std::path::Path) -> (Uri, Net) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+        let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let _ = acceptor.accept(tcp).await;
+                });
+            }
+        });
+        let tls = crate::tls::client_config(&crate::tls::Trust {
+            ca_files: vec![ca_file],
+            skip_os_store: true,
+        })
+        .unwrap();
+        let uri = format!("https://127.0.0.1:{}", addr.port())
+            .parse()
+            .unwrap();
+        (uri, Net::new(tls, ProxySettings::direct()))
+    }
+
+    #[tokio::test]
+    async fn a_server_refusing_h2_with_an_alert_means_http2_cannot_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let (uri, net) = http1_only_server(dir.path()).await;
+        // Offered only h2, it ends the handshake with no_application_protocol.
+        let Err(e) = net.connector(Alpn::H2).connect(&uri).await else {
+            panic!("a handshake offering only h2 succeeded");
+        };
+        assert!(
+            matches!(e, ConnectError::NoH2Refused { via_proxy: false }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("HTTP/2 cannot pass"), "{e}");
+        assert_eq!(
+            crate::client::CallError::transport(&e).kind,
+            crate::client::FailureKind::NoH2
+        );
+        // Offered both, it picks HTTP/1.1: the long-poll rung works.
+        let c = net.connector(Alpn::Any).connect(&uri).await.unwrap();
+        assert_eq!(c.alpn.as_deref(), Some(&b"http/1.1"[..]));
+    }
 
     #[test]
     fn proxy_urls_are_validated_with_clear_messages() {

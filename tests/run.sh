@@ -26,8 +26,18 @@ command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
 [ -f /usr/share/jmeter/lib/ext/ApacheJMeter_http.jar ] || need+=(jmeter-http)
 command -v javac >/dev/null 2>&1 || need+=(default-jdk-headless)
 /usr/bin/python3 -c 'import influxdb' >/dev/null 2>&1 || need+=(python3-influxdb)
+# An ingress in front of the backend (tests/ingress.rs): nginx with its
+# http_v2 and grpc modules, and HAProxy; started by the tests themselves.
+command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
+command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
+  # Packages start no service (nginx would take port 80).
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 python3 -c 'import influxdb_client' >/dev/null 2>&1 ||

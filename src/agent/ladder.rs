@@ -9,6 +9,11 @@
 //!   once and stays on gRPC.) Failures that would fail
 //!   every rung (DNS, refused, proxy, TLS trust, credentials) never cause a
 //!   fall: they are reported as what they are.
+//!   A gRPC stream that works while the calls beside it on its connection
+//!   keep ending without trailers (an ingress forwarding gRPC as HTTP/1.1)
+//!   is gRPC not working end to end: the ladder falls too
+//!   ([`Ladder::grpc_broken`]), and each such fall in a row doubles the
+//!   wait before the next probe instead of starting it over.
 //! - On long-poll, gRPC is probed again after a jittered, growing interval
 //!   (`probe_initial`, doubling up to `probe_max`). A probe succeeds only
 //!   when its stream delivered a frame; then the ladder climbs back.
@@ -84,6 +89,9 @@ pub struct Ladder {
     next_probe: Option<Instant>,
     switches: u64,
     code: &'static str,
+    /// The last fall was [`Ladder::grpc_broken`], after this probe interval.
+    broken_before: bool,
+    last_broken_interval: Duration,
 }
 
 /// True when a failure says HTTP/2 itself is the problem.
@@ -125,6 +133,8 @@ impl Ladder {
             next_probe: None,
             switches: 0,
             code: if cfg.auto { "auto_start" } else { "configured" },
+            broken_before: false,
+            last_broken_interval: cfg.probe_initial,
         }
     }
 
@@ -190,7 +200,29 @@ impl Ladder {
         }
     }
 
+    /// gRPC does not work end to end although its stream does (`why`).
+    pub fn grpc_broken(&mut self, why: &str, now: Instant, unit: f64) -> Move {
+        if !self.cfg.auto || self.rung != Rung::Grpc {
+            return Move::Stay;
+        }
+        // The stream will deliver frames again at the next probe: back off
+        // from it rather than probing at the first interval every time.
+        let again = self.code == "probe_ok" && self.broken_before;
+        self.code = "grpc_broken";
+        self.fall(why.to_string(), now, unit);
+        if again {
+            self.probe_interval = (self.last_broken_interval * 2).min(self.cfg.probe_max);
+            self.next_probe = Some(now + jitter(self.probe_interval, unit));
+        }
+        self.broken_before = true;
+        self.last_broken_interval = self.probe_interval;
+        Move::Fall(why.to_string())
+    }
+
     fn fall(&mut self, reason: String, now: Instant, unit: f64) {
+        if self.code != "grpc_broken" {
+            self.broken_before = false;
+        }
         self.rung = Rung::Longpoll;
         self.reason = format!("auto: on long-poll since {reason}");
         self.early_deaths = 0;
@@ -328,6 +360,44 @@ mod tests {
         assert_eq!(l.switches(), 2);
         assert!(l.next_probe().is_none());
         assert!(l.reason().contains("back on the gRPC stream"));
+    }
+
+    #[test]
+    fn grpc_broken_end_to_end_falls_and_backs_off_from_probing_it_again() {
+        let t0 = Instant::now();
+        let mut l = Ladder::new(cfg());
+        assert!(matches!(
+            l.grpc_broken("no trailers", t0, 0.5),
+            Move::Fall(_)
+        ));
+        assert_eq!(l.rung(), Rung::Longpoll);
+        assert_eq!(l.reason_code(), "grpc_broken");
+        assert_eq!(l.next_probe(), Some(t0 + Duration::from_secs(60)));
+        // Each probe's stream works, and the calls beside it break again.
+        let mut waits = Vec::new();
+        for _ in 0..5 {
+            l.probe_result(true, t0, 0.5);
+            assert_eq!(l.rung(), Rung::Grpc);
+            l.grpc_broken("no trailers", t0, 0.5);
+            waits.push((l.next_probe().unwrap() - t0).as_secs());
+        }
+        assert_eq!(waits, [120, 240, 480, 900, 900]);
+        // Another kind of fall starts over.
+        l.probe_result(true, t0, 0.5);
+        l.grpc_failed(
+            &err(FailureKind::NoH2),
+            StreamEnd::BeforeFirstFrame,
+            t0,
+            0.5,
+        );
+        assert_eq!(l.next_probe(), Some(t0 + Duration::from_secs(60)));
+        // Pinned to gRPC, it stays.
+        let mut pinned = Ladder::new(LadderConfig {
+            auto: false,
+            ..cfg()
+        });
+        assert_eq!(pinned.grpc_broken("no trailers", t0, 0.5), Move::Stay);
+        assert_eq!(pinned.rung(), Rung::Grpc);
     }
 
     #[test]

@@ -68,7 +68,8 @@ impl BenchBackend {
             .expect("cannot bind 127.0.0.1:0");
         let enroll_token = Secret::generate(Kind::Enrollment);
         let mut cfg = BackendConfig::new(dir);
-        cfg.hostnames = vec!["127.0.0.1".into()];
+        // `localhost` for an ingress in front, which verifies it by name.
+        cfg.hostnames = vec!["127.0.0.1".into(), "localhost".into()];
         cfg.admin_token = Some(Secret::generate(Kind::Admin));
         cfg.enroll_token = Some(enroll_token.clone());
         cfg.grace = Duration::from_secs(2);

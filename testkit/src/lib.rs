@@ -62,6 +62,7 @@ pub mod backend;
 pub mod bench;
 pub mod docker;
 pub mod feed;
+pub mod ingress;
 pub mod inprocess;
 pub mod loadgen;
 pub mod measure;

@@ -9,6 +9,7 @@ use super::Stop;
 use super::transport::Unary;
 use crate::backoff::Retry;
 use crate::client::{self, CallError, ConnectClient, FailureKind};
+use crate::grpc_path::GrpcPath;
 use crate::net::Net;
 use crate::proto::{self, agent_service_client::AgentServiceClient};
 
@@ -56,10 +57,10 @@ pub(super) async fn enrolled(
     loop {
         let attempt = async {
             let unary = match cfg.transport {
-                TransportMode::Grpc => Unary::Grpc(AgentServiceClient::new(
+                TransportMode::Grpc => Unary::Grpc(AgentServiceClient::new(GrpcPath::new(
                     client::grpc_channel(&cfg.backend, net, cfg.keepalive, cfg.keepalive_timeout)
                         .await?,
-                )),
+                ))),
                 // Enrollment is one unary call: HTTP/1.1 passes everywhere.
                 TransportMode::Longpoll | TransportMode::Auto => {
                     Unary::Connect(Box::new(ConnectClient::new(&cfg.backend, net)))

@@ -28,6 +28,9 @@ enum Outcome {
     Climb(Box<OpenStream>),
     /// Reconnect after backoff.
     Failed(CallError),
+    /// The stream works but the calls beside it do not (why): gRPC does
+    /// not work end to end.
+    Broken(String),
 }
 
 /// The settings the rung loop goes by.
@@ -157,12 +160,20 @@ impl Rungs {
                     let (outcome, end) = self
                         .grpc_session(&mut retry, stop.clone(), preopened.take())
                         .await;
-                    if let Outcome::Failed(e) = &outcome
-                        && let Move::Fall(why) =
-                            ladder.grpc_failed(e, end, std::time::Instant::now(), fastrand::f64())
-                    {
+                    let (fall, label) = match &outcome {
+                        Outcome::Failed(e) => (
+                            ladder.grpc_failed(e, end, std::time::Instant::now(), fastrand::f64()),
+                            e.label(),
+                        ),
+                        Outcome::Broken(why) => (
+                            ladder.grpc_broken(why, std::time::Instant::now(), fastrand::f64()),
+                            "no_trailers",
+                        ),
+                        _ => (Move::Stay, ""),
+                    };
+                    if let Move::Fall(why) = fall {
                         self.set_reason(&ladder);
-                        crate::telemetry::reconnect("grpc", e.label());
+                        crate::telemetry::reconnect("grpc", label);
                         crate::telemetry::switch("grpc", "longpoll");
                         crate::telemetry::rung(ladder.rung().name(), ladder.reason_code());
                         tracing::warn!(from = "grpc", to = "longpoll", reason = %why, "switching rung");
@@ -191,6 +202,8 @@ impl Rungs {
                     preopened = Some(*open);
                     continue;
                 }
+                // Pinned to gRPC: said once, at warn level, by the session.
+                Outcome::Broken(_) => retry.next_delay(),
                 Outcome::Failed(e) => {
                     crate::telemetry::reconnect(rung.name(), e.label());
                     if e.needs_operator() {
@@ -242,6 +255,7 @@ impl Rungs {
         let mut live = self.transport.adopt(open);
         let mut dead_after = FIRST_FRAME_TIMEOUT;
         let mut next: Option<Opening> = None;
+        let auto = self.cfg.transport == TransportMode::Auto;
         loop {
             let heartbeats = live.heartbeats;
             let frame = match live.first.take() {
@@ -250,6 +264,14 @@ impl Rungs {
                     let msg = tokio::select! {
                         biased;
                         _ = stop.wait() => return (Outcome::Shutdown, StreamEnd::After { heartbeats }),
+                        _ = live.end_to_end.tripped() => {
+                            let why = live.end_to_end.reason();
+                            if auto {
+                                return (Outcome::Broken(why), StreamEnd::After { heartbeats });
+                            }
+                            tracing::warn!(rung = "grpc", "{why}; staying on gRPC (--transport grpc)");
+                            continue;
+                        }
                         r = async { next.as_mut().expect("guarded by if").await }, if next.is_some() => {
                             next = None;
                             match r {

@@ -12,9 +12,9 @@ use std::time::Duration;
 use http::Uri;
 use tokio::sync::watch;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
 
 use crate::client::{self, CallError, ConnectClient, FailureKind};
+use crate::grpc_path::{EndToEnd, GrpcPath};
 use crate::net::Net;
 use crate::proto::{self, agent_service_client::AgentServiceClient};
 use crate::secret::Secret;
@@ -26,6 +26,9 @@ use super::credential::Credential;
 /// sends a heartbeat at once). Short, so that a path that swallows HTTP/2
 /// costs the ladder seconds, not minutes.
 pub(super) const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(4);
+/// After [`FIRST_FRAME_TIMEOUT`], how long a frame that may have arrived
+/// in time gets to be read before the stream is judged.
+const FIRST_FRAME_GRACE: Duration = Duration::from_millis(500);
 /// Timeout of unary calls.
 const UNARY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -34,7 +37,7 @@ pub(super) const AGENT_SERVICE: &str = "uplink.v1.AgentService";
 /// A unary client on the current rung.
 #[derive(Clone)]
 pub(super) enum Unary {
-    Grpc(AgentServiceClient<Channel>),
+    Grpc(AgentServiceClient<GrpcPath>),
     Connect(Box<ConnectClient>),
 }
 
@@ -220,7 +223,8 @@ fn clip_reason(reason: &str) -> String {
 
 /// A gRPC stream that delivered its first frame.
 pub(super) struct OpenStream {
-    client: AgentServiceClient<Channel>,
+    client: AgentServiceClient<GrpcPath>,
+    end_to_end: Arc<EndToEnd>,
     stream: tonic::Streaming<proto::SubscribeResponse>,
     first: proto::SubscribeResponse,
     /// The ack it was opened with.
@@ -237,6 +241,8 @@ pub(super) struct LiveStream {
     pub(super) opened: tokio::time::Instant,
     /// When it is replaced, make before break.
     pub(super) rotate_at: tokio::time::Instant,
+    /// How the calls on its connection end (with trailers or without).
+    pub(super) end_to_end: Arc<EndToEnd>,
 }
 
 /// A stream being opened.
@@ -278,7 +284,9 @@ impl Transport {
             self.keepalive_timeout,
         )
         .await?;
-        let client = AgentServiceClient::new(channel)
+        let path = GrpcPath::new(channel);
+        let end_to_end = path.end_to_end();
+        let client = AgentServiceClient::new(path)
             .max_decoding_message_size(16 * 1024 * 1024)
             .max_encoding_message_size(16 * 1024 * 1024);
         let ack = *ack.borrow();
@@ -291,8 +299,9 @@ impl Transport {
         )?;
         // A stream has no deadline; the dead-stream timer guards it.
         req.set_timeout(Duration::from_secs(365 * 24 * 3600));
-        let first = async {
-            let mut stream = client
+        let subscriber = client.clone();
+        let first = async move {
+            let mut stream = subscriber
                 .clone()
                 .subscribe(req)
                 .await
@@ -307,16 +316,26 @@ impl Transport {
                 Err(s) => Err(CallError::from_tonic(&s)),
             }
         };
-        let (stream, first) = tokio::time::timeout(FIRST_FRAME_TIMEOUT, first)
-            .await
-            .map_err(|_| CallError {
-                kind: FailureKind::NoH2,
-                message: format!(
-                    "the stream delivered no frame within {FIRST_FRAME_TIMEOUT:?} (the backend sends a heartbeat at once)"
-                ),
-            })??;
+        let mut first = std::pin::pin!(first);
+        let no_frame = || CallError {
+            kind: FailureKind::NoH2,
+            message: format!(
+                "the stream delivered no frame within {FIRST_FRAME_TIMEOUT:?} (the backend sends a heartbeat at once)"
+            ),
+        };
+        let (stream, first) = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, first.as_mut()).await
+        {
+            Ok(r) => r?,
+            // The deadline and the frame can wake this task together on a
+            // busy host: the frame then still sits with the connection's
+            // task, unread. Let that task run before judging the path.
+            Err(_) => tokio::time::timeout(FIRST_FRAME_GRACE, first.as_mut())
+                .await
+                .map_err(|_| no_frame())??,
+        };
         Ok(OpenStream {
             client,
+            end_to_end,
             stream,
             first,
             ack,
@@ -335,6 +354,7 @@ impl Transport {
             heartbeats: 0,
             opened,
             rotate_at: opened + ld_jitter(self.stream_max_age, fastrand::f64()),
+            end_to_end: open.end_to_end,
         }
     }
 }

@@ -218,13 +218,22 @@ pub(super) async fn send_loop(
                     }
                 }
                 if failing && inflight.is_empty() {
+                    // Shutting down: what was in flight was the one flush;
+                    // the rest stays spooled for the next start.
+                    if *stopping.borrow() {
+                        stop_sending(&spool).await;
+                        return;
+                    }
                     // Everything unacknowledged goes again, from the oldest.
                     failures += 1;
                     let pause = retry.next_delay();
                     let mut stopping = stopping.clone();
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
-                        _ = stopped(&mut stopping) => {}
+                        _ = stopped(&mut stopping) => {
+                            stop_sending(&spool).await;
+                            return;
+                        }
                     }
                     cursor = None;
                     failing = false;
@@ -241,9 +250,72 @@ pub(super) async fn send_loop(
     }
 }
 
+/// Logs what a shutdown leaves spooled after a failed push.
+async fn stop_sending(spool: &Arc<Mutex<Spool>>) {
+    let left = with_spool(spool, |s| s.stats().records).await;
+    tracing::info!(
+        batches = left,
+        "metrics not delivered at shutdown: they stay in the spool for the next start"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::spool::{Header, SpoolConfig};
+    use std::sync::atomic::AtomicU32;
+
+    /// A backend that fails every push, and the pipeline asked to stop:
+    /// each spooled batch is tried at most once, and stays spooled.
+    #[tokio::test]
+    async fn a_shutdown_while_pushes_fail_flushes_once_and_keeps_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(SpoolConfig::new(dir.path().join("spool"))).unwrap();
+        let batches = 20u64;
+        for seq in 1..=batches {
+            let header = Header {
+                epoch: 1,
+                seq,
+                samples: 1,
+                created_unix_ms: crate::now_unix_ms(),
+            };
+            spool
+                .append(header, b"not read: the push fails first")
+                .unwrap();
+        }
+        let spool = Arc::new(Mutex::new(spool));
+        let pushes = Arc::new(AtomicU32::new(0));
+        let counted = pushes.clone();
+        let push: Push = Arc::new(move |_| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async {
+                PushOutcome::Retry {
+                    kind: "unavailable",
+                    reason: "backend down".into(),
+                }
+            })
+        });
+        let accepts = Arc::new(Accepts::default());
+        accepts.batch_zstd.store(true, Ordering::Relaxed);
+        let (_stop, stop_rx) = watch::channel(true);
+        let sender = send_loop(
+            4,
+            1_000_000,
+            spool.clone(),
+            Arc::new(Notify::new()),
+            push,
+            accepts,
+            stop_rx,
+        );
+        // Before the fix the sender retried without a pause until aborted.
+        let _ = tokio::time::timeout(Duration::from_secs(3), sender).await;
+        let n = pushes.load(Ordering::Relaxed);
+        assert!(
+            (1..=4).contains(&n),
+            "{n} pushes after shutdown began for one window of 4"
+        );
+        assert_eq!(spool.lock().unwrap().stats().records, batches);
+    }
 
     #[test]
     fn the_rate_cap_spreads_sends() {
