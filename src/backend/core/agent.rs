@@ -190,9 +190,18 @@ impl Core {
     ) -> Result<mpsc::Receiver<Result<proto::SubscribeResponse, Status>>, Status> {
         let info = req.info.unwrap_or_default();
         check_info(&info)?;
-        let acked = self.apply_ack(&agent, req.ack).await?;
-        self.record_info(&agent, &info, Transport::Grpc).await?;
         let (tx, rx) = mpsc::channel(64);
+        // The first heartbeat (and the agent's settings) go out before any
+        // store work: the first frame tells the agent that HTTP/2 passes end
+        // to end, and a store that is busy for a moment (a checkpoint, a
+        // slow disk) must not read as a blocked path and send it to
+        // long-polling. The channel is new, so there is room for both.
+        let _ = tx.try_send(Ok(proto::SubscribeResponse {
+            frame: Some(self.heartbeat()),
+        }));
+        if let Some(r) = self.reconfigure() {
+            let _ = tx.try_send(Ok(proto::SubscribeResponse { frame: Some(r) }));
+        }
         let core = self.clone();
         let anonymous = info.hostname.is_empty() && info.version.is_empty();
         let conn = (!anonymous).then(|| {
@@ -206,7 +215,12 @@ impl Core {
         tracing::info!(%agent, ack = req.ack, "stream opened");
         tokio::spawn(async move {
             let _conn = conn;
-            let r = core.feed_stream(&agent, acked.max(req.ack), &tx).await;
+            let r = async {
+                let acked = core.apply_ack(&agent, req.ack).await?;
+                core.record_info(&agent, &info, Transport::Grpc).await?;
+                core.feed_stream(&agent, acked.max(req.ack), &tx).await
+            }
+            .await;
             let _ = core.store.touch_agent(&agent, crate::now_unix_ms()).await;
             match r {
                 Ok(reason) => tracing::info!(%agent, reason, "stream closed"),
@@ -229,11 +243,12 @@ impl Core {
         let mut queued = self.hub.queued(agent);
         let mut revoked = self.hub.revoked(agent);
         let mut draining = self.draining.clone();
-        // The first tick fires at once: the agent sees a heartbeat right
-        // after opening the stream, which proves the path works end to end.
-        let mut heartbeat = tokio::time::interval(self.cfg.heartbeat);
+        // `subscribe` sent the first heartbeat and the settings.
+        let mut heartbeat = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.cfg.heartbeat,
+            self.cfg.heartbeat,
+        );
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut reconfigure = self.reconfigure();
         loop {
             queued.borrow_and_update();
             let batch = self
@@ -272,13 +287,6 @@ impl Core {
                     // the store reaches this stream by the next heartbeat.
                     self.check_not_revoked(agent).await?;
                     if tx.send(frame(self.heartbeat())).await.is_err() {
-                        return Ok("agent went away");
-                    }
-                    // Right after the first heartbeat: the backend's
-                    // settings for this agent.
-                    if let Some(r) = reconfigure.take()
-                        && tx.send(frame(r)).await.is_err()
-                    {
                         return Ok("agent went away");
                     }
                 }
@@ -453,5 +461,96 @@ impl Core {
             self.results.send_modify(|n| *n += 1);
         }
         Ok(proto::ReportResponse { acked_seq: stored })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::backend::core::{CoreConfig, RetentionConfig};
+    use crate::backend::store::{AgentRecord, SqliteStore, Store};
+
+    /// A store another connection holds locked (as a truncating checkpoint
+    /// does while the disk syncs) delays the stream's bookkeeping, never
+    /// its first frame: the agent must not read a busy store as a path
+    /// that blocks HTTP/2.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_first_heartbeat_does_not_wait_for_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert!(store.create_provider("default", "th", 1).await.unwrap());
+        let agent = AgentRecord {
+            id: "a1".into(),
+            provider: "default".into(),
+            enrolled_ms: 1,
+            ..Default::default()
+        };
+        assert!(store.insert_agent(&agent, "ch").await.unwrap());
+        let cfg = CoreConfig {
+            heartbeat: Duration::from_secs(60),
+            poll_hold: Duration::from_secs(25),
+            public_url: "https://localhost".into(),
+            ca_file: None,
+            agent_metrics_interval: None,
+            max_message_bytes: 4 << 20,
+            retention: RetentionConfig::default(),
+        };
+        let (_drain, draining) = tokio::sync::watch::channel(false);
+        let core = Arc::new(Core::with_admin_hash(Arc::new(store), cfg, "x", draining));
+
+        // Another connection takes the write lock and keeps it 3 s.
+        let db = dir.path().join("uplink.db");
+        let released = Arc::new(AtomicBool::new(false));
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let locker = {
+            let released = released.clone();
+            std::thread::spawn(move || {
+                let conn = rusqlite::Connection::open(db).unwrap();
+                conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+                locked_tx.send(()).unwrap();
+                std::thread::sleep(Duration::from_secs(3));
+                released.store(true, Ordering::SeqCst);
+                conn.execute_batch("COMMIT").unwrap();
+            })
+        };
+        locked_rx.recv().unwrap();
+
+        let req = proto::SubscribeRequest {
+            ack: 0,
+            info: Some(proto::AgentInfo {
+                hostname: "h".into(),
+                version: "1".into(),
+                ..Default::default()
+            }),
+        };
+        let mut rx = core.subscribe("a1".into(), req).await.unwrap();
+        let first = rx.recv().await.unwrap().unwrap();
+        assert!(
+            !released.load(Ordering::SeqCst),
+            "the first frame waited for the store's lock"
+        );
+        assert!(
+            matches!(
+                first.frame.and_then(|f| f.kind),
+                Some(proto::server_frame::Kind::Heartbeat(_))
+            ),
+            "the first frame is a heartbeat"
+        );
+        locker.join().unwrap();
+        // Once the lock is gone the bookkeeping is done: the agent's info
+        // is recorded.
+        let mut recorded = false;
+        for _ in 0..100 {
+            if core.store.agent("a1").await.unwrap().unwrap().hostname == "h" {
+                recorded = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(recorded, "the stream's bookkeeping is done after the lock");
     }
 }
