@@ -15,9 +15,10 @@
 //! skipped, counted and located (byte offsets, for the open-time warning),
 //! never a panic; the file is then rewritten without it, as it is when its
 //! last line lacks the newline, so the next append starts a line of its
-//! own. The file is compacted when it grows past [`COMPACT_BYTES`], keeping the newest [`KEEP_ENTRIES`] entries; the
-//! backend never redelivers a command at or below the ack, so older ids are
-//! not needed to recognise duplicates.
+//! own. The file is compacted when it grows past [`COMPACT_BYTES`],
+//! keeping the newest [`KEEP_ENTRIES`] entries; the backend never
+//! redelivers a command at or below the ack, so older ids are not needed to
+//! recognise duplicates.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
