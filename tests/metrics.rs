@@ -396,7 +396,7 @@ async fn a_full_spool_drops_its_oldest_batches_and_counts_every_sample() {
             && self_metric(metrics, "uplink_agent_metric_samples_total")
                 .await
                 .is_some_and(|n| n >= written.len() as f64))
-            .then_some(())
+        .then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
