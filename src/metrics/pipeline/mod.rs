@@ -479,6 +479,53 @@ mod tests {
             .unwrap();
     }
 
+    /// The same through a running pipeline during an outage: one sample,
+    /// one batch spooled, then nothing more is appended (every push fails,
+    /// so no ack either). The spool syncs by itself only on a later append
+    /// or ack; the batch becomes durable because the pipeline runs the
+    /// timer.
+    #[tokio::test]
+    async fn a_running_pipeline_syncs_its_last_batch_during_an_outage() {
+        use crate::metrics::sample::{Kind, Sample, Series};
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = MetricsConfig {
+            interval: None,
+            batcher: BatcherConfig {
+                max_samples: 1000,
+                max_age: Duration::from_millis(50),
+            },
+            spool_sync: Duration::from_secs(5),
+            ..MetricsConfig::default()
+        };
+        let push: Push = Arc::new(|_| {
+            Box::pin(async {
+                PushOutcome::Retry {
+                    kind: "outage",
+                    reason: "the backend is unreachable".into(),
+                }
+            })
+        });
+        let (_set, interval_set) = watch::channel(None);
+        let p = Pipeline::start(&cfg, tmp.path().into(), push, "agent", interval_set)
+            .await
+            .unwrap();
+        let sample = Sample {
+            series: Arc::new(Series::new("x", Kind::Gauge)),
+            time_unix_ms: 1,
+            value: 1.0,
+        };
+        assert!(p.recorder.record(vec![sample]).await);
+        let durable = async {
+            while !with_spool(&p.spool, |s| s.stats().records == 1 && !s.unsynced()).await {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), durable)
+            .await
+            .expect("the spooled batch was synced within 60 s");
+        p.shutdown(tokio::time::Instant::now()).await;
+    }
+
     #[test]
     fn settings_are_checked() {
         let dir = std::path::Path::new("/tmp");
