@@ -581,7 +581,10 @@ async fn proxies_that_cut_idle_or_old_tunnels_lose_no_command() {
 async fn a_half_open_line_is_detected_within_keepalive_and_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = TestBackend::config(&dir.path().join("backend"));
-    cfg.heartbeat = Duration::from_secs(2);
+    // Heartbeats as far apart as the backend allows: the stream is declared
+    // dead by silence only after two intervals and a second (31 s), so a
+    // detection within 15 s comes from the HTTP/2 keepalive ping.
+    cfg.heartbeat = Duration::from_secs(15);
     let b = TestBackend::start_with(cfg, "127.0.0.1:0".parse().unwrap()).await;
     let relay = Relay::start(b.addr).await;
     let admin = b.admin();
@@ -628,10 +631,15 @@ async fn a_half_open_line_is_detected_within_keepalive_and_timeout() {
         .nth(failures)
         .unwrap_or_default();
     eprintln!("half-open line detected after {detected:.1?}: {line}");
-    // Keepalive 2 s + its timeout 5 s (heartbeats: two intervals + 1 s).
+    // Keepalive 2 s + its timeout 5 s; the relay holds both sides open, so
+    // only the unanswered ping can tell.
     assert!(
         detected < Duration::from_secs(15),
         "detected only after {detected:?}"
+    );
+    assert!(
+        !line.contains("declared dead"),
+        "detected by heartbeat silence, not by the keepalive ping: {line}"
     );
     relay.set(Mode::Forward);
     relay.cut_all();

@@ -164,18 +164,29 @@ fn now_secs() -> f64 {
         .as_secs_f64()
 }
 
-/// The agent's self-metric `name` (summed over labels).
-async fn self_metric(port: u16, name: &str) -> f64 {
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return f64::NAN;
-    };
+/// The agent's self-metric `name` (summed over labels), or `None` when the
+/// endpoint does not answer or has no sample of it: a wait for "0" must
+/// not pass on a metric that is not there.
+async fn self_metric(port: u16, name: &str) -> Option<f64> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
     let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await;
     let mut body = String::new();
     let _ = s.read_to_string(&mut body).await;
-    body.lines()
+    let values: Vec<f64> = body
+        .lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// [`self_metric`], or a failure naming the metric.
+async fn present_metric(port: u16, name: &str) -> f64 {
+    self_metric(port, name)
+        .await
+        .unwrap_or_else(|| panic!("{name} missing from the agent's /metrics on port {port}"))
 }
 
 /// Resident memory of `pid`, in KiB.
@@ -240,7 +251,7 @@ async fn a_two_minute_outage_at_1000_samples_per_second_loses_nothing_and_memory
         tokio::time::sleep(Duration::from_secs(5)).await;
         rss_max = rss_max.max(rss_kib(pid));
     }
-    let spooled = self_metric(metrics, "uplink_agent_spool_batches").await;
+    let spooled = present_metric(metrics, "uplink_agent_spool_batches").await;
     let b = TestBackend::start_with(cfg, addr).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let written = load.stop().await;
@@ -321,7 +332,9 @@ async fn a_kill_9_during_an_outage_keeps_what_was_spooled() {
         "uplink_agent_metric_batches_rejected_total",
         "uplink_agent_spool_batches",
     ] {
-        counters.push_str(&format!("{n} {}\n", self_metric(metrics, n).await));
+        let v = self_metric(metrics, n).await;
+        let v = v.map_or_else(|| "missing".to_string(), |v| v.to_string());
+        counters.push_str(&format!("{n} {v}\n"));
     }
     let backend_metrics = std::process::Command::new("curl")
         .args([
@@ -379,16 +392,18 @@ async fn a_full_spool_drops_its_oldest_batches_and_counts_every_sample() {
     let written = load.stop().await;
     // Everything still spooled is delivered.
     wait_for(Duration::from_secs(60), "the spool to empty", || async {
-        (self_metric(metrics, "uplink_agent_spool_batches").await == 0.0
-            && self_metric(metrics, "uplink_agent_metric_samples_total").await
-                >= written.len() as f64)
-            .then_some(())
+        (self_metric(metrics, "uplink_agent_spool_batches").await == Some(0.0)
+            && self_metric(metrics, "uplink_agent_metric_samples_total")
+                .await
+                .is_some_and(|n| n >= written.len() as f64))
+        .then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let got = delivered(dir.path());
     exactly_once(&got);
-    let dropped = self_metric(metrics, "uplink_agent_spool_dropped_samples_total").await as usize;
+    let dropped =
+        present_metric(metrics, "uplink_agent_spool_dropped_samples_total").await as usize;
     println!(
         "spool capped at 64 KiB: {} written = {} delivered + {} dropped",
         written.len(),
@@ -435,7 +450,10 @@ async fn damaged_spool_files_lose_only_the_damaged_batches() {
     let (cfg, addr) = b.stop().await;
     let load = Generator::start(graphite, 1).await;
     wait_for(Duration::from_secs(60), "20 spooled batches", || async {
-        (self_metric(metrics, "uplink_agent_spool_batches").await >= 20.0).then_some(())
+        self_metric(metrics, "uplink_agent_spool_batches")
+            .await
+            .is_some_and(|n| n >= 20.0)
+            .then_some(())
     })
     .await;
     let mut written = load.stop().await;
@@ -455,14 +473,14 @@ async fn damaged_spool_files_lose_only_the_damaged_batches() {
     let b = TestBackend::start_with(cfg, addr).await;
     let agent = start_agent(&t, &state, graphite, metrics, &flags);
     wait_for(Duration::from_secs(60), "the spool to empty", || async {
-        (self_metric(metrics, "uplink_agent_spool_batches").await == 0.0).then_some(())
+        (self_metric(metrics, "uplink_agent_spool_batches").await == Some(0.0)).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let got = delivered(dir.path());
     let set = exactly_once(&got);
-    let corrupt = self_metric(metrics, "uplink_agent_spool_corrupt_batches_total").await;
-    let torn = self_metric(metrics, "uplink_agent_spool_torn_bytes_total").await;
+    let corrupt = present_metric(metrics, "uplink_agent_spool_corrupt_batches_total").await;
+    let torn = present_metric(metrics, "uplink_agent_spool_torn_bytes_total").await;
     let missing = written.iter().filter(|v| !set.contains(v)).count();
     println!(
         "damaged spool: {} written, {} delivered, {missing} missing; {corrupt} damaged batches skipped, {torn} torn bytes cut",

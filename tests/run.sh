@@ -50,6 +50,16 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
+log "docker engine"
+# The executor, run and chaos tests drive the real engine: say at once when
+# it does not answer instead of failing dozens of tests one by one.
+if engine=$(docker version --format '{{.Server.Version}}' 2>/dev/null) && [ -n "$engine" ]; then
+  echo "engine $engine answers"
+else
+  echo "the Docker engine does not answer (docker version failed): start it (dockerd or systemctl start docker) and check access to /var/run/docker.sock, then run this again" >&2
+  exit 1
+fi
+
 log "proto lint (buf)"
 buf lint
 

@@ -12,10 +12,13 @@
 //!   dropped).
 //!
 //! A torn last line (crash in the middle of a write) or a corrupt line is
-//! skipped and counted, never a panic. The file is compacted when it grows
-//! past [`COMPACT_BYTES`], keeping the newest [`KEEP_ENTRIES`] entries; the
-//! backend never redelivers a command at or below the ack, so older ids are
-//! not needed to recognise duplicates.
+//! skipped, counted and located (byte offsets, for the open-time warning),
+//! never a panic; the file is then rewritten without it, as it is when its
+//! last line lacks the newline, so the next append starts a line of its
+//! own. The file is compacted when it grows past [`COMPACT_BYTES`],
+//! keeping the newest [`KEEP_ENTRIES`] entries; the backend never
+//! redelivers a command at or below the ack, so older ids are not needed to
+//! recognise duplicates.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -28,6 +31,8 @@ use serde::{Deserialize, Serialize};
 pub const COMPACT_BYTES: u64 = 1024 * 1024;
 /// Entries kept by compaction.
 pub const KEEP_ENTRIES: usize = 4096;
+/// Byte offsets of skipped lines kept for the open-time warning.
+pub const MAX_SKIPPED_OFFSETS: usize = 16;
 
 /// What the journal knows of one command id.
 #[derive(Clone, Debug, PartialEq)]
@@ -74,6 +79,9 @@ pub struct Journal {
     order: VecDeque<String>,
     /// Lines skipped at open because they were torn or corrupt.
     pub skipped_lines: u64,
+    /// Where the first [`MAX_SKIPPED_OFFSETS`] skipped lines started, in
+    /// bytes from the start of the file as it was before open rewrote it.
+    pub skipped_at: Vec<u64>,
     /// Set between a compaction's rename and the reopen of the new file.
     needs_reopen: bool,
 }
@@ -85,9 +93,13 @@ impl Journal {
         let mut entries: HashMap<String, Entry> = HashMap::new();
         let mut order = VecDeque::new();
         let mut skipped = 0;
+        let mut skipped_at = Vec::new();
+        let mut offset = 0u64;
         if let Ok(f) = File::open(path) {
             for line in BufReader::new(f).split(b'\n') {
                 let line = line?;
+                let start = offset;
+                offset += line.len() as u64 + 1;
                 if line.is_empty() {
                     continue;
                 }
@@ -119,7 +131,12 @@ impl Journal {
                             e.done = Some((s, m));
                         }
                     }
-                    Err(_) => skipped += 1,
+                    Err(_) => {
+                        skipped += 1;
+                        if skipped_at.len() < MAX_SKIPPED_OFFSETS {
+                            skipped_at.push(start);
+                        }
+                    }
                 }
             }
         }
@@ -140,9 +157,13 @@ impl Journal {
             entries,
             order,
             skipped_lines: skipped,
+            skipped_at,
             needs_reopen: false,
         };
-        if skipped > 0 {
+        // `offset` counts a newline after every line, the last one too: a
+        // file longer than that ends in a line without its newline (a
+        // write torn just before it), to which an append would be glued.
+        if skipped > 0 || size != offset {
             // Rewrite without the bad lines, so appends start on a clean line.
             j.compact()?;
         }
@@ -458,5 +479,186 @@ mod tests {
         assert!(j.get("c1").is_none() && j.get("c2").is_none());
         // Old seqs are still duplicates by seq.
         assert_eq!(j.decide(1, "c1"), Decision::Duplicate);
+    }
+
+    /// A journal of accepts, finishes and reports, and each line of its
+    /// file: where it starts and ends (without the newline) and what it says.
+    fn written_journal(dir: &Path) -> (Vec<u8>, Vec<(usize, usize, Line)>) {
+        let p = dir.join("pristine");
+        let mut j = Journal::open(&p).unwrap();
+        for seq in 1..=8 {
+            let id = format!("cmd-{seq}");
+            j.accept(seq, &id).unwrap();
+            if seq % 3 != 0 {
+                j.finish(&id, seq as i32, &format!("out {seq}")).unwrap();
+            }
+            if seq % 2 == 0 {
+                j.mark_reported(&id).unwrap();
+            }
+            if seq == 4 {
+                // Also an ack line, as a compaction writes first.
+                j.compact().unwrap();
+            }
+        }
+        drop(j);
+        let bytes = std::fs::read(&p).unwrap();
+        let mut lines = Vec::new();
+        let mut start = 0;
+        for (i, b) in bytes.iter().enumerate() {
+            if *b == b'\n' {
+                lines.push((start, i, serde_json::from_slice(&bytes[start..i]).unwrap()));
+                start = i + 1;
+            }
+        }
+        assert_eq!(start, bytes.len());
+        (bytes, lines)
+    }
+
+    /// Lines of `bytes` that are not journal lines, with their offsets.
+    fn unparsable(bytes: &[u8]) -> Vec<u64> {
+        let mut at = Vec::new();
+        let mut start = 0;
+        for line in bytes.split(|b| *b == b'\n') {
+            if !line.is_empty() && serde_json::from_slice::<Line>(line).is_err() {
+                at.push(start as u64);
+            }
+            start += line.len() + 1;
+        }
+        at
+    }
+
+    /// Opens `bytes` as a journal and checks what at-most-once needs: every
+    /// accept in `intact` lines is a duplicate (with its outcome when
+    /// `outcomes`); no accepted seq at or below the highest intact one is
+    /// executed again; the skipped lines are counted and located; the
+    /// journal stays usable.
+    fn open_damaged(
+        dir: &Path,
+        bytes: &[u8],
+        intact: &[&(usize, usize, Line)],
+        outcomes: bool,
+        what: &str,
+    ) {
+        let p = dir.join("damaged");
+        std::fs::write(&p, bytes).unwrap();
+        let mut j = Journal::open(&p).unwrap_or_else(|e| panic!("{what}: open failed: {e}"));
+        let bad = unparsable(bytes);
+        assert_eq!(j.skipped_lines, bad.len() as u64, "{what}: skipped count");
+        assert_eq!(j.skipped_at, bad, "{what}: skipped offsets");
+        let accepted = |id: &str| {
+            intact
+                .iter()
+                .any(|(_, _, l)| matches!(l, Line::Accepted { id: a, .. } if a == id))
+        };
+        let mut highest = 0;
+        for (_, _, line) in intact {
+            match line {
+                Line::Accepted { a, id } => {
+                    highest = highest.max(*a);
+                    assert_eq!(
+                        j.decide(*a, id),
+                        Decision::Duplicate,
+                        "{what}: {id} forgotten"
+                    );
+                }
+                // A finish counts only after its accept.
+                Line::Done { d, s, m } if outcomes && accepted(d) => {
+                    let done = j.get(d).and_then(|e| e.done.clone());
+                    assert_eq!(done, Some((*s, m.clone())), "{what}: outcome of {d}");
+                }
+                _ => {}
+            }
+        }
+        assert!(
+            j.ack() >= highest,
+            "{what}: ack {} below {highest}",
+            j.ack()
+        );
+        for seq in 1..=highest {
+            let d = j.decide(seq, &format!("cmd-{seq}"));
+            assert!(
+                !matches!(d, Decision::Execute { .. }),
+                "{what}: seq {seq} would run again"
+            );
+        }
+        let next = j.ack() + 1;
+        j.accept(next, "after").unwrap();
+        drop(j);
+        let j = Journal::open(&p).unwrap();
+        assert_eq!(
+            (j.skipped_lines, j.ack()),
+            (0, next),
+            "{what}: after rewrite"
+        );
+        assert_eq!(j.decide(next, "after"), Decision::Duplicate, "{what}");
+        for (_, _, line) in intact {
+            if let Line::Accepted { a, id } = line {
+                assert_eq!(
+                    j.decide(*a, id),
+                    Decision::Duplicate,
+                    "{what}: {id} after rewrite"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn truncation_at_every_offset_keeps_every_whole_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bytes, lines) = written_journal(dir.path());
+        for cut in 0..=bytes.len() {
+            // A line whose text survives whole is intact, even without its
+            // newline.
+            let intact: Vec<_> = lines.iter().filter(|(_, end, _)| *end <= cut).collect();
+            open_damaged(
+                dir.path(),
+                &bytes[..cut],
+                &intact,
+                true,
+                &format!("cut at {cut}"),
+            );
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_loses_at_most_the_lines_it_touches() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bytes, lines) = written_journal(dir.path());
+        for at in 0..bytes.len() {
+            for mask in [0x01, 0x20, 0x80, 0xff] {
+                let mut damaged = bytes.clone();
+                damaged[at] ^= mask;
+                // The line holding the byte, and the next one when the byte
+                // was the newline that ended it.
+                let intact: Vec<_> = lines
+                    .iter()
+                    .filter(|(start, end, _)| !(*start..=*end).contains(&at) && *start != at + 1)
+                    .collect();
+                let what = format!("byte {at} ^ {mask:#x}");
+                // A flip that still parses (a digit of a seq or status, a
+                // letter of an id or message) cannot be told from a real
+                // line: then only at-most-once is checked, not outcomes.
+                let detectable = !unparsable(&damaged).is_empty();
+                open_damaged(dir.path(), &damaged, &intact, detectable, &what);
+            }
+        }
+    }
+
+    /// A torn line followed by more appends (an older agent without the
+    /// rewrite, or a copied file) is one skipped line, and nothing after
+    /// it is lost.
+    #[test]
+    fn a_torn_line_in_the_middle_loses_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let (bytes, lines) = written_journal(dir.path());
+        for (start, end, _) in &lines {
+            for cut in *start + 1..*end {
+                let mut damaged = bytes[..cut].to_vec();
+                damaged.extend_from_slice(&bytes[*end..]);
+                let intact: Vec<_> = lines.iter().filter(|(s, _, _)| s != start).collect();
+                let what = format!("line at {start} torn at {cut}");
+                open_damaged(dir.path(), &damaged, &intact, true, &what);
+            }
+        }
     }
 }

@@ -287,5 +287,30 @@ mod tests {
     }
 
     #[test]
-    fn bytes_read_as_operators_write_them() {}
+    fn bytes_read_as_operators_write_them() {
+        // Two agents with 8 GiB: a's policy allows 4 GiB per container, b
+        // holds 512 MiB. Two 6 GiB containers: b takes one, nothing takes
+        // the second; the refusal speaks in sizes an operator can read (and
+        // type back as flags), never in raw byte counts.
+        let mut a = [agent("a", 8, 0), agent("b", 8, 2)];
+        if let Some(c) = a[0].capacity.as_mut() {
+            c.max_memory_per_container = 4 << 30;
+        }
+        let mut d = demand(2, 0.5);
+        d.memory = 6 << 30;
+        let e = place(&a, d).unwrap_err();
+        assert_eq!(e.placed, 1);
+        assert_eq!(e.memory, "6.00 GiB");
+        let text = e.to_string();
+        assert!(
+            text.contains("a: its policy allows at most 4.00 GiB per container"),
+            "{text}"
+        );
+        assert!(
+            text.contains("b holds 1.00 of 8 cores and 512 MiB of 8.00 GiB"),
+            "{text}"
+        );
+        assert!(!text.contains(&(6u64 << 30).to_string()), "{text}");
+        assert_eq!(crate::units::parse_bytes(&e.memory), Ok(6 << 30));
+    }
 }

@@ -79,7 +79,8 @@
 //!   [`Spool::sync`] and rolling a segment. What was appended since the last
 //!   sync may be lost: at most `d` worth while appends keep coming, all of
 //!   it since the last sync once they stop, so the caller also calls `sync`
-//!   on a timer and before shutdown. A lost ack, or a deletion undone, only
+//!   on a timer while [`Spool::unsynced`] (the agent's pipeline does, every
+//!   `d`) and before shutdown. A lost ack, or a deletion undone, only
 //!   means records are replayed again; the backend deduplicates them by
 //!   `(agent, epoch, seq)`.
 
@@ -757,6 +758,12 @@ impl Spool {
         }
     }
 
+    /// Whether an append, an ack, or a file created or deleted is not yet
+    /// synced: what a power loss now would take.
+    pub fn unsynced(&self) -> bool {
+        self.data_dirty || self.dir_dirty || self.segments.values().any(|s| s.ack_dirty)
+    }
+
     /// Makes every append and ack so far durable, with the creation and
     /// deletion of files.
     pub fn sync(&mut self) -> Result<(), SpoolError> {
@@ -1224,6 +1231,32 @@ mod tests {
         for name in foreign {
             assert!(cfg.dir.join(name).exists(), "{name} was deleted");
         }
+    }
+
+    /// `unsynced` says whether a power loss now would take something:
+    /// every kind of write sets it, only a sync clears it.
+    #[test]
+    fn unsynced_covers_appends_acks_and_new_files_until_a_sync() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = config(tmp.path());
+        cfg.sync = SyncPolicy::Every(Duration::from_secs(60));
+        let mut spool = Spool::open(cfg).unwrap();
+        spool.sync().unwrap();
+        assert!(!spool.unsynced());
+        append(&mut spool, [1]);
+        assert!(spool.unsynced(), "an append (and its new segment file)");
+        spool.sync().unwrap();
+        assert!(!spool.unsynced());
+        spool.ack(7, 1).unwrap();
+        assert!(spool.unsynced(), "an ack");
+        spool.sync().unwrap();
+        assert!(!spool.unsynced());
+        let mut always = config(&tmp.path().join("always"));
+        always.sync = SyncPolicy::Always;
+        let mut always = Spool::open(always).unwrap();
+        append(&mut always, [1, 2]);
+        always.ack(7, 1).unwrap();
+        assert!(!always.unsynced(), "Always syncs before each write returns");
     }
 
     #[test]

@@ -139,7 +139,7 @@ pub(super) async fn run(
             source,
         })?;
         if journal.skipped_lines > 0 {
-            tracing::warn!(lines = journal.skipped_lines, path = %jpath.display(), "skipped torn or corrupt journal lines");
+            tracing::warn!(lines = journal.skipped_lines, at_bytes = ?journal.skipped_at, path = %jpath.display(), "skipped torn or corrupt journal lines");
         }
         let journal = Arc::new(Mutex::new(journal));
         let credential = credential::Credential::new(Secret::new(ident.credential.clone()));

@@ -81,16 +81,25 @@ struct Rate {
 
 impl Rate {
     fn new(per_second: u64) -> Self {
+        Rate::starting(per_second, Instant::now())
+    }
+
+    /// A full second's worth of samples at `at`.
+    fn starting(per_second: u64, at: Instant) -> Self {
         Rate {
             per_second: per_second as f64,
             tokens: per_second as f64,
-            at: Instant::now(),
+            at,
         }
     }
 
     /// How long to wait before sending `n` samples; takes them.
     fn take(&mut self, n: u32) -> Duration {
-        let now = Instant::now();
+        self.take_at(n, Instant::now())
+    }
+
+    /// [`Rate::take`] at `now`, which is not before the previous call's.
+    fn take_at(&mut self, n: u32, now: Instant) -> Duration {
         self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.per_second)
             .min(self.per_second);
         self.at = now;
@@ -319,12 +328,33 @@ mod tests {
 
     #[test]
     fn the_rate_cap_spreads_sends() {
-        let mut r = Rate::new(1000);
-        assert_eq!(r.take(1000), Duration::ZERO);
-        let w = r.take(500);
-        assert!(
-            w > Duration::from_millis(400) && w <= Duration::from_millis(500),
-            "{w:?}"
+        // On a clock of its own: the answers are exact, whatever the load.
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut r = Rate::starting(1000, t0);
+        assert_eq!(
+            r.take_at(1000, t0),
+            Duration::ZERO,
+            "a second's worth at once"
         );
+        assert_eq!(
+            r.take_at(500, t0),
+            Duration::from_millis(500),
+            "then 500 more wait 500 ms"
+        );
+        assert_eq!(
+            r.take_at(0, at(500)),
+            Duration::ZERO,
+            "paid off after 500 ms"
+        );
+        assert_eq!(
+            r.take_at(250, at(750)),
+            Duration::ZERO,
+            "250 earned in 250 ms"
+        );
+        assert_eq!(r.take_at(100, at(750)), Duration::from_millis(100));
+        // A long quiet spell earns no more than one second's worth.
+        assert_eq!(r.take_at(1000, at(60_000)), Duration::ZERO);
+        assert_eq!(r.take_at(250, at(60_000)), Duration::from_millis(250));
     }
 }
