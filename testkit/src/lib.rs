@@ -33,6 +33,11 @@
 //!   agent, pushes over gRPC and Connect, `/metrics` and the JSON-lines
 //!   files.
 //!
+//! - [`chaos`]: the seeded chaos soak's parts (`tests/chaos.rs`): the
+//!   backend and agents as processes killed and started again on their
+//!   data, a Docker engine that can be cut, a state dir on a tmpfs that
+//!   can be filled, a numbered metrics stream.
+//!
 //! For the benchmarks:
 //!
 //! - [`inprocess`]: agents run in this process on a route to the backend
@@ -60,6 +65,7 @@
 pub mod agents;
 pub mod backend;
 pub mod bench;
+pub mod chaos;
 pub mod docker;
 pub mod feed;
 pub mod ingress;

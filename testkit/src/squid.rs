@@ -22,6 +22,9 @@ pub struct SquidOpts {
     pub read_timeout: Option<Duration>,
     /// Refuse CONNECT to any port but 443 (squid's stock policy): 403.
     pub only_port_443: bool,
+    /// Listen on this port (a squid started again where the previous one
+    /// listened); a free port when not set.
+    pub port: Option<u16>,
 }
 
 /// A running squid.
@@ -52,7 +55,7 @@ impl Squid {
             .args(["a+rx"])
             .arg(dir.parent().unwrap())
             .status();
-        let port = crate::free_port();
+        let port = opts.port.unwrap_or_else(crate::free_port);
         let d = dir.display();
         let mut conf = String::new();
         let mut bump_ca = None;

@@ -1,0 +1,168 @@
+//! A metrics stream whose every sample can be found again: Graphite lines
+//! `chaos_seq;src=<source> <n> <time>` with `n` counting up from 1, sent
+//! to an agent's ingest endpoint at a steady rate, and the backend's JSON
+//! lines read back into how many times each `n` was stored.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// The metric name of the numbered samples.
+pub const NAME: &str = "chaos_seq";
+
+/// A running stream into one agent's Graphite endpoint.
+pub struct Stream {
+    /// The `src` label of its samples.
+    pub source: String,
+    sent: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Stream {
+    /// Sends `per_second` samples a second to `addr` in lines of ten,
+    /// until stopped. A sample counts as sent once its line was written
+    /// whole to the socket; on a write error it reconnects and goes on
+    /// with the next number.
+    pub fn start(source: &str, addr: SocketAddr, per_second: u64) -> Stream {
+        let sent = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, st, src) = (sent.clone(), stop.clone(), source.to_string());
+        let thread = std::thread::Builder::new()
+            .name("chaos-stream".into())
+            .spawn(move || {
+                let pause = Duration::from_millis(1000 * 10 / per_second.max(10));
+                let mut sock: Option<std::net::TcpStream> = None;
+                while !st.load(Ordering::SeqCst) {
+                    let Some(w) = sock.as_mut() else {
+                        sock = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                            .ok();
+                        std::thread::sleep(pause);
+                        continue;
+                    };
+                    let first = s.load(Ordering::SeqCst) + 1;
+                    let now = uplink::now_unix_ms();
+                    let mut text = String::new();
+                    for n in first..first + 10 {
+                        text.push_str(&format!(
+                            "{NAME};src={src} {n} {}.{:03}\n",
+                            now / 1000,
+                            now % 1000
+                        ));
+                    }
+                    if w.write_all(text.as_bytes()).is_ok() {
+                        s.store(first + 9, Ordering::SeqCst);
+                    } else {
+                        sock = None;
+                    }
+                    std::thread::sleep(pause);
+                }
+            })
+            .expect("cannot start the stream's thread");
+        Stream {
+            source: source.into(),
+            sent,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sending; returns how many samples were sent.
+    pub fn stop(&mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.sent.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// What the backend's JSON lines hold of the numbered samples.
+#[derive(Debug, Default)]
+pub struct Stored {
+    /// For each source, how many times each number was stored.
+    pub counts: HashMap<String, HashMap<u64, u32>>,
+    /// Lines that are not whole JSON (a write cut short).
+    pub torn_lines: usize,
+}
+
+impl Stored {
+    /// Reads every `.jsonl` file in `dir`.
+    pub fn read(dir: &Path) -> Stored {
+        let mut st = Stored::default();
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return st;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().is_none_or(|x| x != "jsonl") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            for line in text.lines() {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                    st.torn_lines += 1;
+                    continue;
+                };
+                if v["name"] != NAME {
+                    continue;
+                }
+                let src = v["labels"]["src"].as_str().unwrap_or("").to_string();
+                let n = v["value"].as_f64().unwrap_or(0.0) as u64;
+                *st.counts.entry(src).or_default().entry(n).or_default() += 1;
+            }
+        }
+        st
+    }
+
+    /// Of numbers `1..=sent` of `source`: (stored once, missing, stored
+    /// more than once).
+    pub fn tally(&self, source: &str, sent: u64) -> (u64, u64, u64) {
+        let empty = HashMap::new();
+        let c = self.counts.get(source).unwrap_or(&empty);
+        let (mut once, mut missing, mut dup) = (0, 0, 0);
+        for n in 1..=sent {
+            match c.get(&n).copied().unwrap_or(0) {
+                0 => missing += 1,
+                1 => once += 1,
+                _ => dup += 1,
+            }
+        }
+        (once, missing, dup)
+    }
+}
+
+/// `GET /metrics` of an agent's self-metrics at `addr`.
+pub async fn scrape_agent(addr: SocketAddr) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nhost: x\r\n\r\n")
+        .await
+        .ok()?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    Some(out)
+}
+
+/// The value of metric `name` (no labels) on a Prometheus page, 0 when
+/// the page does not have it yet.
+pub fn value(page: &str, name: &str) -> u64 {
+    page.lines()
+        .find(|l| l.starts_with(&format!("{name} ")))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
