@@ -15,3 +15,21 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 pub const DEFAULT_POLL_HOLD: Duration = Duration::from_secs(25);
 /// Largest message accepted or sent, on both rungs.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Connections not yet authenticated that one source address may hold.
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDR: usize = 64;
+/// Time a new connection has to complete its TLS handshake and send its
+/// first request.
+pub const DEFAULT_FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection with no request in flight for this long is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Time a request body that is read whole (unary calls, enrollment) has to
+/// arrive.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTP/2 streams one connection may have open at once.
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 100;
+/// Failed authentications a source address may make in a burst; one more is
+/// allowed every [`DEFAULT_AUTH_FAILURE_REFILL`].
+pub const DEFAULT_AUTH_FAILURE_BURST: u32 = 20;
+/// The time after which a source address may fail one more authentication.
+pub const DEFAULT_AUTH_FAILURE_REFILL: Duration = Duration::from_secs(3);

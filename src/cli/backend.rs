@@ -7,8 +7,10 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::backend::defaults::{
-    DEFAULT_DATA_DIR, DEFAULT_HEARTBEAT, DEFAULT_LISTEN, DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_POLL_HOLD,
+    DEFAULT_AUTH_FAILURE_BURST, DEFAULT_AUTH_FAILURE_REFILL, DEFAULT_BODY_TIMEOUT,
+    DEFAULT_DATA_DIR, DEFAULT_FIRST_REQUEST_TIMEOUT, DEFAULT_HEARTBEAT, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_LISTEN, DEFAULT_MAX_CONNECTIONS_PER_ADDR, DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_STREAMS_PER_CONNECTION, DEFAULT_POLL_HOLD,
 };
 use crate::units::{HumanDuration, parse_bytes, parse_duration};
 
@@ -65,6 +67,30 @@ pub struct BackendArgs {
     /// Ask every agent to scrape its metrics at this interval (sent as Reconfigure); default: each agent's own.
     #[arg(long, env = "UPLINK_AGENT_METRICS_INTERVAL", value_parser = parse_duration)]
     pub agent_metrics_interval: Option<Duration>,
+    /// Connections not yet authenticated, in total (default: half the open-file limit); at the cap a new one replaces the oldest.
+    #[arg(long, env = "UPLINK_MAX_PREAUTH_CONNECTIONS")]
+    pub max_preauth_connections: Option<usize>,
+    /// Connections not yet authenticated per source address; more are closed at accept.
+    #[arg(long, env = "UPLINK_MAX_CONNECTIONS_PER_ADDR", default_value_t = DEFAULT_MAX_CONNECTIONS_PER_ADDR)]
+    pub max_connections_per_addr: usize,
+    /// Time a new connection has for its TLS handshake and its first request.
+    #[arg(long, env = "UPLINK_FIRST_REQUEST_TIMEOUT", default_value_t = HumanDuration(DEFAULT_FIRST_REQUEST_TIMEOUT), value_parser = HumanDuration::from_str)]
+    pub first_request_timeout: HumanDuration,
+    /// A connection with no call in flight for this long is closed.
+    #[arg(long, env = "UPLINK_IDLE_TIMEOUT", default_value_t = HumanDuration(DEFAULT_IDLE_TIMEOUT), value_parser = HumanDuration::from_str)]
+    pub idle_timeout: HumanDuration,
+    /// Time the body of a unary call or an enrollment has to arrive.
+    #[arg(long, env = "UPLINK_BODY_TIMEOUT", default_value_t = HumanDuration(DEFAULT_BODY_TIMEOUT), value_parser = HumanDuration::from_str)]
+    pub body_timeout: HumanDuration,
+    /// HTTP/2 streams one connection may have open at once.
+    #[arg(long, env = "UPLINK_MAX_STREAMS_PER_CONNECTION", default_value_t = DEFAULT_MAX_STREAMS_PER_CONNECTION)]
+    pub max_streams_per_connection: u32,
+    /// Failed authentications one source address may make in a burst.
+    #[arg(long, env = "UPLINK_AUTH_FAILURE_BURST", default_value_t = DEFAULT_AUTH_FAILURE_BURST)]
+    pub auth_failure_burst: u32,
+    /// After the burst, one more failed authentication per this time.
+    #[arg(long, env = "UPLINK_AUTH_FAILURE_REFILL", default_value_t = HumanDuration(DEFAULT_AUTH_FAILURE_REFILL), value_parser = HumanDuration::from_str)]
+    pub auth_failure_refill: HumanDuration,
 }
 
 #[cfg(feature = "backend")]
@@ -101,6 +127,16 @@ impl BackendArgs {
             cfg.metrics_jsonl_keep = n;
         }
         cfg.agent_metrics_interval = a.agent_metrics_interval;
+        cfg.edge = crate::backend::edge::Limits {
+            max_preauth_connections: a.max_preauth_connections,
+            max_connections_per_addr: a.max_connections_per_addr,
+            first_request_timeout: a.first_request_timeout.into(),
+            idle_timeout: a.idle_timeout.into(),
+            body_timeout: a.body_timeout.into(),
+            max_streams_per_connection: a.max_streams_per_connection,
+            auth_failure_burst: a.auth_failure_burst,
+            auth_failure_refill: a.auth_failure_refill.into(),
+        };
         let mut problems = cfg.validate();
         let addr: Option<std::net::SocketAddr> = match a.listen.parse() {
             Ok(addr) => Some(addr),
