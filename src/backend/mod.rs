@@ -542,7 +542,6 @@ impl Server {
             let builder = builder.clone();
             let (grpc, connect, core) = (grpc.clone(), connect.clone(), core.clone());
             let watcher = graceful.watcher();
-            let handshake_timeout = limits.first_request_timeout;
             tokio::spawn(async move {
                 let svc = {
                     let conn = conn.clone();
@@ -568,25 +567,25 @@ impl Server {
                         }
                     })
                 };
-                let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await
-                {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
+                // The deadlines, and eviction at the pre-auth cap, hold from
+                // the TLS handshake on.
+                let serve = async {
+                    let tls = match acceptor.accept(tcp).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                    };
+                    let served = builder
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .into_owned();
+                    if let Err(e) = watcher.watch(served).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                 };
-                let served = builder
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .into_owned();
                 tokio::select! {
-                    r = watcher.watch(served) => if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    },
+                    _ = serve => {},
                     reason = conn.closing() => {
                         tracing::debug!(%peer, reason, "connection closed");
                     }
