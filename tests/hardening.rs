@@ -206,3 +206,39 @@ async fn at_the_preauth_cap_the_oldest_connection_makes_room_for_an_operator() {
     assert!(out.ends_with("200"), "{out}");
     closed_by_backend(&mut held[0], "oldest silent connection").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_reads_the_admin_token_from_a_file_so_it_stays_out_of_ps() {
+    let (dir, b) = start(|_| {}).await;
+    let file = dir.path().join("admin-token");
+    std::fs::write(&file, format!("{}\n", b.admin_token.expose())).unwrap();
+    let run = |extra: &'static [&'static str]| {
+        let (url, ca, file) = (b.url.to_string(), b.ca.clone(), file.clone());
+        async move {
+            tokio::process::Command::new(bin())
+                .args(["ctl", "--backend", &url, "--ca-file"])
+                .arg(&ca)
+                .arg("--admin-token-file")
+                .arg(&file)
+                .args(extra)
+                .arg("agents")
+                .env_remove("UPLINK_ADMIN_TOKEN")
+                .output()
+                .await
+                .expect("uplink ctl runs")
+        }
+    };
+    let out = run(&[]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["--admin-token", "upl_a_given_twice_here"]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--admin-token and --admin-token-file both given"),
+        "{err}"
+    );
+}

@@ -33,3 +33,11 @@ pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 100;
 pub const DEFAULT_AUTH_FAILURE_BURST: u32 = 20;
 /// The time after which a source address may fail one more authentication.
 pub const DEFAULT_AUTH_FAILURE_REFILL: Duration = Duration::from_secs(3);
+
+/// Enrollments one provider's token may make in a burst; then one more
+/// every [`ENROLL_REFILL_PER_TOKEN`] (3,600 an hour).
+pub const ENROLL_BURST_PER_TOKEN: u32 = 100;
+/// The time after which a provider's token may enroll one more agent.
+pub const ENROLL_REFILL_PER_TOKEN: Duration = Duration::from_secs(1);
+/// Providers whose enrollment rate is remembered at once.
+pub const ENROLL_TOKENS_REMEMBERED: usize = 10_000;

@@ -327,7 +327,6 @@ impl Edge {
 
     /// The edge's counters as Prometheus text.
     pub fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
         let c = &self.counters;
         for (name, help, v) in [
             (
@@ -356,11 +355,7 @@ impl Edge {
                 &c.rate_limited,
             ),
         ] {
-            let _ = write!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
-                v.load(Ordering::Relaxed)
-            );
+            super::ratelimit::counter_text(out, name, help, v.load(Ordering::Relaxed));
         }
     }
 }

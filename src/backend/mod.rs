@@ -11,6 +11,7 @@ pub mod edge;
 pub mod grpc;
 pub mod hub;
 pub mod placement;
+pub mod ratelimit;
 pub mod runs;
 pub mod sinks;
 pub mod store;
@@ -251,6 +252,12 @@ async fn metrics_page(
     let rendered = tokio::task::spawn_blocking(move || {
         let mut body = core.sinks().render();
         edge.render(&mut body);
+        ratelimit::counter_text(
+            &mut body,
+            "uplink_backend_enrollments_rate_limited_total",
+            "Enrollments refused because their token enrolled too many agents too fast.",
+            core.enrolls.limited(),
+        );
         body
     });
     match rendered.await {

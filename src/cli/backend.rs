@@ -34,9 +34,15 @@ pub struct BackendArgs {
     /// Admin token for operators; generated and printed once when not given.
     #[arg(long, env = "UPLINK_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Read the admin token from this file instead (keeps it out of `ps`).
+    #[arg(long, env = "UPLINK_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Enrollment token of the default provider; generated and printed once when not given.
     #[arg(long, env = "UPLINK_ENROLL_TOKEN", hide_env_values = true)]
     pub enroll_token: Option<String>,
+    /// Read the default provider's enrollment token from this file instead.
+    #[arg(long, env = "UPLINK_ENROLL_TOKEN_FILE")]
+    pub enroll_token_file: Option<PathBuf>,
     /// Heartbeat interval on streams (at most 15s).
     #[arg(long, env = "UPLINK_HEARTBEAT_INTERVAL", default_value_t = HumanDuration(DEFAULT_HEARTBEAT), value_parser = HumanDuration::from_str)]
     pub heartbeat_interval: HumanDuration,
@@ -101,14 +107,27 @@ impl BackendArgs {
         self,
     ) -> Result<(std::net::SocketAddr, crate::backend::BackendConfig), super::ConfigError> {
         let a = self;
+        let mut token_problems = Vec::new();
+        let admin_token = super::token_from(
+            a.admin_token,
+            a.admin_token_file,
+            "admin-token",
+            &mut token_problems,
+        );
+        let enroll_token = super::token_from(
+            a.enroll_token,
+            a.enroll_token_file,
+            "enroll-token",
+            &mut token_problems,
+        );
         let mut cfg = crate::backend::BackendConfig::new(a.data_dir);
         if !a.hostnames.is_empty() {
             cfg.hostnames = a.hostnames;
         }
         cfg.tls_cert = a.tls_cert;
         cfg.tls_key = a.tls_key;
-        cfg.admin_token = a.admin_token.map(crate::secret::Secret::new);
-        cfg.enroll_token = a.enroll_token.map(crate::secret::Secret::new);
+        cfg.admin_token = admin_token.map(crate::secret::Secret::new);
+        cfg.enroll_token = enroll_token.map(crate::secret::Secret::new);
         cfg.heartbeat = a.heartbeat_interval.into();
         cfg.poll_hold = a.poll_hold.into();
         cfg.public_url = a.public_url;
@@ -138,6 +157,7 @@ impl BackendArgs {
             auth_failure_refill: a.auth_failure_refill.into(),
         };
         let mut problems = cfg.validate();
+        problems.extend(token_problems);
         let addr: Option<std::net::SocketAddr> = match a.listen.parse() {
             Ok(addr) => Some(addr),
             Err(_) => {

@@ -38,6 +38,12 @@ impl Core {
                     "enrollment token rejected by backend: unknown or revoked; ask the operator for the provider's current token",
                 )
             })?;
+        if let Err(wait) = self.enrolls.take(&provider) {
+            tracing::warn!(%provider, hostname = %info.hostname, "enrollment refused: too many with this token");
+            return Err(Status::resource_exhausted(format!(
+                "too many enrollments with this token: retry in {wait} s"
+            )));
+        }
         let id = secret::random_id("agt_");
         let credential = Secret::generate(Kind::Credential);
         let now = crate::now_unix_ms();

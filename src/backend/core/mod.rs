@@ -18,7 +18,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tonic::Status;
 
+use super::defaults::{ENROLL_BURST_PER_TOKEN, ENROLL_REFILL_PER_TOKEN, ENROLL_TOKENS_REMEMBERED};
 use super::hub::Hub;
+use super::ratelimit::Buckets;
 use super::sinks::Sinks;
 use super::store::{Store, StoreError};
 use crate::secret;
@@ -63,6 +65,8 @@ pub struct Core {
     /// `(agent, epoch, seq)` of metric batches being stored right now, so a
     /// retry that arrives meanwhile cannot store the same batch again.
     metric_batches_in_flight: Mutex<HashSet<(String, u64, u64)>>,
+    /// Enrollments per provider (each provider has one token).
+    pub(crate) enrolls: Buckets<String>,
 }
 
 pub(super) fn internal(e: StoreError) -> Status {
@@ -95,6 +99,11 @@ impl Core {
             draining,
             sinks: Sinks::in_memory(),
             metric_batches_in_flight: Mutex::new(HashSet::new()),
+            enrolls: Buckets::new(
+                ENROLL_BURST_PER_TOKEN,
+                ENROLL_REFILL_PER_TOKEN,
+                ENROLL_TOKENS_REMEMBERED,
+            ),
         }
     }
 
