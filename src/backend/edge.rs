@@ -49,7 +49,7 @@ pub const ENROLL_MAX_BYTES: usize = 16 * 1024;
 /// `Enroll` bodies read at once, over all connections.
 pub const ENROLL_MAX_CONCURRENT: usize = 64;
 /// Calls in flight at once on a connection that has not authenticated.
-pub const PREAUTH_IN_FLIGHT: usize = 4;
+pub const PREAUTH_IN_FLIGHT: usize = 32;
 /// Bytes of a refused request's body read and discarded before answering.
 const DRAIN_MAX_BYTES: usize = 4 * 1024 * 1024;
 /// Time given to a refused request's body to end.
@@ -597,7 +597,10 @@ pub async fn gate(
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         let checked = match path_needs {
-            Needs::Admin | Needs::Agent => match edge.failure_wait(conn.peer) {
+            // Enrollment tokens are guessed too: `Enroll` is refused while
+            // its address is over the failure rate, and counts its failures
+            // when answered (see [`track`]).
+            Needs::Admin | Needs::Agent | Needs::Enroll => match edge.failure_wait(conn.peer) {
                 Some(wait) => {
                     edge.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
                     let s = Status::resource_exhausted(format!(
@@ -609,9 +612,10 @@ pub async fn gate(
                 None if matches!(path_needs, Needs::Admin) => {
                     core.authenticate_admin(authorization)
                 }
+                None if matches!(path_needs, Needs::Enroll) => Ok(()),
                 None => core.authenticate_agent(authorization).await.map(|_| ()),
             },
-            Needs::Enroll | Needs::Nothing => Ok(()),
+            Needs::Nothing => Ok(()),
         };
         match checked {
             Err(s) => {
@@ -660,10 +664,21 @@ pub async fn gate(
     }
 }
 
-/// Marks a request in flight on `conn` until its response body ends.
-pub fn track(conn: &Arc<Conn>) -> impl FnOnce(Response<Body>) -> Response<Body> + use<> {
+/// Marks a request to `path` in flight on `conn` until its response body
+/// ends; an enrollment answered `unauthenticated` counts as a failed
+/// authentication of the connection's address.
+pub fn track(
+    conn: &Arc<Conn>,
+    path: &str,
+) -> impl FnOnce(Response<Body>) -> Response<Body> + use<> {
     let in_flight = conn.begin();
+    let enroll = matches!(needs(path), Needs::Enroll);
     move |resp| {
+        let unauthenticated = resp.status() == StatusCode::UNAUTHORIZED
+            || resp.headers().get("grpc-status").map(|v| v.as_bytes()) == Some(b"16");
+        if enroll && unauthenticated {
+            in_flight.0.edge.record_failure(in_flight.0.peer);
+        }
         resp.map(|inner| {
             Body::new(Tracked {
                 inner,

@@ -556,7 +556,7 @@ impl Server {
                         let (grpc, connect, core, conn) =
                             (grpc.clone(), connect.clone(), core.clone(), conn.clone());
                         async move {
-                            let done = edge::track(&conn);
+                            let done = edge::track(&conn, req.uri().path());
                             let req = req.map(axum::body::Body::new);
                             let resp = match edge::gate(&core, &conn, req, limit).await {
                                 Err(refused) => refused,
