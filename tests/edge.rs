@@ -426,3 +426,68 @@ async fn enrollments_are_rate_limited_per_token_and_guesses_per_address() {
         "{metrics}"
     );
 }
+
+/// One agent credential holds at most `MAX_STREAMS_PER_AGENT` Subscribe
+/// streams: each stream past it ends the oldest with a `Rotate` frame
+/// naming why, and the newest keep receiving (before: 300 streams on one
+/// credential each received every command).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_past_the_per_agent_limit_replace_the_oldest() {
+    use uplink::backend::defaults::MAX_STREAMS_PER_AGENT;
+    use uplink::proto;
+    use uplink::proto::server_frame::Kind;
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBackend::start(dir.path()).await;
+    let agent = push::enroll(&b, "many-streams").await;
+    let client = b.agent_grpc().await;
+    let mut streams = Vec::new();
+    for _ in 0..MAX_STREAMS_PER_AGENT + 2 {
+        let mut req = tonic::Request::new(proto::SubscribeRequest {
+            ack: 0,
+            info: Some(proto::AgentInfo {
+                hostname: "many-streams".into(),
+                version: "test".into(),
+                ..Default::default()
+            }),
+        });
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", agent.credential).parse().unwrap(),
+        );
+        let mut s = client.clone().subscribe(req).await.unwrap().into_inner();
+        // The first frame (a heartbeat) proves this stream is open before
+        // the next one is made, so "oldest" is well defined.
+        let first = tokio::time::timeout(Duration::from_secs(30), s.message())
+            .await
+            .expect("a first frame within 30 s");
+        assert!(first.unwrap().is_some());
+        streams.push(s);
+    }
+    // The two oldest end, each with a Rotate frame that says why.
+    for s in streams.iter_mut().take(2) {
+        let rotate = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match s.message().await {
+                    Ok(Some(proto::SubscribeResponse {
+                        frame:
+                            Some(proto::ServerFrame {
+                                kind: Some(Kind::Rotate(r)),
+                            }),
+                    })) => return r.reason,
+                    Ok(Some(_)) => {}
+                    other => panic!("the old stream ended without a Rotate: {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("a Rotate on an old stream within 30 s");
+        assert!(rotate.contains("replaced by a newer stream"), "{rotate}");
+    }
+    // The newest still receive frames (heartbeats).
+    for s in streams.iter_mut().skip(2) {
+        let next = tokio::time::timeout(Duration::from_secs(30), s.message())
+            .await
+            .expect("a frame within 30 s");
+        assert!(matches!(next, Ok(Some(_))), "{next:?}");
+    }
+}

@@ -41,3 +41,7 @@ pub const ENROLL_BURST_PER_TOKEN: u32 = 100;
 pub const ENROLL_REFILL_PER_TOKEN: Duration = Duration::from_secs(1);
 /// Providers whose enrollment rate is remembered at once.
 pub const ENROLL_TOKENS_REMEMBERED: usize = 10_000;
+
+/// `Subscribe` streams one agent credential may hold at once; a new stream
+/// past it replaces (ends) the oldest.
+pub const MAX_STREAMS_PER_AGENT: usize = 4;

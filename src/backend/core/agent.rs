@@ -10,6 +10,7 @@ use tonic::Status;
 
 use super::checks::check_info;
 use super::{Core, internal};
+use crate::backend::defaults::MAX_STREAMS_PER_AGENT;
 use crate::backend::store::AgentRecord;
 use crate::proto::{self, Transport};
 use crate::secret::{self, Kind, Secret};
@@ -159,10 +160,22 @@ impl Core {
                 crate::now_unix_ms(),
             )
         });
+        let ticket = self.hub.admit_stream(&agent, MAX_STREAMS_PER_AGENT);
         tracing::info!(%agent, ack = req.ack, "stream opened");
         tokio::spawn(async move {
             let _conn = conn;
-            let r = core.feed_stream(&agent, acked.max(req.ack), &tx).await;
+            let r = tokio::select! {
+                r = core.feed_stream(&agent, acked.max(req.ack), &tx) => r,
+                _ = ticket.replaced() => {
+                    let rotate = proto::ServerFrame {
+                        kind: Some(proto::server_frame::Kind::Rotate(proto::Rotate {
+                            reason: "replaced by a newer stream of this agent".into(),
+                        })),
+                    };
+                    let _ = tx.send(Ok(proto::SubscribeResponse { frame: Some(rotate) })).await;
+                    Ok("replaced by a newer stream of this agent")
+                }
+            };
             let _ = core.store.touch_agent(&agent, crate::now_unix_ms()).await;
             match r {
                 Ok(reason) => tracing::info!(%agent, reason, "stream closed"),
