@@ -506,6 +506,26 @@ fn refusal(grpc: bool, status: &Status, retry_after: Option<u64>) -> Response<Bo
     r
 }
 
+/// The answer of `GET /metrics` without the admin token: plain text, as
+/// Prometheus shows it, with `WWW-Authenticate`.
+pub fn metrics_refusal(s: &Status) -> Response<Body> {
+    let mut r = Response::new(Body::from(format!(
+        "{}: /metrics needs the admin token, as `Authorization: Bearer <admin token>`\n",
+        s.message()
+    )));
+    *r.status_mut() = connect::http_status(s.code());
+    let h = r.headers_mut();
+    h.insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"uplink\""),
+    );
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
 /// Reads and discards what is left of a refused request's body, within
 /// bounds, so that HTTP/2 clients receive the answer (an answer before the
 /// body ends resets the stream, which curl reports as a framing error).
@@ -618,6 +638,12 @@ pub async fn gate(
             Needs::Nothing => Ok(()),
         };
         match checked {
+            Err(s) if parts.uri.path() == "/metrics" => {
+                // Prometheus shows its scrape errors as text.
+                edge.record_failure(conn.peer);
+                drain(body).await;
+                return Err(metrics_refusal(&s));
+            }
             Err(s) => {
                 edge.record_failure(conn.peer);
                 return Err(refuse(body, grpc, &s, None).await);

@@ -235,18 +235,7 @@ async fn metrics_page(
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     if let Err(s) = core.authenticate_admin(authorization) {
-        return (
-            http::StatusCode::UNAUTHORIZED,
-            [
-                (http::header::WWW_AUTHENTICATE, "Bearer realm=\"uplink\""),
-                (http::header::CONTENT_TYPE, "text/plain; charset=utf-8"),
-            ],
-            format!(
-                "{}: /metrics needs the admin token, as `Authorization: Bearer <admin token>`\n",
-                s.message()
-            ),
-        )
-            .into_response();
+        return edge::metrics_refusal(&s);
     }
     // Rendering walks every series: off the async workers.
     let rendered = tokio::task::spawn_blocking(move || {
