@@ -69,7 +69,7 @@ async fn unfinished_enrollment_bodies_do_not_fill_memory() {
         held.push(tls);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_rss_bounded(&b, base, 100 * MIB, "150 unfinished 4 MiB enrollments");
+    assert_rss_bounded(&b, base, 64 * MIB, "150 unfinished 4 MiB enrollments");
     assert_ctl_works(&b).await;
     drop(held);
 }

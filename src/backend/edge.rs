@@ -48,6 +48,8 @@ use crate::connect;
 pub const ENROLL_MAX_BYTES: usize = 16 * 1024;
 /// `Enroll` bodies read at once, over all connections.
 pub const ENROLL_MAX_CONCURRENT: usize = 64;
+/// Read buffer of an HTTP/1.1 connection (the largest request head).
+pub const HTTP1_MAX_BUF_BYTES: usize = 64 * 1024;
 /// Calls in flight at once on a connection that has not authenticated.
 pub const PREAUTH_IN_FLIGHT: usize = 32;
 /// Bytes of a refused request's body read and discarded before answering.

@@ -505,6 +505,9 @@ impl Server {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.first_request_timeout)
+            // A connection's read buffer (headers, body bytes not yet
+            // consumed) stays small: hyper's default grows to ~400 KiB.
+            .max_buf_size(edge::HTTP1_MAX_BUF_BYTES)
             .keep_alive(true);
         builder
             .http2()
