@@ -42,6 +42,7 @@ use super::defaults::{
     DEFAULT_FIRST_REQUEST_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_ADDR,
     DEFAULT_MAX_STREAMS_PER_CONNECTION,
 };
+use super::ratelimit::Buckets;
 use crate::connect;
 
 /// Largest `Enroll` body (it carries a token, a hostname and labels).
@@ -186,17 +187,12 @@ struct Preauth {
     per_addr: HashMap<IpAddr, usize>,
 }
 
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
 /// The edge's shared state.
 pub struct Edge {
     limits: Limits,
     max_preauth: usize,
     preauth: Mutex<Preauth>,
-    failures: Mutex<HashMap<IpAddr, Bucket>>,
+    failures: Buckets<IpAddr>,
     enrolls: Semaphore,
     counters: Counters,
 }
@@ -207,11 +203,16 @@ impl Edge {
         let max_preauth = limits
             .max_preauth_connections
             .unwrap_or_else(|| preauth_cap_for(nofile));
+        let failures = Buckets::new(
+            limits.auth_failure_burst,
+            limits.auth_failure_refill,
+            FAILURE_MAP_MAX,
+        );
         Arc::new(Edge {
             limits,
             max_preauth,
             preauth: Mutex::new(Preauth::default()),
-            failures: Mutex::new(HashMap::new()),
+            failures,
             enrolls: Semaphore::new(ENROLL_MAX_CONCURRENT),
             counters: Counters::default(),
         })
@@ -277,54 +278,13 @@ impl Edge {
 
     /// Seconds until `peer` may fail authentication again; None when it may now.
     fn failure_wait(&self, peer: IpAddr) -> Option<u64> {
-        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        let b = f.get_mut(&peer)?;
-        self.refill(b);
-        (b.tokens < 1.0).then(|| {
-            let secs = (1.0 - b.tokens) * self.limits.auth_failure_refill.as_secs_f64();
-            secs.ceil().max(1.0) as u64
-        })
-    }
-
-    fn refill(&self, b: &mut Bucket) {
-        let now = Instant::now();
-        let per = self.limits.auth_failure_refill.as_secs_f64();
-        let gained = if per > 0.0 {
-            now.duration_since(b.at).as_secs_f64() / per
-        } else {
-            f64::INFINITY
-        };
-        b.tokens = (b.tokens + gained).min(f64::from(self.limits.auth_failure_burst));
-        b.at = now;
+        self.failures.check(&peer)
     }
 
     fn record_failure(&self, peer: IpAddr) {
         self.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
-        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if f.len() >= FAILURE_MAP_MAX && !f.contains_key(&peer) {
-            // Forget the addresses that have recovered; if none has, the
-            // map is full of attackers: forget them all rather than grow.
-            let burst = f64::from(self.limits.auth_failure_burst);
-            let per = self.limits.auth_failure_refill.as_secs_f64();
-            f.retain(|_, b| {
-                let gained = if per > 0.0 {
-                    b.at.elapsed().as_secs_f64() / per
-                } else {
-                    burst
-                };
-                b.tokens + gained < burst
-            });
-            if f.len() >= FAILURE_MAP_MAX {
-                f.clear();
-            }
-        }
-        let burst = f64::from(self.limits.auth_failure_burst);
-        let b = f.entry(peer).or_insert(Bucket {
-            tokens: burst,
-            at: Instant::now(),
-        });
-        self.refill(b);
-        b.tokens = (b.tokens - 1.0).max(0.0);
+        // Empty already: the next call is refused by `failure_wait`.
+        let _ = self.failures.take(&peer);
     }
 
     /// The edge's counters as Prometheus text.
