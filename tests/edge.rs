@@ -491,3 +491,64 @@ async fn streams_past_the_per_agent_limit_replace_the_oldest() {
         assert!(matches!(next, Ok(Some(_))), "{next:?}");
     }
 }
+
+/// Sends a Connect call to ListAgents with the admin token over HTTP/1.1,
+/// announcing `announced` body bytes and sending `sent` of them.
+async fn partial_admin_call(
+    b: &BackendProc,
+    announced: usize,
+    sent: usize,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut tls = b.tls(b"http/1.1").await.expect("connects");
+    let head = format!(
+        "POST /uplink.v1.AdminService/ListAgents HTTP/1.1\r\nhost: 127.0.0.1\r\n\
+         authorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {announced}\r\n\r\n",
+        b.admin_token.expose()
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.write_all(&vec![b' '; sent]).await.unwrap();
+    tls.flush().await.unwrap();
+    tls
+}
+
+/// Reads the answer's first 4 KiB.
+async fn answer_of(tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> String {
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(30), tls.read(&mut buf))
+        .await
+        .expect("an answer within 30 s")
+        .unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// Bodies read whole are bounded over all connections, even for an
+/// authenticated client: past `--max-buffered-body-bytes` a call gets 429
+/// `resource_exhausted` with `retry-after`, and the budget comes back when
+/// the held body goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_held_at_once_are_bounded_over_all_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = BackendProc::start(dir.path(), None, &["--max-buffered-body-bytes", "1m"]).await;
+    let holder = partial_admin_call(&b, 900 * 1024, 800 * 1024).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut second = partial_admin_call(&b, 900 * 1024, 900 * 1024).await;
+    let answer = answer_of(&mut second).await;
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(
+        answer.contains("resource_exhausted")
+            && answer.to_ascii_lowercase().contains("retry-after"),
+        "{answer}"
+    );
+    drop(holder);
+    let answer = wait_for(Duration::from_secs(30), "the budget back", || async {
+        let mut third = partial_admin_call(&b, 600 * 1024, 600 * 1024).await;
+        let a = answer_of(&mut third).await;
+        (!a.starts_with("HTTP/1.1 429")).then_some(a)
+    })
+    .await;
+    // The body is spaces, not a request: decoded and refused, not limited.
+    assert!(
+        answer.starts_with("HTTP/1.1 400") || answer.starts_with("HTTP/1.1 200"),
+        "{answer}"
+    );
+}

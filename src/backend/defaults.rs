@@ -45,3 +45,7 @@ pub const ENROLL_TOKENS_REMEMBERED: usize = 10_000;
 /// `Subscribe` streams one agent credential may hold at once; a new stream
 /// past it replaces (ends) the oldest.
 pub const MAX_STREAMS_PER_AGENT: usize = 4;
+
+/// Bytes of request bodies read whole (Connect calls, enrollments) held at
+/// once over all connections.
+pub const DEFAULT_MAX_BUFFERED_BODY_BYTES: usize = 256 * 1024 * 1024;

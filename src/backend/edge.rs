@@ -33,14 +33,14 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tonic::{Code, Status};
 
 use super::core::Core;
 use super::defaults::{
     DEFAULT_AUTH_FAILURE_BURST, DEFAULT_AUTH_FAILURE_REFILL, DEFAULT_BODY_TIMEOUT,
-    DEFAULT_FIRST_REQUEST_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS_PER_ADDR,
-    DEFAULT_MAX_STREAMS_PER_CONNECTION,
+    DEFAULT_FIRST_REQUEST_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BUFFERED_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS_PER_ADDR, DEFAULT_MAX_STREAMS_PER_CONNECTION,
 };
 use super::ratelimit::Buckets;
 use crate::connect;
@@ -74,6 +74,10 @@ pub struct Limits {
     pub idle_timeout: Duration,
     pub body_timeout: Duration,
     pub max_streams_per_connection: u32,
+    /// Bytes of request bodies read whole (Connect calls, enrollments)
+    /// held at once over all connections; past it calls get
+    /// `resource_exhausted`.
+    pub max_buffered_body_bytes: usize,
     pub auth_failure_burst: u32,
     pub auth_failure_refill: Duration,
 }
@@ -87,6 +91,7 @@ impl Default for Limits {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             body_timeout: DEFAULT_BODY_TIMEOUT,
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            max_buffered_body_bytes: DEFAULT_MAX_BUFFERED_BODY_BYTES,
             auth_failure_burst: DEFAULT_AUTH_FAILURE_BURST,
             auth_failure_refill: DEFAULT_AUTH_FAILURE_REFILL,
         }
@@ -117,6 +122,12 @@ impl Limits {
             if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {
                 errs.push(format!("{name} {d:?} is out of range: 1s to 1h"));
             }
+        }
+        if !(1024 * 1024..=1 << 40).contains(&self.max_buffered_body_bytes) {
+            errs.push(format!(
+                "--max-buffered-body-bytes {} is out of range: 1m to 1t",
+                self.max_buffered_body_bytes
+            ));
         }
         if !(1..=10_000).contains(&self.max_streams_per_connection) {
             errs.push(format!(
@@ -194,6 +205,9 @@ pub struct Edge {
     preauth: Mutex<Preauth>,
     failures: Buckets<IpAddr>,
     enrolls: Semaphore,
+    /// Bytes of request bodies read whole and not yet released, over all
+    /// connections.
+    buffered: Arc<Semaphore>,
     counters: Counters,
 }
 
@@ -203,6 +217,7 @@ impl Edge {
         let max_preauth = limits
             .max_preauth_connections
             .unwrap_or_else(|| preauth_cap_for(nofile));
+        let limits_buffered = limits.max_buffered_body_bytes;
         let failures = Buckets::new(
             limits.auth_failure_burst,
             limits.auth_failure_refill,
@@ -214,6 +229,7 @@ impl Edge {
             preauth: Mutex::new(Preauth::default()),
             failures,
             enrolls: Semaphore::new(ENROLL_MAX_CONCURRENT),
+            buffered: Arc::new(Semaphore::new(limits_buffered.min(Semaphore::MAX_PERMITS))),
             counters: Counters::default(),
         })
     }
@@ -400,13 +416,14 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that keeps its request in flight until it ends.
-struct Tracked {
+/// A body that holds `G` (a request in flight, buffered bytes' share of
+/// the budget) until it is dropped.
+struct Tracked<G> {
     inner: Body,
-    _in_flight: InFlight,
+    _guard: G,
 }
 
-impl http_body::Body for Tracked {
+impl<G: Send + Unpin + 'static> http_body::Body for Tracked<G> {
     type Data = Bytes;
     type Error = axum::Error;
 
@@ -500,26 +517,44 @@ async fn drain(body: Body) {
     .await;
 }
 
-/// Reads a whole body within `limit` bytes and the body deadline. Err:
-/// the status, and what is left of the body when it may still be drained
-/// (it was too large, not too slow).
+/// Reads a whole body within `limit` bytes, the body deadline and the
+/// backend-wide `budget` of buffered bytes (the permit holds its share).
+/// Err: the status, and what is left of the body when it may still be
+/// drained (it was too large, not too slow).
 async fn read_whole(
     body: Body,
     limit: usize,
     timeout: Duration,
-) -> Result<Bytes, (Status, Option<Body>)> {
+    budget: &Arc<Semaphore>,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), (Status, Option<Body>, StatusCode)> {
     let mut body = body;
     let mut buf = BytesMut::new();
+    let mut held: Option<OwnedSemaphorePermit> = None;
     let read = tokio::time::timeout(timeout, async {
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
-                Status::invalid_argument(format!("request body could not be read: {e}"))
+                let s = Status::invalid_argument(format!("request body could not be read: {e}"));
+                (s, StatusCode::BAD_REQUEST)
             })?;
             if let Ok(data) = frame.into_data() {
                 if buf.len() + data.len() > limit {
-                    return Err(Status::resource_exhausted(format!(
+                    let s = Status::resource_exhausted(format!(
                         "request body exceeds the limit of {limit} bytes"
-                    )));
+                    ));
+                    return Err((s, StatusCode::PAYLOAD_TOO_LARGE));
+                }
+                let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                match budget.clone().try_acquire_many_owned(n) {
+                    Ok(p) => match held.as_mut() {
+                        Some(h) => h.merge(p),
+                        None => held = Some(p),
+                    },
+                    Err(_) => {
+                        let s = Status::resource_exhausted(
+                            "the backend holds too many request bodies: retry in a few seconds",
+                        );
+                        return Err((s, StatusCode::TOO_MANY_REQUESTS));
+                    }
                 }
                 buf.extend_from_slice(&data);
             }
@@ -531,10 +566,11 @@ async fn read_whole(
         Err(_) => Err((
             Status::deadline_exceeded(format!("request body did not arrive within {timeout:?}")),
             None,
+            StatusCode::REQUEST_TIMEOUT,
         )),
-        Ok(Err(s)) if s.code() == Code::ResourceExhausted => Err((s, Some(body))),
-        Ok(Err(s)) => Err((s, None)),
-        Ok(Ok(())) => Ok(buf.freeze()),
+        Ok(Err((s, http))) if s.code() == Code::ResourceExhausted => Err((s, Some(body), http)),
+        Ok(Err((s, http))) => Err((s, None, http)),
+        Ok(Ok(())) => Ok((buf.freeze(), held)),
     }
 }
 
@@ -635,17 +671,22 @@ pub async fn gate(
         Needs::Admin | Needs::Agent => (limit, None),
     };
     // Bodies read whole: every Connect call, and enrollments on either rung.
-    match read_whole(body, limit, edge.limits.body_timeout).await {
-        Ok(b) => Ok(Request::from_parts(parts, Body::from(b))),
-        Err((s, rest)) => {
+    match read_whole(body, limit, edge.limits.body_timeout, &edge.buffered).await {
+        Ok((b, permit)) => {
+            let body = Body::new(Tracked {
+                inner: Body::from(b),
+                _guard: permit,
+            });
+            Ok(Request::from_parts(parts, body))
+        }
+        Err((s, rest, http)) => {
+            let retry = (http == StatusCode::TOO_MANY_REQUESTS).then_some(2);
             let mut r = match rest {
-                Some(rest) => refuse(rest, grpc, &s, None).await,
+                Some(rest) => refuse(rest, grpc, &s, retry).await,
                 None => refusal(grpc, &s, None),
             };
-            if !grpc && s.code() == Code::ResourceExhausted {
-                *r.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
-            } else if !grpc && s.code() == Code::DeadlineExceeded {
-                *r.status_mut() = StatusCode::REQUEST_TIMEOUT;
+            if !grpc {
+                *r.status_mut() = http;
             }
             Err(r)
         }
@@ -670,7 +711,7 @@ pub fn track(
         resp.map(|inner| {
             Body::new(Tracked {
                 inner,
-                _in_flight: in_flight,
+                _guard: in_flight,
             })
         })
     }

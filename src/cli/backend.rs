@@ -9,8 +9,8 @@ use clap::Args;
 use crate::backend::defaults::{
     DEFAULT_AUTH_FAILURE_BURST, DEFAULT_AUTH_FAILURE_REFILL, DEFAULT_BODY_TIMEOUT,
     DEFAULT_DATA_DIR, DEFAULT_FIRST_REQUEST_TIMEOUT, DEFAULT_HEARTBEAT, DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_LISTEN, DEFAULT_MAX_CONNECTIONS_PER_ADDR, DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_MAX_STREAMS_PER_CONNECTION, DEFAULT_POLL_HOLD,
+    DEFAULT_LISTEN, DEFAULT_MAX_BUFFERED_BODY_BYTES, DEFAULT_MAX_CONNECTIONS_PER_ADDR,
+    DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_STREAMS_PER_CONNECTION, DEFAULT_POLL_HOLD,
 };
 use crate::units::{HumanDuration, parse_bytes, parse_duration};
 
@@ -91,6 +91,9 @@ pub struct BackendArgs {
     /// HTTP/2 streams one connection may have open at once.
     #[arg(long, env = "UPLINK_MAX_STREAMS_PER_CONNECTION", default_value_t = DEFAULT_MAX_STREAMS_PER_CONNECTION)]
     pub max_streams_per_connection: u32,
+    /// Bytes of unary request bodies held at once over all connections; past it calls get resource_exhausted (default 256m).
+    #[arg(long, env = "UPLINK_MAX_BUFFERED_BODY_BYTES", value_parser = parse_bytes)]
+    pub max_buffered_body_bytes: Option<u64>,
     /// Failed authentications one source address may make in a burst.
     #[arg(long, env = "UPLINK_AUTH_FAILURE_BURST", default_value_t = DEFAULT_AUTH_FAILURE_BURST)]
     pub auth_failure_burst: u32,
@@ -153,6 +156,11 @@ impl BackendArgs {
             idle_timeout: a.idle_timeout.into(),
             body_timeout: a.body_timeout.into(),
             max_streams_per_connection: a.max_streams_per_connection,
+            max_buffered_body_bytes: a
+                .max_buffered_body_bytes
+                .map_or(DEFAULT_MAX_BUFFERED_BODY_BYTES, |n| {
+                    usize::try_from(n).unwrap_or(usize::MAX)
+                }),
             auth_failure_burst: a.auth_failure_burst,
             auth_failure_refill: a.auth_failure_refill.into(),
         };
