@@ -9,8 +9,8 @@ use clap::Args;
 use crate::backend::defaults::{
     DEFAULT_AUTH_FAILURE_BURST, DEFAULT_AUTH_FAILURE_REFILL, DEFAULT_BODY_TIMEOUT,
     DEFAULT_DATA_DIR, DEFAULT_FIRST_REQUEST_TIMEOUT, DEFAULT_HEARTBEAT, DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_LISTEN, DEFAULT_MAX_BUFFERED_BODY_BYTES, DEFAULT_MAX_CONNECTIONS_PER_ADDR,
-    DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_STREAMS_PER_CONNECTION, DEFAULT_POLL_HOLD,
+    DEFAULT_LISTEN, DEFAULT_MAX_CONNECTIONS_PER_ADDR, DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_STREAMS_PER_CONNECTION, DEFAULT_POLL_HOLD,
 };
 use crate::units::{HumanDuration, parse_bytes, parse_duration};
 
@@ -156,11 +156,10 @@ impl BackendArgs {
             idle_timeout: a.idle_timeout.into(),
             body_timeout: a.body_timeout.into(),
             max_streams_per_connection: a.max_streams_per_connection,
-            max_buffered_body_bytes: a
-                .max_buffered_body_bytes
-                .map_or(DEFAULT_MAX_BUFFERED_BODY_BYTES, |n| {
-                    usize::try_from(n).unwrap_or(usize::MAX)
-                }),
+            max_buffered_body_bytes: a.max_buffered_body_bytes.map_or(
+                crate::backend::defaults::DEFAULT_MAX_BUFFERED_BODY_BYTES,
+                |n| usize::try_from(n).unwrap_or(usize::MAX),
+            ),
             auth_failure_burst: a.auth_failure_burst,
             auth_failure_refill: a.auth_failure_refill.into(),
         };
