@@ -98,7 +98,7 @@ pub fn hash(value: &str) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, value.as_bytes()).as_ref())
 }
 
-/// A random identifier with `prefix`, e.g. `agt_3f9a…` (16 random bytes).
+/// A random identifier with `prefix`, e.g. `agt_3f9a…` (8 random bytes, 16 hex digits).
 pub fn random_id(prefix: &str) -> String {
     let mut bytes = [0u8; 8];
     if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {

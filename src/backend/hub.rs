@@ -1,10 +1,10 @@
 //! Presence and wake-ups, in memory: which agents are connected and how,
 //! and a watch per agent that streams and held polls wait on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::proto::Transport;
 
@@ -21,6 +21,9 @@ struct Slot {
     last_seen_ms: i64,
     transport: Transport,
     reason: String,
+    /// Open `Subscribe` streams, oldest first, each with what ends it.
+    stream_tickets: VecDeque<(u64, Arc<Notify>)>,
+    next_ticket: u64,
 }
 
 impl Slot {
@@ -34,6 +37,8 @@ impl Slot {
             last_seen_ms: 0,
             transport: Transport::Unspecified,
             reason: String::new(),
+            stream_tickets: VecDeque::new(),
+            next_ticket: 0,
         }
     }
 }
@@ -131,6 +136,31 @@ impl Hub {
         }
     }
 
+    /// Registers a new `Subscribe` stream of `agent`. When the agent then
+    /// holds more than `max`, the oldest is told to end (its
+    /// [`StreamTicket::replaced`] completes): a reconnecting agent always
+    /// gets in, and one credential cannot hold streams without bound.
+    pub fn admit_stream(self: &Arc<Self>, agent: &str, max: usize) -> StreamTicket {
+        let replaced = Arc::new(Notify::new());
+        let id = self.with(agent, |s| {
+            s.next_ticket += 1;
+            s.stream_tickets
+                .push_back((s.next_ticket, replaced.clone()));
+            while s.stream_tickets.len() > max.max(1) {
+                if let Some((_, oldest)) = s.stream_tickets.pop_front() {
+                    oldest.notify_one();
+                }
+            }
+            s.next_ticket
+        });
+        StreamTicket {
+            hub: self.clone(),
+            agent: agent.to_string(),
+            id,
+            replaced,
+        }
+    }
+
     /// Records that `agent` was heard from.
     pub fn touch(&self, agent: &str, now: i64) {
         self.with(agent, |s| s.last_seen_ms = s.last_seen_ms.max(now))
@@ -152,6 +182,29 @@ impl Hub {
             reason: s.reason.clone(),
             last_seen_ms: s.last_seen_ms,
         })
+    }
+}
+
+/// A `Subscribe` stream's place among its agent's streams.
+pub struct StreamTicket {
+    hub: Arc<Hub>,
+    agent: String,
+    id: u64,
+    replaced: Arc<Notify>,
+}
+
+impl StreamTicket {
+    /// Completes when a newer stream of the same agent replaced this one.
+    pub async fn replaced(&self) {
+        self.replaced.notified().await
+    }
+}
+
+impl Drop for StreamTicket {
+    fn drop(&mut self) {
+        self.hub.with(&self.agent, |s| {
+            s.stream_tickets.retain(|(id, _)| *id != self.id)
+        });
     }
 }
 
@@ -197,6 +250,23 @@ mod tests {
         assert!(hub.presence("a", now + 1000).unwrap().connected);
         // ...but not long after.
         assert!(!hub.presence("a", now + 60_000).unwrap().connected);
+    }
+
+    #[tokio::test]
+    async fn a_stream_past_the_limit_replaces_the_oldest() {
+        let hub = Arc::new(Hub::default());
+        let first = hub.admit_stream("a", 2);
+        let second = hub.admit_stream("a", 2);
+        let other = hub.admit_stream("b", 2);
+        let third = hub.admit_stream("a", 2);
+        let ended =
+            |t: &StreamTicket| futures_util::FutureExt::now_or_never(t.replaced()).is_some();
+        assert!(ended(&first));
+        assert!(!ended(&second) && !ended(&third) && !ended(&other));
+        // A stream that ends leaves room: the next one replaces nobody.
+        drop(second);
+        let fourth = hub.admit_stream("a", 2);
+        assert!(!ended(&third) && !ended(&fourth));
     }
 
     #[test]

@@ -7,9 +7,11 @@
 
 pub mod core;
 pub mod defaults;
+pub mod edge;
 pub mod grpc;
 pub mod hub;
 pub mod placement;
+pub mod ratelimit;
 pub mod runs;
 pub mod sinks;
 pub mod store;
@@ -92,6 +94,8 @@ pub struct BackendConfig {
     /// What the store keeps of finished commands, runs, container events
     /// and old epochs' cursors; pruned every [`PRUNE_EVERY`].
     pub retention: RetentionConfig,
+    /// Bounds on connections and on calls before they authenticate.
+    pub edge: edge::Limits,
 }
 
 impl BackendConfig {
@@ -117,6 +121,7 @@ impl BackendConfig {
             metrics_jsonl_keep: sinks::DEFAULT_JSONL_KEEP,
             agent_metrics_interval: None,
             retention: RetentionConfig::default(),
+            edge: edge::Limits::default(),
         }
     }
 
@@ -235,6 +240,7 @@ impl BackendConfig {
         {
             errs.push("--metrics-jsonl-dir is empty: give a directory, or leave it out".into());
         }
+        self.edge.validate(&mut errs);
         for (name, token) in [
             ("--admin-token", &self.admin_token),
             ("--enroll-token", &self.enroll_token),
@@ -259,26 +265,30 @@ impl BackendConfig {
 /// ingest metrics, as Prometheus text (format 0.0.4). Needs the admin token
 /// (`Authorization: Bearer <admin token>`, Prometheus' `authorization`
 /// setting).
-async fn metrics_page(core: Arc<Core>, headers: http::HeaderMap) -> axum::response::Response {
+async fn metrics_page(
+    core: Arc<Core>,
+    edge: Arc<edge::Edge>,
+    headers: http::HeaderMap,
+) -> axum::response::Response {
     let authorization = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     if let Err(s) = core.authenticate_admin(authorization) {
-        return (
-            http::StatusCode::UNAUTHORIZED,
-            [
-                (http::header::WWW_AUTHENTICATE, "Bearer realm=\"uplink\""),
-                (http::header::CONTENT_TYPE, "text/plain; charset=utf-8"),
-            ],
-            format!(
-                "{}: /metrics needs the admin token, as `Authorization: Bearer <admin token>`\n",
-                s.message()
-            ),
-        )
-            .into_response();
+        return edge::metrics_refusal(&s);
     }
     // Rendering walks every series: off the async workers.
-    match tokio::task::spawn_blocking(move || core.sinks().render()).await {
+    let rendered = tokio::task::spawn_blocking(move || {
+        let mut body = core.sinks().render();
+        edge.render(&mut body);
+        ratelimit::counter_text(
+            &mut body,
+            "uplink_backend_enrollments_rate_limited_total",
+            "Enrollments refused because their token enrolled too many agents too fast.",
+            core.enrolls.limited(),
+        );
+        body
+    });
+    match rendered.await {
         Ok(body) => (
             [(
                 http::header::CONTENT_TYPE,
@@ -352,6 +362,7 @@ pub struct Server {
     draining: watch::Sender<bool>,
     max_message_bytes: usize,
     grace: Duration,
+    edge: Arc<edge::Edge>,
     info: StartInfo,
 }
 
@@ -382,6 +393,19 @@ impl Server {
             },
         };
         let server_tls = tls::server_config(&identity)?;
+        let (before, nofile, hard) = edge::raise_nofile();
+        tracing::info!(
+            soft_before = before,
+            soft = nofile,
+            hard,
+            "open-file limit (RLIMIT_NOFILE): soft raised to the hard limit"
+        );
+        let edge = edge::Edge::new(config.edge.clone(), nofile);
+        tracing::info!(
+            max_preauth_connections = edge.max_preauth(),
+            max_connections_per_addr = config.edge.max_connections_per_addr,
+            "connection limits before authentication"
+        );
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir)?);
         // What TLS and the store just created, owner-only too.
         crate::owner_only::secure(&config.data_dir).map_err(|source| BackendError::DataDir {
@@ -471,6 +495,7 @@ impl Server {
             draining,
             max_message_bytes: config.max_message_bytes,
             grace: config.grace,
+            edge,
             info: StartInfo {
                 addr,
                 url,
@@ -512,38 +537,29 @@ impl Server {
         .prepare()
         .into_axum_router();
         let metrics_core = core.clone();
+        let metrics_edge = self.edge.clone();
         let connect = unary::router(core.clone(), limit).route(
             "/metrics",
             axum::routing::get(move |headers: http::HeaderMap| {
-                metrics_page(metrics_core.clone(), headers)
+                metrics_page(metrics_core.clone(), metrics_edge.clone(), headers)
             }),
         );
-        let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-            let is_grpc = req
-                .headers()
-                .get(http::header::CONTENT_TYPE)
-                .map(|v| v.as_bytes().starts_with(b"application/grpc"))
-                .unwrap_or(false);
-            let router = if is_grpc {
-                grpc.clone()
-            } else {
-                connect.clone()
-            };
-            router.oneshot(req)
-        });
-
+        let limits = self.edge.limits().clone();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
+            .header_read_timeout(limits.first_request_timeout)
+            // A connection's read buffer (headers, body bytes not yet
+            // consumed) stays small: hyper's default grows to ~400 KiB.
+            .max_buf_size(edge::HTTP1_MAX_BUF_BYTES)
             .keep_alive(true);
         builder
             .http2()
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(20))
-            .max_concurrent_streams(1024);
+            .max_concurrent_streams(limits.max_streams_per_connection);
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tracing::info!(addr = %self.info.addr, url = %self.info.url, "backend listening");
@@ -563,30 +579,62 @@ impl Server {
                     }
                 },
             };
+            let Some(conn) = self.edge.admit(peer.ip()) else {
+                tracing::debug!(%peer, "connection refused: its address holds too many unauthenticated connections");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let builder = builder.clone();
-            let svc = svc.clone();
+            let (grpc, connect, core) = (grpc.clone(), connect.clone(), core.clone());
             let watcher = graceful.watcher();
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
-                    .await
-                {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
+                let svc = {
+                    let conn = conn.clone();
+                    hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                        let (grpc, connect, core, conn) =
+                            (grpc.clone(), connect.clone(), core.clone(), conn.clone());
+                        async move {
+                            let done = edge::track(&conn, req.uri().path());
+                            let req = req.map(axum::body::Body::new);
+                            let resp = match edge::gate(&core, &conn, req, limit).await {
+                                Err(refused) => refused,
+                                Ok(req) => {
+                                    let is_grpc = req
+                                        .headers()
+                                        .get(http::header::CONTENT_TYPE)
+                                        .map(|v| v.as_bytes().starts_with(b"application/grpc"))
+                                        .unwrap_or(false);
+                                    let router = if is_grpc { grpc } else { connect };
+                                    router.oneshot(req).await?
+                                }
+                            };
+                            Ok::<_, std::convert::Infallible>(done(resp))
+                        }
+                    })
+                };
+                // The deadlines, and eviction at the pre-auth cap, hold from
+                // the TLS handshake on.
+                let serve = async {
+                    let tls = match acceptor.accept(tcp).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                    };
+                    let served = builder
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .into_owned();
+                    if let Err(e) = watcher.watch(served).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                 };
-                let conn = builder
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .into_owned();
-                if let Err(e) = watcher.watch(conn).await {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                tokio::select! {
+                    _ = serve => {},
+                    reason = conn.closing() => {
+                        tracing::debug!(%peer, reason, "connection closed");
+                    }
                 }
             });
         }

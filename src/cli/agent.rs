@@ -21,6 +21,9 @@ pub struct AgentArgs {
     /// The provider's enrollment token (needed until the agent has enrolled).
     #[arg(long, env = "UPLINK_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Read the enrollment token from this file instead (keeps it out of `ps`).
+    #[arg(long, env = "UPLINK_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// Extra CA bundle to trust (PEM, repeatable); SSL_CERT_FILE is read too.
     #[arg(long = "ca-file", env = "UPLINK_CA_FILE", value_delimiter = ',')]
     pub ca_files: Vec<PathBuf>,
@@ -120,6 +123,7 @@ impl AgentArgs {
                 None
             }
         };
+        let token = super::token_from(a.token, a.token_file, "token", &mut problems);
         let transport = match a.transport.as_str() {
             "auto" => TransportMode::Auto,
             "grpc" => TransportMode::Grpc,
@@ -133,7 +137,7 @@ impl AgentArgs {
             return Err(ConfigError::new(problems));
         };
         let mut cfg = AgentConfig::new(backend, a.state_dir);
-        cfg.token = a.token.map(Secret::new);
+        cfg.token = token.map(Secret::new);
         cfg.trust = super::trust(a.ca_files);
         cfg.transport = transport;
         cfg.proxy = crate::net::ProxySettings::from_flags_and_env(a.proxy, a.no_proxy);

@@ -7,9 +7,12 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::backend::defaults::{
-    DEFAULT_DATA_DIR, DEFAULT_EPOCHS_KEPT, DEFAULT_HEARTBEAT, DEFAULT_LISTEN,
-    DEFAULT_MAX_CONTAINER_EVENTS_PER_AGENT, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_POLL_HOLD,
-    DEFAULT_RETAIN_COMMANDS, DEFAULT_RETAIN_CONTAINER_EVENTS, DEFAULT_RETAIN_RUNS,
+    DEFAULT_AUTH_FAILURE_BURST, DEFAULT_AUTH_FAILURE_REFILL, DEFAULT_BODY_TIMEOUT,
+    DEFAULT_DATA_DIR, DEFAULT_EPOCHS_KEPT, DEFAULT_FIRST_REQUEST_TIMEOUT, DEFAULT_HEARTBEAT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_CONNECTIONS_PER_ADDR,
+    DEFAULT_MAX_CONTAINER_EVENTS_PER_AGENT, DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_STREAMS_PER_CONNECTION, DEFAULT_POLL_HOLD, DEFAULT_RETAIN_COMMANDS,
+    DEFAULT_RETAIN_CONTAINER_EVENTS, DEFAULT_RETAIN_RUNS,
 };
 use crate::units::{HumanDuration, parse_bytes, parse_duration};
 
@@ -33,9 +36,15 @@ pub struct BackendArgs {
     /// Admin token for operators; generated and printed once when not given.
     #[arg(long, env = "UPLINK_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Read the admin token from this file instead (keeps it out of `ps`).
+    #[arg(long, env = "UPLINK_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Enrollment token of the default provider; generated and printed once when not given.
     #[arg(long, env = "UPLINK_ENROLL_TOKEN", hide_env_values = true)]
     pub enroll_token: Option<String>,
+    /// Read the default provider's enrollment token from this file instead.
+    #[arg(long, env = "UPLINK_ENROLL_TOKEN_FILE")]
+    pub enroll_token_file: Option<PathBuf>,
     /// Heartbeat interval on streams (at most 15s).
     #[arg(long, env = "UPLINK_HEARTBEAT_INTERVAL", default_value_t = HumanDuration(DEFAULT_HEARTBEAT), value_parser = HumanDuration::from_str)]
     pub heartbeat_interval: HumanDuration,
@@ -84,6 +93,33 @@ pub struct BackendArgs {
     /// Keep the dedup cursors of this many epochs (the newest) per agent and stream.
     #[arg(long, env = "UPLINK_EPOCHS_KEPT", default_value_t = DEFAULT_EPOCHS_KEPT)]
     pub epochs_kept: u64,
+    /// Connections not yet authenticated, in total (default: half the open-file limit); at the cap a new one replaces the oldest.
+    #[arg(long, env = "UPLINK_MAX_PREAUTH_CONNECTIONS")]
+    pub max_preauth_connections: Option<usize>,
+    /// Connections not yet authenticated per source address; more are closed at accept.
+    #[arg(long, env = "UPLINK_MAX_CONNECTIONS_PER_ADDR", default_value_t = DEFAULT_MAX_CONNECTIONS_PER_ADDR)]
+    pub max_connections_per_addr: usize,
+    /// Time a new connection has for its TLS handshake and its first request.
+    #[arg(long, env = "UPLINK_FIRST_REQUEST_TIMEOUT", default_value_t = HumanDuration(DEFAULT_FIRST_REQUEST_TIMEOUT), value_parser = HumanDuration::from_str)]
+    pub first_request_timeout: HumanDuration,
+    /// A connection with no call in flight for this long is closed.
+    #[arg(long, env = "UPLINK_IDLE_TIMEOUT", default_value_t = HumanDuration(DEFAULT_IDLE_TIMEOUT), value_parser = HumanDuration::from_str)]
+    pub idle_timeout: HumanDuration,
+    /// Time the body of a unary call or an enrollment has to arrive.
+    #[arg(long, env = "UPLINK_BODY_TIMEOUT", default_value_t = HumanDuration(DEFAULT_BODY_TIMEOUT), value_parser = HumanDuration::from_str)]
+    pub body_timeout: HumanDuration,
+    /// HTTP/2 streams one connection may have open at once.
+    #[arg(long, env = "UPLINK_MAX_STREAMS_PER_CONNECTION", default_value_t = DEFAULT_MAX_STREAMS_PER_CONNECTION)]
+    pub max_streams_per_connection: u32,
+    /// Bytes of unary request bodies held at once over all connections; past it calls get resource_exhausted (default 256m).
+    #[arg(long, env = "UPLINK_MAX_BUFFERED_BODY_BYTES", value_parser = parse_bytes)]
+    pub max_buffered_body_bytes: Option<u64>,
+    /// Failed authentications one source address may make in a burst.
+    #[arg(long, env = "UPLINK_AUTH_FAILURE_BURST", default_value_t = DEFAULT_AUTH_FAILURE_BURST)]
+    pub auth_failure_burst: u32,
+    /// After the burst, one more failed authentication per this time.
+    #[arg(long, env = "UPLINK_AUTH_FAILURE_REFILL", default_value_t = HumanDuration(DEFAULT_AUTH_FAILURE_REFILL), value_parser = HumanDuration::from_str)]
+    pub auth_failure_refill: HumanDuration,
 }
 
 #[cfg(feature = "backend")]
@@ -94,14 +130,27 @@ impl BackendArgs {
         self,
     ) -> Result<(std::net::SocketAddr, crate::backend::BackendConfig), super::ConfigError> {
         let a = self;
+        let mut token_problems = Vec::new();
+        let admin_token = super::token_from(
+            a.admin_token,
+            a.admin_token_file,
+            "admin-token",
+            &mut token_problems,
+        );
+        let enroll_token = super::token_from(
+            a.enroll_token,
+            a.enroll_token_file,
+            "enroll-token",
+            &mut token_problems,
+        );
         let mut cfg = crate::backend::BackendConfig::new(a.data_dir);
         if !a.hostnames.is_empty() {
             cfg.hostnames = a.hostnames;
         }
         cfg.tls_cert = a.tls_cert;
         cfg.tls_key = a.tls_key;
-        cfg.admin_token = a.admin_token.map(crate::secret::Secret::new);
-        cfg.enroll_token = a.enroll_token.map(crate::secret::Secret::new);
+        cfg.admin_token = admin_token.map(crate::secret::Secret::new);
+        cfg.enroll_token = enroll_token.map(crate::secret::Secret::new);
         cfg.heartbeat = a.heartbeat_interval.into();
         cfg.poll_hold = a.poll_hold.into();
         cfg.public_url = a.public_url;
@@ -130,7 +179,22 @@ impl BackendArgs {
             container_events_per_agent: a.max_container_events_per_agent,
             epochs_kept: a.epochs_kept,
         };
+        cfg.edge = crate::backend::edge::Limits {
+            max_preauth_connections: a.max_preauth_connections,
+            max_connections_per_addr: a.max_connections_per_addr,
+            first_request_timeout: a.first_request_timeout.into(),
+            idle_timeout: a.idle_timeout.into(),
+            body_timeout: a.body_timeout.into(),
+            max_streams_per_connection: a.max_streams_per_connection,
+            max_buffered_body_bytes: a.max_buffered_body_bytes.map_or(
+                crate::backend::defaults::DEFAULT_MAX_BUFFERED_BODY_BYTES,
+                |n| usize::try_from(n).unwrap_or(usize::MAX),
+            ),
+            auth_failure_burst: a.auth_failure_burst,
+            auth_failure_refill: a.auth_failure_refill.into(),
+        };
         let mut problems = cfg.validate();
+        problems.extend(token_problems);
         let addr: Option<std::net::SocketAddr> = match a.listen.parse() {
             Ok(addr) => Some(addr),
             Err(_) => {

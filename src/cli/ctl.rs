@@ -53,6 +53,9 @@ pub struct CtlArgs {
         global = true
     )]
     pub admin_token: Option<String>,
+    /// Read the admin token from this file instead (keeps it out of `ps`).
+    #[arg(long, env = "UPLINK_ADMIN_TOKEN_FILE", global = true)]
+    pub admin_token_file: Option<PathBuf>,
     /// Extra CA bundle to trust (PEM); SSL_CERT_FILE is read too.
     #[arg(
         long = "ca-file",
@@ -238,8 +241,16 @@ impl CtlArgs {
                 None
             }
         };
-        if a.admin_token.as_deref().unwrap_or("").is_empty() {
-            problems.push("--admin-token (or UPLINK_ADMIN_TOKEN) is required".into());
+        let admin_token = super::token_from(
+            a.admin_token,
+            a.admin_token_file,
+            "admin-token",
+            &mut problems,
+        );
+        if admin_token.as_deref().unwrap_or("").is_empty() {
+            problems.push(
+                "--admin-token (or UPLINK_ADMIN_TOKEN, or --admin-token-file) is required".into(),
+            );
         }
         let proxy = crate::net::ProxySettings::from_flags_and_env(a.proxy, a.no_proxy);
         problems.extend(proxy.validate());
@@ -256,7 +267,7 @@ impl CtlArgs {
         Ok(CtlConfig {
             backend,
             net,
-            admin_token: Secret::new(a.admin_token.unwrap_or_default()),
+            admin_token: Secret::new(admin_token.unwrap_or_default()),
             command: a.command,
         })
     }

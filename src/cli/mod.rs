@@ -110,6 +110,41 @@ pub fn ca_files_with_env(mut files: Vec<PathBuf>) -> Vec<PathBuf> {
     files
 }
 
+/// A token given as `flag` (a flag or its environment variable) or read
+/// from `file` (first line, surrounding whitespace dropped), so it need not
+/// appear in `ps`. Both at once, or an unreadable or empty file, is a
+/// problem named in `problems`.
+fn token_from(
+    flag: Option<String>,
+    file: Option<PathBuf>,
+    name: &str,
+    problems: &mut Vec<String>,
+) -> Option<String> {
+    let Some(file) = file else {
+        return flag;
+    };
+    if flag.is_some() {
+        problems.push(format!("--{name} and --{name}-file both given: keep one"));
+        return flag;
+    }
+    match std::fs::read_to_string(&file) {
+        Ok(text) => match text.lines().next().map(str::trim).filter(|t| !t.is_empty()) {
+            Some(t) => Some(t.to_string()),
+            None => {
+                problems.push(format!(
+                    "--{name}-file {}: the file is empty; write the token on its first line",
+                    file.display()
+                ));
+                None
+            }
+        },
+        Err(e) => {
+            problems.push(format!("--{name}-file {}: {e}", file.display()));
+            None
+        }
+    }
+}
+
 /// The trust of a client: the CA files given plus `SSL_CERT_FILE`, on top
 /// of the system's store.
 fn trust(ca_files: Vec<PathBuf>) -> crate::tls::Trust {

@@ -59,7 +59,13 @@ pub struct Proc {
 impl Proc {
     /// Starts `uplink ARGS` with `envs`.
     pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Proc {
-        let mut cmd = Command::new(bin());
+        Self::spawn_program(bin(), args, envs)
+    }
+
+    /// Starts `PROGRAM ARGS` with `envs` (a wrapper such as `prlimit` that
+    /// execs `uplink`).
+    pub fn spawn_program(program: &Path, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .env_remove("HTTPS_PROXY")
             .env_remove("https_proxy")

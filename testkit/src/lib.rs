@@ -27,6 +27,9 @@
 //! - [`docker`]: the real Docker engine (a busybox image built `FROM
 //!   scratch`, a registry on loopback) and cleanup of an agent's
 //!   containers.
+//! - [`hostile`]: [`hostile::BackendProc`], the backend binary as its own
+//!   process (under `prlimit` if asked), its memory, raw TLS connections
+//!   to it, `ctl` and agents against it.
 //! - [`loadgen`]: the load generators' side of the ingest endpoint
 //!   (JMeter, the InfluxDB clients, curl) and an HTTP target for them.
 //! - [`push`]: a client of a [`TestBackend`]'s metrics path: an enrolled
@@ -68,6 +71,7 @@ pub mod bench;
 pub mod chaos;
 pub mod docker;
 pub mod feed;
+pub mod hostile;
 pub mod ingress;
 pub mod inprocess;
 pub mod loadgen;

@@ -11,6 +11,7 @@ use tonic::Status;
 use super::checks::{check_info, clean_capacity, clean_container_event, clean_result};
 use super::limits::CONTAINER_EVENTS;
 use super::{Core, internal};
+use crate::backend::defaults::MAX_STREAMS_PER_AGENT;
 use crate::backend::store::AgentRecord;
 use crate::proto::{self, Transport};
 use crate::secret::{self, Kind, Secret};
@@ -47,6 +48,12 @@ impl Core {
                 provider.name,
                 (now - provider.expires_ms) / 1000,
                 provider.name
+            )));
+        }
+        if let Err(wait) = self.enrolls.take(&provider.name) {
+            tracing::warn!(provider = %provider.name, hostname = %info.hostname, "enrollment refused: too many with this token");
+            return Err(Status::resource_exhausted(format!(
+                "too many enrollments with this token: retry in {wait} s"
             )));
         }
         let id = secret::random_id("agt_");
@@ -212,15 +219,26 @@ impl Core {
                 crate::now_unix_ms(),
             )
         });
+        let ticket = self.hub.admit_stream(&agent, MAX_STREAMS_PER_AGENT);
         tracing::info!(%agent, ack = req.ack, "stream opened");
         tokio::spawn(async move {
             let _conn = conn;
-            let r = async {
-                let acked = core.apply_ack(&agent, req.ack).await?;
-                core.record_info(&agent, &info, Transport::Grpc).await?;
-                core.feed_stream(&agent, acked.max(req.ack), &tx).await
-            }
-            .await;
+            let r = tokio::select! {
+                r = async {
+                    let acked = core.apply_ack(&agent, req.ack).await?;
+                    core.record_info(&agent, &info, Transport::Grpc).await?;
+                    core.feed_stream(&agent, acked.max(req.ack), &tx).await
+                } => r,
+                _ = ticket.replaced() => {
+                    let rotate = proto::ServerFrame {
+                        kind: Some(proto::server_frame::Kind::Rotate(proto::Rotate {
+                            reason: "replaced by a newer stream of this agent".into(),
+                        })),
+                    };
+                    let _ = tx.send(Ok(proto::SubscribeResponse { frame: Some(rotate) })).await;
+                    Ok("replaced by a newer stream of this agent")
+                }
+            };
             let _ = core.store.touch_agent(&agent, crate::now_unix_ms()).await;
             match r {
                 Ok(reason) => tracing::info!(%agent, reason, "stream closed"),

@@ -19,7 +19,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tonic::Status;
 
+use super::defaults::{ENROLL_BURST_PER_TOKEN, ENROLL_REFILL_PER_TOKEN, ENROLL_TOKENS_REMEMBERED};
 use super::hub::Hub;
+use super::ratelimit::Buckets;
 use super::sinks::Sinks;
 use super::store::{Store, StoreError};
 use crate::secret;
@@ -71,6 +73,8 @@ pub struct Core {
     metric_batches_in_flight: Mutex<HashSet<(String, u64, u64)>>,
     /// What each agent may still make the store keep.
     budgets: limits::Budgets,
+    /// Enrollments per provider (each provider has one token).
+    pub(crate) enrolls: Buckets<String>,
 }
 
 pub(super) fn internal(e: StoreError) -> Status {
@@ -112,6 +116,11 @@ impl Core {
             sinks: Sinks::in_memory(),
             metric_batches_in_flight: Mutex::new(HashSet::new()),
             budgets: limits::Budgets::default(),
+            enrolls: Buckets::new(
+                ENROLL_BURST_PER_TOKEN,
+                ENROLL_REFILL_PER_TOKEN,
+                ENROLL_TOKENS_REMEMBERED,
+            ),
         }
     }
 
