@@ -84,7 +84,23 @@ fn cap_malloc_arenas() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn cap_malloc_arenas() {}
 
+/// Removes `UPLINK_*` variables whose value is empty, before the flags are
+/// parsed: an empty variable means "not set" (compose files pass
+/// `${UPLINK_X:-}` through as an empty string).
+fn unset_empty_uplink_vars() {
+    let empty: Vec<_> = std::env::vars_os()
+        .filter(|(k, v)| v.is_empty() && k.to_str().is_some_and(|k| k.starts_with("UPLINK_")))
+        .map(|(k, _)| k)
+        .collect();
+    for k in empty {
+        // SAFETY: called first thing in `main`, before any other thread
+        // exists that could read the environment.
+        unsafe { std::env::remove_var(k) };
+    }
+}
+
 fn main() -> ExitCode {
+    unset_empty_uplink_vars();
     let cli = Cli::parse();
     if matches!(cli.command, Command::Agent(_)) {
         cap_malloc_arenas();
