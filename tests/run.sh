@@ -71,5 +71,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The agent build (no backend, no JSON bodies) compiles and is as clean.
 cargo clippy --no-default-features --lib --bins --locked -- -D warnings
 
+log "image"
+# The image from the top-level Dockerfile, as tests/image.rs and the
+# container tests run it: built here once (the tests find it current).
+make -s image-local
+
 log "tests"
 cargo nextest run --locked --no-fail-fast "$@"

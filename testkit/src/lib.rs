@@ -27,6 +27,8 @@
 //! - [`docker`]: the real Docker engine (a busybox image built `FROM
 //!   scratch`, a registry on loopback) and cleanup of an agent's
 //!   containers.
+//! - [`image`]: the project's image as `make image-local` builds it, and
+//!   `docker` run from a test.
 //! - [`hostile`]: [`hostile::BackendProc`], the backend binary as its own
 //!   process (under `prlimit` if asked), its memory, raw TLS connections
 //!   to it, `ctl` and agents against it.
@@ -72,6 +74,7 @@ pub mod chaos;
 pub mod docker;
 pub mod feed;
 pub mod hostile;
+pub mod image;
 pub mod ingress;
 pub mod inprocess;
 pub mod loadgen;
