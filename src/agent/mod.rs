@@ -113,6 +113,10 @@ pub struct AgentConfig {
     pub credential_max_age: Duration,
     /// The metrics pipeline (None: off).
     pub metrics: Option<crate::metrics::pipeline::MetricsConfig>,
+    /// The container this agent runs in, if any, found at start
+    /// ([`crate::own_container::detect`]); the agent never lists, reads,
+    /// stops or removes it.
+    pub own_container: crate::own_container::OwnContainer,
 }
 
 impl AgentConfig {
@@ -140,6 +144,7 @@ impl AgentConfig {
             orphan_grace: DEFAULT_ORPHAN_GRACE,
             credential_max_age: DEFAULT_CREDENTIAL_MAX_AGE,
             metrics: Some(crate::metrics::pipeline::MetricsConfig::default()),
+            own_container: crate::own_container::detect(),
         }
     }
 
