@@ -227,6 +227,7 @@ pub(super) async fn run(
             capacity::CapacityReporter {
                 executor: executor.clone(),
                 policy: cfg.policy.clone(),
+                host_root: cfg.host_root.clone(),
                 reports: reports.clone(),
                 changed: capacity_changed.clone(),
                 connections: slot.subscribe(),
