@@ -21,6 +21,7 @@ RUN set -eu; \
     if [ -n "$PREBUILT" ]; then cp "$PREBUILT" /out/uplink; \
     else sh scripts/static-binary /out/uplink; fi; \
     chmod 0755 /out/uplink; \
+    chmod 0700 /out/var/lib/uplink; \
     cp /etc/ssl/certs/ca-certificates.crt /out/etc/ssl/certs/; \
     echo 'uplink:x:10001:10001:uplink:/var/lib/uplink:/uplink' >/out/etc/passwd; \
     echo 'uplink:x:10001:' >/out/etc/group; \
@@ -38,9 +39,13 @@ LABEL org.opencontainers.image.title="uplink" \
 COPY --from=build /out/uplink /uplink
 COPY --from=build /out/etc/ /etc/
 COPY --from=build /out/tmp /tmp
-COPY --from=build --chown=10001:10001 /out/var/lib/uplink /var/lib/uplink
+# /var/lib whole, so that the state directory keeps its 0700 (COPY makes a
+# destination directory 0755); it holds nothing else.
+COPY --from=build --chown=10001:10001 /out/var/lib/ /var/lib/
 # The agent keeps its identity and spool here, the backend its database and
 # CA: a volume in both cases (see README.md, "Add a host" and compose.yaml).
+# It is owner-only, as both make it at start: a new volume takes this mode,
+# so neither has to change it (and warn) on first start.
 ENV UPLINK_STATE_DIR=/var/lib/uplink \
     UPLINK_DATA_DIR=/var/lib/uplink
 VOLUME ["/var/lib/uplink"]

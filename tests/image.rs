@@ -107,8 +107,8 @@ fn the_image_says_what_it_is_and_runs_the_agent_as_a_non_root_user() {
         head
     );
     // A fresh named volume takes over the image's state directory: the
-    // user's (the agent and the backend make it owner-only when they
-    // start).
+    // user's, and owner-only already (the agent and the backend make it so
+    // at start, and warn when they have to).
     let volume = format!("uplink-test-image-{}", std::process::id());
     docker(&[
         "run",
@@ -127,9 +127,9 @@ fn the_image_says_what_it_is_and_runs_the_agent_as_a_non_root_user() {
         uplink_testkit::docker::LOCAL_IMAGE,
         "stat",
         "-c",
-        "%u:%g",
+        "%u:%g %a",
         "/data",
     ]);
     docker(&["volume", "rm", &volume]);
-    assert_eq!(owner, "10001:10001");
+    assert_eq!(owner, "10001:10001 700");
 }
