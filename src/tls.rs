@@ -137,10 +137,9 @@ fn generated_identity(
         params.not_after = rcgen::date_time_ymd(2124, 1, 1);
         let cert = params.self_signed(&key)?;
         write_private(&ca_key_path, key.serialize_pem().as_bytes())?;
-        std::fs::write(&ca_path, cert.pem()).map_err(|source| TlsError::Write {
-            path: ca_path.clone(),
-            source,
-        })?;
+        // Owner-only like every file of the data dir (`owner_only`), so
+        // that the first start has no mode of its own to correct.
+        write_private(&ca_path, cert.pem().as_bytes())?;
         (cert.pem(), key)
     };
     let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| TlsError::Pem {
@@ -414,11 +413,14 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join("ca-key.pem"))
-                .unwrap()
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o077, 0, "CA key readable by others: {mode:o}");
+            // Both owner-only from the start, as the data dir's other files.
+            for file in ["ca-key.pem", "ca.pem"] {
+                let mode = std::fs::metadata(dir.path().join(file))
+                    .unwrap()
+                    .permissions()
+                    .mode();
+                assert_eq!(mode & 0o077, 0, "{file} readable by others: {mode:o}");
+            }
         }
     }
 
