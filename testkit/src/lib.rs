@@ -25,7 +25,8 @@
 //! - [`squid`]: Debian's squid on a loopback port (CONNECT, Basic auth,
 //!   TLS interception, tunnel lifetimes).
 //! - [`docker`]: the real Docker engine (a busybox image built `FROM
-//!   scratch`, a registry on loopback) and cleanup of an agent's
+//!   scratch`, a registry on loopback, an image of the `uplink` binary
+//!   under test laid out as the project's) and cleanup of an agent's
 //!   containers.
 //! - [`hostile`]: [`hostile::BackendProc`], the backend binary as its own
 //!   process (under `prlimit` if asked), its memory, raw TLS connections
