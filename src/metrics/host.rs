@@ -157,10 +157,11 @@ pub struct HostConfig {
     /// File system types not reported, as `/proc/mounts` names them.
     /// `sysinfo` already leaves out the kernel's pseudo file systems
     /// (`proc`, `sysfs`, `cgroup`, `devtmpfs`, `tmpfs` and others). The
-    /// default also skips `overlay`, one per container (and the agent's own
-    /// root when it runs in one), whose space is that of the disk beneath,
-    /// and memory-backed or image file systems whose space says nothing
-    /// about the host's disks.
+    /// default also skips `overlay` and `fuse.fuse-overlayfs` (Docker's
+    /// storage drivers), one per container (and the agent's own root when
+    /// it runs in one), whose space is that of the disk beneath, and
+    /// memory-backed or image file systems whose space says nothing about
+    /// the host's disks.
     pub skip_file_systems: Vec<String>,
     /// Where the host's `/` is mounted when the agent runs in a container
     /// (`--host-root`): then interfaces and file systems are read as the
@@ -179,9 +180,16 @@ impl Default for HostConfig {
             network_every: NonZeroU32::MIN,
             disk_every: NonZeroU32::MIN,
             skip_interfaces: vec!["lo".into(), "veth*".into()],
-            skip_file_systems: ["overlay", "tmpfs", "ramfs", "squashfs", "nsfs"]
-                .map(String::from)
-                .into(),
+            skip_file_systems: [
+                "overlay",
+                "fuse.fuse-overlayfs",
+                "tmpfs",
+                "ramfs",
+                "squashfs",
+                "nsfs",
+            ]
+            .map(String::from)
+            .into(),
             root: None,
         }
     }
