@@ -183,9 +183,14 @@ async fn the_printed_host_command_runs_unchanged_and_asks_docker_for_what_the_ag
         &group,
         "-v",
         "/var/run/docker.sock:/var/run/docker.sock",
-        // The host's file systems, /proc and name, read-only.
+        // The host's file systems, /proc and name, read-only; `rslave`
+        // only where Docker takes it.
         "-v",
-        "/:/host:ro,rslave",
+        if root_is_shared_or_slave() {
+            "/:/host:ro,rslave"
+        } else {
+            "/:/host:ro"
+        },
         "-v",
         "uplink-state:/var/lib/uplink",
         "--mount",
@@ -332,17 +337,17 @@ fn host_root_size() -> f64 {
     v.next().unwrap() * v.next().unwrap()
 }
 
-/// Whether the host's `/` is a shared mount, which Docker needs for
-/// `rslave`.
-fn root_is_shared() -> bool {
-    let text = std::fs::read_to_string("/proc/1/mountinfo").unwrap_or_default();
+/// Whether the host's `/` is a shared or a slave mount, which Docker
+/// needs for `rslave` (the printed line checks the same when it runs).
+fn root_is_shared_or_slave() -> bool {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     text.lines().any(|l| {
         let f: Vec<&str> = l.split(' ').collect();
         f.get(4) == Some(&"/")
             && f.iter()
                 .skip(6)
                 .take_while(|x| **x != "-")
-                .any(|x| x.starts_with("shared:"))
+                .any(|x| x.starts_with("shared:") || x.starts_with("master:"))
     })
 }
 
@@ -406,21 +411,15 @@ async fn agent_in_a_container_reports_the_host(dir: &Path, image: &str) {
     let command = printed_command(&String::from_utf8_lossy(&out.stdout));
 
     // The real docker, behind a shim that gives the container and volume
-    // names of this test (the printed ones are the same on every host),
-    // drops `rslave` where this host's `/` is private (Docker refuses it
-    // there), and adds what the test asks: limits that make a
-    // container-sized answer differ from the host's, and fast metrics.
+    // names of this test (the printed ones are the same on every host) and
+    // adds what the test asks: limits that make a container-sized answer
+    // differ from the host's, and fast metrics.
     let nonce = format!("{}-{}", std::process::id(), fastrand::u32(..));
     let started = Started {
         name: format!("uplink-agent-test-{nonce}"),
         volume: format!("uplink-state-test-{nonce}"),
     };
     let real = which_docker().display().to_string();
-    let host_mount = if root_is_shared() {
-        "/:/host:ro,rslave"
-    } else {
-        "/:/host:ro"
-    };
     let shim = dir.join("shim");
     script(
         &shim,
@@ -433,7 +432,6 @@ for a in "$@"; do
     run) set -- "$@" run $UPLINK_TEST_EXTRA; continue ;;
     uplink-agent) a={name} ;;
     uplink-state:/var/lib/uplink) a={volume}:/var/lib/uplink ;;
-    /:/host:ro,rslave) a={host_mount} ;;
   esac
   set -- "$@" "$a"
 done

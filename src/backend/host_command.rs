@@ -7,7 +7,7 @@
 //!     --network host \
 //!     --group-add "$(stat -c %g /var/run/docker.sock)" \
 //!     -v /var/run/docker.sock:/var/run/docker.sock \
-//!     -v /:/host:ro,rslave \
+//!     -v "/:/host:ro$(grep -qsE '^([^ ]+ ){4}/ [^-]*(shared|master):' /proc/self/mountinfo && echo ,rslave)" \
 //!     -v uplink-state:/var/lib/uplink \
 //!     --mount type=bind,src=/etc/uplink/ca.pem,dst=/etc/uplink/ca.pem,readonly \
 //!     -e UPLINK_CA_FILE=/etc/uplink/ca.pem \
@@ -35,9 +35,12 @@
 //!   (`--host-root`). Read-only; `rslave` so that file systems the host
 //!   mounts later appear and those it unmounts are let go (without it the
 //!   container would keep them busy). Docker refuses `rslave` when the
-//!   host's `/` is a private mount (rare: systemd makes it shared); drop
-//!   `,rslave` there, and the agent sees the host's mounts as they were
-//!   when it started.
+//!   host's `/` is a private mount ("path / is mounted on / but it is not
+//!   a shared or slave mount"; systemd makes it shared, some minimal
+//!   systems leave it private), so the line asks `/proc/self/mountinfo`
+//!   when it runs ([`HOST_ROOT_PROPAGATION`]) and adds `,rslave` only
+//!   where `/` is shared or a slave; elsewhere the agent sees the host's
+//!   mounts as they were when it started.
 //! - not `--pid host`: the agent reads the host's `/proc` under `/host`
 //!   and needs none of the host's processes.
 //! - the state volume: identity, journal and spool outlive the container.
@@ -69,6 +72,13 @@ const HOST_ROOT: &str = "/host";
 const CA_IN_CONTAINER: &str = "/etc/uplink/ca.pem";
 /// The Docker socket, on the host and in the container.
 const DOCKER_SOCKET: &str = "/var/run/docker.sock";
+/// The shell that prints `,rslave` where the host's `/` is a shared or a
+/// slave mount (Docker refuses `rslave` on a private one), read from the
+/// optional fields of `/`'s line in `/proc/self/mountinfo` (`ID PARENT
+/// DEV ROOT MOUNTPOINT OPTIONS [shared:N] [master:N] ... - FSTYPE ...`;
+/// ROOT is not `/` on a btrfs subvolume).
+pub const HOST_ROOT_PROPAGATION: &str =
+    "$(grep -qsE '^([^ ]+ ){4}/ [^-]*(shared|master):' /proc/self/mountinfo && echo ,rslave)";
 
 /// What the printed host command holds besides the backend's URL and the
 /// token. [`HostCommand::default`] is the one place of the defaults.
@@ -171,7 +181,7 @@ impl HostCommand {
             "--network host".into(),
             format!("--group-add \"$(stat -c %g {DOCKER_SOCKET})\""),
             format!("-v {DOCKER_SOCKET}:{DOCKER_SOCKET}"),
-            format!("-v /:{HOST_ROOT}:ro,rslave"),
+            format!("-v \"/:{HOST_ROOT}:ro{HOST_ROOT_PROPAGATION}\""),
             format!("-v {STATE_VOLUME}:{STATE_DIR}"),
         ];
         if let Some(ca) = self.ca_on_hosts(generated_ca) {
@@ -373,7 +383,7 @@ mod tests {
     --network host \\
     --group-add \"$(stat -c %g /var/run/docker.sock)\" \\
     -v /var/run/docker.sock:/var/run/docker.sock \\
-    -v /:/host:ro,rslave \\
+    -v \"/:/host:ro{HOST_ROOT_PROPAGATION}\" \\
     -v uplink-state:/var/lib/uplink \\
     --mount type=bind,src=/etc/uplink/ca.pem,dst=/etc/uplink/ca.pem,readonly \\
     -e UPLINK_CA_FILE=/etc/uplink/ca.pem \\
@@ -392,6 +402,52 @@ mod tests {
     }
 
     #[test]
+    fn rslave_is_added_only_where_the_hosts_root_is_shared_or_a_slave() {
+        let dir = tempfile::tempdir().unwrap();
+        let mountinfo = dir.path().join("mountinfo");
+        let fragment =
+            HOST_ROOT_PROPAGATION.replace("/proc/self/mountinfo", &mountinfo.display().to_string());
+        let boot = "30 27 8:2 / /boot rw,relatime shared:7 - ext4 /dev/sda2 rw";
+        for (root, want) in [
+            // systemd's shared root.
+            (
+                "27 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw,errors=remount-ro",
+                ",rslave",
+            ),
+            // A btrfs subvolume as root.
+            (
+                "27 1 0:31 /@root / rw,noatime shared:1 - btrfs /dev/vda2 rw,subvol=/@root",
+                ",rslave",
+            ),
+            // A slave of another namespace's root.
+            (
+                "27 1 8:1 / / rw,relatime master:1 - ext4 /dev/sda1 rw",
+                ",rslave",
+            ),
+            // Private: Docker would refuse rslave (a shared /boot does not count).
+            (
+                "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,resuid=65534",
+                "",
+            ),
+        ] {
+            std::fs::write(&mountinfo, format!("{root}\n{boot}\n")).unwrap();
+            let out = std::process::Command::new("sh")
+                .args(["-c", &format!("printf '%s' \"{fragment}\"")])
+                .output()
+                .expect("sh runs");
+            assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{root}");
+        }
+        // No mountinfo (not Linux): no rslave, and no error on the terminal.
+        std::fs::remove_file(&mountinfo).unwrap();
+        let out = std::process::Command::new("sh")
+            .args(["-c", &format!("printf '%s' \"{fragment}\"")])
+            .output()
+            .expect("sh runs");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    }
+
+    #[test]
     fn proxies_and_odd_paths_are_quoted_in_the_command() {
         let hc = HostCommand {
             image: "registry.corp:5000/tools/uplink:0.1.0".into(),
@@ -405,7 +461,8 @@ mod tests {
         let cmd = hc.render("https://b", Some("upl_e_x"), true);
         let got = words(
             &cmd.replace("\\\n", " ")
-                .replace("\"$(stat -c %g /var/run/docker.sock)\"", "GID"),
+                .replace("\"$(stat -c %g /var/run/docker.sock)\"", "GID")
+                .replace(HOST_ROOT_PROPAGATION, ",PROPAGATION"),
         );
         let want = [
             "docker",
@@ -422,7 +479,7 @@ mod tests {
             "-v",
             "/var/run/docker.sock:/var/run/docker.sock",
             "-v",
-            "/:/host:ro,rslave",
+            "/:/host:ro,PROPAGATION",
             "-v",
             "uplink-state:/var/lib/uplink",
             "--mount",
