@@ -199,6 +199,9 @@ async fn the_printed_host_command_runs_unchanged_and_asks_docker_for_what_the_ag
         "UPLINK_CA_FILE=/etc/uplink/ca.pem",
         "-e",
         "UPLINK_HOST_ROOT=/host",
+        // The load generators' endpoint on the Docker bridge.
+        "-e",
+        "UPLINK_INGEST_GRAPHITE=docker-bridge:2003",
         "-e",
         &backend_env,
         "-e",
@@ -411,8 +414,9 @@ async fn agent_in_a_container_reports_the_host(dir: &Path, image: &str) {
     let command = printed_command(&String::from_utf8_lossy(&out.stdout));
 
     // The real docker, behind a shim that gives the container and volume
-    // names of this test (the printed ones are the same on every host) and
-    // adds what the test asks: limits that make a container-sized answer
+    // names of this test and a free port for the load generators' endpoint
+    // (the printed ones are the same on every host) and adds what the
+    // test asks: limits that make a container-sized answer
     // differ from the host's, and fast metrics.
     let nonce = format!("{}-{}", std::process::id(), fastrand::u32(..));
     let started = Started {
@@ -432,6 +436,7 @@ for a in "$@"; do
     run) set -- "$@" run $UPLINK_TEST_EXTRA; continue ;;
     uplink-agent) a={name} ;;
     uplink-state:/var/lib/uplink) a={volume}:/var/lib/uplink ;;
+    UPLINK_INGEST_GRAPHITE=docker-bridge:2003) a=UPLINK_INGEST_GRAPHITE=docker-bridge:0 ;;
   esac
   set -- "$@" "$a"
 done

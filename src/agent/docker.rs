@@ -59,6 +59,49 @@ pub async fn connect() -> Result<Docker, Failure> {
     Ok(docker)
 }
 
+/// How a listen address names the Docker bridge's gateway
+/// (`--ingest-graphite docker-bridge:2003`): the address where containers
+/// on the default bridge reach the host, asked of the engine
+/// ([`bridge_gateway`]) since it differs between hosts.
+pub const BRIDGE_HOST: &str = "docker-bridge";
+
+/// The default bridge network's gateway: the host's address on it, where
+/// its containers reach the host.
+pub async fn bridge_gateway(docker: &Docker) -> Result<std::net::IpAddr, String> {
+    let net = docker
+        .inspect_network(
+            "bridge",
+            None::<bollard::query_parameters::InspectNetworkOptions>,
+        )
+        .await
+        .map_err(|e| format!("docker: the bridge network: {e}"))?;
+    let configs = net.ipam.and_then(|i| i.config).unwrap_or_default();
+    gateway_of(
+        configs
+            .iter()
+            .map(|c| (c.gateway.as_deref(), c.subnet.as_deref())),
+    )
+    .ok_or_else(|| "docker: the bridge network has no IPv4 gateway or subnet".into())
+}
+
+/// The gateway among a network's IPAM configurations `(gateway,
+/// subnet)`: the first one listed, or else the first address of the first
+/// IPv4 subnet (which Docker gives the bridge when it lists no gateway,
+/// as the default bridge does on some engines).
+fn gateway_of<'a>(
+    configs: impl Iterator<Item = (Option<&'a str>, Option<&'a str>)> + Clone,
+) -> Option<std::net::IpAddr> {
+    let listed = configs
+        .clone()
+        .find_map(|(gateway, _)| gateway.and_then(|g| g.parse().ok()));
+    listed.or_else(|| {
+        configs.into_iter().find_map(|(_, subnet)| {
+            let base: std::net::Ipv4Addr = subnet?.split('/').next()?.parse().ok()?;
+            Some(std::net::IpAddr::V4((u32::from(base) + 1).into()))
+        })
+    })
+}
+
 /// The engine as this agent uses it.
 pub struct Engine {
     docker: Docker,
@@ -734,6 +777,26 @@ fn redact_line(line: &str, secrets: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bridge_gateway_is_the_listed_one_or_the_subnets_first_address() {
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(
+            gateway_of([(Some("172.17.0.1"), Some("172.17.0.0/16"))].into_iter()),
+            ip("172.17.0.1")
+        );
+        // Docker 20.10's default bridge lists only its subnet.
+        assert_eq!(
+            gateway_of([(None, Some("172.17.0.0/16"))].into_iter()),
+            ip("172.17.0.1")
+        );
+        assert_eq!(
+            gateway_of([(None, Some("fd00::/64")), (None, Some("10.9.0.0/24"))].into_iter()),
+            ip("10.9.0.1")
+        );
+        assert_eq!(gateway_of([(None, None)].into_iter()), None);
+        assert_eq!(gateway_of(std::iter::empty()), None);
+    }
 
     #[test]
     fn secret_looking_values_are_redacted_in_logs() {

@@ -122,6 +122,30 @@ pub struct AgentConfig {
     /// ([`crate::own_container::detect`]); the agent never lists, reads,
     /// stops or removes it.
     pub own_container: crate::own_container::OwnContainer,
+    /// Ingest listeners on the Docker bridge's gateway, whose address the
+    /// agent asks the engine at start; they take the place of
+    /// `metrics.ingest`'s addresses.
+    pub ingest_on_bridge: BridgeIngest,
+}
+
+/// Ports of the load generators' endpoint on the Docker bridge's gateway
+/// (`--ingest-graphite docker-bridge:2003`): where containers on the
+/// default bridge reach the host, an address that differs between hosts,
+/// so the agent asks the engine for it when it starts
+/// ([`docker::bridge_gateway`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BridgeIngest {
+    /// The Graphite plaintext listener's port.
+    pub graphite: Option<u16>,
+    /// The InfluxDB line protocol listener's port.
+    pub influx: Option<u16>,
+}
+
+impl BridgeIngest {
+    /// Whether any listener is asked for.
+    pub fn any(&self) -> bool {
+        self.graphite.is_some() || self.influx.is_some()
+    }
 }
 
 impl AgentConfig {
@@ -151,6 +175,7 @@ impl AgentConfig {
             metrics: Some(crate::metrics::pipeline::MetricsConfig::default()),
             host_root: None,
             own_container: crate::own_container::detect(),
+            ingest_on_bridge: BridgeIngest::default(),
         }
     }
 

@@ -12,6 +12,7 @@
 //!     --mount type=bind,src=/etc/uplink/ca.pem,dst=/etc/uplink/ca.pem,readonly \
 //!     -e UPLINK_CA_FILE=/etc/uplink/ca.pem \
 //!     -e UPLINK_HOST_ROOT=/host \
+//!     -e UPLINK_INGEST_GRAPHITE=docker-bridge:2003 \
 //!     -e UPLINK_BACKEND=https://backend.example.com:8443 \
 //!     -e UPLINK_TOKEN=upl_e_... \
 //!     -e HTTPS_PROXY=http://proxy.corp:3128 -e NO_PROXY=.corp \
@@ -23,9 +24,13 @@
 //! - `--restart unless-stopped`: the agent comes back after a crash or a
 //!   reboot; its identity, journal and spool are in the volume.
 //! - `--network host`: the load generators the agent starts push to its
-//!   ingest endpoint (`--ingest-graphite 172.17.0.1:2003`) on the Docker
-//!   bridge's address, which only the host's network namespace has; the
-//!   agent reaches the backend and the proxy as the host does.
+//!   ingest endpoint on the Docker bridge's address, which only the host's
+//!   network namespace has; the agent reaches the backend and the proxy as
+//!   the host does.
+//! - `UPLINK_INGEST_GRAPHITE=docker-bridge:2003`: that endpoint, Graphite
+//!   plaintext on Graphite's port at the bridge's gateway (`172.17.0.1` on
+//!   most hosts; the agent asks the engine for it at start). Without it the
+//!   agent takes no samples from its load generators.
 //! - `--group-add` the socket's group: the image runs as uid 10001, and
 //!   the Docker socket is `root:docker` 0660. The group is read on the
 //!   host when the line runs, since its number differs between hosts.
@@ -72,6 +77,9 @@ const HOST_ROOT: &str = "/host";
 const CA_IN_CONTAINER: &str = "/etc/uplink/ca.pem";
 /// The Docker socket, on the host and in the container.
 const DOCKER_SOCKET: &str = "/var/run/docker.sock";
+/// Graphite plaintext's usual port, where the agent in a container takes
+/// its load generators' samples on the Docker bridge.
+const GRAPHITE_PORT: u16 = 2003;
 /// The shell that prints `,rslave` where the host's `/` is a shared or a
 /// slave mount (Docker refuses `rslave` on a private one), read from the
 /// optional fields of `/`'s line in `/proc/self/mountinfo` (`ID PARENT
@@ -193,6 +201,10 @@ impl HostCommand {
             lines.push(format!("-e UPLINK_CA_FILE={CA_IN_CONTAINER}"));
         }
         lines.push(format!("-e UPLINK_HOST_ROOT={HOST_ROOT}"));
+        lines.push(format!(
+            "-e UPLINK_INGEST_GRAPHITE={}:{GRAPHITE_PORT}",
+            crate::agent::docker::BRIDGE_HOST
+        ));
         lines.push(env("UPLINK_BACKEND", url));
         lines.push(match token {
             Some(t) => env("UPLINK_TOKEN", t),
@@ -388,6 +400,7 @@ mod tests {
     --mount type=bind,src=/etc/uplink/ca.pem,dst=/etc/uplink/ca.pem,readonly \\
     -e UPLINK_CA_FILE=/etc/uplink/ca.pem \\
     -e UPLINK_HOST_ROOT=/host \\
+    -e UPLINK_INGEST_GRAPHITE=docker-bridge:2003 \\
     -e UPLINK_BACKEND=https://b.example.com:8443 \\
     -e UPLINK_TOKEN=upl_e_abc \\
     uplink:{} agent",
@@ -488,6 +501,8 @@ mod tests {
             "UPLINK_CA_FILE=/etc/uplink/ca.pem",
             "-e",
             "UPLINK_HOST_ROOT=/host",
+            "-e",
+            "UPLINK_INGEST_GRAPHITE=docker-bridge:2003",
             "-e",
             "UPLINK_BACKEND=https://b",
             "-e",

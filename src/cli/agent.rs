@@ -105,12 +105,57 @@ pub struct AgentArgs {
     /// Replay a backlog (batches spooled more than 10 s ago) at most this many samples per second.
     #[arg(long, env = "UPLINK_METRICS_REPLAY_RATE", default_value_t = pipeline::DEFAULT_REPLAY_RATE)]
     pub metrics_replay_rate: u64,
-    /// Accept Graphite plaintext from load generators on this address (TCP), e.g. 172.17.0.1:2003.
-    #[arg(long, env = "UPLINK_INGEST_GRAPHITE")]
-    pub ingest_graphite: Option<std::net::SocketAddr>,
-    /// Accept InfluxDB line protocol from load generators on this address (HTTP /write, /api/v2/write).
-    #[arg(long, env = "UPLINK_INGEST_INFLUX")]
-    pub ingest_influx: Option<std::net::SocketAddr>,
+    /// Accept Graphite plaintext from load generators on this address (TCP), e.g. 172.17.0.1:2003, or docker-bridge:2003 (the Docker bridge's gateway, asked of the engine at start).
+    #[arg(long, env = "UPLINK_INGEST_GRAPHITE", value_parser = IngestAddr::from_str)]
+    pub ingest_graphite: Option<IngestAddr>,
+    /// Accept InfluxDB line protocol from load generators on this address (HTTP /write, /api/v2/write), or docker-bridge:PORT.
+    #[arg(long, env = "UPLINK_INGEST_INFLUX", value_parser = IngestAddr::from_str)]
+    pub ingest_influx: Option<IngestAddr>,
+}
+
+/// Where an ingest listener listens: an address, or a port on the Docker
+/// bridge's gateway (`docker-bridge:PORT`), found when the agent starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IngestAddr {
+    /// This address.
+    At(std::net::SocketAddr),
+    /// This port on the Docker bridge's gateway.
+    DockerBridge(u16),
+}
+
+impl std::str::FromStr for IngestAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(port) = s
+            .strip_prefix(agent::docker::BRIDGE_HOST)
+            .and_then(|rest| rest.strip_prefix(':'))
+        {
+            return port.parse().map(IngestAddr::DockerBridge).map_err(|_| {
+                format!(
+                    "{s:?}: the port after {}: is 0 to 65535",
+                    agent::docker::BRIDGE_HOST
+                )
+            });
+        }
+        s.parse().map(IngestAddr::At).map_err(|_| {
+            format!(
+                "{s:?}: give IP:PORT (e.g. 172.17.0.1:2003) or {}:PORT",
+                agent::docker::BRIDGE_HOST
+            )
+        })
+    }
+}
+
+/// The address, or the bridge port noted in `bridge`.
+fn ingest_at(addr: Option<IngestAddr>, bridge: &mut Option<u16>) -> Option<std::net::SocketAddr> {
+    match addr? {
+        IngestAddr::At(a) => Some(a),
+        IngestAddr::DockerBridge(port) => {
+            *bridge = Some(port);
+            None
+        }
+    }
 }
 
 impl AgentArgs {
@@ -148,6 +193,7 @@ impl AgentArgs {
         cfg.metrics_listen = a.metrics_listen;
         cfg.orphan_grace = a.orphan_grace.into();
         cfg.credential_max_age = a.credential_max_age.into();
+        let mut bridge = agent::BridgeIngest::default();
         cfg.metrics = (!a.no_metrics).then(|| {
             let interval = Duration::from(a.metrics_interval);
             let mut m = MetricsConfig {
@@ -158,11 +204,12 @@ impl AgentArgs {
             };
             m.batcher.max_samples = a.metrics_batch_samples;
             m.batcher.max_age = a.metrics_batch_age.into();
-            m.ingest.graphite = a.ingest_graphite;
-            m.ingest.influx = a.ingest_influx;
+            m.ingest.graphite = ingest_at(a.ingest_graphite, &mut bridge.graphite);
+            m.ingest.influx = ingest_at(a.ingest_influx, &mut bridge.influx);
             m.host.root = a.host_root.clone();
             m
         });
+        cfg.ingest_on_bridge = bridge;
         if let Some(path) = &a.policy_file {
             match std::fs::read_to_string(path) {
                 Ok(text) => match serde_json::from_str::<agent::policy::Policy>(&text) {

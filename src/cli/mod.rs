@@ -235,6 +235,58 @@ mod tests {
     }
 
     #[test]
+    fn ingest_listens_at_an_address_or_on_the_docker_bridge() {
+        let config = |flags: &[&str]| {
+            let mut argv = vec!["uplink", "agent", "--backend", "https://b"];
+            argv.extend_from_slice(flags);
+            let Command::Agent(a) = Cli::try_parse_from(argv).unwrap().command else {
+                panic!("not the agent");
+            };
+            a.into_config().unwrap()
+        };
+        let cfg = config(&[
+            "--ingest-graphite",
+            "docker-bridge:2003",
+            "--ingest-influx",
+            "127.0.0.1:8086",
+        ]);
+        let m = cfg.metrics.as_ref().unwrap();
+        assert_eq!(m.ingest.graphite, None);
+        assert_eq!(m.ingest.influx, Some("127.0.0.1:8086".parse().unwrap()));
+        assert_eq!(
+            cfg.ingest_on_bridge,
+            crate::agent::BridgeIngest {
+                graphite: Some(2003),
+                influx: None
+            }
+        );
+        let cfg = config(&["--ingest-graphite", "172.17.0.1:2003"]);
+        assert_eq!(
+            cfg.metrics.unwrap().ingest.graphite,
+            Some("172.17.0.1:2003".parse().unwrap())
+        );
+        assert!(!cfg.ingest_on_bridge.any());
+        for bad in [
+            "docker-bridge",
+            "docker-bridge:70000",
+            "localhost:2003",
+            "2003",
+        ] {
+            let err = Cli::try_parse_from([
+                "uplink",
+                "agent",
+                "--backend",
+                "https://b",
+                "--ingest-graphite",
+                bad,
+            ])
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("docker-bridge:"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn defaults_come_from_the_configs() {
         let cli = Cli::try_parse_from(["uplink", "agent", "--backend", "https://b"]).unwrap();
         let Command::Agent(a) = cli.command else {

@@ -314,23 +314,7 @@ async fn containers(
 /// containers reach the host; None when there is no such bridge.
 async fn bridge_endpoint() -> Option<std::net::SocketAddr> {
     let docker = crate::agent::docker::connect().await.ok()?;
-    let net = docker
-        .inspect_network(
-            "bridge",
-            None::<bollard::query_parameters::InspectNetworkOptions>,
-        )
-        .await
-        .ok()?;
-    // The gateway, or else the subnet's first address (which Docker gives
-    // the bridge when the network lists no gateway).
-    let gateway: std::net::IpAddr = net.ipam?.config?.into_iter().find_map(|c| {
-        if let Some(g) = c.gateway.and_then(|g| g.parse().ok()) {
-            return Some(g);
-        }
-        let subnet = c.subnet?;
-        let base: std::net::Ipv4Addr = subnet.split('/').next()?.parse().ok()?;
-        Some(std::net::IpAddr::V4((u32::from(base) + 1).into()))
-    })?;
+    let gateway = crate::agent::docker::bridge_gateway(&docker).await.ok()?;
     let probe = std::net::TcpListener::bind((gateway, 0)).ok()?;
     probe.local_addr().ok()
 }

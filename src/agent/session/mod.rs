@@ -130,6 +130,37 @@ fn with_own_container(
     m
 }
 
+/// The pipeline's settings with the ingest listeners asked for on the
+/// Docker bridge (`docker-bridge:PORT`) at the bridge's gateway, asked of
+/// the engine now. Without an answer the agent runs without them and says
+/// why: it does everything else without Docker too.
+async fn on_bridge(
+    mut m: crate::metrics::pipeline::MetricsConfig,
+    bridge: &super::BridgeIngest,
+) -> crate::metrics::pipeline::MetricsConfig {
+    if !bridge.any() {
+        return m;
+    }
+    let gateway = match super::docker::connect().await {
+        Ok(docker) => super::docker::bridge_gateway(&docker).await,
+        Err(e) => Err(e.message),
+    };
+    match gateway {
+        Ok(ip) => {
+            m.ingest.graphite = bridge
+                .graphite
+                .map(|p| (ip, p).into())
+                .or(m.ingest.graphite);
+            m.ingest.influx = bridge.influx.map(|p| (ip, p).into()).or(m.ingest.influx);
+        }
+        Err(why) => tracing::error!(
+            "the load generators' endpoint on the Docker bridge is not started: its address is unknown ({why}); \
+             load generators cannot push samples until the agent starts again with Docker reachable"
+        ),
+    }
+    m
+}
+
 pub(super) async fn run(
     cfg: AgentConfig,
     shutdown: impl Future<Output = ()> + Send,
@@ -238,7 +269,7 @@ pub(super) async fn run(
         let pipeline = match &cfg.metrics {
             Some(m) => Some(
                 metrics_push::start_pipeline(
-                    &with_own_container(m, own_container),
+                    &on_bridge(with_own_container(m, own_container), &cfg.ingest_on_bridge).await,
                     cfg.state_dir.clone(),
                     &ident.agent_id,
                     slot.clone(),
