@@ -22,14 +22,17 @@
 //! - [`relay`]: a TCP relay that turns into the faults of real networks
 //!   (a path that cuts HTTP/2, a half-open line, connections cut at an
 //!   age).
-//! - [`squid`]: Debian's squid on a loopback port (CONNECT, Basic auth,
-//!   TLS interception, tunnel lifetimes).
+//! - [`squid`]: Debian's squid on a loopback port or in a container
+//!   (CONNECT, Basic auth, TLS interception, tunnel lifetimes).
 //! - [`docker`]: the real Docker engine (a busybox image built `FROM
 //!   scratch`, a registry on loopback, an image of the `uplink` binary
 //!   under test laid out as the project's) and cleanup of an agent's
 //!   containers.
 //! - [`image`]: the project's image as `make image-local` builds it, and
 //!   `docker` run from a test.
+//! - [`deploy`]: [`deploy::Site`], the mission on the real engine: the
+//!   backend from the image on a network of its own, a squid container,
+//!   the agent from the line the backend prints; all removed when dropped.
 //! - [`hostile`]: [`hostile::BackendProc`], the backend binary as its own
 //!   process (under `prlimit` if asked), its memory, raw TLS connections
 //!   to it, `ctl` and agents against it.
@@ -72,6 +75,7 @@ pub mod agents;
 pub mod backend;
 pub mod bench;
 pub mod chaos;
+pub mod deploy;
 pub mod docker;
 pub mod feed;
 pub mod hostile;
