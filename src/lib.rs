@@ -30,6 +30,9 @@
 //!   demo's container).
 //! - [`doctor`]: `uplink doctor`, a verdict per hop from this host to the
 //!   backend, and which rung would be used.
+//! - [`health`]: the status file a running agent or backend keeps in its
+//!   directory, and `uplink health`, which judges it (a container's
+//!   `HEALTHCHECK`).
 //! - [`hostname`]: the host's name, for the agent and the backend.
 //! - [`telemetry`]: the agent's self-metrics (names, recorder, endpoint).
 //! - [`text`]: text from agents and containers, clipped and escaped before
@@ -70,6 +73,7 @@ pub mod ctl;
 pub mod demo;
 pub mod doctor;
 pub mod grpc_path;
+pub mod health;
 pub mod hostname;
 pub mod labels;
 pub mod loadgen;
