@@ -50,9 +50,9 @@
 //! `backend` (on by default): the backend, its store and the demo; it
 //! turns on `json` (Connect bodies in proto3 JSON, through `prost-reflect`).
 //! Without them (`--no-default-features`, with the `agent` profile) the
-//! same `uplink` binary holds the agent, `ctl`, `doctor` and `loadgen`: the
-//! build for agent hosts, smaller and lighter in memory (see
-//! BENCHMARKS.md, footprint).
+//! same `uplink` binary holds the agent, `ctl`, `doctor`, `health` and
+//! `loadgen`: the build for agent hosts, smaller and lighter in memory
+//! (see BENCHMARKS.md, footprint).
 #![forbid(unsafe_code)]
 
 pub mod agent;
