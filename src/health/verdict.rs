@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::probe::Answer;
 use super::status::{Role, Status};
-use crate::ctl::render::rfc3339;
+use crate::units::rfc3339;
 
 /// What the reader could see of the process that wrote a status file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
