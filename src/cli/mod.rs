@@ -239,6 +239,48 @@ mod tests {
         }
     }
 
+    /// The `UPLINK_*` variables of a subcommand's own flags, in the order
+    /// of its flags, as the README's environment table lists them.
+    fn env_column(sub: &str) -> String {
+        use clap::CommandFactory as _;
+        let cli = Cli::command();
+        let cmd = cli
+            .get_subcommands()
+            .find(|c| c.get_name() == sub)
+            .unwrap_or_else(|| panic!("no subcommand {sub}"));
+        cmd.get_arguments()
+            .filter_map(|a| {
+                let env = a.get_env()?.to_str()?;
+                let list = if a.get_value_delimiter().is_some() {
+                    " (comma-separated)"
+                } else {
+                    ""
+                };
+                Some(format!("`{env}`{list}"))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    #[test]
+    fn the_readmes_environment_table_is_the_flags() {
+        let readme = include_str!("../../README.md");
+        let header = "| backend | agent | ctl | health |";
+        let mut lines = readme.lines().skip_while(|l| *l != header);
+        assert_eq!(lines.next(), Some(header), "the README's environment table");
+        let row = lines.nth(1).unwrap_or_default();
+        let want = format!(
+            "| {} |",
+            ["backend", "agent", "ctl", "health"]
+                .map(env_column)
+                .join(" | ")
+        );
+        assert_eq!(
+            row, want,
+            "README.md: replace the table's row with the second"
+        );
+    }
+
     #[test]
     fn defaults_come_from_the_configs() {
         let cli = Cli::try_parse_from(["uplink", "agent", "--backend", "https://b"]).unwrap();
