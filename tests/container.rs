@@ -118,17 +118,26 @@ impl Mission {
         let id = site.run_line(&line);
         assert_eq!(id.len(), 64, "docker run printed {id:?}");
         let admin = site.admin();
-        let view = wait_for(
-            Duration::from_secs(60),
-            &format!("the agent connected on {rung}"),
-            || async {
-                let agents = admin.agents("e2e").await.ok()?;
-                agents
-                    .into_iter()
-                    .find(|a| a.connected && uplink::ctl::transport_name(a.transport) == rung)
-            },
-        )
-        .await;
+        let view = loop {
+            let agents = admin.agents("e2e").await.unwrap_or_default();
+            if let Some(a) = agents
+                .into_iter()
+                .find(|a| a.connected && uplink::ctl::transport_name(a.transport) == rung)
+            {
+                break a;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                let (_, out, err) = docker_try(&["logs", AGENT_CONTAINER]);
+                let cache =
+                    std::fs::read_to_string(squid.dir.join("cache.log")).unwrap_or_default();
+                panic!(
+                    "the agent was not connected on {rung} within 60 s; its log:\n{out}\n{err}\n\
+                     squid's access log:\n{}\nsquid's cache.log:\n{cache}",
+                    squid.access_log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         let start_to_connected = started.elapsed();
         println!("{tag}: from the printed line to connected on {rung}: {start_to_connected:?}");
         // The line opened the load generators' endpoint on the bridge.
@@ -139,6 +148,10 @@ impl Mission {
                 .any(|l| l.contains("Graphite plaintext accepted on") && l.contains(&graphite)),
             "{logs}"
         );
+        // The image's health check, in each container: what Docker runs.
+        // The agent's status file follows its connection within moments.
+        health(AGENT_CONTAINER, true, &format!("agent connected on {rung}")).await;
+        health(&site.backend, true, "backend serving").await;
         // Fresh volumes: neither had a mode of its own to correct.
         for logs in [logs, site.backend_logs()] {
             assert!(!logs.contains("made owner-only"), "{logs}");
@@ -336,6 +349,8 @@ impl Mission {
         let away = self.listed().await;
         assert_eq!(away["connected"], false, "{away}");
         assert_eq!(away["pending_commands"], 3, "{away}");
+        // The agent's health check says so too.
+        health(AGENT_CONTAINER, false, "not connected").await;
         docker(&["unpause", &self.squid.name]);
         let thawed = Instant::now();
         self.all_ok(&ids, Duration::from_secs(60)).await;
@@ -347,6 +362,25 @@ impl Mission {
         assert_eq!(back["connected"], true, "{back}");
         assert_eq!(back["pending_commands"], 0, "{back}");
         ids
+    }
+}
+
+/// Waits (10 s at most) until `/uplink health` in `container`, as
+/// Docker's health check runs it, succeeds (or fails, when not `healthy`)
+/// and prints `says`; panics with what it last printed.
+async fn health(container: &str, healthy: bool, says: &str) {
+    let started = Instant::now();
+    loop {
+        let (ok, out, err) = docker_try(&["exec", container, "/uplink", "health"]);
+        if ok == healthy && out.contains(says) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "`uplink health` in {container}: exit {}, not {healthy} with {says:?}:\n{out}\n{err}",
+            if ok { "0" } else { "non-zero" }
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
