@@ -393,6 +393,11 @@ pub trait Store: Send + Sync {
     fn cursor<'a>(&'a self, agent_id: &'a str, stream: &'a str, epoch: u64)
     -> StoreFuture<'a, u64>;
 
+    /// The highest epoch (compared as unsigned) with a cursor of `(agent,
+    /// stream)`, 0 when none: the agent's newest stream of events, against
+    /// which an older epoch is refused.
+    fn newest_epoch<'a>(&'a self, agent_id: &'a str, stream: &'a str) -> StoreFuture<'a, u64>;
+
     /// Where metric batch `seq` of `(agent_id, epoch)` stands: new, a
     /// duplicate of a stored one, or too far ahead of the watermark.
     ///

@@ -21,6 +21,7 @@ macro_rules! store_suite {
             an_ack_beyond_issued_seqs_moves_numbering_on,
             results_are_stored_once_and_only_for_the_owner,
             cursors_only_move_forward,
+            the_newest_epoch_is_the_highest_as_unsigned,
             metric_batches_are_stored_once_in_any_order,
             metric_batches_far_above_the_watermark_are_refused,
             pruning_keeps_what_delivery_needs,
@@ -145,6 +146,22 @@ pub(crate) async fn cursors_only_move_forward(s: &dyn Store) {
     assert!(!s.advance_cursor("a1", "events", 7, 1).await.unwrap());
     assert!(s.advance_cursor("a1", "events", 8, 1).await.unwrap());
     assert_eq!(s.cursor("a1", "events", 7).await.unwrap(), 2);
+}
+
+pub(crate) async fn the_newest_epoch_is_the_highest_as_unsigned(s: &dyn Store) {
+    add_agent(s).await;
+    assert_eq!(s.newest_epoch("a1", "events").await.unwrap(), 0);
+    assert!(s.advance_cursor("a1", "events", 9, 1).await.unwrap());
+    assert!(s.advance_cursor("a1", "events", 7, 1).await.unwrap());
+    assert_eq!(s.newest_epoch("a1", "events").await.unwrap(), 9);
+    // Epochs from 2^63 up (the ordered ones) are above every lower one.
+    let high = (1u64 << 63) + 5;
+    assert!(s.advance_cursor("a1", "events", high, 1).await.unwrap());
+    assert!(s.advance_cursor("a1", "events", 1 << 62, 1).await.unwrap());
+    assert_eq!(s.newest_epoch("a1", "events").await.unwrap(), high);
+    // Streams and agents are apart.
+    assert_eq!(s.newest_epoch("a1", "metrics").await.unwrap(), 0);
+    assert_eq!(s.newest_epoch("a2", "events").await.unwrap(), 0);
 }
 
 pub(crate) async fn metric_batches_are_stored_once_in_any_order(s: &dyn Store) {

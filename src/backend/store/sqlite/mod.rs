@@ -549,6 +549,20 @@ impl Store for SqliteStore {
         })
     }
 
+    fn newest_epoch(&self, agent_id: &str, stream: &str) -> StoreFuture<'_, u64> {
+        self.ready(|c| {
+            // Epochs are stored as their bits in an i64: compare them as u64.
+            let mut st =
+                c.prepare_cached("SELECT epoch FROM cursors WHERE agent_id = ?1 AND stream = ?2")?;
+            let rows = st.query_map(params![agent_id, stream], |r| r.get::<_, i64>(0))?;
+            let mut newest = 0u64;
+            for e in rows {
+                newest = newest.max(e? as u64);
+            }
+            Ok(newest)
+        })
+    }
+
     fn metric_batch_state(
         &self,
         agent_id: &str,
