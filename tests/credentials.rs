@@ -427,3 +427,44 @@ async fn a_revocation_through_one_backend_ends_a_stream_held_by_another_sharing_
     b2.stop().await;
     b1.stop().await;
 }
+
+/// An enrollment without a hostname or version is refused, naming the
+/// field (before: accepted, and the agent was taken for anonymous ever
+/// after: never shown connected, no runs placed on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrollment_without_hostname_or_version_is_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBackend::start(&dir.path().join("backend")).await;
+    let token = b.enroll_token.expose().to_string();
+    let cases = [
+        ("", "1", "info.hostname"),
+        ("h", "", "info.version"),
+        ("", "", "info.hostname"),
+    ];
+    for (hostname, version, field) in cases {
+        let s = b
+            .agent_grpc()
+            .await
+            .enroll(proto::EnrollRequest {
+                enrollment_token: token.clone(),
+                info: Some(proto::AgentInfo {
+                    hostname: hostname.into(),
+                    version: version.into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect_err("an agent the backend cannot show is refused");
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        assert!(s.message().contains(field), "{s:?}");
+    }
+    // A bad token is still told apart first.
+    let s = enroll_with(&b, "upl_e_nope")
+        .await
+        .expect_err("unknown token");
+    assert_eq!(s.code(), tonic::Code::Unauthenticated, "{s:?}");
+    enroll_with(&b, &token)
+        .await
+        .expect("a complete AgentInfo enrolls");
+    b.stop().await;
+}

@@ -365,6 +365,7 @@ async fn enrollments_are_rate_limited_per_token_and_guesses_per_address() {
         enrollment_token: token.into(),
         info: Some(proto::AgentInfo {
             hostname: "mass".into(),
+            version: "1".into(),
             ..Default::default()
         }),
     };

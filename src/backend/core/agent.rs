@@ -52,6 +52,9 @@ impl Core {
                 provider.name
             )));
         }
+        // After the token, so that only a holder of a valid token learns
+        // what the info lacks.
+        check_enroll_info(&info)?;
         if let Err(wait) = self.enrolls.take(&provider.name) {
             tracing::warn!(provider = %provider.name, hostname = %info.hostname, "enrollment refused: too many with this token");
             return Err(Status::resource_exhausted(format!(
