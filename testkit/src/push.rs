@@ -40,6 +40,7 @@ pub async fn enroll_with(client: &AgentClient, token: &str, hostname: &str) -> A
         .clone()
         .enroll(proto::EnrollRequest {
             enrollment_token: token.to_string(),
+            idempotency_key: String::new(),
             info: Some(proto::AgentInfo {
                 hostname: hostname.into(),
                 version: "test".into(),

@@ -18,6 +18,9 @@ use crate::backend::store::AgentRecord;
 use crate::proto::{self, Transport};
 use crate::secret::{self, Kind, Secret};
 
+/// How long an enrollment's idempotency key finds its agent again.
+const ENROLL_KEY_WINDOW_MS: i64 = 24 * 3600 * 1000;
+
 /// Commands sent in one `PollResponse` at most; the agent polls again.
 const MAX_COMMANDS_PER_POLL: usize = 256;
 
@@ -55,15 +58,42 @@ impl Core {
         // After the token, so that only a holder of a valid token learns
         // what the info lacks.
         check_enroll_info(&info)?;
+        check_idempotency_key(&req.idempotency_key)?;
         if let Err(wait) = self.enrolls.take(&provider.name) {
             tracing::warn!(provider = %provider.name, hostname = %info.hostname, "enrollment refused: too many with this token");
             return Err(Status::resource_exhausted(format!(
                 "too many enrollments with this token: retry in {wait} s"
             )));
         }
-        let id = secret::random_id("agt_");
         let credential = Secret::generate(Kind::Credential);
         let provider = provider.name;
+        let key_hash = match req.idempotency_key.as_str() {
+            "" => None,
+            key => Some(secret::hash(key)),
+        };
+        if let Some(key_hash) = &key_hash {
+            // A retry of an enrollment whose answer was lost: the same
+            // agent, with a new credential (the first was never stored).
+            if let Some(id) = self
+                .store
+                .reenroll(
+                    &provider,
+                    key_hash,
+                    now - ENROLL_KEY_WINDOW_MS,
+                    &credential.hash(),
+                )
+                .await
+                .map_err(internal)?
+            {
+                tracing::info!(agent = %id, %provider, hostname = %info.hostname, "enrollment retried with its idempotency key: same agent, new credential");
+                return Ok(proto::EnrollResponse {
+                    agent_id: id,
+                    credential: credential.expose().to_string(),
+                    provider,
+                });
+            }
+        }
+        let id = secret::random_id("agt_");
         let inserted = self
             .store
             .insert_agent(
@@ -73,6 +103,7 @@ impl Core {
                     hostname: info.hostname.clone(),
                     version: info.version.clone(),
                     enrolled_ms: now,
+                    enroll_key_hash: key_hash,
                     ..Default::default()
                 },
                 &credential.hash(),
@@ -511,6 +542,24 @@ impl Core {
         }
         Ok(proto::ReportResponse { acked_seq: stored })
     }
+}
+
+/// An `EnrollRequest.idempotency_key`: empty, or 16 to 128 characters of
+/// `[A-Za-z0-9_-]`.
+fn check_idempotency_key(key: &str) -> Result<(), Status> {
+    if key.is_empty() {
+        return Ok(());
+    }
+    if !(16..=128).contains(&key.len())
+        || !key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(Status::invalid_argument(
+            "idempotency_key is not valid: use 16 to 128 characters of A-Z a-z 0-9 _ - (a random id)",
+        ));
+    }
+    Ok(())
 }
 
 /// The events of one `Report` carry consecutive seqs from 1 up (an

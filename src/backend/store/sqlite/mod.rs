@@ -198,6 +198,7 @@ impl SqliteStore {
             transport: r.get(8)?,
             transport_reason: r.get(9)?,
             revoked_ms: r.get(10)?,
+            enroll_key_hash: None,
         })
     }
 
@@ -258,6 +259,24 @@ impl Store for SqliteStore {
 
     fn insert_agent(&self, a: &AgentRecord, credential_hash: &str) -> StoreFuture<'_, bool> {
         self.ready(|c| credentials::insert_agent(c, a, credential_hash))
+    }
+
+    fn reenroll(
+        &self,
+        provider: &str,
+        enroll_key_hash: &str,
+        enrolled_since_ms: i64,
+        credential_hash: &str,
+    ) -> StoreFuture<'_, Option<String>> {
+        self.ready(|c| {
+            credentials::reenroll(
+                c,
+                provider,
+                enroll_key_hash,
+                enrolled_since_ms,
+                credential_hash,
+            )
+        })
     }
 
     fn agent_by_credential(
