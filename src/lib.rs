@@ -41,6 +41,8 @@
 //!   (parsing and formatting); a bottom floor that imports nothing else.
 //! - [`owner_only`]: owner-only directories and files (the backend's data
 //!   dir, the agent's state dir); a bottom floor.
+//! - [`own_container`]: the container the agent runs in, if any, found at
+//!   start so that it never touches it; a bottom floor.
 //!
 //! # Features
 //!
@@ -75,6 +77,7 @@ pub mod labels;
 pub mod loadgen;
 pub mod metrics;
 pub mod net;
+pub mod own_container;
 pub mod owner_only;
 pub mod proto;
 pub mod secret;

@@ -214,13 +214,21 @@ async fn backend(addr: std::net::SocketAddr, cfg: BackendConfig) -> anyhow::Resu
     println!("uplink backend listening on {} ({})", info.addr, info.url);
     if let Some(ca) = &info.ca_file {
         println!("CA for agents and ctl: {}", ca.display());
+        if let Some(on_hosts) = &info.agent_ca_file {
+            println!(
+                "copy it to {} on each agent host, readable by all (a CA certificate holds no secret): \
+                 the command below mounts it from there",
+                on_hosts.display()
+            );
+        }
     }
     if let Some(t) = &info.new_admin_token {
         println!("admin token (shown once): {}", t.expose());
     }
     if info.enroll_token.is_none() {
         println!(
-            "enrollment token of provider 'default': stored hashed; rotate it with `uplink ctl providers rotate default`"
+            "enrollment token of provider 'default': stored hashed; the command below passes your \
+             UPLINK_TOKEN, or rotate it with `uplink ctl providers rotate default`"
         );
     }
     println!("run an agent with:\n  {}", info.host_command);

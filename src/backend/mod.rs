@@ -9,6 +9,7 @@ pub mod core;
 pub mod defaults;
 pub mod edge;
 pub mod grpc;
+pub mod host_command;
 pub mod hub;
 pub mod placement;
 pub mod ratelimit;
@@ -96,6 +97,8 @@ pub struct BackendConfig {
     pub retention: RetentionConfig,
     /// Bounds on connections and on calls before they authenticate.
     pub edge: edge::Limits,
+    /// What the printed host command holds (image, CA path, proxy).
+    pub host_command: host_command::HostCommand,
 }
 
 impl BackendConfig {
@@ -122,6 +125,7 @@ impl BackendConfig {
             agent_metrics_interval: None,
             retention: RetentionConfig::default(),
             edge: edge::Limits::default(),
+            host_command: host_command::HostCommand::default(),
         }
     }
 
@@ -241,6 +245,7 @@ impl BackendConfig {
             errs.push("--metrics-jsonl-dir is empty: give a directory, or leave it out".into());
         }
         self.edge.validate(&mut errs);
+        errs.extend(self.host_command.validate());
         for (name, token) in [
             ("--admin-token", &self.admin_token),
             ("--enroll-token", &self.enroll_token),
@@ -337,7 +342,7 @@ pub enum BackendError {
 }
 
 /// What a starting backend tells its operator.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct StartInfo {
     /// The address it listens on.
     pub addr: SocketAddr,
@@ -345,13 +350,33 @@ pub struct StartInfo {
     pub url: String,
     /// The CA agents must trust, when generated.
     pub ca_file: Option<PathBuf>,
+    /// Where the host command expects agent hosts to keep a copy of the
+    /// CA, when it mounts one.
+    pub agent_ca_file: Option<PathBuf>,
     /// The admin token when it was generated now (shown once).
     pub new_admin_token: Option<Secret>,
     /// The default provider's enrollment token when it was generated now or
     /// given on the command line.
     pub enroll_token: Option<Secret>,
-    /// The command that runs an agent (with the token when known).
+    /// The command that runs an agent (with the token when known). It may
+    /// hold a proxy's password: printed on stdout, never logged.
     pub host_command: String,
+}
+
+/// Without the host command, which holds the enrollment token and maybe a
+/// proxy's password (the tokens are `Secret`s, redacted).
+impl std::fmt::Debug for StartInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StartInfo")
+            .field("addr", &self.addr)
+            .field("url", &self.url)
+            .field("ca_file", &self.ca_file)
+            .field("agent_ca_file", &self.agent_ca_file)
+            .field("new_admin_token", &self.new_admin_token)
+            .field("enroll_token", &self.enroll_token)
+            .field("host_command", &"(printed once, not shown)")
+            .finish()
+    }
 }
 
 /// A bound backend, ready to run.
@@ -473,6 +498,7 @@ impl Server {
                     poll_hold: config.poll_hold,
                     public_url: url.clone(),
                     ca_file: server_tls.ca_file.clone(),
+                    host_command: config.host_command.clone(),
                     agent_metrics_interval: config.agent_metrics_interval,
                     max_message_bytes: config.max_message_bytes,
                     retention: config.retention.clone(),
@@ -482,12 +508,11 @@ impl Server {
             )
             .with_sinks(sinks),
         );
-        let host_command = core.host_command(
-            enroll_token
-                .as_ref()
-                .map(|t| t.expose())
-                .unwrap_or("<enrollment token of provider 'default'>"),
-        );
+        let host_command = core.host_command(enroll_token.as_ref().map(|t| t.expose()));
+        let agent_ca_file = config
+            .host_command
+            .ca_on_hosts(server_tls.ca_file.is_some())
+            .map(PathBuf::from);
         Ok(Server {
             listener,
             core,
@@ -500,6 +525,7 @@ impl Server {
                 addr,
                 url,
                 ca_file: server_tls.ca_file,
+                agent_ca_file,
                 new_admin_token,
                 enroll_token,
                 host_command,

@@ -268,5 +268,54 @@ mod tests {
                 new.orphan_grace
             )
         );
+        assert_eq!(cfg.host_root, None);
+        assert_eq!(cfg.metrics.unwrap().host.root, None);
+    }
+
+    /// `uplink agent --backend https://b ARGS` made into its settings.
+    fn agent_config(args: &[&str]) -> Result<crate::agent::AgentConfig, ConfigError> {
+        let mut all = vec!["uplink", "agent", "--backend", "https://b"];
+        all.extend_from_slice(args);
+        let Command::Agent(a) = Cli::try_parse_from(all).unwrap().command else {
+            panic!("not agent");
+        };
+        a.into_config()
+    }
+
+    #[test]
+    fn a_host_root_feeds_host_metrics_and_the_hostname_and_is_checked() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::create_dir_all(r.join("proc")).unwrap();
+        std::fs::create_dir_all(r.join("etc")).unwrap();
+        std::fs::write(r.join("etc/hostname"), "gen-7\n").unwrap();
+        let shown = r.display().to_string();
+
+        // A directory whose proc/ is not a /proc: named, with what to do.
+        let problems = agent_config(&["--host-root", &shown]).unwrap_err().problems;
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with(&format!("--host-root {shown}: ")),
+            "{problems:?}"
+        );
+        assert!(problems[0].contains("-v /:/host:ro,rslave"), "{problems:?}");
+
+        std::fs::write(r.join("proc/stat"), "cpu  1 2 3\ncpu0 1 2 3\n").unwrap();
+        let cfg = agent_config(&["--host-root", &shown]).unwrap();
+        assert_eq!(cfg.host_root.as_deref(), Some(r));
+        assert_eq!(cfg.metrics.as_ref().unwrap().host.root.as_deref(), Some(r));
+        assert_eq!(cfg.hostname, "gen-7");
+        // --hostname still wins.
+        let cfg = agent_config(&["--host-root", &shown, "--hostname", "h"]).unwrap();
+        assert_eq!(cfg.hostname, "h");
+
+        for (root, needle) in [
+            ("/no/such/dir", "no such directory"),
+            ("host", "absolute path"),
+        ] {
+            let problems = agent_config(&["--host-root", root]).unwrap_err().problems;
+            assert!(problems[0].contains(needle), "{root}: {problems:?}");
+            assert!(problems[0].starts_with("--host-root "), "{problems:?}");
+        }
     }
 }

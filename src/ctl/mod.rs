@@ -422,7 +422,7 @@ pub async fn run(cfg: CtlConfig) -> Result<ExitCode, CallError> {
             out!("provider {name} created");
             out!("{}", token_limits(&limits));
             out!("enrollment token (shown once): {}", r.enrollment_token);
-            out!("run an agent with:\n  {}", r.host_command);
+            out_raw!("{}", host_command(&r.host_command));
         }
         CtlCommand::Providers {
             action: Some(ProviderAction::Rotate { name, limits }),
@@ -431,7 +431,7 @@ pub async fn run(cfg: CtlConfig) -> Result<ExitCode, CallError> {
             out!("enrollment token of {name} rotated; the old one enrolls no new agent");
             out!("{}", token_limits(&limits));
             out!("new enrollment token (shown once): {}", r.enrollment_token);
-            out!("run an agent with:\n  {}", r.host_command);
+            out_raw!("{}", host_command(&r.host_command));
         }
         CtlCommand::Run {
             provider,

@@ -301,6 +301,24 @@ pub fn token_limits(limits: &crate::cli::TokenLimits) -> String {
     }
 }
 
+/// What `ctl providers create`/`rotate` print with a host command: the
+/// command, and where it expects the backend's CA on the agent's host
+/// when it mounts one.
+pub fn host_command(command: &str) -> String {
+    let mut out = format!("run an agent with:\n  {command}\n");
+    let ca = command
+        .split_once("src=")
+        .and_then(|(_, rest)| rest.split_once(",dst=/etc/uplink/ca.pem"));
+    if let Some((path, _)) = ca {
+        let _ = writeln!(
+            out,
+            "(it mounts the backend's CA from {path} on the agent's host: put a copy of the \
+             backend's ca.pem there first, readable by all)"
+        );
+    }
+    out
+}
+
 /// Where a run's containers were placed, e.g. "2 on agt_a, 1 on agt_b"
 /// (agents in the order of their first container).
 pub fn run_placement(run: &proto::RunView) -> String {
@@ -398,6 +416,22 @@ mod tests {
             );
             assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out}");
         }
+    }
+
+    #[test]
+    fn a_host_command_that_mounts_a_ca_says_where_it_goes() {
+        let with_ca = "docker run -d \\\n    --mount 'type=bind,src=/srv/my ca.pem,dst=/etc/uplink/ca.pem,readonly' \\\n    x agent";
+        let out = host_command(with_ca);
+        assert!(
+            out.starts_with(&format!("run an agent with:\n  {with_ca}\n")),
+            "{out}"
+        );
+        assert!(
+            out.contains("from /srv/my ca.pem on the agent's host"),
+            "{out}"
+        );
+        let out = host_command("docker run -d x agent");
+        assert_eq!(out, "run an agent with:\n  docker run -d x agent\n");
     }
 
     #[test]

@@ -25,7 +25,8 @@
 //! - [`squid`]: Debian's squid on a loopback port (CONNECT, Basic auth,
 //!   TLS interception, tunnel lifetimes).
 //! - [`docker`]: the real Docker engine (a busybox image built `FROM
-//!   scratch`, a registry on loopback) and cleanup of an agent's
+//!   scratch`, a registry on loopback, an image of the `uplink` binary
+//!   under test laid out as the project's) and cleanup of an agent's
 //!   containers.
 //! - [`image`]: the project's image as `make image-local` builds it, and
 //!   `docker` run from a test.

@@ -105,6 +105,31 @@ async fn serve_self_metrics(
     }
 }
 
+/// Says where the agent runs as far as containers go: the container it
+/// leaves alone, or a warning when it seems to run in one it cannot name.
+fn log_own_container(own: &crate::own_container::OwnContainer) {
+    match &own.id {
+        Some(id) => tracing::info!(container = %id,
+            "running in a container: this agent never lists, reads, stops or removes it"),
+        None if own.in_container => tracing::warn!(
+            "running in a container whose id was not found (no runtime mount in /proc/self/mountinfo, \
+             no id in /proc/self/cgroup): only its lack of this agent's label keeps it out of the agent's listings"
+        ),
+        None => {}
+    }
+}
+
+/// The pipeline's settings, with the container source told which container
+/// to leave alone.
+fn with_own_container(
+    m: &crate::metrics::pipeline::MetricsConfig,
+    own: Option<String>,
+) -> crate::metrics::pipeline::MetricsConfig {
+    let mut m = m.clone();
+    m.containers.own_container = own;
+    m
+}
+
 pub(super) async fn run(
     cfg: AgentConfig,
     shutdown: impl Future<Output = ()> + Send,
@@ -144,7 +169,11 @@ pub(super) async fn run(
         let journal = Arc::new(Mutex::new(journal));
         let credential = credential::Credential::new(Secret::new(ident.credential.clone()));
 
-        let executor = Arc::new(executor::Executor::new(&ident.agent_id, cfg.policy.clone()));
+        log_own_container(&cfg.own_container);
+        let own_container = cfg.own_container.id.clone();
+        let executor = executor::Executor::new(&ident.agent_id, cfg.policy.clone())
+            .with_own_container(own_container.clone());
+        let executor = Arc::new(executor);
         let capacity_changed = Arc::new(Notify::new());
         let slot = transport::UnarySlot::new();
         let rotator = tokio::spawn(
@@ -198,6 +227,7 @@ pub(super) async fn run(
             capacity::CapacityReporter {
                 executor: executor.clone(),
                 policy: cfg.policy.clone(),
+                host_root: cfg.host_root.clone(),
                 reports: reports.clone(),
                 changed: capacity_changed.clone(),
                 connections: slot.subscribe(),
@@ -208,7 +238,7 @@ pub(super) async fn run(
         let pipeline = match &cfg.metrics {
             Some(m) => Some(
                 metrics_push::start_pipeline(
-                    m,
+                    &with_own_container(m, own_container),
                     cfg.state_dir.clone(),
                     &ident.agent_id,
                     slot.clone(),

@@ -133,7 +133,7 @@ impl Core {
                 token_expires_unix_ms: req.token_expires_unix_ms,
                 token_enrolled: 0,
             }),
-            host_command: self.host_command(token.expose()),
+            host_command: self.host_command(Some(token.expose())),
             enrollment_token: token.expose().to_string(),
         })
     }
@@ -166,7 +166,7 @@ impl Core {
         tracing::info!(provider = %req.provider, max_agents = req.max_agents, expires_ms = req.token_expires_unix_ms,
             "enrollment token rotated; the old one is revoked");
         Ok(proto::RotateEnrollmentTokenResponse {
-            host_command: self.host_command(token.expose()),
+            host_command: self.host_command(Some(token.expose())),
             enrollment_token: token.expose().to_string(),
         })
     }
