@@ -3,7 +3,9 @@
 //! application/grpc*`) and as Connect unary (everything else), over a
 //! durable embedded store. The same port serves `GET /metrics` (Prometheus
 //! text, admin token required): the latest value of every ingested series
-//! and the backend's own ingest counters.
+//! and the backend's own ingest counters. While it runs, it keeps
+//! `DATA_DIR/health-backend.json` (`health::StatusFile`) for `uplink
+//! health`.
 
 pub mod core;
 pub mod defaults;
@@ -389,6 +391,8 @@ pub struct Server {
     grace: Duration,
     edge: Arc<edge::Edge>,
     info: StartInfo,
+    /// Where the status file goes (the data dir, made absolute).
+    data_dir: PathBuf,
 }
 
 impl Server {
@@ -530,6 +534,7 @@ impl Server {
                 enroll_token,
                 host_command,
             },
+            data_dir: config.data_dir.clone(),
         })
     }
 
@@ -589,6 +594,7 @@ impl Server {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tracing::info!(addr = %self.info.addr, url = %self.info.url, "backend listening");
+        let status = crate::health::StatusFile::backend(&self.data_dir, self.info.addr);
         let pruner = core.clone();
         tokio::spawn(async move { pruner.prune_every(PRUNE_EVERY).await });
         tokio::pin!(shutdown);
@@ -665,6 +671,7 @@ impl Server {
             });
         }
         tracing::info!("backend draining");
+        status.serving(false);
         drop(self.listener);
         let _ = self.draining.send(true);
         if tokio::time::timeout(self.grace, graceful.shutdown())
@@ -680,6 +687,7 @@ impl Server {
             .sinks()
             .close(self.grace.max(Duration::from_secs(5)))
             .await;
+        status.close(None).await;
         tracing::info!("backend stopped");
         Ok(())
     }

@@ -17,6 +17,7 @@ use crate::client::{CallError, ConnectClient};
 use crate::proto::{self, Named};
 use crate::secret::Secret;
 use crate::text::escape;
+use crate::units::rfc3339;
 
 /// Prints to stdout; a closed pipe (`ctl agents --json | head`) is not an
 /// error worth a panic.

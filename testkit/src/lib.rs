@@ -18,7 +18,8 @@
 //!   dispatch and ladder benchmarks measure against.
 //! - [`agents`]: [`Proc`], the `uplink` binary ([`bin`]) run as an agent,
 //!   a backend or `ctl`, its output collected; [`agent`], [`agent_via`]
-//!   and [`ctl`] start it against a [`TestBackend`].
+//!   and [`ctl`] start it against a [`TestBackend`]; [`health`] runs
+//!   `uplink health`.
 //! - [`relay`]: a TCP relay that turns into the faults of real networks
 //!   (a path that cuts HTTP/2, a half-open line, connections cut at an
 //!   age).
@@ -91,7 +92,7 @@ pub mod throughput;
 pub mod waits;
 pub mod workload;
 
-pub use agents::{Proc, agent, agent_via, bin, ctl};
+pub use agents::{Proc, agent, agent_via, bin, ctl, health};
 pub use backend::{TestBackend, connected_agent, ping, result_of};
 pub use ports::free_port;
 pub use waits::wait_for;

@@ -12,6 +12,11 @@
 //! - [`capacity`]: the capacity reporter.
 //! - [`metrics_push`]: the metrics pipeline's push on the current rung.
 //!
+//! The status file (`health::StatusFile`, `STATE_DIR/health-agent.json`)
+//! hears from enrollment and the rung loop: connected on a rung, each
+//! frame or poll answer, each failure; the session marks it stopped when
+//! it ends.
+//!
 //! Tasks and channels:
 //!
 //! ```text
@@ -55,6 +60,7 @@ use tokio::sync::{Notify, watch};
 
 use super::journal::Journal;
 use super::{AgentConfig, AgentError, executor};
+use crate::health::StatusFile;
 use crate::net::Net;
 use crate::proto;
 use crate::secret::Secret;
@@ -139,6 +145,19 @@ pub(super) async fn run(
         path: cfg.state_dir.clone(),
         source,
     })?;
+    let status = StatusFile::agent(&cfg.state_dir, &cfg.backend.to_string());
+    let r = serve(cfg, shutdown, status.clone()).await;
+    status.close(r.as_ref().err().map(|e| e.to_string())).await;
+    r
+}
+
+/// The session, from the TLS settings to the end of the grace time,
+/// telling `status` how the connection goes.
+async fn serve(
+    cfg: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send,
+    status: StatusFile,
+) -> Result<(), AgentError> {
     let net = Net::new(crate::tls::client_config(&cfg.trust)?, cfg.proxy.clone());
     let metrics_task = serve_self_metrics(&cfg).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -151,7 +170,7 @@ pub(super) async fn run(
             arch: std::env::consts::ARCH.into(),
             transport_reason: String::new(),
         };
-        let Some(ident) = enroll::enrolled(&cfg, &net, &info, &mut stop).await? else {
+        let Some(ident) = enroll::enrolled(&cfg, &net, &info, &mut stop, &status).await? else {
             return Ok(());
         };
         tracing::info!(agent = %ident.agent_id, provider = %ident.provider, backend = %cfg.backend,
@@ -265,6 +284,7 @@ pub(super) async fn run(
             intake: intake.clone(),
             ack: intake.ack(),
             metrics_interval,
+            status: status.clone(),
         }
         .run(stop.clone())
         .await;
