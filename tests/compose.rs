@@ -167,6 +167,22 @@ async fn the_compose_backend_serves_and_an_upgrade_keeps_agents_tokens_and_queue
         ca.to_str().unwrap(),
     ]);
 
+    // The image's HEALTHCHECK (`uplink health`) finds it serving.
+    wait_for(
+        Duration::from_secs(60),
+        "the backend container healthy",
+        || async {
+            let status = docker(&[
+                "inspect",
+                "--format",
+                "{{.State.Health.Status}}",
+                &container,
+            ]);
+            (status == "healthy").then_some(())
+        },
+    )
+    .await;
+
     // A provider of its own, an agent on it, then the agent away.
     let created = ctl(&url, &ca, &admin, &["providers", "create", "lab"]).await;
     let created = String::from_utf8_lossy(&created.stdout).into_owned();
