@@ -30,6 +30,9 @@
 //!   demo's container).
 //! - [`doctor`]: `uplink doctor`, a verdict per hop from this host to the
 //!   backend, and which rung would be used.
+//! - [`health`]: the status file a running agent or backend keeps in its
+//!   directory, and `uplink health`, which judges it (a container's
+//!   `HEALTHCHECK`).
 //! - [`hostname`]: the host's name, for the agent and the backend.
 //! - [`telemetry`]: the agent's self-metrics (names, recorder, endpoint).
 //! - [`text`]: text from agents and containers, clipped and escaped before
@@ -41,15 +44,17 @@
 //!   (parsing and formatting); a bottom floor that imports nothing else.
 //! - [`owner_only`]: owner-only directories and files (the backend's data
 //!   dir, the agent's state dir); a bottom floor.
+//! - [`own_container`]: the container the agent runs in, if any, found at
+//!   start so that it never touches it; a bottom floor.
 //!
 //! # Features
 //!
 //! `backend` (on by default): the backend, its store and the demo; it
 //! turns on `json` (Connect bodies in proto3 JSON, through `prost-reflect`).
 //! Without them (`--no-default-features`, with the `agent` profile) the
-//! same `uplink` binary holds the agent, `ctl`, `doctor` and `loadgen`: the
-//! build for agent hosts, smaller and lighter in memory (see
-//! BENCHMARKS.md, footprint).
+//! same `uplink` binary holds the agent, `ctl`, `doctor`, `health` and
+//! `loadgen`: the build for agent hosts, smaller and lighter in memory
+//! (see BENCHMARKS.md, footprint).
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -70,11 +75,13 @@ pub mod ctl;
 pub mod demo;
 pub mod doctor;
 pub mod grpc_path;
+pub mod health;
 pub mod hostname;
 pub mod labels;
 pub mod loadgen;
 pub mod metrics;
 pub mod net;
+pub mod own_container;
 pub mod owner_only;
 pub mod proto;
 pub mod secret;

@@ -84,13 +84,46 @@ fn cap_malloc_arenas() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn cap_malloc_arenas() {}
 
+/// Removes `UPLINK_*` variables whose value is empty, before the flags are
+/// parsed: an empty variable means "not set" (compose files pass
+/// `${UPLINK_X:-}` through as an empty string).
+fn unset_empty_uplink_vars() {
+    let empty: Vec<_> = std::env::vars_os()
+        .filter(|(k, v)| v.is_empty() && k.to_str().is_some_and(|k| k.starts_with("UPLINK_")))
+        .map(|(k, _)| k)
+        .collect();
+    for k in empty {
+        // SAFETY: called first thing in `main`, before any other thread
+        // exists that could read the environment.
+        unsafe { std::env::remove_var(k) };
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    unset_empty_uplink_vars();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version go to stdout with status 0; flags that do not
+        // parse are bad configuration, like any other (64, not clap's 2,
+        // which a container's HEALTHCHECK reserves).
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_CONFIG as u8)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     if matches!(cli.command, Command::Agent(_)) {
         cap_malloc_arenas();
     }
     let default_level = match cli.command {
-        Command::Demo(_) | Command::Ctl(_) | Command::Doctor(_) | Command::Loadgen(_) => "warn",
+        Command::Demo(_)
+        | Command::Ctl(_)
+        | Command::Doctor(_)
+        | Command::Loadgen(_)
+        | Command::Health(_) => "warn",
         _ => "info",
     };
     let (filter, bad_filter) = log_filter(std::env::var("UPLINK_LOG").ok(), default_level);
@@ -105,10 +138,14 @@ fn main() -> ExitCode {
     if let Some(problem) = bad_filter {
         tracing::warn!("{problem}");
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // A health check, run every few seconds by a container engine, starts
+    // no worker threads.
+    let mut builder = if matches!(cli.command, Command::Health(_)) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("uplink: cannot start the runtime: {e}");
@@ -135,7 +172,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         #[cfg(not(feature = "backend"))]
         Command::Backend(_) | Command::Demo(_) => Ok(config_error(ConfigError::from(
-            "this uplink build holds the agent, ctl, doctor and loadgen, not the backend or the demo (built without the `backend` feature); use a full build (`cargo build --release`) for them".to_string(),
+            "this uplink build holds the agent, ctl, doctor, health and loadgen, not the backend or the demo (built without the `backend` feature); use a full build (`cargo build --release`) for them".to_string(),
         ))),
         Command::Agent(a) => {
             let cfg = match a.into_config() {
@@ -170,6 +207,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             uplink::demo::run(a.into()).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Health(a) => {
+            let cfg = match a.into_config() {
+                Ok(cfg) => cfg,
+                Err(e) => return Ok(config_error(e)),
+            };
+            let report = uplink::health::run(&cfg).await;
+            // One line for the container engine's health log; a closed
+            // pipe is not worth a panic.
+            let _ = std::io::Write::write_all(
+                &mut std::io::stdout().lock(),
+                format!("{}\n", report.line).as_bytes(),
+            );
+            Ok(if report.healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Loadgen(a) => match uplink::loadgen::run(a.into()).await {
             Ok(()) => Ok(ExitCode::SUCCESS),
             Err(e) => {
@@ -198,13 +253,21 @@ async fn backend(addr: std::net::SocketAddr, cfg: BackendConfig) -> anyhow::Resu
     println!("uplink backend listening on {} ({})", info.addr, info.url);
     if let Some(ca) = &info.ca_file {
         println!("CA for agents and ctl: {}", ca.display());
+        if let Some(on_hosts) = &info.agent_ca_file {
+            println!(
+                "copy it to {} on each agent host, readable by all (a CA certificate holds no secret): \
+                 the command below mounts it from there",
+                on_hosts.display()
+            );
+        }
     }
     if let Some(t) = &info.new_admin_token {
         println!("admin token (shown once): {}", t.expose());
     }
     if info.enroll_token.is_none() {
         println!(
-            "enrollment token of provider 'default': stored hashed; rotate it with `uplink ctl providers rotate default`"
+            "enrollment token of provider 'default': stored hashed; the command below passes your \
+             UPLINK_TOKEN, or rotate it with `uplink ctl providers rotate default`"
         );
     }
     println!("run an agent with:\n  {}", info.host_command);

@@ -4,8 +4,9 @@
 //! journal, its spool) are 0700, and every file in them 0600.
 //! [`secure`] creates such a directory and fixes the modes of what is
 //! there at start (a dir made by an older build, or copied in by hand);
-//! [`create_private`] creates a file owner-only from its first byte. A
-//! bottom floor: it imports nothing from the crate.
+//! [`create_private`] creates a file owner-only from its first byte;
+//! [`replace_private`] rewrites one atomically. A bottom floor: it
+//! imports nothing from the crate.
 
 use std::path::Path;
 
@@ -61,7 +62,13 @@ fn fix_modes(path: &Path) -> std::io::Result<()> {
     }
     if meta.is_dir() {
         for entry in std::fs::read_dir(path)? {
-            fix_modes(&entry?.path())?;
+            match fix_modes(&entry?.path()) {
+                // Gone while the walk went on (a temporary file renamed
+                // over its target by a process sharing the directory):
+                // nothing left to fix.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                r => r?,
+            }
         }
     }
     Ok(())
@@ -85,6 +92,37 @@ pub fn create_private(path: &Path) -> std::io::Result<()> {
         opts.mode(FILE_MODE);
     }
     opts.open(path).map(drop)
+}
+
+/// Replaces `path` with `bytes`, owner-only, atomically: the bytes go to
+/// `<path>.tmp` (created owner-only, or made so), which is then renamed
+/// over `path`, so a reader sees the old content or the new, never a
+/// part. Nothing is synced: for files rewritten every few seconds whose
+/// loss in a power cut costs nothing (the health status file).
+pub fn replace_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(FILE_MODE);
+    }
+    let mut f = opts.open(&tmp)?;
+    #[cfg(unix)]
+    {
+        // A temporary file left by someone else keeps its mode on open.
+        use std::os::unix::fs::PermissionsExt;
+        if f.metadata()?.permissions().mode() & 0o7777 != FILE_MODE {
+            f.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
+        }
+    }
+    f.write_all(bytes)?;
+    drop(f);
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(all(test, unix))]
@@ -115,6 +153,24 @@ mod tests {
         assert_eq!(mode(&dir.join("sub")), 0o700);
         assert_eq!(mode(&dir.join("uplink.db")), 0o600);
         assert_eq!(mode(&dir.join("sub/f")), 0o600);
+    }
+
+    #[test]
+    fn a_replaced_file_is_owner_only_and_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("health-agent.json");
+        std::fs::write(tmp.path().join("health-agent.json.tmp"), b"left over").unwrap();
+        std::fs::set_permissions(
+            tmp.path().join("health-agent.json.tmp"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        replace_private(&p, b"{\"a\":1}").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"{\"a\":1}");
+        assert_eq!(mode(&p), 0o600);
+        replace_private(&p, b"{}").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"{}");
+        assert!(!tmp.path().join("health-agent.json.tmp").exists());
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Units an operator writes and reads: durations (`500ms`, `10s`, `2m`,
 //! `1h`) and sizes (`512m`, `2g`, `1048576`), parsed from flags and
-//! formatted for output. This module is a bottom floor: it imports nothing
-//! from the rest of the crate, so the flags, the backend and `ctl` can all
-//! use it.
+//! formatted for output, and instants in RFC 3339 UTC. This module is a
+//! bottom floor: it imports nothing from the rest of the crate, so the
+//! flags, the backend, `ctl` and `health` can all use it.
 
 use std::fmt;
 use std::str::FromStr;
@@ -162,9 +162,44 @@ impl From<ByteSize> for u64 {
     }
 }
 
+/// RFC 3339 UTC time of a Unix time in milliseconds ("" for 0).
+pub fn rfc3339(ms: i64) -> String {
+    if ms <= 0 {
+        return String::new();
+    }
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(0), "");
+        assert_eq!(rfc3339(1_000), "1970-01-01T00:00:01Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_000_000_000), "2026-11-18T11:06:40Z");
+    }
 
     #[test]
     fn durations_parse_with_units() {

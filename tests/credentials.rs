@@ -243,7 +243,11 @@ fn open_to_others(dir: &Path) -> Vec<String> {
     let mut found = Vec::new();
     let mut todo = vec![dir.to_path_buf()];
     while let Some(p) = todo.pop() {
-        let meta = std::fs::symlink_metadata(&p).unwrap();
+        // A running process replaces its status file by a rename: its
+        // temporary file may be gone by now.
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
         let mode = meta.permissions().mode() & 0o7777;
         if mode & 0o077 != 0 {
             found.push(format!("{} {mode:o}", p.display()));

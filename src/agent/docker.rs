@@ -5,7 +5,9 @@
 //! `uplink.command`, `uplink.run`). The agent touches no other container:
 //! stop, remove and logs refuse a container without its `uplink.agent`
 //! label. A RunContainer delivered again finds its container by
-//! `uplink.command` and creates nothing.
+//! `uplink.command` and creates nothing. The container the agent itself
+//! runs in ([`Engine::with_own_container`]) is never listed, stopped or
+//! removed, whatever its labels say.
 //!
 //! When the socket is missing or refused, every container command fails
 //! with `docker: unavailable (reason)`; each command tries to connect again,
@@ -69,6 +71,9 @@ pub struct Engine {
     limits: std::sync::Mutex<HashMap<String, (f64, u64)>>,
     /// The engine host's figures, once asked.
     host: tokio::sync::OnceCell<(u32, u64, String)>,
+    /// The id of the container this agent runs in, if any: left out of
+    /// every listing and refused by every command.
+    own: Option<String>,
 }
 
 fn labels_filter(agent: &str, extra: Option<(&str, &str)>) -> HashMap<String, Vec<String>> {
@@ -88,7 +93,23 @@ impl Engine {
             reserved: tokio::sync::Mutex::new((0.0, 0)),
             limits: std::sync::Mutex::new(HashMap::new()),
             host: tokio::sync::OnceCell::new(),
+            own: None,
         }
+    }
+
+    /// The same engine, never touching the container `id` (the one this
+    /// agent runs in, found by [`crate::own_container::detect`]): it is
+    /// left out of every listing (and so of reconciliation, orphan removal
+    /// and capacity), and stop, remove and logs refuse it, even if it
+    /// carried this agent's label.
+    pub fn with_own_container(mut self, id: Option<String>) -> Self {
+        self.own = id;
+        self
+    }
+
+    /// Whether `id` is the container this agent runs in.
+    fn is_own(&self, id: Option<&str>) -> bool {
+        self.own.is_some() && self.own.as_deref() == id
     }
 
     /// Pulls `image`, calling `progress(percent, line)` at most once a second.
@@ -154,10 +175,13 @@ impl Engine {
             )),
             ..Default::default()
         };
-        self.docker
+        let mut list = self
+            .docker
             .list_containers(Some(opts))
             .await
-            .map_err(|e| failed(format!("docker: {e}")))
+            .map_err(|e| failed(format!("docker: {e}")))?;
+        list.retain(|c| !self.is_own(c.id.as_deref()));
+        Ok(list)
     }
 
     /// The container a RunContainer command created, if any.
@@ -423,6 +447,14 @@ impl Engine {
             .inspect_container(container, None::<InspectContainerOptions>)
             .await
             .map_err(|e| failed(format!("no container {container:?}: {e}")))?;
+        if self.is_own(i.id.as_deref()) {
+            return Err(Failure {
+                status: proto::CommandStatus::Refused,
+                message: format!(
+                    "container {container:?} is the one this agent runs in; uplink never touches its own container"
+                ),
+            });
+        }
         let labels = i.config.and_then(|c| c.labels).unwrap_or_default();
         if labels.get(LABEL_AGENT) != Some(&self.agent) {
             return Err(Failure {
@@ -568,6 +600,9 @@ impl Engine {
             let Some(id) = ev.actor.and_then(|a| a.id) else {
                 continue;
             };
+            if self.is_own(Some(&id)) {
+                continue;
+            }
             let Ok(i) = self
                 .docker
                 .inspect_container(&id, None::<InspectContainerOptions>)

@@ -16,6 +16,8 @@ pub struct Executor {
     agent: String,
     policy: Policy,
     engine: Mutex<Option<Arc<Engine>>>,
+    /// The container this agent runs in, never touched.
+    own_container: Option<String>,
 }
 
 fn result(
@@ -57,7 +59,15 @@ impl Executor {
             agent: agent.to_string(),
             policy: policy.with_real_prefixes(),
             engine: Mutex::new(None),
+            own_container: None,
         }
+    }
+
+    /// The same executor, whose engine never lists, stops or removes the
+    /// container `id` (the one this agent runs in).
+    pub fn with_own_container(mut self, id: Option<String>) -> Self {
+        self.own_container = id;
+        self
     }
 
     /// The Docker engine, connecting when needed (so an engine that comes
@@ -67,7 +77,9 @@ impl Executor {
         if let Some(e) = slot.as_ref() {
             return Ok(e.clone());
         }
-        let e = Arc::new(Engine::new(docker::connect().await?, &self.agent));
+        let e = Engine::new(docker::connect().await?, &self.agent)
+            .with_own_container(self.own_container.clone());
+        let e = Arc::new(e);
         *slot = Some(e.clone());
         Ok(e)
     }

@@ -114,6 +114,15 @@ pub struct AgentConfig {
     pub credential_max_age: Duration,
     /// The metrics pipeline (None: off).
     pub metrics: Option<crate::metrics::pipeline::MetricsConfig>,
+    /// Where the host's root file system is mounted when the agent runs in
+    /// a container (`--host-root`, e.g. `/host`): host metrics, the
+    /// hostname and the capacity are then the host's, not the
+    /// container's. None: the agent runs on the host itself.
+    pub host_root: Option<PathBuf>,
+    /// The container this agent runs in, if any, found at start
+    /// ([`crate::own_container::detect`]); the agent never lists, reads,
+    /// stops or removes it.
+    pub own_container: crate::own_container::OwnContainer,
 }
 
 impl AgentConfig {
@@ -141,6 +150,8 @@ impl AgentConfig {
             orphan_grace: DEFAULT_ORPHAN_GRACE,
             credential_max_age: DEFAULT_CREDENTIAL_MAX_AGE,
             metrics: Some(crate::metrics::pipeline::MetricsConfig::default()),
+            host_root: None,
+            own_container: crate::own_container::detect(),
         }
     }
 
@@ -189,6 +200,9 @@ impl AgentConfig {
         }
         errs.extend(self.proxy.validate());
         errs.extend(self.policy.validate());
+        if let Some(root) = &self.host_root {
+            errs.extend(check_host_root(root));
+        }
         if self.hostname.is_empty() || self.hostname.len() > 255 {
             errs.push("--hostname: must be 1 to 255 characters".into());
         }
@@ -201,6 +215,32 @@ impl AgentConfig {
             }
         }
         errs
+    }
+}
+
+/// What is wrong with `--host-root`: it must be the host's `/` as mounted
+/// in the agent's container, submounts included, so its `proc/stat` is the
+/// host's.
+fn check_host_root(root: &std::path::Path) -> Vec<String> {
+    let shown = root.display();
+    let mount = "mount the host's root file system there \
+                 (docker run -v /:/host:ro,rslave -e UPLINK_HOST_ROOT=/host ...)";
+    if !root.is_absolute() {
+        vec![format!(
+            "--host-root {shown}: give an absolute path, where the host's / is mounted (e.g. /host)"
+        )]
+    } else if !root.is_dir() {
+        vec![format!(
+            "--host-root {shown}: no such directory: {mount}, or leave the flag out when the agent runs on the host itself"
+        )]
+    } else if !root.join("proc/stat").is_file() {
+        vec![format!(
+            "--host-root {shown}: {shown}/proc is not the host's /proc (no {shown}/proc/stat): \
+             mount the host's / there with its submounts, as docker run -v /:/host:ro,rslave does \
+             (not with bind-recursive=disabled)"
+        )]
+    } else {
+        Vec::new()
     }
 }
 

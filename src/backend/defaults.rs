@@ -59,3 +59,10 @@ pub const MAX_STREAMS_PER_AGENT: usize = 4;
 /// Bytes of request bodies read whole (Connect calls, enrollments) held at
 /// once over all connections.
 pub const DEFAULT_MAX_BUFFERED_BODY_BYTES: usize = 256 * 1024 * 1024;
+
+/// The image the printed host command runs: this build's version, as the
+/// project's image is tagged.
+pub const DEFAULT_HOST_COMMAND_IMAGE: &str = concat!("uplink:", env!("CARGO_PKG_VERSION"));
+/// Where the printed host command expects agent hosts to keep the backend's
+/// generated CA (a copy of `DATA_DIR/ca.pem`, readable by all).
+pub const DEFAULT_HOST_COMMAND_CA_FILE: &str = "/etc/uplink/ca.pem";

@@ -3,12 +3,15 @@
 //! application/grpc*`) and as Connect unary (everything else), over a
 //! durable embedded store. The same port serves `GET /metrics` (Prometheus
 //! text, admin token required): the latest value of every ingested series
-//! and the backend's own ingest counters.
+//! and the backend's own ingest counters. While it runs, it keeps
+//! `DATA_DIR/health-backend.json` (`health::StatusFile`) for `uplink
+//! health`.
 
 pub mod core;
 pub mod defaults;
 pub mod edge;
 pub mod grpc;
+pub mod host_command;
 pub mod hub;
 pub mod placement;
 pub mod ratelimit;
@@ -96,6 +99,8 @@ pub struct BackendConfig {
     pub retention: RetentionConfig,
     /// Bounds on connections and on calls before they authenticate.
     pub edge: edge::Limits,
+    /// What the printed host command holds (image, CA path, proxy).
+    pub host_command: host_command::HostCommand,
 }
 
 impl BackendConfig {
@@ -122,6 +127,7 @@ impl BackendConfig {
             agent_metrics_interval: None,
             retention: RetentionConfig::default(),
             edge: edge::Limits::default(),
+            host_command: host_command::HostCommand::default(),
         }
     }
 
@@ -241,6 +247,7 @@ impl BackendConfig {
             errs.push("--metrics-jsonl-dir is empty: give a directory, or leave it out".into());
         }
         self.edge.validate(&mut errs);
+        errs.extend(self.host_command.validate());
         for (name, token) in [
             ("--admin-token", &self.admin_token),
             ("--enroll-token", &self.enroll_token),
@@ -337,7 +344,7 @@ pub enum BackendError {
 }
 
 /// What a starting backend tells its operator.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct StartInfo {
     /// The address it listens on.
     pub addr: SocketAddr,
@@ -345,13 +352,33 @@ pub struct StartInfo {
     pub url: String,
     /// The CA agents must trust, when generated.
     pub ca_file: Option<PathBuf>,
+    /// Where the host command expects agent hosts to keep a copy of the
+    /// CA, when it mounts one.
+    pub agent_ca_file: Option<PathBuf>,
     /// The admin token when it was generated now (shown once).
     pub new_admin_token: Option<Secret>,
     /// The default provider's enrollment token when it was generated now or
     /// given on the command line.
     pub enroll_token: Option<Secret>,
-    /// The command that runs an agent (with the token when known).
+    /// The command that runs an agent (with the token when known). It may
+    /// hold a proxy's password: printed on stdout, never logged.
     pub host_command: String,
+}
+
+/// Without the host command, which holds the enrollment token and maybe a
+/// proxy's password (the tokens are `Secret`s, redacted).
+impl std::fmt::Debug for StartInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StartInfo")
+            .field("addr", &self.addr)
+            .field("url", &self.url)
+            .field("ca_file", &self.ca_file)
+            .field("agent_ca_file", &self.agent_ca_file)
+            .field("new_admin_token", &self.new_admin_token)
+            .field("enroll_token", &self.enroll_token)
+            .field("host_command", &"(printed once, not shown)")
+            .finish()
+    }
 }
 
 /// A bound backend, ready to run.
@@ -364,6 +391,8 @@ pub struct Server {
     grace: Duration,
     edge: Arc<edge::Edge>,
     info: StartInfo,
+    /// Where the status file goes (the data dir, made absolute).
+    data_dir: PathBuf,
 }
 
 impl Server {
@@ -473,6 +502,7 @@ impl Server {
                     poll_hold: config.poll_hold,
                     public_url: url.clone(),
                     ca_file: server_tls.ca_file.clone(),
+                    host_command: config.host_command.clone(),
                     agent_metrics_interval: config.agent_metrics_interval,
                     max_message_bytes: config.max_message_bytes,
                     retention: config.retention.clone(),
@@ -482,12 +512,11 @@ impl Server {
             )
             .with_sinks(sinks),
         );
-        let host_command = core.host_command(
-            enroll_token
-                .as_ref()
-                .map(|t| t.expose())
-                .unwrap_or("<enrollment token of provider 'default'>"),
-        );
+        let host_command = core.host_command(enroll_token.as_ref().map(|t| t.expose()));
+        let agent_ca_file = config
+            .host_command
+            .ca_on_hosts(server_tls.ca_file.is_some())
+            .map(PathBuf::from);
         Ok(Server {
             listener,
             core,
@@ -500,10 +529,12 @@ impl Server {
                 addr,
                 url,
                 ca_file: server_tls.ca_file,
+                agent_ca_file,
                 new_admin_token,
                 enroll_token,
                 host_command,
             },
+            data_dir: config.data_dir.clone(),
         })
     }
 
@@ -563,6 +594,7 @@ impl Server {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tracing::info!(addr = %self.info.addr, url = %self.info.url, "backend listening");
+        let status = crate::health::StatusFile::backend(&self.data_dir, self.info.addr);
         let pruner = core.clone();
         tokio::spawn(async move { pruner.prune_every(PRUNE_EVERY).await });
         tokio::pin!(shutdown);
@@ -639,6 +671,7 @@ impl Server {
             });
         }
         tracing::info!("backend draining");
+        status.serving(false);
         drop(self.listener);
         let _ = self.draining.send(true);
         if tokio::time::timeout(self.grace, graceful.shutdown())
@@ -654,6 +687,7 @@ impl Server {
             .sinks()
             .close(self.grace.max(Duration::from_secs(5)))
             .await;
+        status.close(None).await;
         tracing::info!("backend stopped");
         Ok(())
     }

@@ -49,9 +49,12 @@ pub struct AgentArgs {
     /// Where identity and journal live.
     #[arg(long, env = "UPLINK_STATE_DIR", default_value = agent::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
-    /// Name to report (default: this host's name).
+    /// Name to report (default: this host's name; with --host-root, the host's /etc/hostname).
     #[arg(long, env = "UPLINK_HOSTNAME")]
     pub hostname: Option<String>,
+    /// Where the host's / is mounted when the agent runs in a container (e.g. /host): host metrics, hostname and capacity are then the host's.
+    #[arg(long, env = "UPLINK_HOST_ROOT")]
+    pub host_root: Option<PathBuf>,
     /// How long the backend may hold a poll.
     #[arg(long, env = "UPLINK_POLL_HOLD", default_value_t = HumanDuration(agent::DEFAULT_POLL_HOLD), value_parser = HumanDuration::from_str)]
     pub poll_hold: HumanDuration,
@@ -157,6 +160,7 @@ impl AgentArgs {
             m.batcher.max_age = a.metrics_batch_age.into();
             m.ingest.graphite = a.ingest_graphite;
             m.ingest.influx = a.ingest_influx;
+            m.host.root = a.host_root.clone();
             m
         });
         if let Some(path) = &a.policy_file {
@@ -177,9 +181,17 @@ impl AgentArgs {
         cfg.policy.allowed_networks.extend(a.allow_networks);
         cfg.probe_max = a.probe_max.into();
         cfg.stream_max_age = a.stream_max_age.into();
-        if let Some(h) = a.hostname {
-            cfg.hostname = h;
+        // The flag wins; in a container, the host's configured name.
+        match (a.hostname, &a.host_root) {
+            (Some(h), _) => cfg.hostname = h,
+            (None, Some(root)) => {
+                if let Some(h) = crate::hostname::hostname_under(root) {
+                    cfg.hostname = h;
+                }
+            }
+            (None, None) => {}
         }
+        cfg.host_root = a.host_root;
         cfg.poll_hold = a.poll_hold.into();
         cfg.keepalive = a.keepalive.into();
         cfg.keepalive_timeout = (cfg.keepalive * 2).max(Duration::from_secs(5));

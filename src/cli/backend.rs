@@ -9,10 +9,10 @@ use clap::Args;
 use crate::backend::defaults::{
     DEFAULT_AUTH_FAILURE_BURST, DEFAULT_AUTH_FAILURE_REFILL, DEFAULT_BODY_TIMEOUT,
     DEFAULT_DATA_DIR, DEFAULT_EPOCHS_KEPT, DEFAULT_FIRST_REQUEST_TIMEOUT, DEFAULT_HEARTBEAT,
-    DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN, DEFAULT_MAX_CONNECTIONS_PER_ADDR,
-    DEFAULT_MAX_CONTAINER_EVENTS_PER_AGENT, DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_MAX_STREAMS_PER_CONNECTION, DEFAULT_POLL_HOLD, DEFAULT_RETAIN_COMMANDS,
-    DEFAULT_RETAIN_CONTAINER_EVENTS, DEFAULT_RETAIN_RUNS,
+    DEFAULT_HOST_COMMAND_IMAGE, DEFAULT_IDLE_TIMEOUT, DEFAULT_LISTEN,
+    DEFAULT_MAX_CONNECTIONS_PER_ADDR, DEFAULT_MAX_CONTAINER_EVENTS_PER_AGENT,
+    DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_STREAMS_PER_CONNECTION, DEFAULT_POLL_HOLD,
+    DEFAULT_RETAIN_COMMANDS, DEFAULT_RETAIN_CONTAINER_EVENTS, DEFAULT_RETAIN_RUNS,
 };
 use crate::units::{HumanDuration, parse_bytes, parse_duration};
 
@@ -54,6 +54,18 @@ pub struct BackendArgs {
     /// URL agents use to reach this backend (default https://<first hostname>:<port>).
     #[arg(long, env = "UPLINK_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// Image the printed host command runs (e.g. your registry's copy of uplink's image).
+    #[arg(long, env = "UPLINK_HOST_COMMAND_IMAGE", default_value = DEFAULT_HOST_COMMAND_IMAGE)]
+    pub host_command_image: String,
+    /// Where agent hosts keep a copy of this backend's CA, mounted by the host command (default /etc/uplink/ca.pem when the backend generated its CA).
+    #[arg(long, env = "UPLINK_HOST_COMMAND_CA_FILE")]
+    pub host_command_ca_file: Option<PathBuf>,
+    /// HTTP CONNECT proxy agents go through, printed in the host command as HTTPS_PROXY (never logged).
+    #[arg(long, env = "UPLINK_HOST_COMMAND_PROXY", hide_env_values = true)]
+    pub host_command_proxy: Option<String>,
+    /// Hosts, domains, IPs or CIDR ranges agents reach without that proxy, printed as NO_PROXY.
+    #[arg(long, env = "UPLINK_HOST_COMMAND_NO_PROXY")]
+    pub host_command_no_proxy: Option<String>,
     /// Largest message accepted or sent, on both rungs.
     #[arg(long, env = "UPLINK_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
@@ -154,6 +166,12 @@ impl BackendArgs {
         cfg.heartbeat = a.heartbeat_interval.into();
         cfg.poll_hold = a.poll_hold.into();
         cfg.public_url = a.public_url;
+        cfg.host_command = crate::backend::host_command::HostCommand {
+            image: a.host_command_image,
+            ca_file: a.host_command_ca_file,
+            proxy: a.host_command_proxy.map(crate::secret::Secret::new),
+            no_proxy: a.host_command_no_proxy,
+        };
         cfg.max_message_bytes = a.max_message_bytes;
         if let Some(n) = a.metrics_max_series {
             cfg.metrics_max_series = n;

@@ -1,23 +1,25 @@
 //! Command-line flags, and how each subcommand's flags become its
 //! configuration: one file per subcommand ([`agent`], [`backend`],
-//! [`ctl`], [`doctor`], [`demo`], [`loadgen`]), each args struct with a
+//! [`ctl`], [`doctor`], [`demo`], [`loadgen`], [`health`]), each args struct with a
 //! conversion into the config of the module it drives. A default the
 //! config also uses is a `DEFAULT_*` constant beside that config, and the
 //! flag's default is taken from it; a default only the flag has is
 //! defined beside the flag. Validation stays with the configs (their
 //! `validate()`).
 //!
-//! The flags of `backend` and `agent`, and the connection flags of `ctl`
-//! and `doctor`, have `UPLINK_*` environment fallbacks (and the
+//! The flags of `backend`, `agent` and `health`, and the connection flags
+//! of `ctl` and `doctor`, have `UPLINK_*` environment fallbacks (and the
 //! ecosystem's names where they exist: `HTTPS_PROXY`, `NO_PROXY`,
 //! `SSL_CERT_FILE`), so a `docker run -e ...` line configures everything.
-//! Bad settings exit with status 64 and one line per problem.
+//! Bad settings exit with status 64 and one line per problem; so do flags
+//! clap cannot parse (an unknown flag, a value that is not a duration).
 
 pub mod agent;
 pub mod backend;
 pub mod ctl;
 pub mod demo;
 pub mod doctor;
+pub mod health;
 pub mod loadgen;
 
 use std::fmt;
@@ -30,6 +32,7 @@ pub use self::backend::BackendArgs;
 pub use self::ctl::{AgentAction, CtlArgs, CtlCommand, ProviderAction, TokenLimits};
 pub use self::demo::DemoArgs;
 pub use self::doctor::DoctorArgs;
+pub use self::health::HealthArgs;
 pub use self::loadgen::LoadgenArgs;
 
 /// Exit status for bad configuration (EX_USAGE).
@@ -97,6 +100,8 @@ pub enum Command {
     Doctor(DoctorArgs),
     /// Generate synthetic load-test samples (a tiny load generator for trying uplink).
     Loadgen(LoadgenArgs),
+    /// Say whether the agent or backend running here is healthy, from its status file (exit 0 or 1): a container's HEALTHCHECK.
+    Health(HealthArgs),
 }
 
 /// CA files from flags plus `SSL_CERT_FILE`.
@@ -234,6 +239,48 @@ mod tests {
         }
     }
 
+    /// The `UPLINK_*` variables of a subcommand's own flags, in the order
+    /// of its flags, as the README's environment table lists them.
+    fn env_column(sub: &str) -> String {
+        use clap::CommandFactory as _;
+        let cli = Cli::command();
+        let cmd = cli
+            .get_subcommands()
+            .find(|c| c.get_name() == sub)
+            .unwrap_or_else(|| panic!("no subcommand {sub}"));
+        cmd.get_arguments()
+            .filter_map(|a| {
+                let env = a.get_env()?.to_str()?;
+                let list = if a.get_value_delimiter().is_some() {
+                    " (comma-separated)"
+                } else {
+                    ""
+                };
+                Some(format!("`{env}`{list}"))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    #[test]
+    fn the_readmes_environment_table_is_the_flags() {
+        let readme = include_str!("../../README.md");
+        let header = "| backend | agent | ctl | health |";
+        let mut lines = readme.lines().skip_while(|l| *l != header);
+        assert_eq!(lines.next(), Some(header), "the README's environment table");
+        let row = lines.nth(1).unwrap_or_default();
+        let want = format!(
+            "| {} |",
+            ["backend", "agent", "ctl", "health"]
+                .map(env_column)
+                .join(" | ")
+        );
+        assert_eq!(
+            row, want,
+            "README.md: replace the table's row with the second"
+        );
+    }
+
     #[test]
     fn defaults_come_from_the_configs() {
         let cli = Cli::try_parse_from(["uplink", "agent", "--backend", "https://b"]).unwrap();
@@ -268,5 +315,54 @@ mod tests {
                 new.orphan_grace
             )
         );
+        assert_eq!(cfg.host_root, None);
+        assert_eq!(cfg.metrics.unwrap().host.root, None);
+    }
+
+    /// `uplink agent --backend https://b ARGS` made into its settings.
+    fn agent_config(args: &[&str]) -> Result<crate::agent::AgentConfig, ConfigError> {
+        let mut all = vec!["uplink", "agent", "--backend", "https://b"];
+        all.extend_from_slice(args);
+        let Command::Agent(a) = Cli::try_parse_from(all).unwrap().command else {
+            panic!("not agent");
+        };
+        a.into_config()
+    }
+
+    #[test]
+    fn a_host_root_feeds_host_metrics_and_the_hostname_and_is_checked() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::create_dir_all(r.join("proc")).unwrap();
+        std::fs::create_dir_all(r.join("etc")).unwrap();
+        std::fs::write(r.join("etc/hostname"), "gen-7\n").unwrap();
+        let shown = r.display().to_string();
+
+        // A directory whose proc/ is not a /proc: named, with what to do.
+        let problems = agent_config(&["--host-root", &shown]).unwrap_err().problems;
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with(&format!("--host-root {shown}: ")),
+            "{problems:?}"
+        );
+        assert!(problems[0].contains("-v /:/host:ro,rslave"), "{problems:?}");
+
+        std::fs::write(r.join("proc/stat"), "cpu  1 2 3\ncpu0 1 2 3\n").unwrap();
+        let cfg = agent_config(&["--host-root", &shown]).unwrap();
+        assert_eq!(cfg.host_root.as_deref(), Some(r));
+        assert_eq!(cfg.metrics.as_ref().unwrap().host.root.as_deref(), Some(r));
+        assert_eq!(cfg.hostname, "gen-7");
+        // --hostname still wins.
+        let cfg = agent_config(&["--host-root", &shown, "--hostname", "h"]).unwrap();
+        assert_eq!(cfg.hostname, "h");
+
+        for (root, needle) in [
+            ("/no/such/dir", "no such directory"),
+            ("host", "absolute path"),
+        ] {
+            let problems = agent_config(&["--host-root", root]).unwrap_err().problems;
+            assert!(problems[0].contains(needle), "{root}: {problems:?}");
+            assert!(problems[0].starts_with("--host-root "), "{problems:?}");
+        }
     }
 }

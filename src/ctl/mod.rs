@@ -17,6 +17,7 @@ use crate::client::{CallError, ConnectClient};
 use crate::proto::{self, Named};
 use crate::secret::Secret;
 use crate::text::escape;
+use crate::units::rfc3339;
 
 /// Prints to stdout; a closed pipe (`ctl agents --json | head`) is not an
 /// error worth a panic.
@@ -422,7 +423,7 @@ pub async fn run(cfg: CtlConfig) -> Result<ExitCode, CallError> {
             out!("provider {name} created");
             out!("{}", token_limits(&limits));
             out!("enrollment token (shown once): {}", r.enrollment_token);
-            out!("run an agent with:\n  {}", r.host_command);
+            out_raw!("{}", host_command(&r.host_command));
         }
         CtlCommand::Providers {
             action: Some(ProviderAction::Rotate { name, limits }),
@@ -431,7 +432,7 @@ pub async fn run(cfg: CtlConfig) -> Result<ExitCode, CallError> {
             out!("enrollment token of {name} rotated; the old one enrolls no new agent");
             out!("{}", token_limits(&limits));
             out!("new enrollment token (shown once): {}", r.enrollment_token);
-            out!("run an agent with:\n  {}", r.host_command);
+            out_raw!("{}", host_command(&r.host_command));
         }
         CtlCommand::Run {
             provider,

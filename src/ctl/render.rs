@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use crate::proto;
 use crate::text::escape;
-use crate::units::human_bytes;
+use crate::units::{human_bytes, rfc3339};
 
 /// A run's state in `ctl` output.
 pub fn run_state_name(s: i32) -> &'static str {
@@ -148,33 +148,6 @@ pub fn transport_name(t: i32) -> &'static str {
     }
 }
 
-/// RFC 3339 UTC time of a Unix time in milliseconds ("" for 0).
-pub fn rfc3339(ms: i64) -> String {
-    if ms <= 0 {
-        return String::new();
-    }
-    let secs = ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 /// `ctl agents --json`: an array of objects.
 pub fn agents_json(agents: &[proto::AgentView]) -> String {
     let arr: Vec<serde_json::Value> = agents
@@ -301,6 +274,24 @@ pub fn token_limits(limits: &crate::cli::TokenLimits) -> String {
     }
 }
 
+/// What `ctl providers create`/`rotate` print with a host command: the
+/// command, and where it expects the backend's CA on the agent's host
+/// when it mounts one.
+pub fn host_command(command: &str) -> String {
+    let mut out = format!("run an agent with:\n  {command}\n");
+    let ca = command
+        .split_once("src=")
+        .and_then(|(_, rest)| rest.split_once(",dst=/etc/uplink/ca.pem"));
+    if let Some((path, _)) = ca {
+        let _ = writeln!(
+            out,
+            "(it mounts the backend's CA from {path} on the agent's host: put a copy of the \
+             backend's ca.pem there first, readable by all)"
+        );
+    }
+    out
+}
+
 /// Where a run's containers were placed, e.g. "2 on agt_a, 1 on agt_b"
 /// (agents in the order of their first container).
 pub fn run_placement(run: &proto::RunView) -> String {
@@ -321,14 +312,6 @@ pub fn run_placement(run: &proto::RunView) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rfc3339_formats_known_instants() {
-        assert_eq!(rfc3339(0), "");
-        assert_eq!(rfc3339(1_000), "1970-01-01T00:00:01Z");
-        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_795_000_000_000), "2026-11-18T11:06:40Z");
-    }
 
     #[test]
     fn json_has_the_documented_fields() {
@@ -398,6 +381,22 @@ mod tests {
             );
             assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out}");
         }
+    }
+
+    #[test]
+    fn a_host_command_that_mounts_a_ca_says_where_it_goes() {
+        let with_ca = "docker run -d \\\n    --mount 'type=bind,src=/srv/my ca.pem,dst=/etc/uplink/ca.pem,readonly' \\\n    x agent";
+        let out = host_command(with_ca);
+        assert!(
+            out.starts_with(&format!("run an agent with:\n  {with_ca}\n")),
+            "{out}"
+        );
+        assert!(
+            out.contains("from /srv/my ca.pem on the agent's host"),
+            "{out}"
+        );
+        let out = host_command("docker run -d x agent");
+        assert_eq!(out, "run an agent with:\n  docker run -d x agent\n");
     }
 
     #[test]

@@ -38,6 +38,31 @@
 //! under the first mount point `/proc/mounts` lists, and one without block
 //! device statistics (NFS, say) has no I/O counters.
 //!
+//! # In a container: the host's root
+//!
+//! When the agent runs in a container, [`HostConfig::root`] names where the
+//! host's `/` is mounted in it (`--host-root /host`, with `-v
+//! /:/host:ro,rslave`), and every figure is the host's:
+//!
+//! - CPU, load and memory come from `/proc/stat`, `/proc/loadavg` and
+//!   `/proc/meminfo`, which no container runtime scopes: they are the
+//!   host's whatever the container's CPU or memory limits (the cgroup's
+//!   limits are never read).
+//! - Interfaces come from `<root>/proc/1/net/dev`, the counters of the
+//!   host's init, so of the host's network namespace, whether or not the
+//!   container shares it; when that file cannot be read (a `/proc` mounted
+//!   with `hidepid`), from this process's namespace, the host's only with
+//!   `--network host`.
+//! - File systems are the host's mounts as they appear under `<root>` in
+//!   this process's mount table (`rslave` keeps it in step with the host's),
+//!   with sizes from `statvfs` of `<root><mount point>`, reported under the
+//!   host's mount point (`/`, `/boot`, not `/host/...`); the container's own
+//!   mounts are left out, and so are the host's under `/proc`, `/sys` and
+//!   `/run` (but `/run/media`), as `sysinfo` leaves them out on a host. I/O
+//!   counters come from `<root>/proc/diskstats`, matched by the device
+//!   number of the mount point, or else by the device's name under
+//!   `<root>/dev`.
+//!
 //! # Cost and timing
 //!
 //! A scrape refreshes only the enabled groups, and never calls
@@ -55,6 +80,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -131,11 +157,16 @@ pub struct HostConfig {
     /// File system types not reported, as `/proc/mounts` names them.
     /// `sysinfo` already leaves out the kernel's pseudo file systems
     /// (`proc`, `sysfs`, `cgroup`, `devtmpfs`, `tmpfs` and others). The
-    /// default also skips `overlay`, one per container (and the agent's own
-    /// root when it runs in one), whose space is that of the disk beneath,
-    /// and memory-backed or image file systems whose space says nothing
-    /// about the host's disks.
+    /// default also skips `overlay` and `fuse.fuse-overlayfs` (Docker's
+    /// storage drivers), one per container (and the agent's own root when
+    /// it runs in one), whose space is that of the disk beneath, and
+    /// memory-backed or image file systems whose space says nothing about
+    /// the host's disks.
     pub skip_file_systems: Vec<String>,
+    /// Where the host's `/` is mounted when the agent runs in a container
+    /// (`--host-root`): then interfaces and file systems are read as the
+    /// module doc says. None: the agent runs on the host.
+    pub root: Option<PathBuf>,
 }
 
 impl Default for HostConfig {
@@ -149,9 +180,17 @@ impl Default for HostConfig {
             network_every: NonZeroU32::MIN,
             disk_every: NonZeroU32::MIN,
             skip_interfaces: vec!["lo".into(), "veth*".into()],
-            skip_file_systems: ["overlay", "tmpfs", "ramfs", "squashfs", "nsfs"]
-                .map(String::from)
-                .into(),
+            skip_file_systems: [
+                "overlay",
+                "fuse.fuse-overlayfs",
+                "tmpfs",
+                "ramfs",
+                "squashfs",
+                "nsfs",
+            ]
+            .map(String::from)
+            .into(),
+            root: None,
         }
     }
 }
@@ -171,6 +210,12 @@ pub struct HostSource {
     system: System,
     networks: Networks,
     disks: Disks,
+    /// `<root>/proc/1/net/dev`, read instead of `networks` in a container
+    /// when it can be read.
+    net_dev: Option<PathBuf>,
+    /// In a container: the name in `<root>/proc/diskstats` of each device
+    /// (as its mounts name it) whose device number matched nothing there.
+    device_names: HashMap<String, Option<String>>,
     /// Scrapes so far, for the every-Nth refreshes.
     scrapes: u64,
     /// When the last CPU reading was taken, measured after it returned, so
@@ -195,10 +240,24 @@ impl HostSource {
         if config.cpu {
             system.refresh_cpu_usage();
         }
+        let net_dev = config.root.as_ref().and_then(|root| {
+            let path = root.join("proc/1/net/dev");
+            match std::fs::read_to_string(&path) {
+                Ok(_) => Some(path),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e,
+                        "host metrics: the host's interfaces cannot be read; reporting those of this \
+                         process's network namespace, the host's only with --network host");
+                    None
+                }
+            }
+        });
         Ok(HostSource {
             system,
             networks: Networks::new()?,
             disks: Disks::new()?,
+            net_dev,
+            device_names: HashMap::new(),
             scrapes: 0,
             cpu_read_at: Instant::now(),
             cpu_total: series(CPU_TOTAL, &[]),
@@ -271,16 +330,29 @@ impl HostSource {
     }
 
     fn scrape_network(&mut self, out: &mut Out<'_>) {
-        self.networks.refresh(true);
         let mut known = std::mem::take(&mut self.interfaces);
-        for (name, data) in &self.networks {
-            let name = name.to_string_lossy();
-            if skipped(&self.config.skip_interfaces, &name) {
-                continue;
+        let mut report = |name: &str, values: [u64; 6]| {
+            if skipped(&self.config.skip_interfaces, name) {
+                return;
             }
             let set = known
-                .remove(&*name)
-                .unwrap_or_else(|| NETWORK.map(|d| series(d, &[("interface", &name)])));
+                .remove(name)
+                .unwrap_or_else(|| NETWORK.map(|d| series(d, &[("interface", name)])));
+            for (s, v) in set.iter().zip(values) {
+                out.push(s, v as f64);
+            }
+            self.interfaces.insert(name.to_string(), set);
+        };
+        if let Some(path) = &self.net_dev {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                for (name, values) in net_dev(&text) {
+                    report(name, values);
+                }
+            }
+            return;
+        }
+        self.networks.refresh(true);
+        for (name, data) in &self.networks {
             let values = [
                 data.total_received(),
                 data.total_transmitted(),
@@ -289,19 +361,33 @@ impl HostSource {
                 data.total_errors_on_received(),
                 data.total_errors_on_transmitted(),
             ];
-            for (s, v) in set.iter().zip(values) {
-                out.push(s, v as f64);
-            }
-            self.interfaces.insert(name.into_owned(), set);
+            report(&name.to_string_lossy(), values);
         }
     }
 
     fn scrape_disks(&mut self, out: &mut Out<'_>) {
-        let kind = DiskRefreshKind::nothing().with_storage().with_io_usage();
+        let root = self.config.root.as_deref();
+        // In a container `sysinfo` cannot find the devices' statistics (the
+        // host's /dev is not the container's): they are read here instead.
+        let kind = match root {
+            None => DiskRefreshKind::nothing().with_storage().with_io_usage(),
+            Some(_) => DiskRefreshKind::nothing().with_storage(),
+        };
         self.disks.refresh_specifics(true, kind);
+        let stats = root.map(|r| {
+            let text = std::fs::read_to_string(r.join("proc/diskstats")).unwrap_or_default();
+            DiskStats::parse(&text)
+        });
         let mut known = std::mem::take(&mut self.file_systems);
         let mut devices = HashSet::new();
         for disk in self.disks.iter() {
+            let mount = match root {
+                None => Some(disk.mount_point().to_string_lossy()),
+                Some(root) => host_mount_point(root, disk.mount_point()).map(Into::into),
+            };
+            let Some(mount) = mount else {
+                continue; // The container's own, or a pseudo file system's.
+            };
             let file_system = disk.file_system().to_string_lossy();
             // A size of 0 means the file system could not be read. A device
             // mounted again (a bind mount) is the same file system.
@@ -313,7 +399,7 @@ impl HostSource {
             }
             let key = (
                 disk.name().to_string_lossy().into_owned(),
-                disk.mount_point().to_string_lossy().into_owned(),
+                mount.into_owned(),
             );
             let set = known.remove(&key).unwrap_or_else(|| {
                 let labels = [("device", key.0.as_str()), ("mount", key.1.as_str())];
@@ -321,14 +407,117 @@ impl HostSource {
             });
             out.push(&set[0], disk.total_space() as f64);
             out.push(&set[1], disk.available_space() as f64);
+            let (read, written) = match (root, &stats) {
+                (Some(root), Some(stats)) => {
+                    let name = &key.0;
+                    let by_number = disk.id().and_then(|dev| stats.by_number(dev));
+                    by_number
+                        .or_else(|| {
+                            let resolved = self
+                                .device_names
+                                .entry(name.clone())
+                                .or_insert_with(|| device_under(root, name));
+                            stats.by_name(resolved.as_deref()?)
+                        })
+                        .unwrap_or((0, 0))
+                }
+                _ => {
+                    let io = disk.usage();
+                    (io.total_read_bytes, io.total_written_bytes)
+                }
+            };
             // Devices without block statistics (NFS, say) read as 0.
-            let io = disk.usage();
-            if io.total_read_bytes > 0 || io.total_written_bytes > 0 {
-                out.push(&set[2], io.total_read_bytes as f64);
-                out.push(&set[3], io.total_written_bytes as f64);
+            if read > 0 || written > 0 {
+                out.push(&set[2], read as f64);
+                out.push(&set[3], written as f64);
             }
             self.file_systems.insert(key, set);
         }
+    }
+}
+
+/// Each interface's counters in the text of a `/proc/<pid>/net/dev`, in
+/// the order of [`NETWORK`]: bytes, packets and errors, received then
+/// transmitted. Lines that do not parse are skipped.
+fn net_dev(text: &str) -> impl Iterator<Item = (&str, [u64; 6])> {
+    // Two header lines, then `name: rx bytes packets errs drop fifo frame
+    // compressed multicast tx bytes packets errs ...`.
+    text.lines().skip(2).filter_map(|line| {
+        let (name, counters) = line.split_once(':')?;
+        let mut v = [0u64; 11];
+        let mut fields = counters.split_ascii_whitespace();
+        for slot in &mut v {
+            *slot = fields.next()?.parse().ok()?;
+        }
+        Some((name.trim(), [v[0], v[8], v[1], v[9], v[2], v[10]]))
+    })
+}
+
+/// The host's mount point of `mount`, a mount point in this process's
+/// table: `mount` without the `root` prefix (`/host/boot` -> `/boot`).
+/// None for a mount outside `root` (the container's own) and for the
+/// host's pseudo file systems' places, as `sysinfo` skips them on a host.
+fn host_mount_point(root: &Path, mount: &Path) -> Option<String> {
+    let inside = mount.strip_prefix(root).ok()?;
+    let host = Path::new("/").join(inside);
+    let pseudo = ["/proc", "/sys", "/run"]
+        .iter()
+        .any(|p| host.starts_with(p))
+        && !host.starts_with("/run/media");
+    (!pseudo).then(|| host.to_string_lossy().into_owned())
+}
+
+/// The name in `/proc/diskstats` of `device` (as a mount names it, e.g.
+/// `/dev/mapper/vg-root`), resolved in the host's `/dev` under `root`
+/// (`dm-0`); None when it is not a device there.
+fn device_under(root: &Path, device: &str) -> Option<String> {
+    let inside = device.strip_prefix("/dev/")?;
+    let dev = root.join("dev");
+    let real = std::fs::canonicalize(dev.join(inside)).ok()?;
+    Some(real.strip_prefix(&dev).ok()?.to_string_lossy().into_owned())
+}
+
+/// Bytes read and written per device, from `/proc/diskstats`.
+struct DiskStats {
+    by_number: HashMap<(u64, u64), (u64, u64)>,
+    by_name: HashMap<String, (u64, u64)>,
+}
+
+impl DiskStats {
+    /// The kernel counts in sectors of 512 bytes, whatever the device's.
+    const SECTOR: u64 = 512;
+
+    fn parse(text: &str) -> DiskStats {
+        let mut stats = DiskStats {
+            by_number: HashMap::new(),
+            by_name: HashMap::new(),
+        };
+        for line in text.lines() {
+            // major minor name reads merged sectors-read ms writes merged
+            // sectors-written ...
+            let f: Vec<&str> = line.split_ascii_whitespace().take(10).collect();
+            let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+            let (Some(major), Some(minor), Some(name), Some(read), Some(written)) =
+                (num(0), num(1), f.get(2), num(5), num(9))
+            else {
+                continue;
+            };
+            let bytes = (read * Self::SECTOR, written * Self::SECTOR);
+            stats.by_number.insert((major, minor), bytes);
+            stats.by_name.insert(name.to_string(), bytes);
+        }
+        stats
+    }
+
+    /// By a device number (`st_dev`), Linux's encoding of major and minor.
+    fn by_number(&self, dev: u64) -> Option<(u64, u64)> {
+        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & 0xffff_f000);
+        let minor = (dev & 0xff) | ((dev >> 12) & 0xffff_ff00);
+        self.by_number.get(&(major, minor)).copied()
+    }
+
+    fn by_name(&self, name: &str) -> Option<(u64, u64)> {
+        self.by_name.get(name).copied()
     }
 }
 
@@ -546,6 +735,132 @@ mod tests {
         }
     }
 
+    /// A source reading through a host root of `/`: what a container
+    /// with the host's `/` mounted at its root would read.
+    fn through_root(config: HostConfig) -> HostSource {
+        HostSource::new(HostConfig {
+            root: Some(PathBuf::from("/")),
+            ..config
+        })
+        .unwrap()
+    }
+
+    /// The labels and value of each sample named `name`, sorted.
+    fn by_labels(samples: &[Sample], name: &str) -> Vec<(Vec<(String, String)>, f64)> {
+        let mut v: Vec<_> = named(samples, name)
+            .into_iter()
+            .map(|s| (s.series.labels.clone(), s.value))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    #[test]
+    fn a_host_root_of_slash_reads_the_file_systems_the_host_path_reads() {
+        let config = HostConfig {
+            cpu: false,
+            network: false,
+            ..all()
+        };
+        let native = scrape(&mut HostSource::new(config.clone()).unwrap(), 0);
+        let rooted = scrape(&mut through_root(config), 0);
+        for name in ["host_disk_total_bytes", "host_disk_read_bytes_total"] {
+            let a: Vec<_> = by_labels(&native, name).into_iter().map(|s| s.0).collect();
+            let b: Vec<_> = by_labels(&rooted, name).into_iter().map(|s| s.0).collect();
+            assert_eq!(a, b, "{name}");
+        }
+        let totals = |samples| -> Vec<f64> {
+            let v = by_labels(samples, "host_disk_total_bytes");
+            v.into_iter().map(|s| s.1).collect()
+        };
+        assert_eq!(totals(&native), totals(&rooted));
+        // The I/O counters come from the same kernel counters.
+        for (a, b) in by_labels(&native, "host_disk_read_bytes_total")
+            .iter()
+            .zip(by_labels(&rooted, "host_disk_read_bytes_total"))
+        {
+            assert!(b.1 >= a.1, "{a:?} then {b:?}");
+        }
+    }
+
+    #[test]
+    fn a_host_root_reads_the_interfaces_of_the_hosts_init() {
+        let Ok(text) = std::fs::read_to_string("/proc/1/net/dev") else {
+            return; // A /proc with hidepid: the source falls back, as tested above.
+        };
+        let config = HostConfig {
+            cpu: false,
+            disk: false,
+            ..all()
+        };
+        let samples = scrape(&mut through_root(config), 0);
+        let mut reported: Vec<&str> = named(&samples, "host_network_received_bytes_total")
+            .iter()
+            .map(|s| label(s, "interface").unwrap())
+            .collect();
+        reported.sort();
+        let mut listed: Vec<&str> = net_dev(&text).map(|(name, _)| name).collect();
+        listed.sort();
+        assert_eq!(reported, listed);
+        assert!(reported.contains(&"lo"), "{reported:?}");
+    }
+
+    #[test]
+    fn net_dev_counters_are_read_in_metric_order() {
+        let text = "\
+Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo: 84523393   32807    0    0    0     0          0         0 84523393   32807    0    0    0     0       0          0
+  eth0:226667166    6175    3    0    0     0          0         0  1234567    4321    7    0    0     0       0          0
+docker0: bad
+";
+        let parsed: Vec<_> = net_dev(text).collect();
+        assert_eq!(
+            parsed,
+            [
+                ("lo", [84523393, 84523393, 32807, 32807, 0, 0]),
+                ("eth0", [226667166, 1234567, 6175, 4321, 3, 7]),
+            ]
+        );
+    }
+
+    #[test]
+    fn host_mount_points_drop_the_root_and_the_pseudo_places() {
+        let root = Path::new("/host");
+        let host = |m: &str| host_mount_point(root, Path::new(m));
+        assert_eq!(host("/host").as_deref(), Some("/"));
+        assert_eq!(host("/host/boot/efi").as_deref(), Some("/boot/efi"));
+        assert_eq!(
+            host("/host/run/media/usb").as_deref(),
+            Some("/run/media/usb")
+        );
+        for outside in ["/", "/etc/hostname", "/hostname", "/var/lib/uplink"] {
+            assert_eq!(host(outside), None, "{outside}");
+        }
+        for pseudo in ["/host/proc", "/host/sys/fs/cgroup", "/host/run/user/1000"] {
+            assert_eq!(host(pseudo), None, "{pseudo}");
+        }
+    }
+
+    #[test]
+    fn disk_stats_are_found_by_device_number_and_by_name() {
+        let stats = DiskStats::parse(
+            "\
+ 254       0 vda 1 2 100 4 5 6 300 8 9 10 11
+ 253       3 dm-3 1 2 10 4 5 6 20 8 9 10 11
+ 259  1048576 nvme9n1 1 2 7 4 5 6 9 8
+garbage
+",
+        );
+        // st_dev of 254:0, 253:3 and 259:1048576 as Linux encodes them.
+        assert_eq!(stats.by_number(254 << 8), Some((100 * 512, 300 * 512)));
+        assert_eq!(stats.by_number((253 << 8) | 3), Some((10 * 512, 20 * 512)));
+        let big_minor = (259 << 8) | ((1_048_576 & !0xff) << 12);
+        assert_eq!(stats.by_number(big_minor), Some((7 * 512, 9 * 512)));
+        assert_eq!(stats.by_name("dm-3"), Some((10 * 512, 20 * 512)));
+        assert_eq!(stats.by_name("sda"), None);
+    }
+
     #[test]
     fn a_source_can_move_to_another_thread() {
         fn send<T: Send + 'static>() {}
@@ -563,36 +878,48 @@ mod tests {
     /// Prints what a scrape costs here; run with `--nocapture` to see it.
     #[test]
     fn scrape_cost() {
-        const ROUNDS: u32 = 20;
         for group in ["all", "cpu", "load", "memory", "network", "disk"] {
-            let mut c = all();
-            let groups = [
-                &mut c.cpu,
-                &mut c.load,
-                &mut c.memory,
-                &mut c.network,
-                &mut c.disk,
-            ];
-            for (on, name) in groups
-                .into_iter()
-                .zip(["cpu", "load", "memory", "network", "disk"])
-            {
-                *on = group == "all" || group == name;
-            }
-            let mut source = HostSource::new(c).unwrap();
-            let mut out = Vec::new();
-            // CPU is read only 200 ms apart: only the first scrape reads it.
-            sleep(MINIMUM_CPU_UPDATE_INTERVAL);
-            let started = Instant::now();
-            source.scrape(0, &mut out);
-            let first = started.elapsed();
-            let started = Instant::now();
-            for i in 1..=ROUNDS {
-                source.scrape(i64::from(i), &mut out);
-            }
-            let rest = started.elapsed() / ROUNDS;
-            let n = out.len();
-            println!("host scrape {group:>8}: first {first:?}, then {rest:?} each ({n} samples)");
+            scrape_cost_of(group, None);
         }
+        // Through a host root, as an agent in a container reads.
+        for group in ["network", "disk"] {
+            scrape_cost_of(group, Some(PathBuf::from("/")));
+        }
+    }
+
+    fn scrape_cost_of(group: &str, root: Option<PathBuf>) {
+        const ROUNDS: u32 = 20;
+        let mut c = HostConfig {
+            root: root.clone(),
+            ..all()
+        };
+        let groups = [
+            &mut c.cpu,
+            &mut c.load,
+            &mut c.memory,
+            &mut c.network,
+            &mut c.disk,
+        ];
+        for (on, name) in groups
+            .into_iter()
+            .zip(["cpu", "load", "memory", "network", "disk"])
+        {
+            *on = group == "all" || group == name;
+        }
+        let mut source = HostSource::new(c).unwrap();
+        let mut out = Vec::new();
+        // CPU is read only 200 ms apart: only the first scrape reads it.
+        sleep(MINIMUM_CPU_UPDATE_INTERVAL);
+        let started = Instant::now();
+        source.scrape(0, &mut out);
+        let first = started.elapsed();
+        let started = Instant::now();
+        for i in 1..=ROUNDS {
+            source.scrape(i64::from(i), &mut out);
+        }
+        let rest = started.elapsed() / ROUNDS;
+        let n = out.len();
+        let via = if root.is_some() { " (root /)" } else { "" };
+        println!("host scrape {group:>8}{via}: first {first:?}, then {rest:?} each ({n} samples)");
     }
 }

@@ -1,5 +1,6 @@
-//! The `uplink` binary as the tests run it: agents, a backend or `ctl` as
-//! real processes whose output the test reads, and where that binary is.
+//! The `uplink` binary as the tests run it: agents, a backend, `ctl` or
+//! `health` as real processes whose output the test reads, and where that
+//! binary is.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -225,6 +226,32 @@ pub async fn ctl(b: &TestBackend, args: &[&str]) -> std::process::Output {
         .output()
         .await
         .expect("uplink ctl runs")
+}
+
+/// Runs `uplink health ARGS` with `envs` (and none of the `UPLINK_*`
+/// variables of the test's own environment that it reads): its exit
+/// code and its line.
+pub async fn health(args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = tokio::process::Command::new(bin());
+    cmd.arg("health").args(args);
+    for var in [
+        "UPLINK_STATE_DIR",
+        "UPLINK_DATA_DIR",
+        "UPLINK_HEALTH_ROLE",
+        "UPLINK_HEALTH_MAX_AGE",
+        "UPLINK_HEALTH_TIMEOUT",
+    ] {
+        cmd.env_remove(var);
+    }
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().await.expect("uplink health runs");
+    let mut text = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
+    if text.is_empty() {
+        text = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+    }
+    (out.status.code(), text)
 }
 
 /// Starts an agent process against `b`.

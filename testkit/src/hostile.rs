@@ -125,21 +125,25 @@ impl BackendProc {
 
     /// Starts an agent against it (gRPC streams) with state in `state_dir`.
     pub fn agent(&self, state_dir: &Path, hostname: &str) -> Proc {
-        Proc::spawn(
-            &[
-                "agent",
-                "--backend",
-                &self.url(),
-                "--state-dir",
-                state_dir.to_str().unwrap(),
-                "--hostname",
-                hostname,
-                "--ca-file",
-                self.ca.to_str().unwrap(),
-                "--transport",
-                "grpc",
-            ],
-            &[("UPLINK_TOKEN", self.enroll_token.expose())],
-        )
+        self.agent_with(state_dir, hostname, &["--transport", "grpc"])
+    }
+
+    /// Starts an agent against it with state in `state_dir` and extra
+    /// flags (`--transport longpoll`, `--no-metrics`...).
+    pub fn agent_with(&self, state_dir: &Path, hostname: &str, flags: &[&str]) -> Proc {
+        let url = self.url();
+        let mut args = vec![
+            "agent",
+            "--backend",
+            &url,
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+            "--hostname",
+            hostname,
+            "--ca-file",
+            self.ca.to_str().unwrap(),
+        ];
+        args.extend_from_slice(flags);
+        Proc::spawn(&args, &[("UPLINK_TOKEN", self.enroll_token.expose())])
     }
 }

@@ -18,15 +18,19 @@
 //!   dispatch and ladder benchmarks measure against.
 //! - [`agents`]: [`Proc`], the `uplink` binary ([`bin`]) run as an agent,
 //!   a backend or `ctl`, its output collected; [`agent`], [`agent_via`]
-//!   and [`ctl`] start it against a [`TestBackend`].
+//!   and [`ctl`] start it against a [`TestBackend`]; [`health`] runs
+//!   `uplink health`.
 //! - [`relay`]: a TCP relay that turns into the faults of real networks
 //!   (a path that cuts HTTP/2, a half-open line, connections cut at an
 //!   age).
 //! - [`squid`]: Debian's squid on a loopback port (CONNECT, Basic auth,
 //!   TLS interception, tunnel lifetimes).
 //! - [`docker`]: the real Docker engine (a busybox image built `FROM
-//!   scratch`, a registry on loopback) and cleanup of an agent's
+//!   scratch`, a registry on loopback, an image of the `uplink` binary
+//!   under test laid out as the project's) and cleanup of an agent's
 //!   containers.
+//! - [`image`]: the project's image as `make image-local` builds it, and
+//!   `docker` run from a test.
 //! - [`hostile`]: [`hostile::BackendProc`], the backend binary as its own
 //!   process (under `prlimit` if asked), its memory, raw TLS connections
 //!   to it, `ctl` and agents against it.
@@ -72,6 +76,7 @@ pub mod chaos;
 pub mod docker;
 pub mod feed;
 pub mod hostile;
+pub mod image;
 pub mod ingress;
 pub mod inprocess;
 pub mod loadgen;
@@ -87,7 +92,7 @@ pub mod throughput;
 pub mod waits;
 pub mod workload;
 
-pub use agents::{Proc, agent, agent_via, bin, ctl};
+pub use agents::{Proc, agent, agent_via, bin, ctl, health};
 pub use backend::{TestBackend, connected_agent, ping, result_of};
 pub use ports::free_port;
 pub use waits::wait_for;

@@ -384,3 +384,37 @@ async fn containers_uplink_did_not_create_are_refused_by_every_command_and_untou
     assert!(list.containers.is_empty(), "{list:?}");
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_container_the_agent_runs_in_is_never_listed_or_touched_even_with_its_label() {
+    let dir = tempfile::tempdir().unwrap();
+    ensure_image(dir.path());
+    let agent = format!("agt_own{}", std::process::id());
+    let _cleanup = Cleanup(agent.clone());
+    // The worst case: the agent's own container carries its label, so
+    // only the own-container rule keeps it out.
+    let own = Foreign::start(&["--label", &format!("uplink.agent={agent}")]);
+    let docker = || async { uplink::agent::docker::connect().await.expect("docker") };
+    let unaware = uplink::agent::docker::Engine::new(docker().await, &agent);
+    let listed = unaware.list().await.unwrap();
+    assert_eq!(listed.len(), 1, "the label matches: {listed:?}");
+    let engine = uplink::agent::docker::Engine::new(docker().await, &agent)
+        .with_own_container(Some(own.0.clone()));
+    let started_at = own.inspect("{{.State.StartedAt}}");
+    assert!(engine.list().await.unwrap().is_empty());
+    assert_eq!(engine.usage().await.unwrap().containers, 0);
+    let name = own.inspect("{{.Name}}");
+    for target in [own.0.as_str(), &own.0[..12], name.trim_start_matches('/')] {
+        let refusals = [
+            engine.stop(target, 1).await.unwrap_err(),
+            engine.remove(target, true).await.unwrap_err(),
+            engine.logs(target, 10).await.unwrap_err(),
+        ];
+        for f in refusals {
+            assert_eq!(f.status, CommandStatus::Refused, "{target}: {f:?}");
+            assert!(f.message.contains("never touches its own"), "{}", f.message);
+        }
+    }
+    assert_eq!(own.inspect("{{.State.Running}}"), "true");
+    assert_eq!(own.inspect("{{.State.StartedAt}}"), started_at);
+}

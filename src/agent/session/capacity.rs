@@ -40,6 +40,9 @@ fn change(last: Option<&proto::Capacity>, now: &proto::Capacity) -> Change {
 pub(super) struct CapacityReporter {
     pub(super) executor: Arc<Executor>,
     pub(super) policy: Policy,
+    /// The host's root as mounted in the agent's container, if it runs in
+    /// one (`--host-root`).
+    pub(super) host_root: Option<std::path::PathBuf>,
     pub(super) reports: Reports,
     /// Wakes it: something may have changed the capacity.
     pub(super) changed: Arc<Notify>,
@@ -55,7 +58,12 @@ impl CapacityReporter {
     pub(super) async fn run(mut self) {
         let mut last: Option<proto::Capacity> = None;
         loop {
-            let now = super::super::capacity::measure(&self.executor, &self.policy).await;
+            let now = super::super::capacity::measure(
+                &self.executor,
+                &self.policy,
+                self.host_root.as_deref(),
+            )
+            .await;
             let change = change(last.as_ref(), &now);
             if change.send {
                 if change.log {

@@ -10,6 +10,7 @@ use super::transport::Unary;
 use crate::backoff::Retry;
 use crate::client::{self, CallError, ConnectClient, FailureKind};
 use crate::grpc_path::GrpcPath;
+use crate::health::StatusFile;
 use crate::net::Net;
 use crate::proto::{self, agent_service_client::AgentServiceClient};
 
@@ -74,6 +75,7 @@ pub(super) async fn enrolled(
     net: &Net,
     info: &proto::AgentInfo,
     stop: &mut Stop,
+    status: &StatusFile,
 ) -> Result<Option<Identity>, AgentError> {
     let backend = cfg.backend.to_string();
     if let Some(id) = identity::load(&cfg.state_dir)? {
@@ -116,6 +118,9 @@ pub(super) async fn enrolled(
             _ = stop.wait() => return Ok(None),
             r = attempt => r,
         };
+        if let Err(e) = &attempt {
+            status.failed("", &format!("enrollment failed: {e}"));
+        }
         let delay = match attempt {
             Ok(resp) => {
                 let id = Identity {

@@ -12,6 +12,11 @@
 //! - [`capacity`]: the capacity reporter.
 //! - [`metrics_push`]: the metrics pipeline's push on the current rung.
 //!
+//! The status file (`health::StatusFile`, `STATE_DIR/health-agent.json`)
+//! hears from enrollment and the rung loop: connected on a rung, each
+//! frame or poll answer, each failure; the session marks it stopped when
+//! it ends.
+//!
 //! Tasks and channels:
 //!
 //! ```text
@@ -55,6 +60,7 @@ use tokio::sync::{Notify, watch};
 
 use super::journal::Journal;
 use super::{AgentConfig, AgentError, executor};
+use crate::health::StatusFile;
 use crate::net::Net;
 use crate::proto;
 use crate::secret::Secret;
@@ -105,6 +111,31 @@ async fn serve_self_metrics(
     }
 }
 
+/// Says where the agent runs as far as containers go: the container it
+/// leaves alone, or a warning when it seems to run in one it cannot name.
+fn log_own_container(own: &crate::own_container::OwnContainer) {
+    match &own.id {
+        Some(id) => tracing::info!(container = %id,
+            "running in a container: this agent never lists, reads, stops or removes it"),
+        None if own.in_container => tracing::warn!(
+            "running in a container whose id was not found (no runtime mount in /proc/self/mountinfo, \
+             no id in /proc/self/cgroup): only its lack of this agent's label keeps it out of the agent's listings"
+        ),
+        None => {}
+    }
+}
+
+/// The pipeline's settings, with the container source told which container
+/// to leave alone.
+fn with_own_container(
+    m: &crate::metrics::pipeline::MetricsConfig,
+    own: Option<String>,
+) -> crate::metrics::pipeline::MetricsConfig {
+    let mut m = m.clone();
+    m.containers.own_container = own;
+    m
+}
+
 pub(super) async fn run(
     cfg: AgentConfig,
     shutdown: impl Future<Output = ()> + Send,
@@ -114,6 +145,19 @@ pub(super) async fn run(
         path: cfg.state_dir.clone(),
         source,
     })?;
+    let status = StatusFile::agent(&cfg.state_dir, &cfg.backend.to_string());
+    let r = serve(cfg, shutdown, status.clone()).await;
+    status.close(r.as_ref().err().map(|e| e.to_string())).await;
+    r
+}
+
+/// The session, from the TLS settings to the end of the grace time,
+/// telling `status` how the connection goes.
+async fn serve(
+    cfg: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send,
+    status: StatusFile,
+) -> Result<(), AgentError> {
     let net = Net::new(crate::tls::client_config(&cfg.trust)?, cfg.proxy.clone());
     let metrics_task = serve_self_metrics(&cfg).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -126,7 +170,7 @@ pub(super) async fn run(
             arch: std::env::consts::ARCH.into(),
             transport_reason: String::new(),
         };
-        let Some(ident) = enroll::enrolled(&cfg, &net, &info, &mut stop).await? else {
+        let Some(ident) = enroll::enrolled(&cfg, &net, &info, &mut stop, &status).await? else {
             return Ok(());
         };
         tracing::info!(agent = %ident.agent_id, provider = %ident.provider, backend = %cfg.backend,
@@ -144,7 +188,11 @@ pub(super) async fn run(
         let journal = Arc::new(Mutex::new(journal));
         let credential = credential::Credential::new(Secret::new(ident.credential.clone()));
 
-        let executor = Arc::new(executor::Executor::new(&ident.agent_id, cfg.policy.clone()));
+        log_own_container(&cfg.own_container);
+        let own_container = cfg.own_container.id.clone();
+        let executor = executor::Executor::new(&ident.agent_id, cfg.policy.clone())
+            .with_own_container(own_container.clone());
+        let executor = Arc::new(executor);
         let capacity_changed = Arc::new(Notify::new());
         let slot = transport::UnarySlot::new();
         let rotator = tokio::spawn(
@@ -208,6 +256,7 @@ pub(super) async fn run(
             capacity::CapacityReporter {
                 executor: executor.clone(),
                 policy: cfg.policy.clone(),
+                host_root: cfg.host_root.clone(),
                 reports: reports.clone(),
                 changed: capacity_changed.clone(),
                 connections: slot.subscribe(),
@@ -218,7 +267,7 @@ pub(super) async fn run(
         let pipeline = match &cfg.metrics {
             Some(m) => Some(
                 metrics_push::start_pipeline(
-                    m,
+                    &with_own_container(m, own_container),
                     cfg.state_dir.clone(),
                     &ident.agent_id,
                     slot.clone(),
@@ -245,6 +294,7 @@ pub(super) async fn run(
             intake: intake.clone(),
             ack: intake.ack(),
             metrics_interval,
+            status: status.clone(),
         }
         .run(stop.clone())
         .await;

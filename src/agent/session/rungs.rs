@@ -19,6 +19,7 @@ use super::transport::{
 };
 use crate::backoff::{Backoff, Retry};
 use crate::client::{CallError, FailureKind};
+use crate::health::StatusFile;
 use crate::proto;
 
 /// How a rung session ended.
@@ -117,6 +118,8 @@ pub(super) struct Rungs {
     pub(super) ack: watch::Receiver<u64>,
     /// The metrics interval the backend asked for (`Reconfigure`).
     pub(super) metrics_interval: watch::Sender<Option<Duration>>,
+    /// The status file: connected, contact, failures.
+    pub(super) status: StatusFile,
 }
 
 impl Rungs {
@@ -132,6 +135,15 @@ impl Rungs {
     /// A stream being opened beside the current session.
     fn opening(&self) -> Opening {
         opening(&self.transport, &self.ack, &self.info)
+    }
+
+    /// Tells the status file how a session on `rung` ended.
+    fn note(&self, rung: Rung, outcome: &Outcome) {
+        match outcome {
+            Outcome::Failed(e) => self.status.failed(rung.name(), &e.to_string()),
+            Outcome::Broken(why) => self.status.failed(rung.name(), why),
+            Outcome::Shutdown | Outcome::Climb(_) => {}
+        }
     }
 
     /// Hands a delivered command to intake; a journal that cannot be
@@ -160,6 +172,7 @@ impl Rungs {
                     let (outcome, end) = self
                         .grpc_session(&mut retry, stop.clone(), preopened.take())
                         .await;
+                    self.note(rung, &outcome);
                     let (fall, label) = match &outcome {
                         Outcome::Failed(e) => (
                             ladder.grpc_failed(e, end, std::time::Instant::now(), fastrand::f64()),
@@ -183,8 +196,11 @@ impl Rungs {
                     outcome
                 }
                 Rung::Longpoll => {
-                    self.poll_session(&mut retry, stop.clone(), &mut ladder)
-                        .await
+                    let outcome = self
+                        .poll_session(&mut retry, stop.clone(), &mut ladder)
+                        .await;
+                    self.note(rung, &outcome);
+                    outcome
                 }
             };
             let delay = match outcome {
@@ -253,6 +269,7 @@ impl Rungs {
         retry.reset();
         tracing::info!(rung = "grpc", ack = open.ack, "stream open");
         let mut live = self.transport.adopt(open);
+        self.status.connected("grpc");
         let mut dead_after = FIRST_FRAME_TIMEOUT;
         let mut next: Option<Opening> = None;
         let auto = self.cfg.transport == TransportMode::Auto;
@@ -345,6 +362,7 @@ impl Rungs {
                     }
                 }
             };
+            self.status.contact();
             use proto::server_frame::Kind;
             match frame.frame.and_then(|f| f.kind) {
                 Some(Kind::Heartbeat(h)) => {
@@ -430,6 +448,7 @@ impl Rungs {
                 retry.reset();
                 tracing::info!(rung = "longpoll", ack = req.ack, "long-polling");
             }
+            self.status.connected("longpoll");
             for frame in resp.frames {
                 use proto::server_frame::Kind;
                 match frame.kind {

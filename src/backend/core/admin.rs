@@ -138,7 +138,7 @@ impl Core {
                 token_expires_unix_ms: req.token_expires_unix_ms,
                 token_enrolled: 0,
             }),
-            host_command: self.host_command(token.expose()),
+            host_command: self.host_command(Some(token.expose())),
             enrollment_token: token.expose().to_string(),
         })
     }
@@ -171,7 +171,7 @@ impl Core {
         tracing::info!(provider = %req.provider, max_agents = req.max_agents, expires_ms = req.token_expires_unix_ms,
             "enrollment token rotated; the old one is revoked");
         Ok(proto::RotateEnrollmentTokenResponse {
-            host_command: self.host_command(token.expose()),
+            host_command: self.host_command(Some(token.expose())),
             enrollment_token: token.expose().to_string(),
         })
     }

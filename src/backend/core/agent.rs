@@ -717,6 +717,7 @@ mod tests {
             poll_hold: Duration::from_secs(25),
             public_url: "https://localhost".into(),
             ca_file: None,
+            host_command: Default::default(),
             agent_metrics_interval: None,
             max_message_bytes: 4 << 20,
             retention: RetentionConfig::default(),

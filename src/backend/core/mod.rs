@@ -48,6 +48,8 @@ pub struct CoreConfig {
     pub public_url: String,
     /// The CA file agents must trust, when the backend generated its own.
     pub ca_file: Option<std::path::PathBuf>,
+    /// What the printed host command holds besides the URL and the token.
+    pub host_command: super::host_command::HostCommand,
     /// The metrics interval agents are asked to use (`Reconfigure`);
     /// None leaves it to each agent.
     pub agent_metrics_interval: Option<Duration>,
@@ -192,21 +194,15 @@ impl Core {
         Ok(())
     }
 
-    /// A command line that runs an agent enrolled with `token`.
-    pub fn host_command(&self, token: &str) -> String {
-        let url = &self.cfg.public_url;
-        match &self.cfg.ca_file {
-            Some(ca) => format!(
-                "docker run -d --name uplink-agent --restart unless-stopped -v uplink-state:/var/lib/uplink \
-                 -v {ca}:/etc/uplink/ca.pem:ro -e UPLINK_CA_FILE=/etc/uplink/ca.pem \
-                 -e UPLINK_BACKEND={url} -e UPLINK_TOKEN={token} uplink:latest agent",
-                ca = ca.display()
-            ),
-            None => format!(
-                "docker run -d --name uplink-agent --restart unless-stopped -v uplink-state:/var/lib/uplink \
-                 -e UPLINK_BACKEND={url} -e UPLINK_TOKEN={token} uplink:latest agent"
-            ),
-        }
+    /// The `docker run` line that runs an agent of this backend on a host
+    /// (`super::host_command`), enrolled with `token` (None: the operator's
+    /// `UPLINK_TOKEN`). It may hold a proxy's password: printed, never
+    /// logged.
+    pub fn host_command(&self, token: Option<&str>) -> String {
+        let generated_ca = self.cfg.ca_file.is_some();
+        self.cfg
+            .host_command
+            .render(&self.cfg.public_url, token, generated_ca)
     }
 }
 

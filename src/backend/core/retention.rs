@@ -128,6 +128,7 @@ mod tests {
             poll_hold: Duration::from_secs(10),
             public_url: "https://localhost:1".into(),
             ca_file: None,
+            host_command: Default::default(),
             agent_metrics_interval: None,
             max_message_bytes: 1 << 20,
             retention: RetentionConfig {

@@ -52,7 +52,8 @@
 //! # Cost and timing
 //!
 //! A scrape lists this agent's running containers (one call, filtered by
-//! the `uplink.agent` label as the executor's own listings are), then reads
+//! the `uplink.agent` label as the executor's own listings are, and never
+//! the container the agent itself runs in), then reads
 //! each container's stats once, with `stream=false` and `one-shot=true`, so
 //! that the engine answers from one reading instead of two. The engine
 //! samples its containers once a second and answers a one-shot call with
@@ -132,6 +133,9 @@ pub struct ContainerConfig {
     /// How long the list, and each container's stats, may take before the
     /// scrape gives up on it ([`MIN_TIMEOUT`] to [`MAX_TIMEOUT`]).
     pub timeout: Duration,
+    /// The id of the container the agent runs in (found at start by
+    /// [`crate::own_container::detect`]): never read, whatever its labels.
+    pub own_container: Option<String>,
 }
 
 impl Default for ContainerConfig {
@@ -144,6 +148,7 @@ impl Default for ContainerConfig {
             pids: true,
             concurrency: DEFAULT_CONCURRENCY,
             timeout: DEFAULT_TIMEOUT,
+            own_container: None,
         }
     }
 }
@@ -382,6 +387,7 @@ impl ContainerSource {
                 let identity = Identity::of(&c);
                 Some((c.id?, identity))
             })
+            .filter(|(id, _)| self.config.own_container.as_ref() != Some(id))
             .collect())
     }
 

@@ -277,6 +277,30 @@ async fn a_scrape_lists_by_label_and_reads_one_shot_stats() {
 }
 
 #[tokio::test]
+async fn the_container_the_agent_runs_in_is_never_read() {
+    // It carries this agent's label (as if an operator copied it), yet
+    // neither its stats nor its limit are asked for.
+    let engine = FakeEngine::start(vec![fake("own", running()), fake("b", running())]).await;
+    let config = ContainerConfig {
+        own_container: Some("own".into()),
+        ..ContainerConfig::default()
+    };
+    let mut source = ContainerSource::new(engine.docker(), "a1", config);
+    let samples = scrape(&mut source).await;
+    assert_eq!(containers_in(&samples), ["c-b"]);
+    assert_eq!(source.containers(), 1);
+    let state = engine.state();
+    assert!(
+        state
+            .targets
+            .iter()
+            .all(|t| !t.contains("/containers/own/")),
+        "{:?}",
+        state.targets
+    );
+}
+
+#[tokio::test]
 async fn gone_failed_and_slow_containers_are_skipped_and_counted() {
     let engine = FakeEngine::start(vec![
         fake("ok", running()),
