@@ -612,6 +612,7 @@ mod tests {
             poll_hold: Duration::from_secs(25),
             public_url: "https://localhost".into(),
             ca_file: None,
+            host_command: Default::default(),
             agent_metrics_interval: None,
             max_message_bytes: 4 << 20,
             retention: RetentionConfig::default(),
@@ -702,28 +703,7 @@ mod tests {
     /// that blocks HTTP/2.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_first_heartbeat_does_not_wait_for_the_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        assert!(store.create_provider("default", "th", 1).await.unwrap());
-        let agent = AgentRecord {
-            id: "a1".into(),
-            provider: "default".into(),
-            enrolled_ms: 1,
-            ..Default::default()
-        };
-        assert!(store.insert_agent(&agent, "ch").await.unwrap());
-        let cfg = CoreConfig {
-            heartbeat: Duration::from_secs(60),
-            poll_hold: Duration::from_secs(25),
-            public_url: "https://localhost".into(),
-            ca_file: None,
-            host_command: Default::default(),
-            agent_metrics_interval: None,
-            max_message_bytes: 4 << 20,
-            retention: RetentionConfig::default(),
-        };
-        let (_drain, draining) = tokio::sync::watch::channel(false);
-        let core = Arc::new(Core::with_admin_hash(Arc::new(store), cfg, "x", draining));
+        let (dir, core) = core_with_agent().await;
 
         // Another connection takes the write lock and keeps it 3 s.
         let db = dir.path().join("uplink.db");
