@@ -493,6 +493,14 @@ async fn a_state_dir_that_fills_and_frees_counts_every_sample() {
         "sent = stored once + dropped, exactly; agent logs:\n{}",
         agent.logs()
     );
+    // Nothing is pending: only the segment appended to may stay. One that
+    // a failed append left behind, empty or all acknowledged, is space
+    // the full disk never gets back.
+    let segments = spool_segments(&state);
+    assert!(
+        segments.len() <= 1,
+        "segments left with nothing pending: {segments:?}"
+    );
     b.stop().await;
 }
 
