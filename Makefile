@@ -8,7 +8,6 @@
 #   make down         stops it (its volume, with agents and tokens, stays)
 #   make logs         follows its log
 
-
 VERSION  := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 SOURCE   := $(shell git remote get-url origin 2>/dev/null)

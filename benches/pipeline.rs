@@ -226,6 +226,7 @@ impl Bench {
         let enrolled = backend_rt
             .block_on(core.enroll(proto::EnrollRequest {
                 enrollment_token: enroll_token.expose().to_string(),
+                idempotency_key: String::new(),
                 info: Some(proto::AgentInfo {
                     hostname: "bench-pipeline".into(),
                     version: uplink::VERSION.into(),

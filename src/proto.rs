@@ -16,6 +16,13 @@ use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
 
 tonic::include_proto!("uplink.v1");
 
+/// The lowest ordered event epoch (`ReportRequest.epoch`): from here up an
+/// agent's epochs must increase across its process starts, and the
+/// backend refuses an epoch lower than the newest it has seen from the
+/// agent. Lower epochs are those of agents that chose them at random, and
+/// are not ordered.
+pub const ORDERED_EPOCHS: u64 = 1 << 63;
+
 /// The encoded `FileDescriptorSet` of `proto/`.
 pub const DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/uplink_descriptor.bin"));

@@ -100,7 +100,12 @@ pub fn hash(value: &str) -> String {
 
 /// A random identifier with `prefix`, e.g. `agt_3f9a…` (8 random bytes, 16 hex digits).
 pub fn random_id(prefix: &str) -> String {
-    let mut bytes = [0u8; 8];
+    random_hex(prefix, 8)
+}
+
+/// `prefix` and `n` random bytes in lower-case hex.
+pub fn random_hex(prefix: &str, n: usize) -> String {
+    let mut bytes = vec![0u8; n];
     if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
         panic!("the operating system's random generator is unavailable");
     }

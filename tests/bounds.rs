@@ -9,8 +9,8 @@ use uplink::metrics::encode::{BatchBuilder, ValueEncoding};
 use uplink::metrics::sample::{Kind, Sample, Series};
 use uplink::proto;
 use uplink_testkit::push::{
-    Agent, AgentClient, counter, enroll, grpc_client, push_request, push_zstd, report, rss_bytes,
-    scrape, store_bytes,
+    Agent, AgentClient, counter, enroll, enroll_with, grpc_client, push_request, push_zstd, report,
+    rss_bytes, scrape, store_bytes,
 };
 use uplink_testkit::*;
 
@@ -265,27 +265,8 @@ async fn the_backend_binary_stays_bounded_and_logs_and_shows_agent_text_escaped(
     let url = format!("https://127.0.0.1:{port}");
     let ca = data.join("ca.pem");
     let client = client_of(&url, &ca).await;
-    let enroll = async |hostname: &str| {
-        let r = client
-            .clone()
-            .enroll(proto::EnrollRequest {
-                enrollment_token: enroll_token.expose().to_string(),
-                info: Some(proto::AgentInfo {
-                    hostname: hostname.into(),
-                    version: "test".into(),
-                    ..Default::default()
-                }),
-            })
-            .await
-            .expect("enroll")
-            .into_inner();
-        Agent {
-            id: r.agent_id,
-            credential: r.credential,
-        }
-    };
-    let agent = enroll("abuser").await;
-    let labeller = enroll("labeller").await;
+    let agent = enroll_with(&client, enroll_token.expose(), "abuser").await;
+    let labeller = enroll_with(&client, enroll_token.expose(), "labeller").await;
     let rss_before = rss_bytes(pid);
 
     report_hostile_status(&client, &agent).await;

@@ -5,8 +5,9 @@
 //! data, tunnels cut, HTTP/2 blocked, the Docker engine unreachable, squid
 //! restarted, an agent's state dir full. Then the invariants: every
 //! command executed at most once and exactly once when it reports success,
-//! every numbered sample stored or counted as dropped, no panic, memory
-//! bounded.
+//! every numbered sample stored exactly once or counted as dropped, no
+//! panic, memory bounded. Beside it, a short test that the sample check
+//! holds over more backend starts than a backend keeps JSON-lines files.
 //!
 //! `UPLINK_CHAOS_SEED=N` replays a run's faults and commands;
 //! `UPLINK_CHAOS_SECS` sets its length (default `chaos::DEFAULT_SECS`).
@@ -171,6 +172,46 @@ fn containers_per_command(agent_ids: &[String]) -> HashMap<String, usize> {
         }
     }
     per
+}
+
+/// Waits up to `within` until each of the numbers `1..=sent` of `source`
+/// is in the backend's JSON lines (`jsonl`) exactly once or counted as
+/// dropped by the agent whose self-metrics are at `listen` (as many
+/// missing as counted), and its spool is empty; prints the tally, and
+/// fails when it does not settle or a number was stored twice.
+async fn samples_settle(
+    jsonl: &std::path::Path,
+    source: &str,
+    sent: u64,
+    listen: SocketAddr,
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let page = scrape_agent(listen).await.unwrap_or_default();
+        let dropped = value(&page, "uplink_agent_spool_dropped_samples_total")
+            + value(&page, "uplink_agent_metric_samples_refused_total");
+        let spooled = value(&page, "uplink_agent_spool_batches");
+        let stored = Stored::read(jsonl);
+        let (once, missing, dup) = stored.tally(source, sent);
+        // Exactly: a sample counted as dropped and stored as well would
+        // hide one lost without a count.
+        let settled = !page.is_empty() && spooled == 0 && missing == dropped;
+        if settled || Instant::now() > deadline {
+            eprintln!(
+                "chaos: {source}: {sent} sent, {once} stored once, {dup} stored more than once, {missing} missing, {dropped} counted as dropped, {} torn JSON lines",
+                stored.torn_lines
+            );
+            assert!(sent > 0, "{source}: no sample was sent");
+            assert!(
+                settled,
+                "{source}: {missing} samples not stored against {dropped} counted as dropped, {spooled} batches still spooled"
+            );
+            assert_eq!(dup, 0, "{source}: samples stored more than once");
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 fn pick_fault(rng: &mut fastrand::Rng, disk: bool) -> Fault {
@@ -458,31 +499,8 @@ async fn a_seeded_chaos_soak_keeps_every_invariant() {
     eprintln!("chaos: results {statuses:?}");
 
     // 2. Every numbered sample is stored once or counted as dropped.
-    let deadline = Instant::now() + Duration::from_secs(120);
     for (source, n, listen) in &sent {
-        loop {
-            let page = scrape_agent(*listen).await.unwrap_or_default();
-            let dropped = value(&page, "uplink_agent_spool_dropped_samples_total")
-                + value(&page, "uplink_agent_metric_samples_refused_total");
-            let spooled = value(&page, "uplink_agent_spool_batches");
-            let stored = Stored::read(&b.jsonl);
-            let (once, missing, dup) = stored.tally(source, *n);
-            let settled = !page.is_empty() && spooled == 0 && missing <= dropped;
-            if settled || Instant::now() > deadline {
-                eprintln!(
-                    "chaos: {source}: {n} sent, {once} stored once, {dup} stored more than once, {missing} missing, {dropped} counted as dropped, {} torn JSON lines",
-                    stored.torn_lines
-                );
-                assert!(*n > 0, "{source}: no sample was sent");
-                assert!(
-                    settled,
-                    "{source}: {missing} samples neither stored nor counted as dropped ({dropped}), {spooled} batches still spooled"
-                );
-                assert_eq!(dup, 0, "{source}: samples stored more than once");
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        samples_settle(&b.jsonl, source, *n, *listen, Duration::from_secs(120)).await;
     }
 
     // 3. No panic anywhere; memory bounded.
@@ -507,4 +525,79 @@ async fn a_seeded_chaos_soak_keeps_every_invariant() {
         log.len(),
         queued.len()
     );
+}
+
+/// The JSON-lines files in `dir` now, and whether each holds a line.
+fn jsonl_files(dir: &std::path::Path) -> Vec<(String, bool)> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().into_string().ok()?;
+                    let written = e.metadata().ok()?.len() > 0;
+                    name.ends_with(".jsonl").then_some((name, written))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The soak's sample check reads the backend's JSON lines over every
+/// backend start, and each start writes a file of its own. A backend
+/// deletes all but its newest `--metrics-jsonl-keep` files, so a long
+/// soak (more starts than that) must not lose the early ones from its
+/// count: here a metrics agent streams numbered samples while its backend
+/// is killed and started again until 25 starts have each written a file,
+/// and every sample is still found once or counted as dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sample_check_holds_over_more_backend_starts_than_files_kept() {
+    const STARTS: usize = 25;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut b = BackendProc::start(&dir.join("backend")).await;
+    let graphite = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let args: Vec<String> = [
+        "--ingest-graphite",
+        &graphite.to_string(),
+        "--metrics-listen",
+        &listen.to_string(),
+        "--metrics-interval",
+        "0s",
+        "--metrics-batch-age",
+        "200ms",
+        "--probe-initial",
+        "1s",
+    ]
+    .map(String::from)
+    .to_vec();
+    let _agent = AgentProc::start(&b, &b.url(), &dir.join("m"), "restarts-m", &args, &[]);
+    let mut stream = Stream::start("m", graphite, SAMPLES_PER_SECOND);
+    let mut seen = std::collections::HashSet::new();
+    for start in 1..=STARTS {
+        // Each start opens a file of its own; wait until the agent
+        // delivered samples into it.
+        wait_for(
+            Duration::from_secs(60),
+            &format!("samples in the JSON lines of backend start {start}"),
+            || {
+                let fresh = jsonl_files(&b.jsonl)
+                    .into_iter()
+                    .find(|(name, written)| *written && !seen.contains(name));
+                async move { fresh.map(|(name, _)| name) }
+            },
+        )
+        .await;
+        seen.extend(jsonl_files(&b.jsonl).into_iter().map(|(name, _)| name));
+        if start < STARTS {
+            b.crash_and_restart(Duration::ZERO).await;
+        }
+    }
+    let sent = stream.stop();
+    eprintln!(
+        "{STARTS} backend starts wrote {} JSON-lines files; {} are left",
+        seen.len(),
+        jsonl_files(&b.jsonl).len()
+    );
+    samples_settle(&b.jsonl, "m", sent, listen, Duration::from_secs(60)).await;
 }

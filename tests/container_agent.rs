@@ -622,12 +622,10 @@ fn which_docker() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
-/// `UPLINK_TEST_AGENT_IMAGE` names an image to check (the project's, once
-/// it is built); by default, one of the binary under test.
+/// The project's image, as `make image-local` builds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_in_a_container_reports_the_host_and_leaves_its_container_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let image = std::env::var("UPLINK_TEST_AGENT_IMAGE")
-        .unwrap_or_else(|_| docker::agent_image(dir.path()));
-    agent_in_a_container_reports_the_host(dir.path(), &image).await;
+    let image = uplink_testkit::image::image();
+    agent_in_a_container_reports_the_host(dir.path(), image).await;
 }

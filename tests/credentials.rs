@@ -156,6 +156,7 @@ async fn enroll_with(b: &TestBackend, token: &str) -> Result<proto::EnrollRespon
         .await
         .enroll(proto::EnrollRequest {
             enrollment_token: token.into(),
+            idempotency_key: String::new(),
             info: Some(proto::AgentInfo {
                 hostname: "h".into(),
                 version: "1".into(),
@@ -430,4 +431,109 @@ async fn a_revocation_through_one_backend_ends_a_stream_held_by_another_sharing_
     assert_refused_as_revoked(&e);
     b2.stop().await;
     b1.stop().await;
+}
+
+/// An enrollment without a hostname or version is refused, naming the
+/// field (before: accepted, and the agent was taken for anonymous ever
+/// after: never shown connected, no runs placed on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrollment_without_hostname_or_version_is_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBackend::start(&dir.path().join("backend")).await;
+    let token = b.enroll_token.expose().to_string();
+    let cases = [
+        ("", "1", "info.hostname"),
+        ("h", "", "info.version"),
+        ("", "", "info.hostname"),
+    ];
+    for (hostname, version, field) in cases {
+        let s = b
+            .agent_grpc()
+            .await
+            .enroll(proto::EnrollRequest {
+                enrollment_token: token.clone(),
+                idempotency_key: String::new(),
+                info: Some(proto::AgentInfo {
+                    hostname: hostname.into(),
+                    version: version.into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect_err("an agent the backend cannot show is refused");
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        assert!(s.message().contains(field), "{s:?}");
+    }
+    // A bad token is still told apart first.
+    let s = enroll_with(&b, "upl_e_nope")
+        .await
+        .expect_err("unknown token");
+    assert_eq!(s.code(), tonic::Code::Unauthenticated, "{s:?}");
+    enroll_with(&b, &token)
+        .await
+        .expect("a complete AgentInfo enrolls");
+    b.stop().await;
+}
+
+/// `Enroll` retried with the same idempotency key (its answer lost on the
+/// way) gives the same agent and a new credential, the earlier one dead;
+/// without a key every enrollment is a new agent, as before (before the
+/// key: each retry left an orphan agent behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrollment_retried_with_its_key_is_the_same_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBackend::start(&dir.path().join("backend")).await;
+    let token = b.enroll_token.expose().to_string();
+    let enroll = |key: &str| {
+        let (b, token, key) = (&b, token.clone(), key.to_string());
+        async move {
+            b.agent_grpc()
+                .await
+                .enroll(proto::EnrollRequest {
+                    enrollment_token: token,
+                    idempotency_key: key,
+                    info: Some(proto::AgentInfo {
+                        hostname: "h".into(),
+                        version: "1".into(),
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let key = "k".repeat(32);
+    let first = enroll(&key).await.expect("enrolls");
+    let again = enroll(&key).await.expect("enrolls again");
+    assert_eq!(again.agent_id, first.agent_id, "the same agent");
+    assert_ne!(again.credential, first.credential);
+    let old = report_with(&b, &Secret::new(first.credential)).await;
+    assert!(old.is_err(), "the first credential, never stored, is dead");
+    report_with(&b, &Secret::new(again.credential))
+        .await
+        .expect("the new credential works");
+    // Another key, and no key: new agents.
+    let other = enroll(&"o".repeat(32)).await.unwrap();
+    let plain = enroll("").await.unwrap();
+    assert_ne!(other.agent_id, first.agent_id);
+    assert_ne!(plain.agent_id, enroll("").await.unwrap().agent_id);
+    assert_eq!(b.admin().agents("").await.unwrap().len(), 4);
+    // A key that is no random id is refused.
+    let s = enroll("short").await.expect_err("too short");
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("idempotency_key"), "{s:?}");
+    b.stop().await;
+}
+
+/// The real agent sends a key and forgets it once its identity is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_forgets_its_enrollment_key_once_enrolled() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBackend::start(&dir.path().join("backend")).await;
+    let state = dir.path().join("agent");
+    let _a = agent(&b, "grpc", &state, "host-key");
+    connected_agent(&b.admin(), "host-key", "grpc").await;
+    assert!(state.join("identity.json").exists());
+    assert!(!state.join("enroll-key").exists());
+    b.stop().await;
 }

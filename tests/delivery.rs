@@ -308,3 +308,100 @@ async fn unknown_command_kinds_get_a_clear_failure() {
     assert!(r.message.contains("not supported"), "{}", r.message);
     b.stop().await;
 }
+
+/// A result reported after a later event of its epoch (two Reports in
+/// flight, the later one first) is refused, not acknowledged, on both
+/// rungs; sent in order it is stored and the command is done (before:
+/// acked_seq 2 both times, the result gone and the command ACCEPTED
+/// forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_out_of_order_are_refused_not_acknowledged_on_both_rungs() {
+    use uplink::client::{ConnectClient, FailureKind};
+    use uplink::secret::Secret;
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBackend::start(dir.path()).await;
+    let admin = b.admin();
+    let agent = push::enroll(&b, "h-order").await;
+    let event = |seq: u64, kind: proto::event::Kind| proto::Event {
+        seq,
+        time_unix_ms: 1,
+        kind: Some(kind),
+    };
+    let capacity = || proto::event::Kind::Capacity(proto::Capacity::default());
+    let ping = || proto::CommandSpec {
+        kind: Some(proto::command_spec::Kind::Ping(proto::Ping::default())),
+    };
+    let grpc = push::grpc_client(&b).await;
+    let connect =
+        ConnectClient::new(&b.url, &b.net()).with_auth(Secret::new(agent.credential.clone()));
+    for (rung, epoch) in [("grpc", (1u64 << 63) + 1), ("connect", (1u64 << 63) + 2)] {
+        let cmd = admin.enqueue(&agent.id, ping()).await.unwrap();
+        let result = proto::event::Kind::Result(proto::CommandResult {
+            command_id: cmd.id.clone(),
+            status: CommandStatus::Ok as i32,
+            message: "pong".into(),
+            ..Default::default()
+        });
+        let send = |events: Vec<proto::Event>| {
+            let req = proto::ReportRequest {
+                ack: cmd.seq,
+                epoch,
+                events,
+            };
+            let (grpc, connect, agent) = (grpc.clone(), &connect, &agent);
+            async move {
+                if rung == "grpc" {
+                    let mut r = tonic::Request::new(req);
+                    r.metadata_mut().insert(
+                        "authorization",
+                        format!("Bearer {}", agent.credential).parse().unwrap(),
+                    );
+                    let mut grpc = grpc;
+                    grpc.report(r)
+                        .await
+                        .map(|r| r.into_inner().acked_seq)
+                        .map_err(|s| s.code())
+                } else {
+                    connect
+                        .call::<_, proto::ReportResponse>(
+                            "uplink.v1.AgentService",
+                            "Report",
+                            &req,
+                            Duration::from_secs(10),
+                        )
+                        .await
+                        .map(|r| r.acked_seq)
+                        .map_err(|e| match e.kind {
+                            FailureKind::Status(code) => code,
+                            other => panic!("{rung}: {other:?}: {}", e.message),
+                        })
+                }
+            }
+        };
+        // The later Report arrives first: refused, nothing acknowledged.
+        assert_eq!(
+            send(vec![event(2, capacity())]).await,
+            Err(tonic::Code::FailedPrecondition),
+            "{rung}"
+        );
+        // Then the earlier one, and the later one again.
+        assert_eq!(send(vec![event(1, result.clone())]).await, Ok(1), "{rung}");
+        assert_eq!(send(vec![event(2, capacity())]).await, Ok(2), "{rung}");
+        let view = admin
+            .command(&cmd.id, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(
+            view.state,
+            proto::CommandState::Done as i32,
+            "{rung}: {view:?}"
+        );
+        // Seq 0 is never skipped silently either.
+        assert_eq!(
+            send(vec![event(0, capacity())]).await,
+            Err(tonic::Code::InvalidArgument),
+            "{rung}"
+        );
+    }
+    b.stop().await;
+}

@@ -363,8 +363,10 @@ async fn enrollments_are_rate_limited_per_token_and_guesses_per_address() {
     let mut client = b.agent_grpc().await;
     let req = |token: &str| proto::EnrollRequest {
         enrollment_token: token.into(),
+        idempotency_key: String::new(),
         info: Some(proto::AgentInfo {
             hostname: "mass".into(),
+            version: "1".into(),
             ..Default::default()
         }),
     };

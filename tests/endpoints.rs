@@ -166,6 +166,7 @@ async fn bad_bodies_get_4xx_with_a_reason_and_the_backend_keeps_serving() {
         let mut client = b.agent_grpc().await;
         let big = proto::EnrollRequest {
             enrollment_token: "x".repeat(100 * 1024),
+            idempotency_key: String::new(),
             info: None,
         };
         let err = client.enroll(big).await.unwrap_err();
@@ -180,6 +181,7 @@ async fn bad_bodies_get_4xx_with_a_reason_and_the_backend_keeps_serving() {
         let err = client
             .enroll(proto::EnrollRequest {
                 enrollment_token: "upl_e_nope".into(),
+                idempotency_key: String::new(),
                 info: None,
             })
             .await

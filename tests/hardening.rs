@@ -14,6 +14,19 @@ use uplink_testkit::*;
 
 /// curl against `b`'s admin API from source address `from`, with `auth`
 /// and `extra` arguments; (exit code, `<status> <body>` as text).
+/// `ListAgents` with the admin token from the address `from`: curl's
+/// output and the HTTP status it printed last.
+async fn list_agents(b: &TestBackend, from: &str) -> String {
+    let args = [
+        "-H",
+        "content-type: application/json",
+        "-d",
+        "{}",
+        &admin_url(b, "ListAgents"),
+    ];
+    curl(b, from, b.admin_token.expose(), &args).await.1
+}
+
 async fn curl(b: &TestBackend, from: &str, auth: &str, extra: &[&str]) -> (i32, String) {
     let out = tokio::process::Command::new("curl")
         .args(["-sS", "--http2", "--max-time", "30", "--interface", from])
@@ -160,20 +173,7 @@ async fn silent_connections_are_closed_and_capped_per_address() {
     let mut sixth = TcpStream::connect(b.addr).await.unwrap();
     closed_by_backend(&mut sixth, "sixth connection").await;
     // ...while another address still gets in.
-    let out = curl(
-        &b,
-        "127.0.0.2",
-        b.admin_token.expose(),
-        &[
-            "-H",
-            "content-type: application/json",
-            "-d",
-            "{}",
-            &admin_url(&b, "ListAgents"),
-        ],
-    )
-    .await
-    .1;
+    let out = list_agents(&b, "127.0.0.2").await;
     assert!(out.ends_with("200"), "{out}");
     // The silent ones are closed after the first-request deadline.
     for (i, s) in held.iter_mut().enumerate() {
@@ -189,20 +189,7 @@ async fn at_the_preauth_cap_the_oldest_connection_makes_room_for_an_operator() {
     })
     .await;
     let mut held = open(b.addr, 4).await;
-    let out = curl(
-        &b,
-        "127.0.0.1",
-        b.admin_token.expose(),
-        &[
-            "-H",
-            "content-type: application/json",
-            "-d",
-            "{}",
-            &admin_url(&b, "ListAgents"),
-        ],
-    )
-    .await
-    .1;
+    let out = list_agents(&b, "127.0.0.1").await;
     assert!(out.ends_with("200"), "{out}");
     closed_by_backend(&mut held[0], "oldest silent connection").await;
 }

@@ -14,7 +14,7 @@ fn files_of(image: &str) -> BTreeSet<String> {
         .args(["-c", &format!("docker export {id} | tar -t")])
         .output()
         .expect("docker export runs");
-    docker(&["rm", &id]);
+    docker(&["rm", "-v", &id]);
     assert!(out.status.success(), "docker export failed");
     let engine_adds = [
         ".dockerenv",

@@ -2,8 +2,9 @@
 //! process fed through its Graphite ingest endpoint at a steady rate,
 //! batches spooled while the backend is away, replayed after, and counted
 //! in the backend's JSON lines, exactly once. Also: a `kill -9` during an
-//! outage, a spool that reaches its cap, damaged spool files, and the
-//! agent's memory during a long outage.
+//! outage, a spool that reaches its cap, a state dir on a tmpfs that is
+//! filled and freed, damaged spool files, and the agent's memory during a
+//! long outage.
 //!
 //! `UPLINK_OUTAGE_SECS` shortens the two-minute outage (default 120).
 
@@ -416,6 +417,89 @@ async fn a_full_spool_drops_its_oldest_batches_and_counts_every_sample() {
         got.len() + dropped,
         "agent logs:\n{}",
         agent.logs()
+    );
+    b.stop().await;
+}
+
+/// Fill and free periods of [`a_state_dir_that_fills_and_frees_counts_every_sample`].
+const FILL_PERIODS: usize = 8;
+
+/// The chaos soak's metrics agent in small: its state dir on a 4 MiB
+/// tmpfs, filled to the last byte for 4 s and freed for 2 s, eight times,
+/// the backend away during two of the fills, while the soak's numbered
+/// stream comes in (200 samples a second in batches of 250 ms: small
+/// records, which go on fitting into the last page of a segment for a
+/// while after the fill, and appends that fail part-way). Every sample is
+/// in the backend's JSON lines exactly once, or counted by the agent as
+/// dropped, and by nothing else: sent = stored + dropped, exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_dir_that_fills_and_frees_counts_every_sample() {
+    use uplink_testkit::chaos::stream::{Stored, scrape_agent, value};
+    use uplink_testkit::chaos::{Stream, Tmpfs};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("agent");
+    let fs = match Tmpfs::mount(&state, 4 << 20) {
+        Ok(fs) => fs,
+        Err(e) => {
+            eprintln!("skipped: no tmpfs for the state dir: {e}");
+            return;
+        }
+    };
+    let mut b = backend(dir.path(), "127.0.0.1:0").await;
+    let t = Target::of(&b);
+    let (graphite, metrics) = (free_port(), free_port());
+    let agent = start_agent(
+        &t,
+        &state,
+        graphite,
+        metrics,
+        &["--metrics-batch-age", "250ms"],
+    );
+    connected_agent(&b.admin(), "metrics-host", "grpc").await;
+    let mut stream = Stream::start("full", ([127, 0, 0, 1], graphite).into(), 200);
+    for period in 0..FILL_PERIODS {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        fs.fill();
+        if period % 4 == 1 {
+            let (cfg, addr) = b.stop().await;
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            b = TestBackend::start_with(cfg, addr).await;
+        } else {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+        }
+        fs.free();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sent = stream.stop();
+    let counted = || async {
+        let page = scrape_agent(([127, 0, 0, 1], metrics).into()).await?;
+        let total = value(&page, "uplink_agent_metric_samples_total");
+        let spooled = value(&page, "uplink_agent_spool_batches");
+        let dropped = value(&page, "uplink_agent_spool_dropped_samples_total")
+            + value(&page, "uplink_agent_metric_samples_refused_total");
+        (total >= sent && spooled == 0).then_some(dropped)
+    };
+    wait_for(Duration::from_secs(60), "the spool to empty", counted).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let dropped = counted().await.expect("the spool stays empty");
+    let (once, missing, dup) = Stored::read(&dir.path().join("jsonl")).tally("full", sent);
+    println!(
+        "state dir full {FILL_PERIODS} times: {sent} sent, {once} stored once, {dup} stored more than once, {missing} missing, {dropped} counted as dropped"
+    );
+    assert!(dropped > 0, "no append failed: the fills missed the spool");
+    assert_eq!(
+        (missing, dup),
+        (dropped, 0),
+        "sent = stored once + dropped, exactly; agent logs:\n{}",
+        agent.logs()
+    );
+    // Nothing is pending: only the segment appended to may stay. One that
+    // a failed append left behind, empty or all acknowledged, is space
+    // the full disk never gets back.
+    let segments = spool_segments(&state);
+    assert!(
+        segments.len() <= 1,
+        "segments left with nothing pending: {segments:?}"
     );
     b.stop().await;
 }

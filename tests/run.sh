@@ -20,6 +20,9 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 # on loopback to pull it from.
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 && ldd /bin/busybox 2>&1 | grep -q "not a dynamic" || need+=(busybox-static)
 command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
+# The image's tests: make, and compose.yaml under Debian's docker-compose.
+command -v make >/dev/null 2>&1 || need+=(make)
+command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
 # The load-generator ingest tests: JMeter's Graphite backend listener (it
 # needs a JDK to start through the test's launcher) and InfluxDB clients.
 [ -f /usr/share/jmeter/bin/ApacheJMeter.jar ] || need+=(jmeter)

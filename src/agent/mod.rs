@@ -5,6 +5,7 @@
 
 pub mod capacity;
 pub mod docker;
+pub mod epoch;
 pub mod executor;
 pub mod identity;
 pub mod journal;

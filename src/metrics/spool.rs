@@ -13,8 +13,10 @@
 //!
 //! Records are appended to segments named by a 20-digit number that only
 //! grows (`00000000000000000042.seg`). A new segment starts when a record
-//! would take the current one past [`SpoolConfig::segment_bytes`], and after
-//! every open, so a file written before a crash is never appended to. The
+//! would take the current one past [`SpoolConfig::segment_bytes`], after
+//! every open, so a file written before a crash is never appended to, and
+//! after an append failed (a full disk), so no failed write sits before
+//! good data. The
 //! sidecar `00000000000000000042.ack` lists the identities acknowledged in
 //! that segment. Other names, and directories, are ignored and never
 //! deleted; a sidecar whose segment is gone (an interrupted delete) is
@@ -42,7 +44,7 @@
 //! acknowledged record is never returned by [`Spool::peek`] again, also
 //! after a reopen. A segment with nothing pending is deleted with its
 //! sidecar: at once, or for the segment being appended to, when it is
-//! rolled or at the next open.
+//! rolled, when an append to it fails, or at the next open.
 //!
 //! The segment files never hold more than [`SpoolConfig::cap_bytes`]
 //! together (sidecars, 44 bytes per ack, are not counted). When an append
@@ -575,12 +577,14 @@ impl Spool {
             }
             rolled => {
                 if let Some((old, file)) = rolled {
-                    // A rolled segment is never written again: it is made
-                    // durable now, whatever the policy.
-                    let path = file_path(&self.config.dir, old, "seg");
-                    file.sync_data().map_err(io_err(&path, "sync segment"))?;
+                    // A rolled segment is never written again: with nothing
+                    // pending it goes, otherwise it is made durable now,
+                    // whatever the policy.
                     if self.segments.get(&old).is_some_and(|s| s.pending == 0) {
                         self.delete_segment(old)?;
+                    } else {
+                        let path = file_path(&self.config.dir, old, "seg");
+                        file.sync_data().map_err(io_err(&path, "sync segment"))?;
                     }
                 }
                 let id = self.next_segment;
@@ -603,7 +607,17 @@ impl Spool {
             // Cut what was written, and leave the file: the next append
             // starts a new segment, so no failed write sits before good data.
             let _ = file.set_len(offset);
-            return Err(io_err(&file_path(&self.config.dir, id, "seg"), "append")(e));
+            let err = io_err(&file_path(&self.config.dir, id, "seg"), "append")(e);
+            // Never appended to again, so as at a roll: a segment with
+            // nothing pending (just created, or all acknowledged while it
+            // was the active one) goes now. Its space is what a full disk
+            // needs back, and nothing else would ever delete it.
+            if seg.pending == 0
+                && let Err(e) = self.delete_segment(id)
+            {
+                tracing::warn!(error = %e, "could not delete a spool segment after a failed append");
+            }
+            return Err(err);
         }
         seg.size += bytes;
         seg.pending += 1;

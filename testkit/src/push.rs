@@ -31,10 +31,16 @@ pub async fn grpc_client(b: &TestBackend) -> AgentClient {
 
 /// Enrolls with the backend's enrollment token, as an agent does.
 pub async fn enroll(b: &TestBackend, hostname: &str) -> Agent {
-    let r = grpc_client(b)
-        .await
+    enroll_with(&grpc_client(b).await, b.enroll_token.expose(), hostname).await
+}
+
+/// Enrolls through `client` with `token`, as an agent does.
+pub async fn enroll_with(client: &AgentClient, token: &str, hostname: &str) -> Agent {
+    let r = client
+        .clone()
         .enroll(proto::EnrollRequest {
-            enrollment_token: b.enroll_token.expose().to_string(),
+            enrollment_token: token.to_string(),
+            idempotency_key: String::new(),
             info: Some(proto::AgentInfo {
                 hostname: hostname.into(),
                 version: "test".into(),

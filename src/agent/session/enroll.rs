@@ -14,6 +14,38 @@ use crate::health::StatusFile;
 use crate::net::Net;
 use crate::proto::{self, agent_service_client::AgentServiceClient};
 
+/// The enrollment's idempotency key in the state dir, until the identity
+/// is stored.
+const ENROLL_KEY_FILE: &str = "enroll-key";
+
+/// The idempotency key of this enrollment: the stored one, or a new one
+/// (128 random bits) stored owner-only, synced, before it is used.
+fn enroll_key(state_dir: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Write;
+    let path = state_dir.join(ENROLL_KEY_FILE);
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        let s = s.trim();
+        if s.len() == 32 && s.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Ok(s.to_string());
+        }
+    }
+    let key = crate::secret::random_hex("", 16);
+    let tmp = state_dir.join(format!("{ENROLL_KEY_FILE}.tmp"));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp)?;
+    f.write_all(format!("{key}\n").as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(state_dir)?.sync_all()?;
+    Ok(key)
+}
+
 /// How a failed enrollment is retried.
 #[derive(Debug, PartialEq, Eq)]
 enum Wait {
@@ -54,6 +86,12 @@ pub(super) async fn enrolled(
             "the stored identity belongs to another backend; enrolling with the configured one");
     }
     let token = cfg.token.clone().ok_or(AgentError::NoToken)?;
+    // Stored before the first attempt, so that a retry after a lost answer
+    // (also after a restart) gets the same agent, not a second one.
+    let key = enroll_key(&cfg.state_dir).map_err(|source| AgentError::StateDir {
+        path: cfg.state_dir.clone(),
+        source,
+    })?;
     let mut retry = Retry::new(cfg.backoff);
     let mut told_rejected = false;
     loop {
@@ -72,6 +110,7 @@ pub(super) async fn enrolled(
                 .enroll(proto::EnrollRequest {
                     enrollment_token: token.expose().to_string(),
                     info: Some(info.clone()),
+                    idempotency_key: key.clone(),
                 })
                 .await
         };
@@ -92,6 +131,9 @@ pub(super) async fn enrolled(
                     issued_unix_ms: crate::now_unix_ms(),
                 };
                 identity::save(&cfg.state_dir, &id)?;
+                // The identity is stored: a later enrollment (another
+                // backend, a lost identity) is a new one.
+                let _ = std::fs::remove_file(cfg.state_dir.join(ENROLL_KEY_FILE));
                 tracing::info!(agent = %id.agent_id, provider = %id.provider, "enrolled");
                 return Ok(Some(id));
             }
@@ -140,6 +182,24 @@ mod tests {
             kind,
             message: "x".into(),
         }
+    }
+
+    #[test]
+    fn the_enrollment_key_is_kept_until_it_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = enroll_key(dir.path()).unwrap();
+        assert_eq!(k.len(), 32);
+        assert_eq!(
+            enroll_key(dir.path()).unwrap(),
+            k,
+            "the same key on a retry"
+        );
+        std::fs::remove_file(dir.path().join(ENROLL_KEY_FILE)).unwrap();
+        assert_ne!(
+            enroll_key(dir.path()).unwrap(),
+            k,
+            "a new enrollment, a new key"
+        );
     }
 
     #[test]

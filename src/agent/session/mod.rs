@@ -244,8 +244,18 @@ async fn serve(
             capacity_changed.clone(),
         ));
         let (ack_delivered_tx, mut delivered) = watch::channel(0);
+        // A new epoch per start, above every earlier one (the backend
+        // refuses an older one), recorded before it is used.
+        let epoch =
+            crate::agent::epoch::next(&cfg.state_dir, crate::now_unix_ms()).map_err(|source| {
+                AgentError::StateDir {
+                    path: cfg.state_dir.clone(),
+                    source,
+                }
+            })?;
         let reporter = tokio::spawn(
             reporter::Reporter {
+                epoch,
                 credential: credential.clone(),
                 backoff: cfg.backoff,
                 journal: journal.clone(),

@@ -147,6 +147,8 @@ impl Window {
 
 /// What the reporter needs besides its events.
 pub(super) struct Reporter {
+    /// The epoch of this process's events (see [`crate::agent::epoch`]).
+    pub(super) epoch: u64,
     pub(super) credential: Credential,
     pub(super) backoff: Backoff,
     /// The journal, told which results reached the backend.
@@ -164,6 +166,7 @@ impl Reporter {
     /// client; keeps events until acknowledged.
     pub(super) async fn run(self, events: Events) {
         let Reporter {
+            epoch,
             credential,
             backoff,
             journal,
@@ -175,7 +178,6 @@ impl Reporter {
             rx: mut events,
             unacked,
         } = events;
-        let epoch = fastrand::u64(1..u64::MAX / 2);
         let mut window = Window::new();
         let mut sent_ack = u64::MAX; // Send the ack once at start.
         let mut retry = Retry::new(backoff);

@@ -17,6 +17,11 @@ const MAX_RESULT_WAIT: Duration = Duration::from_secs(60);
 /// Largest cap of agents an enrollment token may be given.
 const MAX_TOKEN_AGENTS: u32 = 1_000_000;
 
+/// The answer to a call naming an agent the store does not know.
+fn unknown_agent(id: &str) -> Status {
+    Status::not_found(format!("no agent {id:?}; `uplink ctl agents` lists them"))
+}
+
 /// Checks the limits asked for a new enrollment token: a cap within
 /// [`MAX_TOKEN_AGENTS`], an expiry in the future (or none).
 fn check_token_limits(max_agents: u32, expires_ms: i64, now: i64) -> Result<(), Status> {
@@ -181,12 +186,7 @@ impl Core {
             .revoke_agent(&req.agent_id, crate::now_unix_ms())
             .await
             .map_err(internal)?
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "no agent {:?}; `uplink ctl agents` lists them",
-                    req.agent_id
-                ))
-            })?;
+            .ok_or_else(|| unknown_agent(&req.agent_id))?;
         // Stored first, so a call racing this one is refused by its
         // credential lookup; then what is open on this backend ends.
         self.hub.revoke(&req.agent_id);
@@ -213,12 +213,7 @@ impl Core {
             .enqueue(&req.agent_id, &id, &spec, crate::now_unix_ms())
             .await
             .map_err(internal)?
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "no agent {:?}; `uplink ctl agents` lists them",
-                    req.agent_id
-                ))
-            })?;
+            .ok_or_else(|| unknown_agent(&req.agent_id))?;
         self.hub.notify_queued(&req.agent_id, command.seq);
         tracing::debug!(agent = %req.agent_id, command = %id, seq = command.seq, "command queued");
         Ok(proto::EnqueueCommandResponse {

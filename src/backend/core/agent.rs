@@ -8,13 +8,18 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use super::checks::{check_info, clean_capacity, clean_container_event, clean_result};
+use super::checks::{
+    check_enroll_info, check_info, clean_capacity, clean_container_event, clean_result,
+};
 use super::limits::CONTAINER_EVENTS;
 use super::{Core, internal};
 use crate::backend::defaults::MAX_STREAMS_PER_AGENT;
 use crate::backend::store::AgentRecord;
 use crate::proto::{self, Transport};
 use crate::secret::{self, Kind, Secret};
+
+/// How long an enrollment's idempotency key finds its agent again.
+const ENROLL_KEY_WINDOW_MS: i64 = 24 * 3600 * 1000;
 
 /// Commands sent in one `PollResponse` at most; the agent polls again.
 const MAX_COMMANDS_PER_POLL: usize = 256;
@@ -50,15 +55,45 @@ impl Core {
                 provider.name
             )));
         }
+        // After the token, so that only a holder of a valid token learns
+        // what the info lacks.
+        check_enroll_info(&info)?;
+        check_idempotency_key(&req.idempotency_key)?;
         if let Err(wait) = self.enrolls.take(&provider.name) {
             tracing::warn!(provider = %provider.name, hostname = %info.hostname, "enrollment refused: too many with this token");
             return Err(Status::resource_exhausted(format!(
                 "too many enrollments with this token: retry in {wait} s"
             )));
         }
-        let id = secret::random_id("agt_");
         let credential = Secret::generate(Kind::Credential);
         let provider = provider.name;
+        let key_hash = match req.idempotency_key.as_str() {
+            "" => None,
+            key => Some(secret::hash(key)),
+        };
+        if let Some(key_hash) = &key_hash {
+            // A retry of an enrollment whose answer was lost: the same
+            // agent, with a new credential (the first was never stored).
+            if let Some(id) = self
+                .store
+                .reenroll(
+                    &provider,
+                    key_hash,
+                    now - ENROLL_KEY_WINDOW_MS,
+                    &credential.hash(),
+                )
+                .await
+                .map_err(internal)?
+            {
+                tracing::info!(agent = %id, %provider, hostname = %info.hostname, "enrollment retried with its idempotency key: same agent, new credential");
+                return Ok(proto::EnrollResponse {
+                    agent_id: id,
+                    credential: credential.expose().to_string(),
+                    provider,
+                });
+            }
+        }
+        let id = secret::random_id("agt_");
         let inserted = self
             .store
             .insert_agent(
@@ -68,6 +103,7 @@ impl Core {
                     hostname: info.hostname.clone(),
                     version: info.version.clone(),
                     enrolled_ms: now,
+                    enroll_key_hash: key_hash,
                     ..Default::default()
                 },
                 &credential.hash(),
@@ -390,13 +426,39 @@ impl Core {
                 req.events.len()
             )));
         }
+        check_event_seqs(&req.events)?;
         self.apply_ack(&agent, req.ack).await?;
         let mut stored = self
             .store
             .cursor(&agent, "events", req.epoch)
             .await
             .map_err(internal)?;
-        if !req.events.is_empty() {
+        if let Some(first) = req.events.first() {
+            if req.epoch >= proto::ORDERED_EPOCHS {
+                let newest = self
+                    .store
+                    .newest_epoch(&agent, "events")
+                    .await
+                    .map_err(internal)?;
+                if req.epoch < newest {
+                    tracing::warn!(%agent, epoch = req.epoch, newest, "events of an epoch older than the agent's newest refused");
+                    return Err(Status::failed_precondition(format!(
+                        "epoch {} is older than this agent's newest epoch {newest}: \
+                         an agent's epochs must increase across its starts (ReportRequest.epoch); \
+                         these events are not stored",
+                        req.epoch
+                    )));
+                }
+            }
+            if first.seq > stored + 1 {
+                return Err(Status::failed_precondition(format!(
+                    "event seq {} of epoch {} leaves a gap: the backend has stored up to seq {stored}; \
+                     send events in seq order, one Report at a time per epoch, from seq {}",
+                    first.seq,
+                    req.epoch,
+                    stored + 1
+                )));
+            }
             self.admit_epoch(&agent, "events", req.epoch, async { Ok(stored > 0) })
                 .await?;
         }
@@ -482,6 +544,48 @@ impl Core {
     }
 }
 
+/// An `EnrollRequest.idempotency_key`: empty, or 16 to 128 characters of
+/// `[A-Za-z0-9_-]`.
+fn check_idempotency_key(key: &str) -> Result<(), Status> {
+    if key.is_empty() {
+        return Ok(());
+    }
+    if !(16..=128).contains(&key.len())
+        || !key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(Status::invalid_argument(
+            "idempotency_key is not valid: use 16 to 128 characters of A-Z a-z 0-9 _ - (a random id)",
+        ));
+    }
+    Ok(())
+}
+
+/// The events of one `Report` carry consecutive seqs from 1 up (an
+/// empty report carries none): a gap inside a request could never be
+/// stored in order.
+fn check_event_seqs(events: &[proto::Event]) -> Result<(), Status> {
+    let Some(first) = events.first() else {
+        return Ok(());
+    };
+    if first.seq == 0 {
+        return Err(Status::invalid_argument(
+            "event seq 0: event seqs start at 1 in each epoch",
+        ));
+    }
+    for (i, ev) in events.iter().enumerate() {
+        if ev.seq != first.seq + i as u64 {
+            return Err(Status::invalid_argument(format!(
+                "event seqs of a report must be consecutive: event {i} has seq {}, expected {}",
+                ev.seq,
+                first.seq + i as u64
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -492,12 +596,7 @@ mod tests {
     use crate::backend::core::{CoreConfig, RetentionConfig};
     use crate::backend::store::{AgentRecord, SqliteStore, Store};
 
-    /// A store another connection holds locked (as a truncating checkpoint
-    /// does while the disk syncs) delays the stream's bookkeeping, never
-    /// its first frame: the agent must not read a busy store as a path
-    /// that blocks HTTP/2.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_first_heartbeat_does_not_wait_for_the_store() {
+    async fn core_with_agent() -> (tempfile::TempDir, Arc<Core>) {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
         assert!(store.create_provider("default", "th", 1).await.unwrap());
@@ -518,8 +617,93 @@ mod tests {
             max_message_bytes: 4 << 20,
             retention: RetentionConfig::default(),
         };
-        let (_drain, draining) = tokio::sync::watch::channel(false);
+        let (drain, draining) = tokio::sync::watch::channel(false);
+        std::mem::forget(drain);
         let core = Arc::new(Core::with_admin_hash(Arc::new(store), cfg, "x", draining));
+        (dir, core)
+    }
+
+    fn capacity(seq: u64) -> proto::Event {
+        proto::Event {
+            seq,
+            time_unix_ms: 1,
+            kind: Some(proto::event::Kind::Capacity(proto::Capacity::default())),
+        }
+    }
+
+    async fn report(core: &Core, epoch: u64, seqs: &[u64]) -> Result<u64, Status> {
+        let req = proto::ReportRequest {
+            ack: 0,
+            epoch,
+            events: seqs.iter().map(|&s| capacity(s)).collect(),
+        };
+        core.report("a1".into(), req).await.map(|r| r.acked_seq)
+    }
+
+    /// `acked_seq` never covers an event that was not stored: an event
+    /// past the next seq is refused, not skipped.
+    #[tokio::test]
+    async fn events_out_of_order_are_refused_not_acknowledged() {
+        let (_dir, core) = core_with_agent().await;
+        let e = report(&core, 5, &[3]).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("from seq 1"), "{e:?}");
+        assert_eq!(report(&core, 5, &[1, 2]).await.unwrap(), 2);
+        assert_eq!(
+            report(&core, 5, &[4]).await.unwrap_err().code(),
+            tonic::Code::FailedPrecondition
+        );
+        assert_eq!(report(&core, 5, &[3, 4]).await.unwrap(), 4);
+        // A retry of stored events, in part or whole, is harmless.
+        assert_eq!(report(&core, 5, &[2, 3, 4, 5]).await.unwrap(), 5);
+        assert_eq!(report(&core, 5, &[1]).await.unwrap(), 5);
+        // An empty report answers the cursor.
+        assert_eq!(report(&core, 5, &[]).await.unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn event_seq_zero_and_gaps_inside_a_report_are_invalid() {
+        let (_dir, core) = core_with_agent().await;
+        let e = report(&core, 5, &[0]).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        let e = report(&core, 5, &[1, 3]).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        let e = report(&core, 5, &[2, 1]).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert_eq!(core.store.cursor("a1", "events", 5).await.unwrap(), 0);
+    }
+
+    /// An ordered epoch older than the agent's newest is a restarted agent
+    /// reusing an epoch: refused, so its events are not taken for retries.
+    #[tokio::test]
+    async fn an_older_ordered_epoch_is_refused() {
+        let (_dir, core) = core_with_agent().await;
+        let (older, newer) = (proto::ORDERED_EPOCHS + 10, proto::ORDERED_EPOCHS + 20);
+        assert_eq!(report(&core, older, &[1, 2, 3]).await.unwrap(), 3);
+        assert_eq!(report(&core, newer, &[1]).await.unwrap(), 1);
+        // The newest epoch goes on.
+        assert_eq!(report(&core, newer, &[1, 2]).await.unwrap(), 2);
+        for epoch in [older, older + 1] {
+            let e = report(&core, epoch, &[1, 2, 3, 4]).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+            assert!(e.message().contains("must increase"), "{e:?}");
+        }
+        assert_eq!(core.store.cursor("a1", "events", older).await.unwrap(), 3);
+        // Epochs below the ordered range (agents that chose them at
+        // random) are not ordered.
+        assert_eq!(report(&core, 7, &[1]).await.unwrap(), 1);
+        assert_eq!(report(&core, 6, &[1]).await.unwrap(), 1);
+        // A report without events (an ack) is never refused for its epoch.
+        assert_eq!(report(&core, older, &[]).await.unwrap(), 3);
+    }
+
+    /// A store another connection holds locked (as a truncating checkpoint
+    /// does while the disk syncs) delays the stream's bookkeeping, never
+    /// its first frame: the agent must not read a busy store as a path
+    /// that blocks HTTP/2.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_first_heartbeat_does_not_wait_for_the_store() {
+        let (dir, core) = core_with_agent().await;
 
         // Another connection takes the write lock and keeps it 3 s.
         let db = dir.path().join("uplink.db");

@@ -66,6 +66,25 @@ pub(super) fn check_info(info: &proto::AgentInfo) -> Result<(), Status> {
     check_len("info.transport_reason", &info.transport_reason, 256)
 }
 
+/// What `Enroll` needs of an agent's info besides [`check_info`]: a
+/// hostname and a version, without which the backend takes the agent's
+/// later calls for anonymous ones (`doctor`) and never shows it connected
+/// nor places runs on it.
+pub(super) fn check_enroll_info(info: &proto::AgentInfo) -> Result<(), Status> {
+    for (field, value) in [
+        ("info.hostname", &info.hostname),
+        ("info.version", &info.version),
+    ] {
+        if value.trim().is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "{field} is empty: an enrolling agent sets AgentInfo.hostname (1 to 255 bytes) \
+                 and AgentInfo.version (1 to 64 bytes)"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A valid provider name: 1 to 64 of `[A-Za-z0-9._-]`.
 pub fn check_provider_name(name: &str) -> Result<(), Status> {
     if name.is_empty()

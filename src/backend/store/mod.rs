@@ -126,6 +126,10 @@ pub struct AgentRecord {
     pub transport_reason: String,
     /// When the agent was revoked (0: it is not).
     pub revoked_ms: i64,
+    /// The hash of its enrollment's idempotency key, written by
+    /// [`Store::insert_agent`] (None: enrolled without one). Reads leave it
+    /// None.
+    pub enroll_key_hash: Option<String>,
 }
 
 /// The agent a credential belongs to, see [`Store::agent_by_credential`].
@@ -276,12 +280,28 @@ pub trait Store: Send + Sync {
     /// current token. False, and nothing stored, when that token has
     /// enrolled its `max_agents` already (checked and counted atomically, so
     /// racing enrollments cannot pass the cap together). Credential hashes
-    /// are unique; the provider must exist.
+    /// are unique; the provider must exist. Stores the agent's enrollment idempotency key hash as well, when
+    /// set; two agents of one provider never share one.
     fn insert_agent<'a>(
         &'a self,
         a: &'a AgentRecord,
         credential_hash: &'a str,
     ) -> StoreFuture<'a, bool>;
+
+    /// An enrollment retried with the idempotency key of an earlier one:
+    /// the agent of `provider` enrolled with `enroll_key_hash` at or after
+    /// `enrolled_since_ms` and not revoked gets `credential_hash` as its
+    /// current credential (the one before and any pending one stop
+    /// working). Its id, or None when there is no such agent; then the key
+    /// is taken from the provider's older or revoked agent that had it, so
+    /// that a new agent may be inserted with it.
+    fn reenroll<'a>(
+        &'a self,
+        provider: &'a str,
+        enroll_key_hash: &'a str,
+        enrolled_since_ms: i64,
+        credential_hash: &'a str,
+    ) -> StoreFuture<'a, Option<String>>;
 
     /// The agent whose current or pending credential hashes to
     /// `credential_hash`, revoked or not (the caller refuses a revoked
@@ -392,6 +412,11 @@ pub trait Store: Send + Sync {
     /// The dedup cursor of `(agent, stream, epoch)` (0 when none).
     fn cursor<'a>(&'a self, agent_id: &'a str, stream: &'a str, epoch: u64)
     -> StoreFuture<'a, u64>;
+
+    /// The highest epoch (compared as unsigned) with a cursor of `(agent,
+    /// stream)`, 0 when none: the agent's newest stream of events, against
+    /// which an older epoch is refused.
+    fn newest_epoch<'a>(&'a self, agent_id: &'a str, stream: &'a str) -> StoreFuture<'a, u64>;
 
     /// Where metric batch `seq` of `(agent_id, epoch)` stands: new, a
     /// duplicate of a stored one, or too far ahead of the watermark.

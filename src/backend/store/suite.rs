@@ -21,6 +21,7 @@ macro_rules! store_suite {
             an_ack_beyond_issued_seqs_moves_numbering_on,
             results_are_stored_once_and_only_for_the_owner,
             cursors_only_move_forward,
+            the_newest_epoch_is_the_highest_as_unsigned,
             metric_batches_are_stored_once_in_any_order,
             metric_batches_far_above_the_watermark_are_refused,
             pruning_keeps_what_delivery_needs,
@@ -29,6 +30,7 @@ macro_rules! store_suite {
             revoked_agents_stay_revoked_and_keep_their_record,
             a_pending_credential_replaces_the_current_one_at_first_use,
             token_caps_count_enrollments_until_the_token_is_rotated,
+            an_enrollment_key_finds_its_agent_within_the_window,
             finished_commands_keep_no_secrets,
         );
     };
@@ -145,6 +147,22 @@ pub(crate) async fn cursors_only_move_forward(s: &dyn Store) {
     assert!(!s.advance_cursor("a1", "events", 7, 1).await.unwrap());
     assert!(s.advance_cursor("a1", "events", 8, 1).await.unwrap());
     assert_eq!(s.cursor("a1", "events", 7).await.unwrap(), 2);
+}
+
+pub(crate) async fn the_newest_epoch_is_the_highest_as_unsigned(s: &dyn Store) {
+    add_agent(s).await;
+    assert_eq!(s.newest_epoch("a1", "events").await.unwrap(), 0);
+    assert!(s.advance_cursor("a1", "events", 9, 1).await.unwrap());
+    assert!(s.advance_cursor("a1", "events", 7, 1).await.unwrap());
+    assert_eq!(s.newest_epoch("a1", "events").await.unwrap(), 9);
+    // Epochs from 2^63 up (the ordered ones) are above every lower one.
+    let high = (1u64 << 63) + 5;
+    assert!(s.advance_cursor("a1", "events", high, 1).await.unwrap());
+    assert!(s.advance_cursor("a1", "events", 1 << 62, 1).await.unwrap());
+    assert_eq!(s.newest_epoch("a1", "events").await.unwrap(), high);
+    // Streams and agents are apart.
+    assert_eq!(s.newest_epoch("a1", "metrics").await.unwrap(), 0);
+    assert_eq!(s.newest_epoch("a2", "events").await.unwrap(), 0);
 }
 
 pub(crate) async fn metric_batches_are_stored_once_in_any_order(s: &dyn Store) {
@@ -452,6 +470,57 @@ pub(crate) async fn token_caps_count_enrollments_until_the_token_is_rotated(s: &
     assert!(s.set_token_limits("default", 1, 0).await.unwrap());
     assert!(enroll(s, "a3", "c3").await);
     assert!(!enroll(s, "a4", "c4").await);
+}
+
+pub(crate) async fn an_enrollment_key_finds_its_agent_within_the_window(s: &dyn Store) {
+    assert!(s.create_provider("default", "th", 1).await.unwrap());
+    assert!(s.create_provider("other", "th2", 1).await.unwrap());
+    let keyed = |id: &str, key: &str| AgentRecord {
+        id: id.into(),
+        provider: "default".into(),
+        enrolled_ms: 100,
+        enroll_key_hash: Some(key.into()),
+        ..Default::default()
+    };
+    assert!(s.insert_agent(&keyed("a1", "k1"), "ch1").await.unwrap());
+    assert!(enroll(s, "a2", "ch2").await, "agents without a key");
+    assert!(enroll(s, "a3", "ch3").await, "agents without a key");
+    // A second agent of the provider with the same key is refused.
+    assert!(s.insert_agent(&keyed("a4", "k1"), "ch4").await.is_err());
+    // The same key within the window: the same agent, a new credential.
+    assert_eq!(
+        s.reenroll("default", "k1", 50, "ch1b")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("a1")
+    );
+    assert!(s.agent_by_credential("ch1").await.unwrap().is_none());
+    assert_eq!(
+        s.agent_by_credential("ch1b")
+            .await
+            .unwrap()
+            .unwrap()
+            .agent_id,
+        "a1"
+    );
+    // Another key or provider, or past the window: none.
+    assert_eq!(s.reenroll("default", "k2", 50, "x1").await.unwrap(), None);
+    assert_eq!(s.reenroll("other", "k1", 50, "x2").await.unwrap(), None);
+    assert_eq!(s.reenroll("default", "k1", 101, "x3").await.unwrap(), None);
+    // Past the window, the key is free for a new agent.
+    assert!(s.insert_agent(&keyed("a5", "k1"), "ch5").await.unwrap());
+    assert_eq!(
+        s.reenroll("default", "k1", 50, "ch5b")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("a5")
+    );
+    // A revoked agent is not given a credential again.
+    s.revoke_agent("a5", 200).await.unwrap();
+    assert_eq!(s.reenroll("default", "k1", 50, "x4").await.unwrap(), None);
+    assert_eq!(s.providers().await.unwrap()[0].agents, 4);
 }
 
 pub(crate) async fn finished_commands_keep_no_secrets(s: &dyn Store) {

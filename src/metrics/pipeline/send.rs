@@ -1,7 +1,9 @@
 //! The sender: spooled batches, oldest first, pushed with a window of
 //! batches in flight; each leaves the spool when the backend answered it
-//! stored, duplicate or rejected. A failure keeps everything unacknowledged
-//! spooled and sends it again, from the oldest, after a backoff. Backlog
+//! stored, duplicate or rejected (an ack the spool cannot write yet, on a
+//! full disk, is written again later). A failure keeps everything
+//! unacknowledged spooled and sends it again, from the oldest, after a
+//! backoff. Backlog
 //! (batches spooled more than [`REPLAY_AGE`] before they are sent) is paced
 //! by a token bucket. Each answer also says which newer forms of the
 //! contract the backend reads ([`Accepts`]), which the batcher and the
@@ -30,6 +32,10 @@ const REPLAY_AGE: Duration = Duration::from_secs(10);
 
 /// Largest decompressed batch read back from the spool.
 const MAX_BATCH_BYTES: usize = 64 << 20;
+
+/// How often acks that could not be written to the spool (a full disk)
+/// are tried again while nothing else is settled.
+const ACK_RETRY: Duration = Duration::from_secs(1);
 
 /// The newer forms of the contract the backend said it reads, from its
 /// last response. Both start off: a backend written before
@@ -128,6 +134,9 @@ pub(super) async fn send_loop(
     let mut retry = crate::backoff::Retry::new(crate::backoff::Backoff::default());
     let mut failures = 0u32;
     let mut failing = false;
+    // Batches the backend settled whose ack is not yet in the spool: the
+    // cursor is past them, so only writing the ack takes them out.
+    let mut unrecorded: Vec<(u64, u64)> = Vec::new();
     let stopping = stop.clone();
     loop {
         if !failing && inflight.len() < window {
@@ -216,15 +225,10 @@ pub(super) async fn send_loop(
                     }
                 };
                 if settle {
-                    let r = with_spool(&spool, move |s| {
-                        let r = s.ack(h.epoch, h.seq);
-                        publish_spool(s);
-                        r
-                    })
-                    .await;
-                    if let Err(e) = r {
-                        tracing::warn!("cannot record a delivered batch in the spool: {e}");
+                    if !unrecorded.contains(&(h.epoch, h.seq)) {
+                        unrecorded.push((h.epoch, h.seq));
                     }
+                    record_acks(&spool, &mut unrecorded).await;
                 }
                 if failing && inflight.is_empty() {
                     // Shutting down: what was in flight was the one flush;
@@ -249,6 +253,9 @@ pub(super) async fn send_loop(
                 }
             }
             _ = spooled.notified(), if inflight.len() < window && !failing => {}
+            _ = tokio::time::sleep(ACK_RETRY), if !unrecorded.is_empty() => {
+                record_acks(&spool, &mut unrecorded).await;
+            }
         }
         if *stop.borrow() && inflight.is_empty() {
             // Keep delivering until the shutdown deadline aborts this task.
@@ -257,6 +264,39 @@ pub(super) async fn send_loop(
             }
         }
     }
+}
+
+/// Writes the acks of settled batches to the spool; keeps those that
+/// cannot be written yet (a full disk) for the next try. Logs when acks
+/// start failing and when they are all written again.
+async fn record_acks(spool: &Arc<Mutex<Spool>>, acks: &mut Vec<(u64, u64)>) {
+    let before = acks.len();
+    let todo = std::mem::take(acks);
+    let (left, error) = with_spool(spool, move |s| {
+        let (mut left, mut error) = (Vec::new(), None);
+        for (epoch, seq) in todo {
+            if let Err(e) = s.ack(epoch, seq) {
+                error.get_or_insert(e);
+                left.push((epoch, seq));
+            }
+        }
+        publish_spool(s);
+        (left, error)
+    })
+    .await;
+    match error {
+        // The first failure of a spell: the batch being settled.
+        Some(e) if before == 1 => tracing::warn!(
+            "cannot record a delivered batch in the spool, tried again every {ACK_RETRY:?}: {e}"
+        ),
+        Some(_) => {}
+        None if before > 1 => tracing::info!(
+            batches = before,
+            "recorded delivered batches in the spool after all"
+        ),
+        None => {}
+    }
+    *acks = left;
 }
 
 /// Logs what a shutdown leaves spooled after a failed push.
@@ -324,6 +364,67 @@ mod tests {
             "{n} pushes after shutdown began for one window of 4"
         );
         assert_eq!(spool.lock().unwrap().stats().records, batches);
+    }
+
+    /// A batch the backend stored whose ack cannot be written to the
+    /// spool (a full disk; here its sidecar's path is a directory) is not
+    /// left pending: the ack is written once it can be, without waiting
+    /// for a failed push to send everything again.
+    #[tokio::test]
+    async fn an_ack_that_cannot_be_written_is_written_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(SpoolConfig::new(dir.path().join("spool"))).unwrap();
+        let header = Header {
+            epoch: 1,
+            seq: 1,
+            samples: 1,
+            created_unix_ms: crate::now_unix_ms(),
+        };
+        let at = spool.append(header, b"stored at once").unwrap().position;
+        let sidecar = dir
+            .path()
+            .join("spool")
+            .join(format!("{:020}.ack", at.segment));
+        std::fs::create_dir(&sidecar).unwrap();
+        let spool = Arc::new(Mutex::new(spool));
+        let pushes = Arc::new(AtomicU32::new(0));
+        let counted = pushes.clone();
+        let push: Push = Arc::new(move |_| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async { PushOutcome::Stored(Reads::default()) })
+        });
+        let accepts = Arc::new(Accepts::default());
+        accepts.batch_zstd.store(true, Ordering::Relaxed);
+        let (stop, stop_rx) = watch::channel(false);
+        let sender = tokio::spawn(send_loop(
+            4,
+            1_000_000,
+            spool.clone(),
+            Arc::new(Notify::new()),
+            push,
+            accepts,
+            stop_rx,
+        ));
+        let records = || spool.lock().unwrap().stats().records;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pushes.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "the batch was never pushed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(records(), 1, "the ack could not be written yet");
+        std::fs::remove_dir(&sidecar).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while records() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the stored batch is still pending 10 s after its ack could be written"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(pushes.load(Ordering::Relaxed), 1, "stored once, sent once");
+        let _ = stop.send(true);
+        sender.abort();
     }
 
     #[test]

@@ -22,11 +22,16 @@ fn all_logs(past: &[Proc], now: Option<&Proc>) -> String {
         .join("\n")
 }
 
+/// JSON-lines files the backend keeps: the most it allows, far more than
+/// a soak's backend starts (one file each) and 64 MiB rotations.
+const JSONL_KEEP: &str = "100000";
+
 /// `uplink backend` as a process on a fixed loopback port.
 pub struct BackendProc {
     /// Its data directory.
     pub dir: PathBuf,
-    /// Where it writes every sample as JSON lines.
+    /// Where it writes every sample as JSON lines; it deletes none of
+    /// them.
     pub jsonl: PathBuf,
     /// Its port on 127.0.0.1.
     pub port: u16,
@@ -73,6 +78,11 @@ impl BackendProc {
                 "2s",
                 "--metrics-jsonl-dir",
                 self.jsonl.to_str().unwrap(),
+                // Every start writes a file of its own and a backend keeps
+                // only the newest `--metrics-jsonl-keep` (20 by default):
+                // the soak counts samples over all of them, so none may go.
+                "--metrics-jsonl-keep",
+                JSONL_KEEP,
             ],
             &[
                 ("UPLINK_ADMIN_TOKEN", self.admin_token.expose()),

@@ -82,12 +82,46 @@ pub(super) fn insert_agent(
         return Ok(false);
     }
     tx.execute(
-        "INSERT INTO agents (id, provider, credential_hash, hostname, version, enrolled_ms, last_seen_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-        params![a.id, a.provider, credential_hash, a.hostname, a.version, a.enrolled_ms],
+        "INSERT INTO agents (id, provider, credential_hash, hostname, version, enrolled_ms, last_seen_ms, enroll_key_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, ?7)",
+        params![a.id, a.provider, credential_hash, a.hostname, a.version, a.enrolled_ms, a.enroll_key_hash],
     )?;
     tx.commit()?;
     Ok(true)
+}
+
+pub(super) fn reenroll(
+    c: &mut Connection,
+    provider: &str,
+    enroll_key_hash: &str,
+    enrolled_since_ms: i64,
+    credential_hash: &str,
+) -> Result<Option<String>, StoreError> {
+    let tx = c.transaction()?;
+    let id: Option<String> = tx
+        .query_row(
+            "UPDATE agents SET credential_hash = ?4, pending_credential_hash = NULL
+             WHERE provider = ?1 AND enroll_key_hash = ?2 AND enrolled_ms >= ?3 AND revoked_ms = 0
+             RETURNING id",
+            params![
+                provider,
+                enroll_key_hash,
+                enrolled_since_ms,
+                credential_hash
+            ],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if id.is_none() {
+        // The key's agent is past the window or revoked: the key is free
+        // for the new agent the caller enrolls.
+        tx.execute(
+            "UPDATE agents SET enroll_key_hash = NULL WHERE provider = ?1 AND enroll_key_hash = ?2",
+            params![provider, enroll_key_hash],
+        )?;
+    }
+    tx.commit()?;
+    Ok(id)
 }
 
 pub(super) fn agent_by_credential(

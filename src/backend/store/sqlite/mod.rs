@@ -198,6 +198,7 @@ impl SqliteStore {
             transport: r.get(8)?,
             transport_reason: r.get(9)?,
             revoked_ms: r.get(10)?,
+            enroll_key_hash: None,
         })
     }
 
@@ -258,6 +259,24 @@ impl Store for SqliteStore {
 
     fn insert_agent(&self, a: &AgentRecord, credential_hash: &str) -> StoreFuture<'_, bool> {
         self.ready(|c| credentials::insert_agent(c, a, credential_hash))
+    }
+
+    fn reenroll(
+        &self,
+        provider: &str,
+        enroll_key_hash: &str,
+        enrolled_since_ms: i64,
+        credential_hash: &str,
+    ) -> StoreFuture<'_, Option<String>> {
+        self.ready(|c| {
+            credentials::reenroll(
+                c,
+                provider,
+                enroll_key_hash,
+                enrolled_since_ms,
+                credential_hash,
+            )
+        })
     }
 
     fn agent_by_credential(
@@ -546,6 +565,20 @@ impl Store for SqliteStore {
                 )
                 .optional()?;
             Ok(v.unwrap_or(0) as u64)
+        })
+    }
+
+    fn newest_epoch(&self, agent_id: &str, stream: &str) -> StoreFuture<'_, u64> {
+        self.ready(|c| {
+            // Epochs are stored as their bits in an i64: compare them as u64.
+            let mut st =
+                c.prepare_cached("SELECT epoch FROM cursors WHERE agent_id = ?1 AND stream = ?2")?;
+            let rows = st.query_map(params![agent_id, stream], |r| r.get::<_, i64>(0))?;
+            let mut newest = 0u64;
+            for e in rows {
+                newest = newest.max(e? as u64);
+            }
+            Ok(newest)
         })
     }
 

@@ -118,6 +118,9 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE providers ADD COLUMN max_agents INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE providers ADD COLUMN expires_ms INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE providers ADD COLUMN token_enrolled INTEGER NOT NULL DEFAULT 0;",
+    // 3: idempotent enrollment (`EnrollRequest.idempotency_key`).
+    "ALTER TABLE agents ADD COLUMN enroll_key_hash TEXT;
+     CREATE UNIQUE INDEX agents_enroll_key ON agents (provider, enroll_key_hash);",
 ];
 
 /// The schema version this build writes.
