@@ -160,6 +160,12 @@ impl SqliteStore {
         // secrets) is zeroed in the file, not left in free pages.
         conn.pragma_update(None, "secure_delete", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Transactions take the write lock when they begin (BEGIN
+        // IMMEDIATE), under the busy timeout: a deferred one reads first,
+        // and when the checkpointer's TRUNCATE has reset the WAL since, it
+        // cannot become a writer and fails at once with SQLITE_BUSY. This
+        // connection is the only writer, so nothing waits longer for it.
+        conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         schema::migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
@@ -783,6 +789,53 @@ mod tests {
     use super::*;
 
     crate::backend::store::suite::store_suite!(SqliteStore::in_memory().unwrap());
+
+    /// Write transactions read before they write; a deferred one whose
+    /// snapshot a truncating checkpoint reset meanwhile cannot become a
+    /// writer and fails at once ("database is locked", no busy wait). The
+    /// store's transactions take the write lock when they begin.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_never_fail_beside_truncating_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        assert!(store.create_provider("default", "th", 1).await.unwrap());
+        let agent = crate::backend::store::AgentRecord {
+            id: "a1".into(),
+            provider: "default".into(),
+            enrolled_ms: 1,
+            ..Default::default()
+        };
+        assert!(store.insert_agent(&agent, "ch").await.unwrap());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let checkpoints = {
+            let stop = stop.clone();
+            let db = dir.path().join("uplink.db");
+            std::thread::spawn(move || {
+                let c = Connection::open(db).unwrap();
+                c.busy_timeout(std::time::Duration::from_secs(1)).unwrap();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+                }
+            })
+        };
+        let spec = proto::CommandSpec {
+            kind: Some(proto::command_spec::Kind::Ping(proto::Ping::default())),
+        };
+        let mut failures = Vec::new();
+        for i in 0..2000 {
+            if let Err(e) = store.enqueue("a1", &format!("cmd_{i}"), &spec, i).await {
+                failures.push(e.to_string());
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        checkpoints.join().unwrap();
+        assert!(
+            failures.is_empty(),
+            "{} of 2000 failed: {:?}",
+            failures.len(),
+            failures.first()
+        );
+    }
 
     #[tokio::test]
     async fn metric_batch_state_survives_reopening() {
