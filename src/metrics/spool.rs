@@ -16,11 +16,10 @@
 //! would take the current one past [`SpoolConfig::segment_bytes`], after
 //! every open, so a file written before a crash is never appended to, and
 //! after an append failed (a full disk), so no failed write sits before
-//! good data. The
-//! sidecar `00000000000000000042.ack` lists the identities acknowledged in
-//! that segment. Other names, and directories, are ignored and never
-//! deleted; a sidecar whose segment is gone (an interrupted delete) is
-//! removed at open.
+//! good data. The sidecar `00000000000000000042.ack` lists the identities
+//! acknowledged in that segment. Other names, and directories, are ignored
+//! and never deleted; a sidecar whose segment is gone (an interrupted
+//! delete) is removed at open.
 //!
 //! A record is a 44-byte header, integers little endian, then the payload:
 //!

@@ -3,11 +3,10 @@
 //! stored, duplicate or rejected (an ack the spool cannot write yet, on a
 //! full disk, is written again later). A failure keeps everything
 //! unacknowledged spooled and sends it again, from the oldest, after a
-//! backoff. Backlog
-//! (batches spooled more than [`REPLAY_AGE`] before they are sent) is paced
-//! by a token bucket. Each answer also says which newer forms of the
-//! contract the backend reads ([`Accepts`]), which the batcher and the
-//! sender follow.
+//! backoff. Backlog (batches spooled more than [`REPLAY_AGE`] before they
+//! are sent) is paced by a token bucket. Each answer also says which newer
+//! forms of the contract the backend reads ([`Accepts`]), which the
+//! batcher and the sender follow.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
