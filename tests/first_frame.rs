@@ -100,3 +100,87 @@ async fn agents_started_on_a_loaded_host_never_fall_from_a_working_grpc_path() {
         falls.join("\n")
     );
 }
+
+/// A store that cannot write for a while (a slow disk's sync, a checkpoint
+/// that waits, another process holding SQLite's write lock) holds no
+/// stream's first frame: eight enrolled agents start again while another
+/// process holds the write lock of the backend's database for longer than
+/// the agents wait for a first frame, and every one of them stays on gRPC.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_that_cannot_write_for_seconds_holds_no_first_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TestBackend::config(&dir.path().join("backend"));
+    let db = dir.path().join("backend").join("uplink.db");
+    let b = TestBackend::start_with(cfg, "127.0.0.1:0".parse().unwrap()).await;
+    let states: Vec<_> = (0..AT_ONCE)
+        .map(|i| dir.path().join(format!("agent-{i}")))
+        .collect();
+    // Enrolled and connected once, then stopped.
+    let first: Vec<Proc> = states
+        .iter()
+        .enumerate()
+        .map(|(i, s)| agent(&b, "auto", s, &format!("locked-{i}")))
+        .collect();
+    for p in &first {
+        wait_for(Duration::from_secs(60), "the first stream", || async {
+            p.stderr
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("stream open"))
+                .then_some(())
+        })
+        .await;
+    }
+    drop(first);
+    // Another process takes the write lock for 6 s (the agents wait 4 s
+    // and a half for a first frame).
+    let mut lock = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sqlite3, sys, time\n\
+             c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+             c.execute('BEGIN IMMEDIATE')\n\
+             print('locked', flush=True)\n\
+             time.sleep(6)\n\
+             c.execute('ROLLBACK')\n",
+        )
+        .arg(&db)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(lock.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "locked");
+    let again: Vec<Proc> = states
+        .iter()
+        .enumerate()
+        .map(|(i, s)| agent(&b, "auto", s, &format!("locked-{i}")))
+        .collect();
+    let mut falls = Vec::new();
+    for p in &again {
+        let line = wait_for(Duration::from_secs(60), "the stream or a fall", || async {
+            p.stderr
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains("stream open") || l.contains("switching rung"))
+                .cloned()
+        })
+        .await;
+        if line.contains("switching rung") {
+            falls.push(line);
+        }
+    }
+    let _ = lock.wait();
+    assert!(
+        falls.is_empty(),
+        "{} of {AT_ONCE} agents fell to long-polling while the store could not write:\n{}",
+        falls.len(),
+        falls.join("\n")
+    );
+}

@@ -22,11 +22,13 @@
 //! each call where it makes it; a second store brings its own futures and
 //! `Core` does not change.
 //!
-//! [`SqliteStore`] does its work when the method is called: each call runs
-//! inline on the async worker that makes it, under one mutex, and returns
-//! a ready future holding the outcome. So SQLite's behaviour and cost are
-//! those of plain synchronous calls (plus one small allocation per call for
-//! the box), and its mutex is released before the caller awaits.
+//! [`SqliteStore`] does its work when the method is called and returns a
+//! ready future holding the outcome: reads inline on a reader connection
+//! that never waits for the writer, writes under the writer's mutex inside
+//! `block_in_place` (a write can wait for seconds on a slow disk or the
+//! write lock; the runtime's other tasks go on meanwhile). So SQLite's
+//! behaviour and cost are those of plain synchronous calls (plus one small
+//! allocation per call for the box), and no lock is held across an await.
 //!
 //! A store's errors are its own: [`StoreError::Backend`] carries them with
 //! the store's name, so a second store adds no variant that `Core` sees.

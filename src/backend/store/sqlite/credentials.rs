@@ -124,6 +124,44 @@ pub(super) fn reenroll(
     Ok(id)
 }
 
+/// Who holds a credential, as a read.
+pub(super) enum Lookup {
+    /// An agent's current credential.
+    Current(CredentialOwner),
+    /// An agent's pending credential: its first use makes it current, a
+    /// write ([`agent_by_credential`]).
+    Pending,
+    /// No agent's.
+    Unknown,
+}
+
+/// Who holds `credential_hash`, without writing anything.
+pub(super) fn lookup_credential(
+    c: &mut Connection,
+    credential_hash: &str,
+) -> Result<Lookup, StoreError> {
+    let current = c
+        .prepare_cached("SELECT id, revoked_ms FROM agents WHERE credential_hash = ?1")?
+        .query_row([credential_hash], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((agent_id, revoked_ms)) = current {
+        return Ok(Lookup::Current(CredentialOwner {
+            agent_id,
+            revoked_ms,
+            promoted: false,
+        }));
+    }
+    let pending: Option<i64> = c
+        .prepare_cached("SELECT 1 FROM agents WHERE pending_credential_hash = ?1")?
+        .query_row([credential_hash], |r| r.get(0))
+        .optional()?;
+    Ok(if pending.is_some() {
+        Lookup::Pending
+    } else {
+        Lookup::Unknown
+    })
+}
+
 pub(super) fn agent_by_credential(
     c: &mut Connection,
     credential_hash: &str,

@@ -48,7 +48,13 @@ impl From<rusqlite::Error> for StoreError {
 
 /// The SQLite store. Cheap to share behind an `Arc`.
 pub struct SqliteStore {
+    /// The one writer: every change goes through it.
     conn: Mutex<Connection>,
+    /// A second connection for reads (a file's store only): in WAL mode a
+    /// read sees the last commit and never waits for the writer, so a
+    /// write that waits on the disk or on the write lock holds up no
+    /// authentication and no delivery.
+    reader: Option<Mutex<Connection>>,
     /// Stops the checkpointer thread when the store is dropped.
     checkpointer: Option<Checkpointer>,
 }
@@ -129,6 +135,20 @@ fn metric_batch_state_in(
     })
 }
 
+/// Runs `f`, which may block its thread for seconds, without holding up
+/// the runtime: on a multi-threaded tokio runtime the worker hands its
+/// other tasks to another thread for the length of the call
+/// (`block_in_place`); elsewhere (a current-thread runtime, no runtime) it
+/// is a plain call.
+fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) `dir/uplink.db`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
@@ -143,6 +163,10 @@ impl SqliteStore {
             c.pragma_update(None, "journal_size_limit", checkpoint::WAL_SIZE_LIMIT)?;
             Ok(())
         })?;
+        let reader = Connection::open(&path)?;
+        reader.busy_timeout(std::time::Duration::from_secs(5))?;
+        reader.pragma_update(None, "query_only", "ON")?;
+        store.reader = Some(Mutex::new(reader));
         store.checkpointer = Some(Checkpointer::start(path)?);
         Ok(store)
     }
@@ -169,6 +193,7 @@ impl SqliteStore {
         schema::migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Mutex::new(conn),
+            reader: None,
             checkpointer: None,
         })
     }
@@ -181,14 +206,43 @@ impl SqliteStore {
         f(&mut conn)
     }
 
-    /// Runs `f` on the connection now, under the lock, and returns its
-    /// outcome as a ready future: the lock is released before the caller
-    /// awaits, and the work is done whether or not the future is polled.
+    /// Runs `f` on the writer now, under its lock, and returns its outcome
+    /// as a ready future: the lock is released before the caller awaits,
+    /// and the work is done whether or not the future is polled.
+    ///
+    /// A write can wait for seconds (a sync on a slow disk, the write lock
+    /// held by a checkpoint or by another process, up to the busy
+    /// timeout). On a multi-threaded runtime it waits off the runtime
+    /// ([`off_runtime`]): the worker's other tasks move to another thread,
+    /// so heartbeats, TLS handshakes and first frames of every other
+    /// connection go on meanwhile.
     fn ready<'a, T: Send + 'a>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
     ) -> StoreFuture<'a, T> {
-        Box::pin(std::future::ready(self.with(f)))
+        Box::pin(std::future::ready(off_runtime(|| self.with(f))))
+    }
+
+    /// Runs a read-only `f` now on the reader (the writer for an
+    /// in-memory store), and returns its outcome as a ready future. A read
+    /// sees every change committed before it starts and does not wait for
+    /// the writer.
+    fn read<'a, T: Send + 'a>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> StoreFuture<'a, T> {
+        Box::pin(std::future::ready(self.read_now(f)))
+    }
+
+    /// What [`SqliteStore::read`] does, as a plain call.
+    fn read_now<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match &self.reader {
+            Some(reader) => f(&mut *reader.lock().map_err(|_| StoreError::Poisoned)?),
+            None => off_runtime(|| self.with(f)),
+        }
     }
 
     fn agent_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRecord> {
@@ -213,7 +267,7 @@ impl SqliteStore {
 
 impl Store for SqliteStore {
     fn meta(&self, key: &str) -> StoreFuture<'_, Option<String>> {
-        self.ready(|c| {
+        self.read(|c| {
             Ok(
                 c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
                     .optional()?,
@@ -256,11 +310,11 @@ impl Store for SqliteStore {
     }
 
     fn provider_by_token(&self, token_hash: &str) -> StoreFuture<'_, Option<ProviderRecord>> {
-        self.ready(|c| credentials::provider_by_token(c, token_hash))
+        self.read(|c| credentials::provider_by_token(c, token_hash))
     }
 
     fn providers(&self) -> StoreFuture<'_, Vec<ProviderRecord>> {
-        self.ready(credentials::providers)
+        self.read(credentials::providers)
     }
 
     fn insert_agent(&self, a: &AgentRecord, credential_hash: &str) -> StoreFuture<'_, bool> {
@@ -289,7 +343,18 @@ impl Store for SqliteStore {
         &self,
         credential_hash: &str,
     ) -> StoreFuture<'_, Option<CredentialOwner>> {
-        self.ready(|c| credentials::agent_by_credential(c, credential_hash))
+        // The common case, a current credential or none, is a read; only
+        // a pending credential's first use writes (it becomes current).
+        match self.read_now(|c| credentials::lookup_credential(c, credential_hash)) {
+            Ok(credentials::Lookup::Current(owner)) => {
+                Box::pin(std::future::ready(Ok(Some(owner))))
+            }
+            Ok(credentials::Lookup::Unknown) => Box::pin(std::future::ready(Ok(None))),
+            Ok(credentials::Lookup::Pending) => {
+                self.ready(|c| credentials::agent_by_credential(c, credential_hash))
+            }
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
     }
 
     fn set_pending_credential(
@@ -305,7 +370,7 @@ impl Store for SqliteStore {
     }
 
     fn agent(&self, id: &str) -> StoreFuture<'_, Option<AgentRecord>> {
-        self.ready(|c| {
+        self.read(|c| {
             Ok(c.query_row(
                 &format!(
                     "SELECT {} FROM agents WHERE id = ?1",
@@ -319,7 +384,7 @@ impl Store for SqliteStore {
     }
 
     fn agents(&self, provider: &str) -> StoreFuture<'_, Vec<AgentRecord>> {
-        self.ready(|c| {
+        self.read(|c| {
             let mut st = c.prepare(&format!(
                 "SELECT {} FROM agents WHERE ?1 = '' OR provider = ?1 ORDER BY id",
                 SqliteStore::AGENT_COLUMNS
@@ -379,7 +444,7 @@ impl Store for SqliteStore {
         after: u64,
         limit: usize,
     ) -> StoreFuture<'_, Vec<proto::Command>> {
-        self.ready(|c| {
+        self.read(|c| {
             let mut st = c.prepare_cached(
                 "SELECT id, seq, spec, created_ms FROM commands
                  WHERE agent_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
@@ -494,7 +559,7 @@ impl Store for SqliteStore {
     }
 
     fn command(&self, id: &str) -> StoreFuture<'_, Option<CommandRecord>> {
-        self.ready(|c| {
+        self.read(|c| {
             let row = c
                 .query_row(
                     "SELECT id, agent_id, seq, spec, created_ms, accepted_ms, done_ms, result
@@ -562,7 +627,7 @@ impl Store for SqliteStore {
     }
 
     fn cursor(&self, agent_id: &str, stream: &str, epoch: u64) -> StoreFuture<'_, u64> {
-        self.ready(|c| {
+        self.read(|c| {
             let v: Option<i64> = c
                 .query_row(
                     "SELECT seq FROM cursors WHERE agent_id = ?1 AND stream = ?2 AND epoch = ?3",
@@ -575,7 +640,7 @@ impl Store for SqliteStore {
     }
 
     fn newest_epoch(&self, agent_id: &str, stream: &str) -> StoreFuture<'_, u64> {
-        self.ready(|c| {
+        self.read(|c| {
             // Epochs are stored as their bits in an i64: compare them as u64.
             let mut st =
                 c.prepare_cached("SELECT epoch FROM cursors WHERE agent_id = ?1 AND stream = ?2")?;
@@ -594,7 +659,7 @@ impl Store for SqliteStore {
         epoch: u64,
         seq: u64,
     ) -> StoreFuture<'_, BatchSeq> {
-        self.ready(|c| metric_batch_state_in(c, agent_id, epoch, seq))
+        self.read(|c| metric_batch_state_in(c, agent_id, epoch, seq))
     }
 
     fn record_metric_batch(&self, agent_id: &str, epoch: u64, seq: u64) -> StoreFuture<'_, bool> {
@@ -657,7 +722,7 @@ impl Store for SqliteStore {
     }
 
     fn metric_batches(&self, agent_id: &str, epoch: u64) -> StoreFuture<'_, (u64, u64)> {
-        self.ready(|c| {
+        self.read(|c| {
             let watermark = cursor_in(c, agent_id, METRIC_BATCHES, epoch)?;
             let above: i64 = c.query_row(
                 "SELECT COUNT(*) FROM metric_batches_above WHERE agent_id = ?1 AND epoch = ?2",
@@ -685,7 +750,7 @@ impl Store for SqliteStore {
     }
 
     fn container_events(&self, agent_id: &str) -> StoreFuture<'_, Vec<proto::ContainerEvent>> {
-        self.ready(|c| {
+        self.read(|c| {
             let mut st = c.prepare(
                 "SELECT event FROM container_events WHERE agent_id = ?1 ORDER BY time_ms, rowid",
             )?;
@@ -707,7 +772,7 @@ impl Store for SqliteStore {
     }
 
     fn pending_count(&self, agent_id: &str, acked: u64) -> StoreFuture<'_, u64> {
-        self.ready(|c| {
+        self.read(|c| {
             let n: i64 = c.query_row(
                 "SELECT COUNT(*) FROM commands WHERE agent_id = ?1 AND seq > ?2",
                 params![agent_id, acked as i64],
@@ -729,7 +794,7 @@ impl Store for SqliteStore {
         &self,
         id_or_name: &str,
     ) -> StoreFuture<'_, Option<(RunRecord, Vec<RunContainerRecord>)>> {
-        self.ready(|c| runs::run(c, id_or_name))
+        self.read(|c| runs::run(c, id_or_name))
     }
 
     fn runs(
@@ -737,7 +802,7 @@ impl Store for SqliteStore {
         provider: &str,
         limit: usize,
     ) -> StoreFuture<'_, Vec<(RunRecord, Vec<RunContainerRecord>)>> {
-        self.ready(|c| runs::runs(c, provider, limit))
+        self.read(|c| runs::runs(c, provider, limit))
     }
 
     fn run_name_in_use(&self, name: &str) -> StoreFuture<'_, bool> {
@@ -745,7 +810,7 @@ impl Store for SqliteStore {
     }
 
     fn run_command(&self, command_id: &str) -> StoreFuture<'_, Option<(String, u32, Role)>> {
-        self.ready(|c| runs::run_command(c, command_id))
+        self.read(|c| runs::run_command(c, command_id))
     }
 
     fn change_container(
@@ -763,7 +828,7 @@ impl Store for SqliteStore {
     }
 
     fn live_run_containers(&self) -> StoreFuture<'_, Vec<LiveContainer>> {
-        self.ready(runs::live_run_containers)
+        self.read(runs::live_run_containers)
     }
 
     fn set_capacity(
@@ -776,7 +841,7 @@ impl Store for SqliteStore {
     }
 
     fn capacities(&self) -> StoreFuture<'_, HashMap<String, (proto::Capacity, i64)>> {
-        self.ready(runs::capacities)
+        self.read(runs::capacities)
     }
 
     fn prune(&self, retention: &Retention) -> StoreFuture<'_, Pruned> {
