@@ -554,3 +554,117 @@ async fn bodies_held_at_once_are_bounded_over_all_connections() {
         "{answer}"
     );
 }
+
+/// Reads one HTTP/1.1 answer (head and a `content-length` body) from
+/// `tls`: its head, lowercased, or None when the connection ended first.
+async fn one_answer(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> Option<String> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap_or(0));
+            if got.len() >= end + 4 + len {
+                return Some(head);
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(30), tls.read(&mut buf))
+            .await
+            .expect("an answer within 30 s")
+            .unwrap_or(0);
+        if n == 0 {
+            return None;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A Connect call with a wrong token over HTTP/1.1, announcing `len` body
+/// bytes and sending `sent` of them at once.
+async fn wrong_token_call(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    len: usize,
+    sent: usize,
+) {
+    let head = format!(
+        "POST /uplink.v1.AdminService/ListAgents HTTP/1.1\r\nhost: 127.0.0.1\r\n\
+         authorization: Bearer not-the-token\r\ncontent-type: application/json\r\n\
+         content-length: {len}\r\n\r\n"
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.write_all(&vec![b' '; sent]).await.unwrap();
+    tls.flush().await.unwrap();
+}
+
+/// An error answered on HTTP/1.1 before the request's body was read to its
+/// end says `Connection: close` and the connection closes, so the client
+/// sends its next request elsewhere; an error answered once the body was
+/// read keeps the connection for the next request. (Before: a body that
+/// arrived late or was too large to discard left a connection that was
+/// closed without a word, and the client's next request on it failed with
+/// an EOF.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_error_before_the_body_was_read_closes_the_connection_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = BackendProc::start(dir.path(), None, &[]).await;
+
+    // The body comes with the head: refused, and the connection carries a
+    // second request.
+    let mut tls = b.tls(b"http/1.1").await.expect("connects");
+    wrong_token_call(&mut tls, 2, 2).await;
+    let head = one_answer(&mut tls).await.expect("an answer");
+    assert!(head.starts_with("http/1.1 401"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    wrong_token_call(&mut tls, 2, 2).await;
+    let head = one_answer(&mut tls)
+        .await
+        .expect("a second answer on the kept-alive connection");
+    assert!(head.starts_with("http/1.1 401"), "{head}");
+
+    // The body never comes (the backend discards a refused body for 5 s
+    // at most): refused with `Connection: close`, then closed.
+    let mut tls = b.tls(b"http/1.1").await.expect("connects");
+    wrong_token_call(&mut tls, 10, 0).await;
+    let head = one_answer(&mut tls).await.expect("an answer");
+    assert!(head.starts_with("http/1.1 401"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(
+        one_answer(&mut tls).await,
+        None,
+        "the connection closes after the answer"
+    );
+
+    // A body too large to discard (over 4 MiB): the same.
+    let tls = b.tls(b"http/1.1").await.expect("connects");
+    let (len, sent) = (6 << 20, 5 << 20);
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let writer = tokio::spawn(async move {
+        let head = format!(
+            "POST /uplink.v1.AdminService/ListAgents HTTP/1.1\r\nhost: 127.0.0.1\r\n\
+             authorization: Bearer not-the-token\r\ncontent-type: application/json\r\n\
+             content-length: {len}\r\n\r\n"
+        );
+        let _ = wr.write_all(head.as_bytes()).await;
+        let _ = wr.write_all(&vec![b' '; sent]).await;
+        let _ = wr.flush().await;
+    });
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(30), rd.read(&mut buf))
+            .await
+            .expect("an answer within 30 s")
+            .unwrap_or(0);
+        assert!(n > 0, "closed without an answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 401"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    writer.abort();
+}

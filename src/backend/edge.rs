@@ -507,14 +507,38 @@ pub fn metrics_refusal(s: &Status) -> Response<Body> {
 
 /// Reads and discards what is left of a refused request's body, within
 /// bounds, so that HTTP/2 clients receive the answer (an answer before the
-/// body ends resets the stream, which curl reports as a framing error).
-async fn drain(body: Body) {
+/// body ends resets the stream, which curl reports as a framing error) and
+/// HTTP/1.1 clients keep their connection. True when the body was read to
+/// its end; false when it was larger or slower than the bounds (then the
+/// answer must close the connection, see [`closing`]).
+#[must_use]
+async fn drain(body: Body) -> bool {
     let limited = http_body_util::Limited::new(body, DRAIN_MAX_BYTES);
     let mut body = std::pin::pin!(limited);
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while let Some(Ok(_)) = body.frame().await {}
+    tokio::time::timeout(DRAIN_TIMEOUT, async {
+        loop {
+            match body.frame().await {
+                None => return true,
+                Some(Ok(_)) => {}
+                Some(Err(_)) => return false,
+            }
+        }
     })
-    .await;
+    .await
+    .unwrap_or(false)
+}
+
+/// Marks an answer given before its request's body was read to the end:
+/// on HTTP/1.1 the connection cannot carry another request after it (the
+/// rest of the body would be read as one), so the answer says
+/// `Connection: close` and the server closes it, and the client knows
+/// not to send its next request there. (HTTP/2 ends just that stream.)
+fn closing(mut r: Response<Body>, version: http::Version) -> Response<Body> {
+    if version < http::Version::HTTP_2 {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
 }
 
 /// Reads a whole body within `limit` bytes, the body deadline and the
@@ -574,15 +598,18 @@ async fn read_whole(
     }
 }
 
-/// Answers `status` once what is left of `body` was discarded.
+/// Answers `status` once what is left of `body` was discarded, closing
+/// the connection when it could not be (see [`closing`]).
 async fn refuse(
     body: Body,
     grpc: bool,
     status: &Status,
     retry_after: Option<u64>,
+    version: http::Version,
 ) -> Response<Body> {
-    drain(body).await;
-    refusal(grpc, status, retry_after)
+    let ended = drain(body).await;
+    let r = refusal(grpc, status, retry_after);
+    if ended { r } else { closing(r, version) }
 }
 
 /// Checks a request at the edge: its credential before anything of its
@@ -608,7 +635,7 @@ pub async fn gate(
             let s = Status::resource_exhausted(format!(
                 "at most {PREAUTH_IN_FLIGHT} calls at once before a connection authenticates"
             ));
-            return Err(refuse(body, grpc, &s, Some(1)).await);
+            return Err(refuse(body, grpc, &s, Some(1), parts.version).await);
         }
         let authorization = parts
             .headers
@@ -625,7 +652,7 @@ pub async fn gate(
                         "too many failed authentications from {}: retry in {wait} s",
                         conn.peer
                     ));
-                    return Err(refuse(body, grpc, &s, Some(wait)).await);
+                    return Err(refuse(body, grpc, &s, Some(wait), parts.version).await);
                 }
                 None if matches!(path_needs, Needs::Admin) => {
                     core.authenticate_admin(authorization)
@@ -639,12 +666,16 @@ pub async fn gate(
             Err(s) if parts.uri.path() == "/metrics" => {
                 // Prometheus shows its scrape errors as text.
                 edge.record_failure(conn.peer);
-                drain(body).await;
-                return Err(metrics_refusal(&s));
+                let r = metrics_refusal(&s);
+                return Err(if drain(body).await {
+                    r
+                } else {
+                    closing(r, parts.version)
+                });
             }
             Err(s) => {
                 edge.record_failure(conn.peer);
-                return Err(refuse(body, grpc, &s, None).await);
+                return Err(refuse(body, grpc, &s, None, parts.version).await);
             }
             Ok(()) if !matches!(path_needs, Needs::Enroll | Needs::Nothing) => conn.authenticated(),
             Ok(()) => {}
@@ -654,7 +685,15 @@ pub async fn gate(
     // (the router answers 404 or serves a GET).
     let (limit, _enroll_permit) = match path_needs {
         Needs::Nothing => {
-            drain(body).await;
+            if !drain(body).await {
+                let s = Status::invalid_argument(format!(
+                    "{} takes no request body, and the one sent was over {} MiB or \
+                     did not end within {DRAIN_TIMEOUT:?}",
+                    parts.uri.path(),
+                    DRAIN_MAX_BYTES >> 20
+                ));
+                return Err(closing(refusal(grpc, &s, None), parts.version));
+            }
             return Ok(Request::from_parts(parts, Body::empty()));
         }
         Needs::Enroll => match edge.enrolls.try_acquire() {
@@ -662,7 +701,7 @@ pub async fn gate(
             Err(_) => {
                 let s =
                     Status::unavailable("too many enrollments in progress: retry in a few seconds");
-                return Err(refuse(body, grpc, &s, Some(2)).await);
+                return Err(refuse(body, grpc, &s, Some(2), parts.version).await);
             }
         },
         // Streams and gRPC unary calls are read by the services, message
@@ -682,8 +721,10 @@ pub async fn gate(
         Err((s, rest, http)) => {
             let retry = (http == StatusCode::TOO_MANY_REQUESTS).then_some(2);
             let mut r = match rest {
-                Some(rest) => refuse(rest, grpc, &s, retry).await,
-                None => refusal(grpc, &s, None),
+                Some(rest) => refuse(rest, grpc, &s, retry, parts.version).await,
+                // What is left of the body was not read (too slow, or it
+                // could not be).
+                None => closing(refusal(grpc, &s, None), parts.version),
             };
             if !grpc {
                 *r.status_mut() = http;
