@@ -66,6 +66,11 @@ fi
 log "proto lint (buf)"
 buf lint
 
+log "proto compatibility (buf breaking)"
+# Against the previous commit and the last released contract
+# (proto/RELEASED): uplink.v1 takes additive changes only.
+scripts/proto-compat
+
 log "format and clippy"
 cargo fmt --all --check
 # The workspace: the uplink package and the harness its tests and benches
