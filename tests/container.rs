@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use uplink::ctl::Admin;
 use uplink::proto::{self, CommandState, CommandStatus};
 use uplink_testkit::deploy::{AGENT_CONTAINER, AGENT_VOLUME, BACKEND_ALIAS, BACKEND_PORT, Site};
-use uplink_testkit::image::{docker, docker_try, image};
+use uplink_testkit::image::{container_logs, docker, docker_try, image};
 use uplink_testkit::squid::{SquidContainer, SquidOpts};
 use uplink_testkit::{free_port, ping, wait_for};
 
@@ -127,11 +127,11 @@ impl Mission {
                 break a;
             }
             if started.elapsed() > Duration::from_secs(60) {
-                let (_, out, err) = docker_try(&["logs", AGENT_CONTAINER]);
+                let logs = container_logs(AGENT_CONTAINER);
                 let cache =
                     std::fs::read_to_string(squid.dir.join("cache.log")).unwrap_or_default();
                 panic!(
-                    "the agent was not connected on {rung} within 60 s; its log:\n{out}\n{err}\n\
+                    "the agent was not connected on {rung} within 60 s; its log:\n{logs}\n\
                      squid's access log:\n{}\nsquid's cache.log:\n{cache}",
                     squid.access_log()
                 );
@@ -142,7 +142,7 @@ impl Mission {
         println!("{tag}: from the printed line to connected on {rung}: {start_to_connected:?}");
         // The line opened the load generators' endpoint on the bridge.
         let graphite = format!("{}:{GRAPHITE_PORT}", bridge_gateway().await);
-        let (_, _, logs) = docker_try(&["logs", AGENT_CONTAINER]);
+        let logs = container_logs(AGENT_CONTAINER);
         assert!(
             logs.lines()
                 .any(|l| l.contains("Graphite plaintext accepted on") && l.contains(&graphite)),
@@ -183,8 +183,7 @@ impl Mission {
 
     /// The agent's container's log.
     fn agent_logs(&self) -> String {
-        let (_, out, err) = docker_try(&["logs", AGENT_CONTAINER]);
-        format!("{out}\n{err}")
+        container_logs(AGENT_CONTAINER)
     }
 
     /// `ctl ARGS --json`, parsed.
@@ -225,6 +224,24 @@ impl Mission {
         assert!(text.contains(&format!("{count} running")), "{text}");
         let status = self.ctl_json(&["run-status", name]).await;
         status["id"].as_str().unwrap().to_string()
+    }
+
+    /// Two load generators, run `lg`, pushing the numbered Graphite
+    /// stream to the agent's endpoint on the bridge for [`SECONDS`] at
+    /// [`RATE`]; the run's id once both started.
+    async fn load_generators(&self) -> String {
+        let graphite = format!("{}:{GRAPHITE_PORT}", bridge_gateway().await);
+        let duration = format!("{SECONDS}s");
+        let rate = RATE.to_string();
+        let args = [
+            "--graphite",
+            &graphite,
+            "--duration",
+            &duration,
+            "--rate",
+            &rate,
+        ];
+        self.run("lg", 2, &args).await
     }
 
     /// Waits until every container of run `name` exited; returns the
@@ -544,23 +561,7 @@ async fn through_squid_the_printed_agent_runs_load_generators_survives_docker_st
 
     // Two load generators pushing to the agent on the bridge, and two
     // that outlive the agent's restart.
-    let graphite = format!("{}:{GRAPHITE_PORT}", bridge_gateway().await);
-    let duration = format!("{SECONDS}s");
-    let rate = RATE.to_string();
-    let lg = m
-        .run(
-            "lg",
-            2,
-            &[
-                "--graphite",
-                &graphite,
-                "--duration",
-                &duration,
-                "--rate",
-                &rate,
-            ],
-        )
-        .await;
+    let lg = m.load_generators().await;
     let idle = m.run("idle", 2, &["--duration", "40s"]).await;
     let idle_before = containers_of_run(&idle);
     assert_eq!(idle_before.len(), 2, "{idle_before:?}");
@@ -719,22 +720,7 @@ async fn behind_an_intercepting_http1_squid_the_printed_agent_long_polls_runs_lo
     )
     .await;
 
-    let graphite = format!("{}:{GRAPHITE_PORT}", bridge_gateway().await);
-    let duration = format!("{SECONDS}s");
-    let rate = RATE.to_string();
-    m.run(
-        "lg",
-        2,
-        &[
-            "--graphite",
-            &graphite,
-            "--duration",
-            &duration,
-            "--rate",
-            &rate,
-        ],
-    )
-    .await;
+    m.load_generators().await;
     let status = m.exited("lg", Duration::from_secs(30)).await;
     for c in status["containers"].as_array().unwrap() {
         assert_eq!(c["exit_code"], 0, "{status}");

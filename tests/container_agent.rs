@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use uplink::backend::host_command::HostCommand;
 use uplink::proto;
+use uplink_testkit::image::{container_logs, docker, docker_try};
 use uplink_testkit::*;
 
 /// A proxy URL whose password has what a shell would otherwise expand or
@@ -372,14 +373,6 @@ impl Drop for Started {
     }
 }
 
-fn docker(args: &[&str]) -> String {
-    let out = std::process::Command::new("docker")
-        .args(args)
-        .output()
-        .expect("docker runs");
-    String::from_utf8_lossy(&out.stdout).trim().to_string() + &String::from_utf8_lossy(&out.stderr)
-}
-
 /// Runs an agent in a container from `image` with the line a backend
 /// prints, against `b`, and checks that it reports this host (memory,
 /// CPUs, interfaces, the root file system's size, the hostname) and never
@@ -495,10 +488,10 @@ exec {real} "$@"
     assert!(
         missing.is_empty(),
         "no {missing:?} from the agent within 60 s; its log:\n{}\n/metrics:\n{page}",
-        docker(&["logs", &started.name])
+        container_logs(&started.name)
     );
     let interfaces_after = host_interfaces();
-    let logs = docker(&["logs", &started.name]);
+    let logs = container_logs(&started.name);
 
     // Memory: the host's, not the container's 256 MiB.
     let memory = of_agent(&page, "host_memory_total_bytes", &agent);
@@ -559,7 +552,7 @@ exec {real} "$@"
     // Its own container, labelled as its own: without the own-container
     // rule reconciliation would take it for an orphan and remove it after
     // the grace period, and the container source would read its stats.
-    docker(&["rm", "-f", &started.name]);
+    docker_try(&["rm", "-f", &started.name]);
     let extra = format!(
         "--label uplink.agent={agent} -e UPLINK_ORPHAN_GRACE=1s -e UPLINK_METRICS_INTERVAL=1s \
          -e UPLINK_METRICS_BATCH_AGE=1s"
@@ -571,7 +564,7 @@ exec {real} "$@"
         "the agent back, with the same identity",
         || async {
             let agents = admin.agents("").await.ok()?;
-            let logs = docker(&["logs", &id]);
+            let logs = container_logs(&id);
             (agents.iter().any(|a| a.id == agent && a.connected) && logs.contains("agent starting"))
                 .then_some(())
         },
@@ -607,7 +600,7 @@ exec {real} "$@"
     );
     let page = push::scrape(&b).await;
     assert!(of_agent(&page, "container_cpu_usage_seconds_total", &agent).is_empty());
-    let logs = docker(&["logs", &id]);
+    let logs = container_logs(&id);
     assert!(!logs.contains("orphan"), "{logs}");
     drop(started);
     b.stop().await;

@@ -17,7 +17,7 @@ use uplink::ctl::Admin;
 use uplink::secret::{Kind, Secret};
 use uplink::tls::Trust;
 
-use crate::image::{docker, docker_try};
+use crate::image::{container_logs, docker, docker_try};
 use crate::waits::wait_for;
 
 /// The agent's container, as the printed line names it.
@@ -189,8 +189,7 @@ impl Site {
 
     /// The backend's output so far (stdout, then the log on stderr).
     pub fn backend_logs(&self) -> String {
-        let (_, out, err) = docker_try(&["logs", &self.backend]);
-        format!("{out}\n{err}")
+        container_logs(&self.backend)
     }
 
     /// Stops the backend's container (SIGTERM, as `docker stop` does);

@@ -62,6 +62,13 @@ pub fn docker(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// What container `name` wrote: its stdout, then its stderr (where
+/// uplink logs), empty for a container that is gone.
+pub fn container_logs(name: &str) -> String {
+    let (_, out, err) = docker_try(&["logs", name]);
+    format!("{out}\n{err}")
+}
+
 /// `docker` with `args`, returning (success, stdout, stderr) without
 /// judging.
 pub fn docker_try(args: &[&str]) -> (bool, String, String) {
