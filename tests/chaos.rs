@@ -3,7 +3,7 @@
 //! metrics stream, under random faults drawn from a seed for a set time:
 //! agents and the backend killed with SIGKILL and started again on their
 //! data, tunnels cut, HTTP/2 blocked, the Docker engine unreachable, squid
-//! restarted, an agent's state dir full. Then the invariants: every
+//! restarted, an agent's state dir full, its disk slow. Then the invariants: every
 //! command executed at most once and exactly once when it reports success,
 //! every numbered sample stored exactly once or counted as dropped, no
 //! panic, memory bounded. Beside it, a short test that the sample check
@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use uplink::proto::{self, CommandStatus, command_spec::Kind};
 use uplink_testkit::chaos::stream::{Stored, scrape_agent, value};
 use uplink_testkit::chaos::{
-    AgentProc, BackendProc, DockerRelay, Stream, Tmpfs, panics, rss_bytes, seed_and_length,
+    AgentProc, BackendProc, DockerRelay, SlowDisk, SmallDisk, Stream, panics, rss_bytes,
+    seed_and_length,
 };
 use uplink_testkit::docker::{LOCAL_IMAGE, Registry, remove_containers_of};
 use uplink_testkit::relay::{Mode, Relay};
@@ -33,8 +34,12 @@ const BACKEND_RSS_MAX: u64 = 256 << 20;
 const AGENT_RSS_MAX: u64 = 128 << 20;
 /// Numbered samples a second into each metrics agent.
 const SAMPLES_PER_SECOND: u64 = 200;
-/// The tmpfs under the first metrics agent's state dir.
-const TMPFS_BYTES: u64 = 4 << 20;
+/// The size of the disk under the first metrics agent's state dir.
+const DISK_BYTES: u64 = 8 << 20;
+/// What that disk allows the agent a second while it is slow: bytes and
+/// operations, of reads and of writes (each sync takes 100 ms or more).
+const SLOW_BYTES_PER_SEC: u64 = 64 << 10;
+const SLOW_OPS_PER_SEC: u64 = 10;
 
 /// Prints the seed again when the test fails, and removes the containers
 /// of every agent of the run.
@@ -73,6 +78,9 @@ enum Fault {
     DockerDown,
     /// The first metrics agent's state dir full for a while.
     DiskFull,
+    /// The first metrics agent's disk throttled to a few operations a
+    /// second for a while.
+    SlowDisk,
     /// squid stopped and started again on its port.
     RestartSquid,
 }
@@ -83,11 +91,14 @@ struct Lasting {
     h2: Option<Instant>,
     docker: Option<Instant>,
     disk: Option<Instant>,
+    slow: Option<(Instant, u32)>,
 }
 
 /// The command agents (killed by the soak) and the metrics agents (never
 /// killed, so their drop counters cover the whole run).
 const COMMAND_AGENTS: usize = 4;
+/// The index of `m-auto`, whose state dir is on the small disk.
+const M_AUTO: usize = 4;
 
 /// A queued command: its id, what it does and the agent it went to.
 struct Queued {
@@ -214,18 +225,20 @@ async fn samples_settle(
     }
 }
 
-fn pick_fault(rng: &mut fastrand::Rng, disk: bool) -> Fault {
+/// The next fault; `slow` when the disk can be slowed down here.
+fn pick_fault(rng: &mut fastrand::Rng, slow: bool) -> Fault {
     loop {
-        let f = match rng.u32(0..14) {
+        let f = match rng.u32(0..15) {
             0..4 => Fault::KillAgent(rng.usize(0..COMMAND_AGENTS)),
             4..6 => Fault::KillBackend,
             6..8 => Fault::CutTunnels,
             8..10 => Fault::BlockH2,
             10..12 => Fault::DockerDown,
             12 => Fault::DiskFull,
+            13 => Fault::SlowDisk,
             _ => Fault::RestartSquid,
         };
-        if f != Fault::DiskFull || disk {
+        if f != Fault::SlowDisk || slow {
             return f;
         }
     }
@@ -255,12 +268,36 @@ async fn a_seeded_chaos_soak_keeps_every_invariant() {
     let squid_port = squid.as_ref().unwrap().port;
     let proxy = squid.as_ref().unwrap().url(None);
     let docker = DockerRelay::start(&dir.join("docker.sock"));
-    let tmpfs = match Tmpfs::mount(&dir.join("m-auto"), TMPFS_BYTES) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            eprintln!("no state dir full fault: {e}");
-            None
+    let disk = SmallDisk::mount(&dir.join("m-auto"), &dir.join("m-auto.img"), DISK_BYTES)
+        .unwrap_or_else(|e| {
+            panic!("a small disk for m-auto's state dir (the soak mounts one): {e}")
+        });
+    let slow = match disk.device() {
+        Some(dev) => SlowDisk::new(dev, SLOW_BYTES_PER_SEC, SLOW_OPS_PER_SEC)
+            .map_err(|e| eprintln!("no slow disk fault: {e}"))
+            .ok(),
+        None => None,
+    };
+    match &slow {
+        Some(s) => {
+            let took = s
+                .time_synced_writes(&disk.path, 10)
+                .expect("synced writes on the slow disk");
+            eprintln!(
+                "chaos: m-auto's state dir on {} of {} MiB; slowed down, 10 synced 4 KiB writes take {took:?}",
+                disk.kind,
+                DISK_BYTES >> 20
+            );
         }
+        None => eprintln!(
+            "chaos: m-auto's state dir on {} of {} MiB; it cannot be slowed down here",
+            disk.kind,
+            DISK_BYTES >> 20
+        ),
+    }
+    let ops_before = match (&slow, disk.device()) {
+        (Some(s), Some(dev)) => s.ops(dev),
+        _ => 0,
     };
 
     // name, transport, route (relay index, or squid), metrics agent.
@@ -272,6 +309,7 @@ async fn a_seeded_chaos_soak_keeps_every_invariant() {
         ("m-auto", "auto", Some(1), true),
         ("m-squid", "longpoll", None, true),
     ];
+    assert_eq!(plan[M_AUTO].0, "m-auto");
     let envs = vec![("DOCKER_HOST".to_string(), docker.docker_host())];
     let mut agents = Vec::new();
     let mut ingest = Vec::new();
@@ -375,13 +413,17 @@ async fn a_seeded_chaos_soak_keeps_every_invariant() {
             docker.set_up(true);
             lasting.docker = None;
         }
-        if let (Some(t), Some(fs)) = (lasting.disk, &tmpfs)
-            && t <= now
-        {
-            fs.free();
+        if lasting.disk.is_some_and(|t| t <= now) {
+            disk.free();
             lasting.disk = None;
         }
-        let fault = pick_fault(&mut rng, tmpfs.is_some());
+        if let (Some((t, pid)), Some(s)) = (lasting.slow, &slow)
+            && t <= now
+        {
+            s.release(pid);
+            lasting.slow = None;
+        }
+        let fault = pick_fault(&mut rng, slow.is_some());
         let lasts = now + Duration::from_millis(rng.u64(3000..12_000));
         let at = start.elapsed().as_secs_f64();
         eprintln!("chaos +{at:6.1}s {fault:?}");
@@ -402,10 +444,19 @@ async fn a_seeded_chaos_soak_keeps_every_invariant() {
                 lasting.docker = Some(lasts);
             }
             Fault::DiskFull => {
-                if let Some(fs) = &tmpfs {
-                    fs.fill();
-                }
+                disk.fill();
                 lasting.disk = Some(lasts);
+            }
+            Fault::SlowDisk => {
+                // m-auto is never killed, so its pid holds until release;
+                // a fault drawn while it is slow already lengthens it.
+                if let (Some(s), Some(pid)) = (&slow, agents[M_AUTO].pid()) {
+                    match lasting.slow {
+                        Some((_, p)) if p == pid => {}
+                        _ => s.slow(pid).expect("m-auto moved into the slow cgroup"),
+                    }
+                    lasting.slow = Some((lasts, pid));
+                }
             }
             Fault::RestartSquid => {
                 if let Some(s) = squid.take() {
@@ -422,8 +473,9 @@ async fn a_seeded_chaos_soak_keeps_every_invariant() {
     // Every fault ends; the commands stop.
     relays.iter().for_each(|r| r.set(Mode::Forward));
     docker.set_up(true);
-    if let Some(fs) = &tmpfs {
-        fs.free();
+    disk.free();
+    if let (Some((_, pid)), Some(s)) = (lasting.slow, &slow) {
+        s.release(pid);
     }
     stop.store(true, Ordering::SeqCst);
     let queued = queue.await.unwrap();
@@ -433,8 +485,16 @@ async fn a_seeded_chaos_soak_keeps_every_invariant() {
         .collect();
     sample_rss(&mut peak, &b, &agents);
     let count = |f: &dyn Fn(&Fault) -> bool| log.iter().filter(|(_, x)| f(x)).count();
+    if let (Some(s), Some(dev)) = (&slow, disk.device()) {
+        // The faults were real: m-auto did I/O on its disk while slowed.
+        let ops = s.ops(dev) - ops_before;
+        eprintln!("chaos: m-auto did {ops} I/O operations on its disk while it was slow");
+        if count(&|f| *f == Fault::SlowDisk) > 0 {
+            assert!(ops > 0, "m-auto did no I/O on its disk while it was slow");
+        }
+    }
     eprintln!(
-        "chaos: {} faults ({} agent kills, {} backend kills, {} tunnel cuts, {} h2 blocks, {} docker outages, {} disk full, {} squid restarts), {} commands",
+        "chaos: {} faults ({} agent kills, {} backend kills, {} tunnel cuts, {} h2 blocks, {} docker outages, {} disk full, {} slow disk, {} squid restarts), {} commands",
         log.len(),
         count(&|f| matches!(f, Fault::KillAgent(_))),
         count(&|f| *f == Fault::KillBackend),
@@ -442,6 +502,7 @@ async fn a_seeded_chaos_soak_keeps_every_invariant() {
         count(&|f| *f == Fault::BlockH2),
         count(&|f| *f == Fault::DockerDown),
         count(&|f| *f == Fault::DiskFull),
+        count(&|f| *f == Fault::SlowDisk),
         count(&|f| *f == Fault::RestartSquid),
         queued.len()
     );

@@ -435,16 +435,11 @@ const FILL_PERIODS: usize = 8;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_dir_that_fills_and_frees_counts_every_sample() {
     use uplink_testkit::chaos::stream::{Stored, scrape_agent, value};
-    use uplink_testkit::chaos::{Stream, Tmpfs};
+    use uplink_testkit::chaos::{SmallDisk, Stream};
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("agent");
-    let fs = match Tmpfs::mount(&state, 4 << 20) {
-        Ok(fs) => fs,
-        Err(e) => {
-            eprintln!("skipped: no tmpfs for the state dir: {e}");
-            return;
-        }
-    };
+    let fs = SmallDisk::tmpfs(&state, 4 << 20)
+        .unwrap_or_else(|e| panic!("a tmpfs for the agent's state dir (the test mounts one): {e}"));
     let mut b = backend(dir.path(), "127.0.0.1:0").await;
     let t = Target::of(&b);
     let (graphite, metrics) = (free_port(), free_port());

@@ -2,20 +2,21 @@
 //! environment, the backend and agents as processes that can be killed
 //! with SIGKILL and started again on the same data, a Docker engine that
 //! can be made unreachable ([`docker_relay`]), a state directory on a
-//! small tmpfs that can be filled, a Graphite stream whose every sample
-//! is numbered ([`stream`]), and what the processes left behind (panics,
-//! peak memory).
+//! small disk that can be filled and slowed down ([`disk`]), a Graphite
+//! stream whose every sample is numbered ([`stream`]), and what the
+//! processes left behind (panics, peak memory).
 //!
 //! `tests/chaos.rs` drives them. Everything started here is stopped when
 //! dropped, on success and on failure alike.
 
+pub mod disk;
 pub mod docker_relay;
 pub mod procs;
 pub mod stream;
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use self::disk::{SlowDisk, SmallDisk};
 pub use self::docker_relay::DockerRelay;
 pub use self::procs::{AgentProc, BackendProc};
 pub use self::stream::Stream;
@@ -62,69 +63,4 @@ pub fn panics(logs: &str) -> Vec<String> {
         .filter(|l| l.contains("panicked at") || l.contains("RUST_BACKTRACE"))
         .map(str::to_string)
         .collect()
-}
-
-/// A tmpfs of a fixed size mounted on a directory, unmounted when
-/// dropped; [`Tmpfs::fill`] takes every free byte, [`Tmpfs::free`] gives
-/// them back.
-pub struct Tmpfs {
-    /// Where it is mounted.
-    pub path: PathBuf,
-    filler: PathBuf,
-}
-
-impl Tmpfs {
-    /// Mounts a tmpfs of `bytes` on `path` (created), or says why not
-    /// (no permission to mount in this environment).
-    pub fn mount(path: &Path, bytes: u64) -> Result<Tmpfs, String> {
-        std::fs::create_dir_all(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let out = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={bytes},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(path)
-            .output()
-            .map_err(|e| format!("mount: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "mount -t tmpfs on {}: {}",
-                path.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(Tmpfs {
-            path: path.to_path_buf(),
-            filler: path.join("chaos-filler"),
-        })
-    }
-
-    /// Writes a file until the filesystem is full.
-    pub fn fill(&self) {
-        use std::io::Write as _;
-        let Ok(mut f) = std::fs::File::create(&self.filler) else {
-            return;
-        };
-        let block = vec![0u8; 64 * 1024];
-        while f.write_all(&block).is_ok() {}
-        let small = [0u8; 512];
-        while f.write_all(&small).is_ok() {}
-    }
-
-    /// Removes what [`Tmpfs::fill`] wrote.
-    pub fn free(&self) {
-        let _ = std::fs::remove_file(&self.filler);
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.path)
-            .status();
-    }
 }
