@@ -405,3 +405,67 @@ async fn events_out_of_order_are_refused_not_acknowledged_on_both_rungs() {
     }
     b.stop().await;
 }
+
+/// A call with the agent's credential but no `AgentInfo` (`doctor`) is not
+/// the agent: after an anonymous poll, an agent that stopped polling is
+/// still shown disconnected (before: connected for 5 s after it, and
+/// eligible for run placement meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anonymous_poll_does_not_make_a_gone_agent_look_connected() {
+    use uplink::client::ConnectClient;
+    use uplink::secret::Secret;
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBackend::start(dir.path()).await;
+    let admin = b.admin();
+    let agent = push::enroll(&b, "h-anon").await;
+    let connect =
+        ConnectClient::new(&b.url, &b.net()).with_auth(Secret::new(agent.credential.clone()));
+    let poll = |info: Option<proto::AgentInfo>| {
+        let req = proto::PollRequest {
+            ack: 0,
+            hold_ms: 100,
+            info,
+        };
+        let connect = &connect;
+        async move {
+            connect
+                .call::<_, proto::PollResponse>(
+                    "uplink.v1.AgentService",
+                    "Poll",
+                    &req,
+                    Duration::from_secs(10),
+                )
+                .await
+                .expect("poll answered")
+        }
+    };
+    let connected = || async {
+        admin
+            .agents("")
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|v| v.id == agent.id)
+            .expect("the agent is listed")
+            .connected
+    };
+    // The agent's own poll: connected, then gone once it stops polling.
+    poll(Some(proto::AgentInfo {
+        hostname: "h-anon".into(),
+        version: "test".into(),
+        ..Default::default()
+    }))
+    .await;
+    assert!(connected().await, "connected after its own poll");
+    wait_for(Duration::from_secs(30), "the agent shown gone", || async {
+        (!connected().await).then_some(())
+    })
+    .await;
+    // A poll without AgentInfo: still gone.
+    poll(None).await;
+    assert!(
+        !connected().await,
+        "an anonymous poll made the gone agent look connected"
+    );
+    b.stop().await;
+}

@@ -156,7 +156,15 @@ impl Core {
         }
     }
 
-    pub(super) async fn apply_ack(&self, agent: &str, ack: u64) -> Result<u64, Status> {
+    /// Applies an agent's ack. `heard`: the call is the agent's own (not an
+    /// anonymous `Poll` or `Subscribe` of `doctor` with its credential), so
+    /// it counts for the agent's presence.
+    pub(super) async fn apply_ack(
+        &self,
+        agent: &str,
+        ack: u64,
+        heard: bool,
+    ) -> Result<u64, Status> {
         if ack > 1 << 53 {
             return Err(Status::invalid_argument(format!(
                 "ack {ack} is out of range"
@@ -165,7 +173,9 @@ impl Core {
         let now = crate::now_unix_ms();
         let acked = self.store.ack(agent, ack, now).await.map_err(internal)?;
         self.hub.notify_acked(agent, acked);
-        self.hub.touch(agent, now);
+        if heard {
+            self.hub.touch(agent, now);
+        }
         Ok(acked)
     }
 
@@ -261,7 +271,7 @@ impl Core {
             let _conn = conn;
             let r = tokio::select! {
                 r = async {
-                    let acked = core.apply_ack(&agent, req.ack).await?;
+                    let acked = core.apply_ack(&agent, req.ack, !anonymous).await?;
                     core.record_info(&agent, &info, Transport::Grpc).await?;
                     core.feed_stream(&agent, acked.max(req.ack), &tx).await
                 } => r,
@@ -356,7 +366,10 @@ impl Core {
     ) -> Result<proto::PollResponse, Status> {
         let info = req.info.unwrap_or_default();
         check_info(&info)?;
-        let acked = self.apply_ack(&agent, req.ack).await?;
+        // Without AgentInfo (`doctor` with the agent's credential), a
+        // call is not the agent's: it counts for no presence.
+        let anonymous = info.hostname.is_empty() && info.version.is_empty();
+        let acked = self.apply_ack(&agent, req.ack, !anonymous).await?;
         let presence = self
             .hub
             .presence(&agent, crate::now_unix_ms())
@@ -366,9 +379,7 @@ impl Core {
         {
             self.record_info(&agent, &info, Transport::Longpoll).await?;
         }
-        // A request without AgentInfo (`doctor` with the agent's
-        // credential) is not the agent's connection: leave presence alone.
-        let anonymous = info.hostname.is_empty() && info.version.is_empty();
+        // Nor does it open a connection of the agent's.
         let _conn = (!anonymous).then(|| {
             self.hub.open(
                 &agent,
@@ -427,7 +438,7 @@ impl Core {
             )));
         }
         check_event_seqs(&req.events)?;
-        self.apply_ack(&agent, req.ack).await?;
+        self.apply_ack(&agent, req.ack, true).await?;
         let mut stored = self
             .store
             .cursor(&agent, "events", req.epoch)

@@ -107,7 +107,7 @@ impl Core {
         agent: String,
         req: proto::PushMetricsRequest,
     ) -> Result<proto::PushMetricsResponse, Status> {
-        self.apply_ack(&agent, req.ack).await?;
+        self.apply_ack(&agent, req.ack, true).await?;
         let (epoch, seq) = (req.epoch, req.seq);
         let store = &self.store;
         self.admit_epoch(&agent, "metrics", epoch, async {
