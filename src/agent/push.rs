@@ -9,19 +9,16 @@ use crate::metrics::pipeline::{PushOutcome, Reads};
 use crate::proto;
 
 /// Stored or duplicate by the response; rejected when the backend called
-/// the batch invalid (`InvalidArgument`, `FailedPrecondition`), which no
-/// retry mends; anything else is retried.
+/// the batch invalid (`InvalidArgument`), which no retry mends; anything
+/// else is retried. `FailedPrecondition` (the seq is too far above the
+/// epoch's watermark) is retried too, as the contract says: the retry
+/// sends every unacknowledged batch again from the oldest, so the ones
+/// below go first and this one is stored after them.
 pub fn outcome(r: Result<proto::PushMetricsResponse, CallError>) -> PushOutcome {
     match r {
         Ok(r) if r.stored => PushOutcome::Stored(Reads::of(&r)),
         Ok(r) => PushOutcome::Duplicate(Reads::of(&r)),
-        Err(e)
-            if matches!(
-                e.kind,
-                FailureKind::Status(tonic::Code::InvalidArgument)
-                    | FailureKind::Status(tonic::Code::FailedPrecondition)
-            ) =>
-        {
+        Err(e) if matches!(e.kind, FailureKind::Status(tonic::Code::InvalidArgument)) => {
             PushOutcome::Rejected(e.message)
         }
         Err(e) => PushOutcome::Retry {
@@ -61,15 +58,16 @@ mod tests {
             ..reads
         };
         assert!(matches!(outcome(Ok(again)), PushOutcome::Duplicate(r) if r.series_deltas));
-        for code in [
-            tonic::Code::InvalidArgument,
-            tonic::Code::FailedPrecondition,
-        ] {
-            assert_eq!(
-                failed(FailureKind::Status(code)),
-                PushOutcome::Rejected("why".into())
-            );
-        }
+        assert_eq!(
+            failed(FailureKind::Status(tonic::Code::InvalidArgument)),
+            PushOutcome::Rejected("why".into())
+        );
+        // Too far ahead of the watermark: kept, and sent again after the
+        // batches below it.
+        assert!(matches!(
+            failed(FailureKind::Status(tonic::Code::FailedPrecondition)),
+            PushOutcome::Retry { .. }
+        ));
         let e = CallError {
             kind: FailureKind::Status(tonic::Code::Unavailable),
             message: "why".into(),
