@@ -313,6 +313,35 @@ mod tests {
     use crate::metrics::spool::{Header, SpoolConfig};
     use std::sync::atomic::AtomicU32;
 
+    /// The send loop over `spool` (a window of 4, no rate limit, a backend
+    /// that reads `batch_zstd`) whose every push answers `outcome`; the
+    /// count of pushes and the loop.
+    fn counting_sender(
+        spool: &Arc<Mutex<Spool>>,
+        outcome: PushOutcome,
+        stop: watch::Receiver<bool>,
+    ) -> (Arc<AtomicU32>, impl Future<Output = ()> + Send + 'static) {
+        let pushes = Arc::new(AtomicU32::new(0));
+        let counted = pushes.clone();
+        let push: Push = Arc::new(move |_| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            let outcome = outcome.clone();
+            Box::pin(async move { outcome })
+        });
+        let accepts = Arc::new(Accepts::default());
+        accepts.batch_zstd.store(true, Ordering::Relaxed);
+        let sender = send_loop(
+            4,
+            1_000_000,
+            spool.clone(),
+            Arc::new(Notify::new()),
+            push,
+            accepts,
+            stop,
+        );
+        (pushes, sender)
+    }
+
     /// A backend that fails every push, and the pipeline asked to stop:
     /// each spooled batch is tried at most once, and stays spooled.
     #[tokio::test]
@@ -332,29 +361,12 @@ mod tests {
                 .unwrap();
         }
         let spool = Arc::new(Mutex::new(spool));
-        let pushes = Arc::new(AtomicU32::new(0));
-        let counted = pushes.clone();
-        let push: Push = Arc::new(move |_| {
-            counted.fetch_add(1, Ordering::Relaxed);
-            Box::pin(async {
-                PushOutcome::Retry {
-                    kind: "unavailable",
-                    reason: "backend down".into(),
-                }
-            })
-        });
-        let accepts = Arc::new(Accepts::default());
-        accepts.batch_zstd.store(true, Ordering::Relaxed);
+        let down = PushOutcome::Retry {
+            kind: "unavailable",
+            reason: "backend down".into(),
+        };
         let (_stop, stop_rx) = watch::channel(true);
-        let sender = send_loop(
-            4,
-            1_000_000,
-            spool.clone(),
-            Arc::new(Notify::new()),
-            push,
-            accepts,
-            stop_rx,
-        );
+        let (pushes, sender) = counting_sender(&spool, down, stop_rx);
         // Before the fix the sender retried without a pause until aborted.
         let _ = tokio::time::timeout(Duration::from_secs(3), sender).await;
         let n = pushes.load(Ordering::Relaxed);
@@ -386,24 +398,10 @@ mod tests {
             .join(format!("{:020}.ack", at.segment));
         std::fs::create_dir(&sidecar).unwrap();
         let spool = Arc::new(Mutex::new(spool));
-        let pushes = Arc::new(AtomicU32::new(0));
-        let counted = pushes.clone();
-        let push: Push = Arc::new(move |_| {
-            counted.fetch_add(1, Ordering::Relaxed);
-            Box::pin(async { PushOutcome::Stored(Reads::default()) })
-        });
-        let accepts = Arc::new(Accepts::default());
-        accepts.batch_zstd.store(true, Ordering::Relaxed);
         let (stop, stop_rx) = watch::channel(false);
-        let sender = tokio::spawn(send_loop(
-            4,
-            1_000_000,
-            spool.clone(),
-            Arc::new(Notify::new()),
-            push,
-            accepts,
-            stop_rx,
-        ));
+        let (pushes, sender) =
+            counting_sender(&spool, PushOutcome::Stored(Reads::default()), stop_rx);
+        let sender = tokio::spawn(sender);
         let records = || spool.lock().unwrap().stats().records;
         let deadline = Instant::now() + Duration::from_secs(10);
         while pushes.load(Ordering::Relaxed) == 0 {
