@@ -152,14 +152,26 @@ async fn a_revoked_agent_is_cut_at_once_on_both_rungs_and_refused_after_a_restar
 
 /// Enrolls directly with `token`; the status of a refusal.
 async fn enroll_with(b: &TestBackend, token: &str) -> Result<proto::EnrollResponse, tonic::Status> {
+    enroll_as(b, token, "", "h", "1").await
+}
+
+/// Enrolls directly with `token`, idempotency key `key` and this hostname
+/// and version; the status of a refusal.
+async fn enroll_as(
+    b: &TestBackend,
+    token: &str,
+    key: &str,
+    hostname: &str,
+    version: &str,
+) -> Result<proto::EnrollResponse, tonic::Status> {
     b.agent_grpc()
         .await
         .enroll(proto::EnrollRequest {
             enrollment_token: token.into(),
-            idempotency_key: String::new(),
+            idempotency_key: key.into(),
             info: Some(proto::AgentInfo {
-                hostname: "h".into(),
-                version: "1".into(),
+                hostname: hostname.into(),
+                version: version.into(),
                 ..Default::default()
             }),
         })
@@ -447,18 +459,7 @@ async fn an_enrollment_without_hostname_or_version_is_refused_naming_the_field()
         ("", "", "info.hostname"),
     ];
     for (hostname, version, field) in cases {
-        let s = b
-            .agent_grpc()
-            .await
-            .enroll(proto::EnrollRequest {
-                enrollment_token: token.clone(),
-                idempotency_key: String::new(),
-                info: Some(proto::AgentInfo {
-                    hostname: hostname.into(),
-                    version: version.into(),
-                    ..Default::default()
-                }),
-            })
+        let s = enroll_as(&b, &token, "", hostname, version)
             .await
             .expect_err("an agent the backend cannot show is refused");
         assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
@@ -486,21 +487,7 @@ async fn an_enrollment_retried_with_its_key_is_the_same_agent() {
     let token = b.enroll_token.expose().to_string();
     let enroll = |key: &str| {
         let (b, token, key) = (&b, token.clone(), key.to_string());
-        async move {
-            b.agent_grpc()
-                .await
-                .enroll(proto::EnrollRequest {
-                    enrollment_token: token,
-                    idempotency_key: key,
-                    info: Some(proto::AgentInfo {
-                        hostname: "h".into(),
-                        version: "1".into(),
-                        ..Default::default()
-                    }),
-                })
-                .await
-                .map(tonic::Response::into_inner)
-        }
+        async move { enroll_as(b, &token, &key, "h", "1").await }
     };
     let key = "k".repeat(32);
     let first = enroll(&key).await.expect("enrolls");
