@@ -37,11 +37,13 @@ use std::pin::Pin;
 
 use crate::proto;
 
+mod postgres;
 pub mod runs;
 mod sqlite;
 #[cfg(test)]
 pub(crate) mod suite;
 
+pub use postgres::{DatabaseUrl, PostgresStore};
 pub use runs::{FollowUp, LiveContainer, NewContainer, Role, RunContainerRecord, RunRecord};
 pub use sqlite::{CHECKPOINT_EVERY, SqliteStore};
 
