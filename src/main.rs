@@ -247,6 +247,13 @@ async fn backend(addr: std::net::SocketAddr, cfg: BackendConfig) -> anyhow::Resu
         Err(e @ (BackendError::Tls(_) | BackendError::MetricsJsonl(_))) => {
             return Ok(config_error(ConfigError::from(e.to_string())));
         }
+        // A store that cannot be opened or reached (a database that does
+        // not answer, refuses the login or has a newer schema): one line,
+        // whose message already holds its causes.
+        Err(e @ BackendError::Store(_)) => {
+            eprintln!("uplink: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
         Err(e) => return Err(e.into()),
     };
     let info = server.info();

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tokio_postgres::NoTls;
 
-use super::{STORE, describe};
+use super::{CONNECT_TIMEOUT, STORE, describe};
 use crate::backend::store::StoreError;
 
 /// The key of the advisory lock held while migrating ("uplink" in ASCII).
@@ -153,9 +153,19 @@ pub(super) async fn migrate(
     password: Option<&str>,
     shown: &str,
 ) -> Result<(), StoreError> {
-    let (mut client, connection) = config
-        .connect(NoTls)
+    // The client's connect timeout bounds reaching the server; this one
+    // bounds the login too (a port that accepts and never answers).
+    let login = CONNECT_TIMEOUT * 2;
+    let (mut client, connection) = tokio::time::timeout(login, config.connect(NoTls))
         .await
+        .map_err(|_| StoreError::Backend {
+            store: STORE,
+            source: format!(
+                "cannot connect to {shown}: no answer to the login within {}s",
+                login.as_secs()
+            )
+            .into(),
+        })?
         .map_err(|e| connect_error(shown, &e, password))?;
     let connection = tokio::spawn(connection);
     let outcome = tokio::time::timeout(MIGRATION_TIMEOUT, async {
@@ -203,7 +213,15 @@ pub(super) async fn migrate(
         })
     });
     drop(client);
-    let _ = connection.await;
+    // Closing politely takes a round trip; a database that stopped
+    // answering does not hold the start for longer than a moment.
+    let mut connection = connection;
+    if tokio::time::timeout(Duration::from_secs(2), &mut connection)
+        .await
+        .is_err()
+    {
+        connection.abort();
+    }
     outcome
 }
 
