@@ -176,3 +176,40 @@ async fn agents_round_trip_through_a_backend_on_postgres() {
     drop(agents);
     b.stop().await;
 }
+
+/// A backend on PostgreSQL logging at debug: the database is named
+/// without its password, and the client's statements (whose parameters
+/// hold token hashes and commands' secrets) are not logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_password_and_statements_stay_out_of_the_log() {
+    let pg = Postgres::start().await;
+    let url = pg.fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("backend");
+    let mut b = Proc::spawn(
+        &[
+            "backend",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[("UPLINK_DATABASE", &url), ("UPLINK_LOG", "debug")],
+    );
+    let ready = b
+        .wait_log(&["PostgreSQL store ready"], Duration::from_secs(20))
+        .await;
+    let port = url.split(':').nth(3).unwrap().split('/').next().unwrap();
+    assert!(
+        ready.contains(&format!("postgres://***@127.0.0.1:{port}/")),
+        "{ready}"
+    );
+    b.wait_log(&["backend listening"], Duration::from_secs(20))
+        .await;
+    assert!(b.terminate(Duration::from_secs(10)).await.success());
+    let (logs, out) = (b.logs(), b.out());
+    assert!(!logs.contains(postgres_password()), "{logs}");
+    assert!(!out.contains(postgres_password()), "{out}");
+    assert!(!logs.contains("with parameters"), "{logs}");
+    assert!(logs.contains("tokio_postgres"), "the client logs at debug otherwise");
+}
