@@ -211,5 +211,8 @@ async fn the_database_password_and_statements_stay_out_of_the_log() {
     assert!(!logs.contains(postgres_password()), "{logs}");
     assert!(!out.contains(postgres_password()), "{out}");
     assert!(!logs.contains("with parameters"), "{logs}");
-    assert!(logs.contains("tokio_postgres"), "the client logs at debug otherwise");
+    assert!(
+        logs.contains("tokio_postgres"),
+        "the client logs at debug otherwise"
+    );
 }

@@ -1224,6 +1224,32 @@ mod tests {
             .unwrap()
     }
 
+    /// Backends starting together on an empty database: one migrates
+    /// under the advisory lock, the others wait and find the work done.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_starting_together_migrate_once() {
+        let pg = Postgres::start().await;
+        let url = pg.fresh_database().await;
+        let starts: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { connect(&url).await })
+            })
+            .collect();
+        let mut stores = Vec::new();
+        for s in starts {
+            stores.push(s.await.unwrap());
+        }
+        let c = stores[0].client().await.unwrap();
+        let versions: Vec<i64> = query(&c, "SELECT version FROM schema_version", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(versions, [schema::VERSION]);
+    }
+
     /// A second start finds the schema current and changes nothing; a
     /// database of a newer schema is refused with the versions named.
     #[tokio::test]
