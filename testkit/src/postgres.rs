@@ -29,6 +29,8 @@ pub struct Postgres {
     /// Its port on 127.0.0.1.
     pub port: u16,
     dir: tempfile::TempDir,
+    bin: PathBuf,
+    owner: Option<(u32, u32)>,
 }
 
 /// Where Debian installs the server's programs: the newest major version
@@ -77,6 +79,35 @@ fn as_owner(program: &Path, owner: Option<(u32, u32)>) -> Command {
     cmd
 }
 
+/// Starts the server of the cluster in `dir/data` on `port`, its socket
+/// in `dir`, its log appended to `dir/server.log`.
+fn spawn_server(bin: &Path, owner: Option<(u32, u32)>, dir: &Path, port: u16) -> Child {
+    let log_path = dir.join("server.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .unwrap_or_else(|e| panic!("open {log_path:?}: {e}"));
+    let log_err = log
+        .try_clone()
+        .unwrap_or_else(|e| panic!("{log_path:?}: {e}"));
+    as_owner(&bin.join("postgres"), owner)
+        .arg("-D")
+        .arg(dir.join("data"))
+        .arg("-k")
+        .arg(dir)
+        .args(["-p", &port.to_string()])
+        .args(["-c", "listen_addresses=127.0.0.1"])
+        .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+        .args(["-c", "full_page_writes=off", "-c", "shared_buffers=16MB"])
+        .args(["-c", "max_connections=200"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err))
+        .spawn()
+        .unwrap_or_else(|e| panic!("postgres does not start: {e}"))
+}
+
 impl Postgres {
     /// Makes a cluster in a temporary directory and starts the server on a
     /// free loopback port; returns once it accepts connections.
@@ -116,28 +147,14 @@ impl Postgres {
         let mut last_log = String::new();
         for _ in 0..3 {
             let port = crate::free_port();
-            let log_path = dir.path().join("server.log");
-            let log = std::fs::File::create(&log_path)
-                .unwrap_or_else(|e| panic!("create {log_path:?}: {e}"));
-            let log_err = log
-                .try_clone()
-                .unwrap_or_else(|e| panic!("{log_path:?}: {e}"));
-            let child = as_owner(&bin.join("postgres"), owner)
-                .arg("-D")
-                .arg(&data)
-                .arg("-k")
-                .arg(dir.path())
-                .args(["-p", &port.to_string()])
-                .args(["-c", "listen_addresses=127.0.0.1"])
-                .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
-                .args(["-c", "full_page_writes=off", "-c", "shared_buffers=16MB"])
-                .args(["-c", "max_connections=200"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(log))
-                .stderr(Stdio::from(log_err))
-                .spawn()
-                .unwrap_or_else(|e| panic!("postgres does not start: {e}"));
-            let mut pg = Postgres { child, port, dir };
+            let child = spawn_server(&bin, owner, dir.path(), port);
+            let mut pg = Postgres {
+                child,
+                port,
+                dir,
+                bin: bin.clone(),
+                owner,
+            };
             match pg.wait_ready(Duration::from_secs(30)).await {
                 Ok(()) => return pg,
                 Err(why) => {
@@ -148,6 +165,29 @@ impl Postgres {
             }
         }
         panic!("PostgreSQL did not start: {last_log}")
+    }
+
+    /// Stops the server (a fast shutdown: its sessions are cut) and starts
+    /// it again on the same port and data; returns once it accepts logins.
+    pub async fn restart(&mut self) {
+        self.stop_server();
+        self.start_again().await;
+    }
+
+    /// Stops the server; [`Postgres::start_again`] brings it back.
+    pub fn stop_server(&mut self) {
+        self.stop();
+    }
+
+    /// Starts the stopped server again on its port and data.
+    pub async fn start_again(&mut self) {
+        self.child = spawn_server(&self.bin, self.owner, self.dir.path(), self.port);
+        if let Err(why) = self.wait_ready(Duration::from_secs(30)).await {
+            panic!(
+                "PostgreSQL did not start again: {why}; server log:\n{}",
+                self.log()
+            );
+        }
     }
 
     /// Waits until the server answers a login, or it exits, or `timeout`.

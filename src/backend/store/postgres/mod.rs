@@ -1250,6 +1250,52 @@ mod tests {
         assert_eq!(versions, [schema::VERSION]);
     }
 
+    /// While the database is down, calls fail within bounded time with an
+    /// error that names PostgreSQL; when it is back, the pool connects
+    /// again and what was committed before is there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_fail_in_bounded_time_while_the_database_is_down_and_work_after() {
+        let mut pg = Postgres::start().await;
+        let url = pg.fresh_database().await;
+        let s = connect(&url).await;
+        assert!(s.create_provider("default", "th", 1).await.unwrap());
+        let agent = AgentRecord {
+            id: "a1".into(),
+            provider: "default".into(),
+            enrolled_ms: 1,
+            ..Default::default()
+        };
+        assert!(s.insert_agent(&agent, "ch").await.unwrap());
+        s.enqueue("a1", "c1", &ping(), 10).await.unwrap().unwrap();
+        pg.stop_server();
+        let asked = std::time::Instant::now();
+        let e = s
+            .enqueue("a1", "c2", &ping(), 20)
+            .await
+            .expect_err("the database is down");
+        assert!(
+            asked.elapsed() < Duration::from_secs(15),
+            "{:?}",
+            asked.elapsed()
+        );
+        let text = e.to_string();
+        assert!(text.starts_with("PostgreSQL database: "), "{text}");
+        assert!(!text.contains('\n'), "{text}");
+        pg.start_again().await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let c2 = loop {
+            match s.enqueue("a1", "c2", &ping(), 30).await {
+                Ok(c) => break c.unwrap(),
+                Err(e) if std::time::Instant::now() > deadline => {
+                    panic!("the store did not reconnect within 10 s: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        assert_eq!(c2.seq, 2, "numbering goes on where it was, without a gap");
+        assert_eq!(s.pending("a1", 0, 10).await.unwrap().len(), 2);
+    }
+
     /// A second start finds the schema current and changes nothing; a
     /// database of a newer schema is refused with the versions named.
     #[tokio::test]
