@@ -25,6 +25,9 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct DatabaseUrl {
     url: Secret,
+    /// The client's settings parsed from it (their `Debug` hides the
+    /// password too).
+    parsed: tokio_postgres::Config,
 }
 
 impl std::fmt::Debug for DatabaseUrl {
@@ -80,6 +83,7 @@ impl DatabaseUrl {
         }
         Ok(DatabaseUrl {
             url: Secret::new(url),
+            parsed: config,
         })
     }
 
@@ -92,12 +96,7 @@ impl DatabaseUrl {
     /// connect timeout and TCP keepalives unless the URL set them, and the
     /// application name `uplink` (shown in `pg_stat_activity`).
     pub(super) fn config(&self) -> tokio_postgres::Config {
-        // Parsed in `parse` already; a URL that parsed once parses again.
-        let mut config = tokio_postgres::Config::from_str(self.url.expose()).unwrap_or_else(|_| {
-            let mut c = tokio_postgres::Config::new();
-            c.host("invalid.invalid");
-            c
-        });
+        let mut config = self.parsed.clone();
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
