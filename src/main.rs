@@ -48,9 +48,12 @@ async fn shutdown_signal() {
 
 /// The log filter from `UPLINK_LOG` (`debug`, `uplink=debug,h2=warn`, ...),
 /// or `default_level` with the reason when the variable is not a filter.
+/// Whatever it says, the PostgreSQL client's statement log stays off:
+/// at debug it prints every statement's parameters, which hold token
+/// hashes and commands' secrets before they are scrubbed.
 fn log_filter(var: Option<String>, default_level: &str) -> (Targets, Option<String>) {
     let fallback = || default_level.parse().unwrap_or_default();
-    match var.filter(|v| !v.trim().is_empty()) {
+    let (targets, problem) = match var.filter(|v| !v.trim().is_empty()) {
         None => (fallback(), None),
         Some(v) => match v.parse::<Targets>() {
             Ok(t) => (t, None),
@@ -61,7 +64,11 @@ fn log_filter(var: Option<String>, default_level: &str) -> (Targets, Option<Stri
                 )),
             ),
         },
-    }
+    };
+    (
+        targets.with_target("tokio_postgres::query", tracing::Level::INFO),
+        problem,
+    )
 }
 
 /// Caps glibc's malloc at two arenas, unless the operator set
@@ -247,6 +254,13 @@ async fn backend(addr: std::net::SocketAddr, cfg: BackendConfig) -> anyhow::Resu
         Err(e @ (BackendError::Tls(_) | BackendError::MetricsJsonl(_))) => {
             return Ok(config_error(ConfigError::from(e.to_string())));
         }
+        // A store that cannot be opened or reached (a database that does
+        // not answer, refuses the login or has a newer schema): one line,
+        // whose message already holds its causes.
+        Err(e @ BackendError::Store(_)) => {
+            eprintln!("uplink: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
         Err(e) => return Err(e.into()),
     };
     let info = server.info();
@@ -298,5 +312,28 @@ mod tests {
         );
         assert!(t.would_enable("uplink", &Level::INFO));
         assert!(!t.would_enable("uplink", &Level::DEBUG));
+    }
+
+    #[test]
+    fn the_database_clients_statement_log_stays_off() {
+        for var in [
+            "debug",
+            "trace",
+            "tokio_postgres=trace",
+            "tokio_postgres::query=debug",
+        ] {
+            let (t, problem) = log_filter(Some(var.into()), "info");
+            assert!(problem.is_none(), "{var}");
+            assert!(
+                !t.would_enable("tokio_postgres::query", &Level::DEBUG),
+                "{var}"
+            );
+            assert!(
+                t.would_enable("tokio_postgres::query", &Level::INFO),
+                "{var}"
+            );
+        }
+        let (t, _) = log_filter(Some("debug".into()), "info");
+        assert!(t.would_enable("tokio_postgres::connection", &Level::DEBUG));
     }
 }

@@ -33,9 +33,14 @@ command -v javac >/dev/null 2>&1 || need+=(default-jdk-headless)
 # http_v2 and grpc modules, and HAProxy; started by the tests themselves.
 command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
+# The PostgreSQL store's tests (the store suite, tests/postgres.rs): the
+# server's programs, run by testkit as the `postgres` user the package
+# creates, on a cluster of their own in a temporary directory.
+[ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
-  # Packages start no service (nginx would take port 80).
+  # Packages start no service (nginx would take port 80, PostgreSQL its
+  # packaged cluster on 5432).
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
     chmod +x /usr/sbin/policy-rc.d

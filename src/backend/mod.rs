@@ -37,7 +37,7 @@ use tower::ServiceExt;
 
 pub use self::core::{Core, CoreConfig, PRUNE_EVERY, RetentionConfig};
 pub use self::defaults::*;
-use self::store::{SqliteStore, Store};
+use self::store::{PostgresStore, SqliteStore, Store};
 use crate::proto::{
     admin_service_server::AdminServiceServer, agent_service_server::AgentServiceServer,
 };
@@ -52,6 +52,9 @@ pub const DEFAULT_PROVIDER: &str = "default";
 pub struct BackendConfig {
     /// Where the store, the generated CA and tokens live.
     pub data_dir: PathBuf,
+    /// The PostgreSQL database that holds the store instead of SQLite in
+    /// `data_dir` (the CA and the status file stay in `data_dir`).
+    pub database: Option<store::DatabaseUrl>,
     /// Names in the generated certificate; the first is also used in the
     /// public URL when none is given. Default: this host's name,
     /// `localhost`, `127.0.0.1`.
@@ -108,6 +111,7 @@ impl BackendConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         BackendConfig {
             data_dir: data_dir.into(),
+            database: None,
             hostnames: default_hostnames(),
             tls_cert: None,
             tls_key: None,
@@ -435,7 +439,10 @@ impl Server {
             max_connections_per_addr = config.edge.max_connections_per_addr,
             "connection limits before authentication"
         );
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir)?);
+        let store: Arc<dyn Store> = match &config.database {
+            Some(url) => Arc::new(PostgresStore::connect(url).await?),
+            None => Arc::new(SqliteStore::open(&config.data_dir)?),
+        };
         // What TLS and the store just created, owner-only too.
         crate::owner_only::secure(&config.data_dir).map_err(|source| BackendError::DataDir {
             path: config.data_dir.clone(),

@@ -24,6 +24,9 @@ pub struct BackendArgs {
     /// Where the store, the generated CA and state live.
     #[arg(long, env = "UPLINK_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
+    /// Keep the store in this PostgreSQL database, postgres://USER:PASSWORD@HOST:PORT/DATABASE, instead of SQLite in --data-dir (never logged; prefer the env var, which `ps` does not show).
+    #[arg(long, env = "UPLINK_DATABASE", hide_env_values = true)]
+    pub database: Option<String>,
     /// Names for the generated certificate (repeatable). Default: localhost, 127.0.0.1.
     #[arg(long = "hostname", env = "UPLINK_HOSTNAMES", value_delimiter = ',')]
     pub hostnames: Vec<String>,
@@ -156,6 +159,13 @@ impl BackendArgs {
             &mut token_problems,
         );
         let mut cfg = crate::backend::BackendConfig::new(a.data_dir);
+        let mut database_problems = Vec::new();
+        if let Some(url) = &a.database {
+            match crate::backend::store::DatabaseUrl::parse(url, "--database (UPLINK_DATABASE)") {
+                Ok(url) => cfg.database = Some(url),
+                Err(problem) => database_problems.push(problem),
+            }
+        }
         if !a.hostnames.is_empty() {
             cfg.hostnames = a.hostnames;
         }
@@ -213,6 +223,7 @@ impl BackendArgs {
         };
         let mut problems = cfg.validate();
         problems.extend(token_problems);
+        problems.extend(database_problems);
         let addr: Option<std::net::SocketAddr> = match a.listen.parse() {
             Ok(addr) => Some(addr),
             Err(_) => {

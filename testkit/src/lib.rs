@@ -25,6 +25,8 @@
 //!   age).
 //! - [`squid`]: Debian's squid on a loopback port or in a container
 //!   (CONNECT, Basic auth, TLS interception, tunnel lifetimes).
+//! - [`postgres`]: Debian's PostgreSQL in a temporary directory on a
+//!   loopback port, a database per test, stopped and removed when dropped.
 //! - [`docker`]: the real Docker engine (a busybox image built `FROM
 //!   scratch`, a registry on loopback, an image of the `uplink` binary
 //!   under test laid out as the project's) and cleanup of an agent's
@@ -87,6 +89,7 @@ pub mod loadgen;
 pub mod measure;
 pub mod otlp;
 pub mod ports;
+pub mod postgres;
 pub mod push;
 pub mod relay;
 pub mod rung_push;

@@ -1,10 +1,10 @@
 //! The backend's durable store, behind one seam: [`Store`], the operations
 //! [`Core`](super::Core) and the runs use, with the semantics each must
-//! keep; [`SqliteStore`] (one SQLite file, `DATA_DIR/uplink.db`) is the
-//! one implementation today. `Core` holds an `Arc<dyn Store>`, so a second
-//! store (PostgreSQL, for a highly available backend) is a new module here
-//! that implements the trait and passes the tests of `suite.rs`, without a
-//! change to `Core`.
+//! keep. Two stores implement it: [`SqliteStore`] (one SQLite file,
+//! `DATA_DIR/uplink.db`, the default) and [`PostgresStore`] (a PostgreSQL
+//! database, `--database postgres://...`, which several backends may
+//! share). `Core` holds an `Arc<dyn Store>` and does not know which; both
+//! pass the one suite of tests in `suite.rs`.
 //!
 //! It holds what must survive a restart: the admin token's hash, providers
 //! and their enrollment tokens' hashes, agents with their credentials'
@@ -39,11 +39,13 @@ use std::pin::Pin;
 
 use crate::proto;
 
+mod postgres;
 pub mod runs;
 mod sqlite;
 #[cfg(test)]
 pub(crate) mod suite;
 
+pub use postgres::{DatabaseUrl, PostgresStore};
 pub use runs::{FollowUp, LiveContainer, NewContainer, Role, RunContainerRecord, RunRecord};
 pub use sqlite::{CHECKPOINT_EVERY, SqliteStore};
 

@@ -1,7 +1,9 @@
 //! The semantics of [`Store`], as tests any implementation must pass:
-//! each async function takes an empty store. [`SqliteStore`](super::SqliteStore)
-//! runs them on in-memory databases with `store_suite!`; a second store
-//! runs them the same way with its own constructor.
+//! each async function takes an empty store. Every store runs all of them
+//! with `store_suite!` and its own constructor:
+//! [`SqliteStore`](super::SqliteStore) on in-memory databases,
+//! [`PostgresStore`](super::PostgresStore) on a database of its own per
+//! test in a throwaway server.
 
 use super::{
     AgentRecord, BatchSeq, METRIC_SEQ_WINDOW, NewContainer, Pruned, Retention, RunRecord, SCRUBBED,
@@ -10,9 +12,10 @@ use super::{
 use crate::proto;
 
 /// Defines every test of the suite as a `#[tokio::test]` of its own, each
-/// on a fresh empty store made by `$make` (an expression, evaluated inside
-/// the test's runtime, that yields a value implementing [`Store`]; it may
-/// `.await`).
+/// on a fresh empty store made by `$make`: an expression, evaluated inside
+/// the test's runtime (it may `.await`), that yields a pair of a value
+/// implementing [`Store`] and a guard that keeps what the store needs (a
+/// database server) until the test ends, `()` when there is none.
 macro_rules! store_suite {
     ($make:expr) => {
         $crate::backend::store::suite::store_suite!(
@@ -38,7 +41,7 @@ macro_rules! store_suite {
         $(
             #[tokio::test]
             async fn $name() {
-                let store = $make;
+                let (store, _guard) = $make;
                 $crate::backend::store::suite::$name(&store).await;
             }
         )*

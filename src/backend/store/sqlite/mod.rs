@@ -853,7 +853,7 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
-    crate::backend::store::suite::store_suite!(SqliteStore::in_memory().unwrap());
+    crate::backend::store::suite::store_suite!((SqliteStore::in_memory().unwrap(), ()));
 
     /// Write transactions read before they write; a deferred one whose
     /// snapshot a truncating checkpoint reset meanwhile cannot become a

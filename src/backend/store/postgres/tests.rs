@@ -1,0 +1,299 @@
+//! The tests of [`PostgresStore`](super::PostgresStore) against a
+//! throwaway server: the one store suite, and what only a shared database
+//! has (replicas racing on one agent, starting together, a database that
+//! goes away and comes back).
+
+use std::sync::Arc;
+
+use uplink_testkit::postgres::Postgres;
+
+use super::*;
+
+/// A store on a fresh database of a throwaway server, and the server.
+async fn fresh() -> (PostgresStore, Postgres) {
+    let pg = Postgres::start().await;
+    let url = pg.fresh_database().await;
+    let store = connect(&url).await;
+    (store, pg)
+}
+
+async fn connect(url: &str) -> PostgresStore {
+    let url = DatabaseUrl::parse(url, "--database").unwrap();
+    PostgresStore::connect(&url).await.unwrap()
+}
+
+crate::backend::store::suite::store_suite!(fresh().await);
+
+fn ping() -> proto::CommandSpec {
+    proto::CommandSpec {
+        kind: Some(proto::command_spec::Kind::Ping(proto::Ping::default())),
+    }
+}
+
+/// Two replicas (two pools on one database) start at once, migrating
+/// together, then enqueue for one agent at once: every seq is issued
+/// once, and together they are 1..=N with no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_replicas_number_one_agent_without_gaps_or_duplicates() {
+    let pg = Postgres::start().await;
+    let url = pg.fresh_database().await;
+    let (a, b) = tokio::join!(connect(&url), connect(&url));
+    let replicas = [Arc::new(a), Arc::new(b)];
+    assert!(
+        replicas[0]
+            .create_provider("default", "th", 1)
+            .await
+            .unwrap()
+    );
+    let agent = AgentRecord {
+        id: "a1".into(),
+        provider: "default".into(),
+        enrolled_ms: 1,
+        ..Default::default()
+    };
+    assert!(replicas[1].insert_agent(&agent, "ch").await.unwrap());
+    const TASKS_PER_REPLICA: usize = 8;
+    const PER_TASK: usize = 40;
+    let mut tasks = Vec::new();
+    for (r, store) in replicas.iter().enumerate() {
+        for t in 0..TASKS_PER_REPLICA {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut seqs = Vec::with_capacity(PER_TASK);
+                for i in 0..PER_TASK {
+                    let id = format!("r{r}_t{t}_{i}");
+                    let c = store.enqueue("a1", &id, &ping(), 10).await.unwrap();
+                    seqs.push(c.expect("a1 exists").seq);
+                }
+                seqs
+            }));
+        }
+    }
+    let mut seqs = Vec::new();
+    for t in tasks {
+        seqs.extend(t.await.unwrap());
+    }
+    let total = (2 * TASKS_PER_REPLICA * PER_TASK) as u64;
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=total).collect::<Vec<_>>());
+    let stored = replicas[0]
+        .pending("a1", 0, total as usize + 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        (1..=total).collect::<Vec<_>>()
+    );
+    let a = replicas[1].agent("a1").await.unwrap().unwrap();
+    assert_eq!(a.next_seq, total + 1);
+}
+
+/// Replicas that receive the same metric batches at once (an agent
+/// failing over resends what was not acknowledged) record each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_replicas_record_each_metric_batch_once() {
+    let pg = Postgres::start().await;
+    let url = pg.fresh_database().await;
+    let (a, b) = tokio::join!(connect(&url), connect(&url));
+    let replicas = [Arc::new(a), Arc::new(b)];
+    const N: u64 = 200;
+    let mut tasks = Vec::new();
+    for store in &replicas {
+        for lane in 0..4u64 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut won = 0u64;
+                // Each lane sends the seqs in another order.
+                for i in 0..N {
+                    let seq = if lane % 2 == 0 { i + 1 } else { N - i };
+                    if store.record_metric_batch("a1", 7, seq).await.unwrap() {
+                        won += 1;
+                    }
+                }
+                won
+            }));
+        }
+    }
+    let mut won = 0;
+    for t in tasks {
+        won += t.await.unwrap();
+    }
+    assert_eq!(won, N, "each batch recorded exactly once");
+    assert_eq!(replicas[0].metric_batches("a1", 7).await.unwrap(), (N, 0));
+}
+
+/// Results that race from two replicas (an agent resending after a
+/// failover) are stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_results_are_stored_once() {
+    let pg = Postgres::start().await;
+    let url = pg.fresh_database().await;
+    let (a, b) = tokio::join!(connect(&url), connect(&url));
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    assert!(a.create_provider("default", "th", 1).await.unwrap());
+    let agent = AgentRecord {
+        id: "a1".into(),
+        provider: "default".into(),
+        enrolled_ms: 1,
+        ..Default::default()
+    };
+    assert!(a.insert_agent(&agent, "ch").await.unwrap());
+    for i in 0..20 {
+        a.enqueue("a1", &format!("c{i}"), &ping(), 10)
+            .await
+            .unwrap();
+    }
+    let mut tasks = Vec::new();
+    for store in [a.clone(), b.clone(), a.clone(), b.clone()] {
+        tasks.push(tokio::spawn(async move {
+            let mut won = 0;
+            for i in 0..20 {
+                let r = proto::CommandResult {
+                    command_id: format!("c{i}"),
+                    status: proto::CommandStatus::Ok as i32,
+                    ..Default::default()
+                };
+                if store.complete("a1", &r, 11).await.unwrap() {
+                    won += 1;
+                }
+            }
+            won
+        }));
+    }
+    let mut won = 0;
+    for t in tasks {
+        won += t.await.unwrap();
+    }
+    assert_eq!(won, 20);
+}
+
+async fn current_db(s: &PostgresStore) -> String {
+    let c = s.client().await.unwrap();
+    query_one(&c, "SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .try_get(0)
+        .unwrap()
+}
+
+/// Backends starting together on an empty database: one migrates
+/// under the advisory lock, the others wait and find the work done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_together_migrate_once() {
+    let pg = Postgres::start().await;
+    let url = pg.fresh_database().await;
+    let starts: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { connect(&url).await })
+        })
+        .collect();
+    let mut stores = Vec::new();
+    for s in starts {
+        stores.push(s.await.unwrap());
+    }
+    let c = stores[0].client().await.unwrap();
+    let versions: Vec<i64> = query(&c, "SELECT version FROM schema_version", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, [schema::VERSION]);
+}
+
+/// While the database is down, calls fail within bounded time with an
+/// error that names PostgreSQL; when it is back, the pool connects
+/// again and what was committed before is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_fail_in_bounded_time_while_the_database_is_down_and_work_after() {
+    let mut pg = Postgres::start().await;
+    let url = pg.fresh_database().await;
+    let s = connect(&url).await;
+    assert!(s.create_provider("default", "th", 1).await.unwrap());
+    let agent = AgentRecord {
+        id: "a1".into(),
+        provider: "default".into(),
+        enrolled_ms: 1,
+        ..Default::default()
+    };
+    assert!(s.insert_agent(&agent, "ch").await.unwrap());
+    s.enqueue("a1", "c1", &ping(), 10).await.unwrap().unwrap();
+    pg.stop_server();
+    let asked = std::time::Instant::now();
+    let e = s
+        .enqueue("a1", "c2", &ping(), 20)
+        .await
+        .expect_err("the database is down");
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        asked.elapsed()
+    );
+    let text = e.to_string();
+    assert!(text.starts_with("PostgreSQL database: "), "{text}");
+    assert!(!text.contains('\n'), "{text}");
+    pg.start_again().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let c2 = loop {
+        match s.enqueue("a1", "c2", &ping(), 30).await {
+            Ok(c) => break c.unwrap(),
+            Err(e) if std::time::Instant::now() > deadline => {
+                panic!("the store did not reconnect within 10 s: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    assert_eq!(c2.seq, 2, "numbering goes on where it was, without a gap");
+    assert_eq!(s.pending("a1", 0, 10).await.unwrap().len(), 2);
+}
+
+/// A second start finds the schema current and changes nothing; a
+/// database of a newer schema is refused with the versions named.
+#[tokio::test]
+async fn migrations_run_once_and_a_newer_schema_is_refused() {
+    let pg = Postgres::start().await;
+    let url = pg.fresh_database().await;
+    let s = connect(&url).await;
+    s.set_meta("k", "v").await.unwrap();
+    drop(s);
+    let s = connect(&url).await;
+    assert_eq!(s.meta("k").await.unwrap().as_deref(), Some("v"));
+    let db = current_db(&s).await;
+    drop(s);
+    pg.execute(&db, "UPDATE schema_version SET version = 99")
+        .await;
+    let e = PostgresStore::connect(&DatabaseUrl::parse(&url, "--database").unwrap())
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "the store's schema is version 99, newer than this backend's {}: run a newer uplink",
+            schema::VERSION
+        )
+    );
+}
+
+/// A server that refuses the login is named, on one line, without
+/// the password.
+#[tokio::test]
+async fn a_refused_login_is_one_line_without_the_password() {
+    let pg = Postgres::start().await;
+    let url = pg.url_with_password("postgres", "wrong-pw-5150");
+    let e = PostgresStore::connect(&DatabaseUrl::parse(&url, "--database").unwrap())
+        .await
+        .err()
+        .expect("refused");
+    let text = e.to_string();
+    assert!(text.contains("password authentication failed"), "{text}");
+    assert!(
+        text.contains("cannot connect to postgres://***@127.0.0.1:"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("wrong-pw-5150") && !text.contains('\n'),
+        "{text}"
+    );
+}

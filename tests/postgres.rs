@@ -1,0 +1,218 @@
+//! The backend on PostgreSQL (`--database`, `UPLINK_DATABASE`) against a
+//! real server from Debian's packages: agents on both rungs round-trip
+//! commands through it and a restarted backend finds them there; bad
+//! configuration is one line at start, with status 64 for a URL that is
+//! not one and 1 for a database that cannot be used (unreachable, a
+//! refused password, a newer schema), and never shows the password.
+
+use std::time::{Duration, Instant};
+
+use uplink::backend::store::DatabaseUrl;
+use uplink::proto::{self, CommandStatus};
+use uplink_testkit::postgres::Postgres;
+use uplink_testkit::*;
+
+/// Runs `uplink backend` with `args` and `envs` until it exits (it must,
+/// within 30 s): its status, stderr and how long it ran.
+async fn backend_start(args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String, Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(bin());
+    cmd.arg("backend")
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .args(args)
+        .env_remove("UPLINK_DATABASE")
+        // Errors only: what is left on stderr is the one line at exit.
+        .env("UPLINK_LOG", "error")
+        .kill_on_drop(true);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let started = Instant::now();
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("the backend exits within 30 s")
+        .expect("the backend runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// `stderr` is one line, `uplink: ...`, holding every one of `needles`
+/// and not `secret`.
+fn one_line(stderr: &str, needles: &[&str], secret: &str) {
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line, not: {stderr}");
+    assert!(lines[0].starts_with("uplink: "), "{stderr}");
+    for n in needles {
+        assert!(lines[0].contains(n), "{n:?} missing: {stderr}");
+    }
+    assert!(!stderr.contains(secret), "the password is shown: {stderr}");
+}
+
+#[tokio::test]
+async fn a_database_url_that_is_not_one_is_bad_configuration() {
+    let (code, err, _) = backend_start(&["--database", "mysql://u:hunter22@db/uplink"], &[]).await;
+    assert_eq!(code, Some(64), "{err}");
+    one_line(&err, &["--database", "give a PostgreSQL URL"], "hunter22");
+    let (code, err, _) = backend_start(
+        &[],
+        &[("UPLINK_DATABASE", "postgres://u:hunter22@db:port/uplink")],
+    )
+    .await;
+    assert_eq!(code, Some(64), "{err}");
+    one_line(&err, &["UPLINK_DATABASE", "invalid"], "hunter22");
+}
+
+#[tokio::test]
+async fn an_unreachable_database_fails_the_start_in_seconds() {
+    let port = free_port();
+    let url = format!("postgres://uplink:hunter22@127.0.0.1:{port}/uplink");
+    let (code, err, took) = backend_start(&[], &[("UPLINK_DATABASE", &url)]).await;
+    assert_eq!(code, Some(1), "{err}");
+    one_line(
+        &err,
+        &[
+            &format!("cannot connect to postgres://***@127.0.0.1:{port}/uplink"),
+            "refused",
+        ],
+        "hunter22",
+    );
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+}
+
+#[tokio::test]
+async fn a_refused_password_fails_the_start() {
+    let pg = Postgres::start().await;
+    let url = pg.url_with_password("postgres", "hunter22");
+    let (code, err, _) = backend_start(&["--database", &url], &[]).await;
+    assert_eq!(code, Some(1), "{err}");
+    one_line(
+        &err,
+        &["cannot connect to", "password authentication failed"],
+        "hunter22",
+    );
+}
+
+#[tokio::test]
+async fn a_database_of_a_newer_schema_is_refused() {
+    let pg = Postgres::start().await;
+    let url = pg.fresh_database().await;
+    let db = url.rsplit('/').next().unwrap().to_string();
+    pg.execute(
+        &db,
+        "CREATE TABLE schema_version (version BIGINT NOT NULL);
+         INSERT INTO schema_version (version) VALUES (999)",
+    )
+    .await;
+    let (code, err, _) = backend_start(&[], &[("UPLINK_DATABASE", &url)]).await;
+    assert_eq!(code, Some(1), "{err}");
+    one_line(
+        &err,
+        &["schema is version 999", "run a newer uplink"],
+        postgres_password(),
+    );
+}
+
+fn postgres_password() -> &'static str {
+    uplink_testkit::postgres::PASSWORD
+}
+
+/// Enrollment and a ping on each rung with the store in PostgreSQL; a
+/// backend restarted on the same database knows the agents and answers
+/// their commands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_round_trip_through_a_backend_on_postgres() {
+    let pg = Postgres::start().await;
+    let url = pg.fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = TestBackend::config(&dir.path().join("backend"));
+    cfg.database = Some(DatabaseUrl::parse(&url, "--database").unwrap());
+    let b = TestBackend::start_with(cfg, "127.0.0.1:0".parse().unwrap()).await;
+    assert!(
+        !b.dir.join("uplink.db").exists(),
+        "no SQLite store beside PostgreSQL"
+    );
+    let admin = b.admin();
+    let mut agents = Vec::new();
+    let mut ids = Vec::new();
+    for rung in ["grpc", "longpoll"] {
+        let host = format!("host-{rung}");
+        agents.push(agent(
+            &b,
+            rung,
+            &dir.path().join(format!("agent-{rung}")),
+            &host,
+        ));
+        let view = connected_agent(&admin, &host, rung).await;
+        let p = admin
+            .ping(&view.id, rung, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let r = p.view.result.expect("a result");
+        assert_eq!(r.status, CommandStatus::Ok as i32, "{rung}");
+        ids.push((view.id, rung, host));
+    }
+    let (cfg, addr) = b.stop().await;
+    let b = TestBackend::start_with(cfg, addr).await;
+    let admin = b.admin();
+    for (id, rung, host) in &ids {
+        let view = connected_agent(&admin, host, rung).await;
+        assert_eq!(&view.id, id, "the same agent after the restart");
+        let p = admin
+            .ping(id, "again", Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(
+            p.view.state,
+            proto::CommandState::Done as i32,
+            "{rung}: {:?}",
+            p.view
+        );
+    }
+    assert_eq!(admin.agents("").await.unwrap().len(), 2);
+    drop(agents);
+    b.stop().await;
+}
+
+/// A backend on PostgreSQL logging at debug: the database is named
+/// without its password, and the client's statements (whose parameters
+/// hold token hashes and commands' secrets) are not logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_password_and_statements_stay_out_of_the_log() {
+    let pg = Postgres::start().await;
+    let url = pg.fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("backend");
+    let mut b = Proc::spawn(
+        &[
+            "backend",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[("UPLINK_DATABASE", &url), ("UPLINK_LOG", "debug")],
+    );
+    let ready = b
+        .wait_log(&["PostgreSQL store ready"], Duration::from_secs(20))
+        .await;
+    let port = url.split(':').nth(3).unwrap().split('/').next().unwrap();
+    assert!(
+        ready.contains(&format!("postgres://***@127.0.0.1:{port}/")),
+        "{ready}"
+    );
+    b.wait_log(&["backend listening"], Duration::from_secs(20))
+        .await;
+    assert!(b.terminate(Duration::from_secs(10)).await.success());
+    let (logs, out) = (b.logs(), b.out());
+    assert!(!logs.contains(postgres_password()), "{logs}");
+    assert!(!out.contains(postgres_password()), "{out}");
+    assert!(!logs.contains("with parameters"), "{logs}");
+    assert!(
+        logs.contains("tokio_postgres"),
+        "the client logs at debug otherwise"
+    );
+}
