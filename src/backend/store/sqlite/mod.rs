@@ -855,6 +855,17 @@ mod tests {
 
     crate::backend::store::suite::store_suite!((SqliteStore::in_memory().unwrap(), ()));
 
+    /// The suite on a store in a file, as the backend opens it: reads go
+    /// through the reader connection and see every write committed before.
+    mod in_a_file {
+        use super::*;
+
+        crate::backend::store::suite::store_suite!({
+            let dir = tempfile::tempdir().unwrap();
+            (SqliteStore::open(dir.path()).unwrap(), dir)
+        });
+    }
+
     /// Write transactions read before they write; a deferred one whose
     /// snapshot a truncating checkpoint reset meanwhile cannot become a
     /// writer and fails at once ("database is locked", no busy wait). The
