@@ -3,7 +3,8 @@
 //! commands through it and a restarted backend finds them there; bad
 //! configuration is one line at start, with status 64 for a URL that is
 //! not one and 1 for a database that cannot be used (unreachable, a
-//! refused password, a newer schema), and never shows the password.
+//! refused password, a newer schema), and never shows the password; two
+//! backends on one database hear each other's changes at once.
 
 use std::time::{Duration, Instant};
 
@@ -215,4 +216,72 @@ async fn the_database_password_and_statements_stay_out_of_the_log() {
         logs.contains("tokio_postgres"),
         "the client logs at debug otherwise"
     );
+}
+
+/// Two backends on one database: a command queued through one reaches an
+/// agent connected to the other at once, on each rung (through
+/// `LISTEN`/`NOTIFY`: the agent's backend sends heartbeats and ends held
+/// polls only every 30 s, so a command found on either would take that
+/// long), and a revocation through one ends the agent's connection to the
+/// other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_queued_on_one_backend_reaches_an_agent_on_another_at_once() {
+    let pg = Postgres::start().await;
+    let url = pg.fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = TestBackend::config(&dir.path().join("a"));
+    cfg.database = Some(DatabaseUrl::parse(&url, "--database").unwrap());
+    cfg.heartbeat = Duration::from_secs(30);
+    cfg.poll_hold = Duration::from_secs(30);
+    let mut cfg_b = cfg.clone();
+    cfg_b.data_dir = dir.path().join("b");
+    let a = TestBackend::start_with(cfg, "127.0.0.1:0".parse().unwrap()).await;
+    let b = TestBackend::start_with(cfg_b, "127.0.0.1:0".parse().unwrap()).await;
+    let (admin_a, admin_b) = (a.admin(), b.admin());
+    for rung in ["grpc", "longpoll"] {
+        let host = format!("on-b-{rung}");
+        let state = dir.path().join(format!("agent-{rung}"));
+        let agent_proc = agent(&b, rung, &state, &host);
+        let view = connected_agent(&admin_b, &host, rung).await;
+        // Let the stream's first frames and the first poll settle, so the
+        // command meets a connection that waits.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut took = Vec::new();
+        for i in 0..5 {
+            let started = Instant::now();
+            let cmd = admin_a
+                .enqueue(
+                    &view.id,
+                    proto::CommandSpec {
+                        kind: Some(proto::command_spec::Kind::Ping(proto::Ping {
+                            delay_ms: 0,
+                            payload: format!("through a {i}"),
+                        })),
+                    },
+                )
+                .await
+                .expect("queued through backend a");
+            let v = result_of(&admin_a, &cmd.id, Duration::from_secs(25)).await;
+            took.push(started.elapsed());
+            let r = v.result.expect("a result");
+            assert_eq!(r.status, CommandStatus::Ok as i32, "{rung}: {r:?}");
+        }
+        eprintln!("{rung}: queued on a, answered by the agent on b in {took:?}");
+        let slowest = took.iter().max().unwrap();
+        assert!(
+            *slowest < Duration::from_secs(10),
+            "{rung}: a command queued on a took {slowest:?} to reach the agent on b (b's heartbeat and poll hold are 30 s)"
+        );
+        // Revoked through a: b ends the agent's connection and refuses it.
+        admin_a.revoke_agent(&view.id).await.expect("revoked through a");
+        agent_proc
+            .wait_log(
+                &["cannot connect", "was revoked by the operator"],
+                Duration::from_secs(10),
+            )
+            .await;
+        drop(agent_proc);
+    }
+    b.stop().await;
+    a.stop().await;
 }

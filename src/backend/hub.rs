@@ -81,6 +81,15 @@ impl Hub {
         })
     }
 
+    /// Wakes every stream and held poll of every agent: each looks at the
+    /// store again (after changes may have been missed).
+    pub fn wake_all(&self) {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        for s in slots.values() {
+            s.queued.send_modify(|_| {});
+        }
+    }
+
     /// A receiver that turns true when `agent` is revoked.
     pub fn revoked(&self, agent: &str) -> watch::Receiver<bool> {
         self.with(agent, |s| s.revoked.subscribe())

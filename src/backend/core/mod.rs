@@ -23,7 +23,7 @@ use super::defaults::{ENROLL_BURST_PER_TOKEN, ENROLL_REFILL_PER_TOKEN, ENROLL_TO
 use super::hub::Hub;
 use super::ratelimit::Buckets;
 use super::sinks::Sinks;
-use super::store::{Store, StoreError};
+use super::store::{Change, Store, StoreError};
 use crate::secret;
 
 mod admin;
@@ -146,6 +146,32 @@ impl Core {
     /// The durable store.
     pub fn store(&self) -> &dyn Store {
         &*self.store
+    }
+
+    /// Carries the changes other backends sharing the store make (see
+    /// [`Store::changes`]) to this one's streams and held polls, until the
+    /// store's feed ends: a command queued through another backend reaches
+    /// an agent connected here at once, a result stored through another
+    /// wakes the calls and runs waiting for it here, a revocation ends the
+    /// agent's streams and polls here. Nothing to do for a store this backend holds alone.
+    pub fn follow_store_changes(self: &Arc<Self>) {
+        let Some(mut changes) = self.store.changes() else {
+            return;
+        };
+        let core = self.clone();
+        tokio::spawn(async move {
+            while let Some(change) = changes.recv().await {
+                match change {
+                    Change::Queued { agent, seq } => core.hub.notify_queued(&agent, seq),
+                    Change::Revoked { agent } => core.hub.revoke(&agent),
+                    Change::Done { .. } => core.results.send_modify(|n| *n += 1),
+                    Change::Missed => {
+                        core.hub.wake_all();
+                        core.results.send_modify(|n| *n += 1);
+                    }
+                }
+            }
+        });
     }
 
     /// Wakes the streams and held polls of `agent` after a command was

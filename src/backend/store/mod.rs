@@ -547,4 +547,29 @@ pub trait Store: Send + Sync {
     /// that may still exist on a host, the newest epochs' cursors (so the
     /// current epoch's).
     fn prune<'a>(&'a self, retention: &'a Retention) -> StoreFuture<'a, Pruned>;
+
+    /// The changes other backends sharing this store make that this one's
+    /// streams, held polls and waiting calls must hear of at once (a
+    /// command queued for an agent connected here, a result stored, an
+    /// agent revoked), as they commit: taken
+    /// once, by the backend at start. None for a store that one backend
+    /// holds alone (SQLite), where every change is made here.
+    fn changes(&self) -> Option<tokio::sync::mpsc::Receiver<Change>> {
+        None
+    }
+}
+
+/// A change made through another backend sharing the store (see
+/// [`Store::changes`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// A command was queued for `agent` with `seq`.
+    Queued { agent: String, seq: u64 },
+    /// `agent` was revoked.
+    Revoked { agent: String },
+    /// The result of `command` was stored.
+    Done { command: String },
+    /// Changes may have been missed (the store's feed was cut and is back):
+    /// every stream and held poll looks at the store again.
+    Missed,
 }

@@ -222,6 +222,14 @@ pub(super) async fn revoke_agent<C: GenericClient>(
         &[&agent_id, &now],
     )
     .await?;
+    // Every backend sharing the database ends the agent's streams and
+    // held polls (a repeated revocation notifies again: harmless).
+    query(
+        c,
+        "SELECT pg_notify($1, $2)",
+        &[&super::changes::REVOKED, &agent_id],
+    )
+    .await?;
     // A statement of its own, so it sees a revocation that a racing call
     // committed first: the first revocation's time.
     match query_opt(

@@ -39,12 +39,13 @@ use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
 use super::{
-    AgentRecord, BatchSeq, CommandRecord, ContainerChange, CredentialOwner, LiveContainer,
+    AgentRecord, BatchSeq, Change, CommandRecord, ContainerChange, CredentialOwner, LiveContainer,
     METRIC_SEQ_WINDOW, NewContainer, ProviderRecord, Pruned, Retention, Role, RunContainerRecord,
     RunRecord, Store, StoreError, StoreFuture, scrub_secrets,
 };
 use crate::proto;
 
+mod changes;
 mod credentials;
 mod retention;
 mod runs;
@@ -144,6 +145,10 @@ impl From<deadpool_postgres::PoolError> for StoreError {
 /// database at once.
 pub struct PostgresStore {
     pool: Pool,
+    /// What the change feed connects with, until [`Store::changes`]
+    /// starts it: the client's configuration and the database's name for
+    /// logs.
+    feed: std::sync::Mutex<Option<(tokio_postgres::Config, String)>>,
 }
 
 /// Runs `sql` (prepared once per connection) and returns its rows.
@@ -212,6 +217,10 @@ async fn enqueue_in<C: GenericClient>(
         &[&id, &agent_id, &seq, &spec.encode_to_vec(), &now],
     )
     .await?;
+    // Delivered to every backend listening when, and only if, the
+    // transaction commits.
+    let note = changes::queued_payload(agent_id, seq);
+    query(tx, "SELECT pg_notify($1, $2)", &[&changes::QUEUED, &note]).await?;
     Ok(Some(proto::Command {
         id: id.to_string(),
         seq: seq as u64,
@@ -308,6 +317,7 @@ impl PostgresStore {
         let config = url.config();
         let shown = url.redacted();
         schema::migrate(&config, url.password(), &shown).await?;
+        let feed = std::sync::Mutex::new(Some((config.clone(), shown.clone())));
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -327,7 +337,7 @@ impl PostgresStore {
                 source: Box::new(e),
             })?;
         tracing::info!(database = %shown, schema = schema::VERSION, "PostgreSQL store ready");
-        Ok(PostgresStore { pool })
+        Ok(PostgresStore { pool, feed })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
@@ -687,6 +697,13 @@ impl Store for PostgresStore {
                 )
                 .await?;
             }
+            // Whoever waits for a result on another backend looks again.
+            query(
+                &tx,
+                "SELECT pg_notify($1, $2)",
+                &[&changes::DONE, &result.command_id],
+            )
+            .await?;
             tx.commit().await?;
             Ok(true)
         })
@@ -1039,6 +1056,11 @@ impl Store for PostgresStore {
             let c = self.client().await?;
             runs::capacities(&c).await
         })
+    }
+
+    fn changes(&self) -> Option<tokio::sync::mpsc::Receiver<Change>> {
+        let (config, shown) = self.feed.lock().ok()?.take()?;
+        Some(changes::spawn(config, shown))
     }
 
     fn prune<'a>(&'a self, retention: &'a Retention) -> StoreFuture<'a, Pruned> {

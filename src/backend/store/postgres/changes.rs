@@ -1,0 +1,213 @@
+//! The change feed of [`PostgresStore`](super::PostgresStore): what one
+//! backend changes, every backend sharing the database hears of at once,
+//! through PostgreSQL's `LISTEN`/`NOTIFY` (no table is polled).
+//!
+//! The statement that queues a command notifies [`QUEUED`] with
+//! `<agent> <seq>` inside its transaction, so the notification goes out
+//! when, and only if, the command is committed; a stored result notifies
+//! [`DONE`] with the command's id, the same way; a revocation notifies
+//! [`REVOKED`] with the agent's id. Each backend listens on a connection of
+//! its own (outside the pool), turns notifications into [`Change`]s for
+//! its hub, and checks every [`LIVENESS`] that the connection still
+//! answers. When the connection is lost it connects again with a backoff
+//! and, once listening again, sends [`Change::Missed`]: whatever was
+//! queued meanwhile is found by every stream and held poll looking at the
+//! store again.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use super::super::Change;
+
+/// The channel of commands queued: payload `<agent> <seq>`.
+pub(super) const QUEUED: &str = "uplink_queued";
+/// The channel of agents revoked: payload `<agent>`.
+pub(super) const REVOKED: &str = "uplink_revoked";
+/// The channel of results stored: payload `<command>`.
+pub(super) const DONE: &str = "uplink_done";
+/// How often the listening connection is asked to answer.
+const LIVENESS: Duration = Duration::from_secs(10);
+/// How long it has to answer, and to connect.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+/// Waits between attempts to listen again.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+/// Changes held for the hub before the listener waits for it.
+const BUFFER: usize = 4096;
+
+/// The payload of a [`QUEUED`] notification.
+pub(super) fn queued_payload(agent: &str, seq: i64) -> String {
+    format!("{agent} {seq}")
+}
+
+/// The change a notification says, or None for one this build does not
+/// know (a newer backend's channel or payload).
+fn parse(channel: &str, payload: &str) -> Option<Change> {
+    match channel {
+        QUEUED => {
+            let (agent, seq) = payload.rsplit_once(' ')?;
+            Some(Change::Queued {
+                agent: agent.to_string(),
+                seq: seq.parse().ok()?,
+            })
+        }
+        REVOKED if !payload.is_empty() => Some(Change::Revoked {
+            agent: payload.to_string(),
+        }),
+        DONE if !payload.is_empty() => Some(Change::Done {
+            command: payload.to_string(),
+        }),
+        _ => None,
+    }
+}
+
+/// Starts listening with `config` (the store's, password included) until
+/// the receiver is dropped. `shown` names the database in logs.
+pub(super) fn spawn(config: tokio_postgres::Config, shown: String) -> mpsc::Receiver<Change> {
+    let (tx, rx) = mpsc::channel(BUFFER);
+    tokio::spawn(async move {
+        let mut wait = RETRY_FIRST;
+        let mut first = true;
+        loop {
+            match listen(&config, &tx, first).await {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(
+                    database = %shown,
+                    "the database's change feed stopped ({e}); listening again in {wait:?}, \
+                     commands queued through other backends meanwhile wait until then"
+                ),
+            }
+            first = false;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = tx.closed() => return,
+            }
+            wait = (wait * 2).min(RETRY_MAX);
+        }
+    });
+    rx
+}
+
+/// Listens on a new connection and forwards changes until the connection
+/// fails (Err) or the receiver is dropped (Ok). After the first time,
+/// sends [`Change::Missed`] once listening.
+async fn listen(
+    config: &tokio_postgres::Config,
+    tx: &mpsc::Sender<Change>,
+    first: bool,
+) -> Result<(), String> {
+    let (client, mut connection) = tokio::time::timeout(ANSWER_WITHIN, config.connect(NoTls))
+        .await
+        .map_err(|_| format!("no answer to the login within {ANSWER_WITHIN:?}"))?
+        .map_err(|e| super::describe(&e))?;
+    // The connection delivers notifications as it is polled.
+    let (notes, mut noted) = mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        loop {
+            let m = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
+            let end = match m {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    notes.send(Ok(parse(n.channel(), n.payload()))).is_err()
+                }
+                Some(Ok(_)) => false,
+                Some(Err(e)) => {
+                    let _ = notes.send(Err(super::describe(&e)));
+                    true
+                }
+                None => {
+                    let _ = notes.send(Err("the server closed the connection".into()));
+                    true
+                }
+            };
+            if end {
+                return;
+            }
+        }
+    });
+    let _driver = AbortOnDrop(driver);
+    tokio::time::timeout(
+        ANSWER_WITHIN,
+        client.batch_execute(&format!("LISTEN {QUEUED}; LISTEN {REVOKED}; LISTEN {DONE}")),
+    )
+    .await
+    .map_err(|_| format!("LISTEN not answered within {ANSWER_WITHIN:?}"))?
+    .map_err(|e| super::describe(&e))?;
+    if !first {
+        tracing::info!("listening to the database's change feed again");
+        if tx.send(Change::Missed).await.is_err() {
+            return Ok(());
+        }
+    }
+    let mut liveness = tokio::time::interval(LIVENESS);
+    liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            note = noted.recv() => match note {
+                Some(Ok(Some(change))) => {
+                    if tx.send(change).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(Ok(None)) => {}
+                Some(Err(e)) => return Err(e),
+                None => return Err("the connection ended".into()),
+            },
+            _ = liveness.tick() => {
+                tokio::time::timeout(ANSWER_WITHIN, client.simple_query("SELECT 1"))
+                    .await
+                    .map_err(|_| format!("no answer within {ANSWER_WITHIN:?}"))?
+                    .map_err(|e| super::describe(&e))?;
+            }
+            _ = tx.closed() => return Ok(()),
+        }
+    }
+}
+
+/// Aborts the connection's task when the listener ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notifications_become_changes() {
+        assert_eq!(
+            parse(QUEUED, &queued_payload("agt_1", 42)),
+            Some(Change::Queued {
+                agent: "agt_1".into(),
+                seq: 42
+            })
+        );
+        assert_eq!(
+            parse(DONE, "cmd_1"),
+            Some(Change::Done {
+                command: "cmd_1".into()
+            })
+        );
+        assert_eq!(
+            parse(REVOKED, "agt_1"),
+            Some(Change::Revoked {
+                agent: "agt_1".into()
+            })
+        );
+        for (channel, payload) in [
+            (QUEUED, "agt_1"),
+            (QUEUED, "agt_1 x"),
+            (QUEUED, "agt_1 -1"),
+            (REVOKED, ""),
+            (DONE, ""),
+            ("uplink_other", "agt_1 1"),
+        ] {
+            assert_eq!(parse(channel, payload), None, "{channel} {payload:?}");
+        }
+    }
+}
