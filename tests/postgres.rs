@@ -273,7 +273,10 @@ async fn a_command_queued_on_one_backend_reaches_an_agent_on_another_at_once() {
             "{rung}: a command queued on a took {slowest:?} to reach the agent on b (b's heartbeat and poll hold are 30 s)"
         );
         // Revoked through a: b ends the agent's connection and refuses it.
-        admin_a.revoke_agent(&view.id).await.expect("revoked through a");
+        admin_a
+            .revoke_agent(&view.id)
+            .await
+            .expect("revoked through a");
         agent_proc
             .wait_log(
                 &["cannot connect", "was revoked by the operator"],
