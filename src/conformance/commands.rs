@@ -99,11 +99,13 @@ pub(super) async fn poll_wakeup(ctx: &Ctx) -> Check {
 }
 
 /// Redelivery and no double execution (agent.proto, delivery semantics;
-/// `SubscribeRequest.ack`, `PollResponse.frames`): a new agent's first
-/// command has seq 1; while it is not acknowledged it is delivered again on
-/// the next poll and on a new stream with the earlier ack; after its result
-/// and an ack covering it, it is never delivered again, and an answer
-/// without commands is a `Heartbeat` first.
+/// `SubscribeRequest.ack`, `PollResponse.frames`; admin.proto
+/// `CommandState`): a new agent's first command has seq 1; while it is not
+/// acknowledged it is delivered again on the next poll and on a new stream
+/// with the earlier ack, and stays QUEUED; an ack (on a Report without
+/// events) makes it ACCEPTED, its result DONE; after that it is never
+/// delivered again. A poll answer with commands carries commands only, one
+/// without commands a `Heartbeat` first.
 pub(super) async fn redelivery(ctx: &Ctx) -> Check {
     let grpc = ctx.rung.covers(Rung::Grpc);
     let mut a = RawAgent::enroll(ctx, "redelivery").await?;
@@ -130,6 +132,12 @@ pub(super) async fn redelivery(ctx: &Ctx) -> Check {
                 cmd.id, r.frames
             )
         })?;
+        ensure(got.len() == r.frames.len(), || {
+            format!(
+                "a Poll answer with commands carries commands only (PollResponse.frames): {:?}",
+                r.frames
+            )
+        })?;
     }
     if grpc {
         let mut s = a
@@ -151,13 +159,47 @@ pub(super) async fn redelivery(ctx: &Ctx) -> Check {
             }
         }
     }
+    expect_state(
+        ctx,
+        &cmd.id,
+        proto::CommandState::Queued,
+        "delivered, no ack yet",
+    )
+    .await?;
+    // The ack alone, on a Report without events (as the gRPC rung carries
+    // it): the command is accepted, not done.
     let rung = ctx.rung.rungs()[0];
+    let epoch = peer::ordered_epoch();
     let r = a
         .report(
             rung,
             proto::ReportRequest {
                 ack: 1,
-                epoch: peer::ordered_epoch(),
+                epoch,
+                events: Vec::new(),
+            },
+        )
+        .await
+        .map_err(|e| format!("Report of ack 1 without events on {}: {e}", rung.name()))?;
+    ensure(r.acked_seq == 0, || {
+        format!(
+            "a Report without events in a new epoch answered acked_seq {} (want 0: nothing stored)",
+            r.acked_seq
+        )
+    })?;
+    expect_state(
+        ctx,
+        &cmd.id,
+        proto::CommandState::Accepted,
+        "acked, no result yet",
+    )
+    .await?;
+    let r = a
+        .report(
+            rung,
+            proto::ReportRequest {
+                ack: 1,
+                epoch,
                 events: vec![ping_result(1, &cmd.id, "pong")],
             },
         )
@@ -218,6 +260,24 @@ pub(super) async fn redelivery(ctx: &Ctx) -> Check {
         }
     }
     Ok(())
+}
+
+/// Fails unless command `id` is in `want` (`when` says at what point).
+async fn expect_state(ctx: &Ctx, id: &str, want: proto::CommandState, when: &str) -> Check {
+    let v = ctx
+        .admin
+        .command(id, Duration::ZERO)
+        .await
+        .map_err(|e| format!("GetCommand {id}: {e}"))?;
+    ensure(v.state == want as i32, || {
+        format!(
+            "command {id} ({when}) is {}, want {}",
+            proto::CommandState::try_from(v.state)
+                .map(|s| s.as_str_name())
+                .unwrap_or("unknown"),
+            want.as_str_name()
+        )
+    })
 }
 
 /// Heartbeats (agent.proto, `Subscribe` and `Heartbeat`): the first frame

@@ -7,9 +7,11 @@ use super::{Check, Ctx, ensure};
 use crate::proto;
 use crate::secret::Secret;
 
-/// `Enroll` (agent.proto, `EnrollRequest`): the enrollment token given gets
-/// an agent id and a credential that the backend accepts; an unknown token
-/// is refused with UNAUTHENTICATED on every rung tested; a retried `Enroll`
+/// `Enroll` (agent.proto, `EnrollRequest`, `AgentInfo`): the enrollment
+/// token given gets an agent id and a credential that the backend accepts;
+/// an unknown token is refused with UNAUTHENTICATED on every rung tested;
+/// an `AgentInfo` without `hostname` is refused with INVALID_ARGUMENT
+/// naming the field; a retried `Enroll`
 /// with the same idempotency key answers the same agent id with a new
 /// credential, and the credential answered before stops working.
 pub(super) async fn enrollment(ctx: &Ctx) -> Check {
@@ -39,6 +41,33 @@ pub(super) async fn enrollment(ctx: &Ctx) -> Check {
                     r.agent_id
                 ));
             }
+        }
+    }
+
+    let mut nameless = info("");
+    nameless.hostname.clear();
+    match peer::enroll(
+        ctx,
+        ctx.rung.rungs()[0],
+        proto::EnrollRequest {
+            enrollment_token: ctx.enroll_token.expose().into(),
+            info: Some(nameless),
+            idempotency_key: String::new(),
+        },
+    )
+    .await
+    {
+        Err(e) if code_of(&e) == Some(Code::InvalidArgument) && e.message.contains("hostname") => {}
+        Err(e) => {
+            return Err(format!(
+                "Enroll without AgentInfo.hostname: want INVALID_ARGUMENT naming the field, got {e}"
+            ));
+        }
+        Ok(r) => {
+            return Err(format!(
+                "Enroll without AgentInfo.hostname was accepted (agent {})",
+                r.agent_id
+            ));
         }
     }
 

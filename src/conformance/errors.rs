@@ -144,7 +144,9 @@ impl Raw {
 /// not valid JSON, is answered 400 with a Connect JSON error body of code
 /// `invalid_argument`; a body over the backend's limit (8 MiB sent) is
 /// `resource_exhausted` (413, or 429 as Connect maps the code); a call
-/// without a credential is 401 `unauthenticated`. On HTTP/1.1, an error
+/// without a credential is 401 `unauthenticated`; an ack above 2^53
+/// (`SubscribeRequest.ack`, "rules as for" every ack) is 400
+/// `invalid_argument`. On HTTP/1.1, an error
 /// answered before the request body arrived either says `Connection:
 /// close` or leaves the connection fit for the next call.
 pub(super) async fn malformed(ctx: &Ctx) -> Check {
@@ -179,6 +181,18 @@ pub(super) async fn malformed(ctx: &Ctx) -> Check {
                 &[401],
                 "unauthenticated",
             )?;
+        raw.post(
+            "Poll",
+            "application/json",
+            Some(&cred),
+            br#"{"ack":"9007199254740993","holdMs":1}"#.to_vec(),
+        )
+        .await?
+        .expect(
+            &format!("a Poll with ack 2^53 + 1 over {v}"),
+            &[400],
+            "invalid_argument",
+        )?;
         raw.post(
             "Report",
             "application/proto",

@@ -62,8 +62,9 @@ async fn stored_result(ctx: &Ctx, id: &str) -> Result<(i32, String, i64), String
 
 /// Reports (agent.proto, `ReportRequest.events`, `ReportResponse.acked_seq`),
 /// on every rung tested: an event out of order (seq 2 before 1) is refused
-/// with FAILED_PRECONDITION and not acknowledged; seq 0 is refused with
-/// INVALID_ARGUMENT; events in order are acknowledged up to their seq; a
+/// with FAILED_PRECONDITION and not acknowledged; seq 0, and seqs not
+/// consecutive within a request, are refused with INVALID_ARGUMENT (and
+/// nothing of the request is stored); events in order are acknowledged up to their seq; a
 /// repeated event is acknowledged again and stored once (a command result
 /// sent again with another message, in the same epoch or after a restart
 /// in a new one, leaves the first result in place: "keep the first").
@@ -97,6 +98,11 @@ async fn reports_on(ctx: &Ctx, rung: Rung) -> Check {
     refused(
         "a Report with an event of seq 0",
         report(vec![capacity(0)], epoch).await,
+        Code::InvalidArgument,
+    )?;
+    refused(
+        "a Report of seqs 1 and 3 (not consecutive)",
+        report(vec![ping_result(1, &id, "gap"), capacity(3)], epoch).await,
         Code::InvalidArgument,
     )?;
     let r = report(vec![ping_result(1, &id, "first")], epoch)
@@ -235,7 +241,8 @@ fn batch(value: f64) -> proto::MetricBatch {
 /// `PushMetricsResponse.stored`), zstd-compressed as the reference agent
 /// sends them, on every rung tested: a new `(epoch, seq)` is stored
 /// (`stored: true`); the same again answers `stored: false`; a seq out of
-/// order within the window is stored; seq 0 is refused with
+/// order within the window is stored; a seq more than 100000 above the
+/// watermark is refused with FAILED_PRECONDITION; seq 0 is refused with
 /// INVALID_ARGUMENT.
 pub(super) async fn metrics(ctx: &Ctx) -> Check {
     for rung in ctx.rung.rungs() {
@@ -283,6 +290,21 @@ async fn metrics_on(ctx: &Ctx, rung: Rung) -> Check {
             )
         })?;
     }
+    refused(
+        "PushMetrics with seq 200000 (more than 100000 above the watermark 3)",
+        a.push(
+            rung,
+            proto::PushMetricsRequest {
+                ack: 0,
+                epoch,
+                seq: 200_000,
+                batch: Some(batch(0.0)),
+                batch_zstd: Vec::new(),
+            },
+        )
+        .await,
+        Code::FailedPrecondition,
+    )?;
     refused(
         "PushMetrics with seq 0",
         a.push(
