@@ -9,7 +9,8 @@
 //! process and temporary directory a case makes is removed when the case
 //! ends, pass, fail or timeout (they are dropped with the case's future).
 //!
-//! Cases live by group: [`enrollment`], [`commands`] (delivery, polls,
+//! Cases live by group: [`enrollment`] (and the credential's life),
+//! [`commands`] (delivery, polls,
 //! streams), [`events`] (reports, epochs, metric batches), [`errors`]
 //! (malformed and oversized requests) and [`ladder`] (a rung switch).
 //! [`run`] prints one line per case (`PASS name`, `FAIL name: why`, `SKIP
@@ -142,6 +143,8 @@ pub(crate) fn ensure(cond: bool, why: impl FnOnce() -> String) -> Check {
 enum Case {
     AdminService,
     Enrollment,
+    Rotation,
+    Revocation,
     PingGrpc,
     PingLongpoll,
     PollWakeup,
@@ -155,9 +158,11 @@ enum Case {
 }
 
 impl Case {
-    const ALL: [Case; 12] = [
+    const ALL: [Case; 14] = [
         Case::AdminService,
         Case::Enrollment,
+        Case::Rotation,
+        Case::Revocation,
         Case::PingGrpc,
         Case::PingLongpoll,
         Case::PollWakeup,
@@ -174,6 +179,8 @@ impl Case {
         match self {
             Case::AdminService => "admin-service",
             Case::Enrollment => "enrollment",
+            Case::Rotation => "credential-rotation",
+            Case::Revocation => "revocation",
             Case::PingGrpc => "ping-grpc",
             Case::PingLongpoll => "ping-longpoll",
             Case::PollWakeup => "poll-wakeup",
@@ -191,7 +198,8 @@ impl Case {
     fn bound(self) -> Duration {
         Duration::from_secs(match self {
             Case::AdminService => 20,
-            Case::Enrollment => 30,
+            Case::Enrollment | Case::Rotation => 30,
+            Case::Revocation => 45,
             Case::PingGrpc | Case::PingLongpoll => 60,
             Case::PollWakeup => 30,
             Case::Redelivery => 45,
@@ -219,6 +227,7 @@ impl Case {
             self,
             Case::AdminService
                 | Case::Enrollment
+                | Case::Rotation
                 | Case::Heartbeats
                 | Case::Metrics
                 | Case::Malformed
@@ -229,6 +238,8 @@ impl Case {
         match self {
             Case::AdminService => admin_service(ctx).await,
             Case::Enrollment => enrollment::enrollment(ctx).await,
+            Case::Rotation => enrollment::rotation(ctx).await,
+            Case::Revocation => enrollment::revocation(ctx).await,
             Case::PingGrpc => commands::ping(ctx, Rung::Grpc).await,
             Case::PingLongpoll => commands::ping(ctx, Rung::Longpoll).await,
             Case::PollWakeup => commands::poll_wakeup(ctx).await,

@@ -228,6 +228,25 @@ impl RawAgent {
         }
     }
 
+    /// `RotateCredential` on `rung`: the new credential.
+    pub async fn rotate(&self, rung: Rung) -> Result<String, CallError> {
+        let req = proto::RotateCredentialRequest {};
+        let r: proto::RotateCredentialResponse = match rung {
+            Rung::Longpoll => {
+                self.connect
+                    .call(AGENT_SERVICE, "RotateCredential", &req, CALL_TIMEOUT)
+                    .await?
+            }
+            Rung::Grpc => self
+                .grpc()?
+                .rotate_credential(authed(Some(&self.credential), req))
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| CallError::from_tonic(&s))?,
+        };
+        Ok(r.credential)
+    }
+
     /// Opens a `Subscribe` stream with `ack`.
     pub async fn subscribe(
         &self,
