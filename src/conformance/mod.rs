@@ -10,9 +10,9 @@
 //! ends, pass, fail or timeout (they are dropped with the case's future).
 //!
 //! Cases live by group: [`enrollment`] (and the credential's life),
-//! [`commands`] (delivery, polls,
-//! streams), [`events`] (reports, epochs, metric batches), [`errors`]
-//! (malformed and oversized requests) and [`ladder`] (a rung switch).
+//! [`commands`] (delivery, polls, streams), [`presence`], [`events`]
+//! (reports, epochs, metric batches), [`errors`] (malformed and oversized
+//! requests) and [`ladder`] (a rung switch).
 //! [`run`] prints one line per case (`PASS name`, `FAIL name: why`, `SKIP
 //! name: why`) and a summary.
 
@@ -22,6 +22,7 @@ mod errors;
 mod events;
 mod ladder;
 mod peer;
+mod presence;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -150,6 +151,7 @@ enum Case {
     PollWakeup,
     Redelivery,
     Heartbeats,
+    Presence,
     Reports,
     Epochs,
     Metrics,
@@ -158,7 +160,7 @@ enum Case {
 }
 
 impl Case {
-    const ALL: [Case; 14] = [
+    const ALL: [Case; 15] = [
         Case::AdminService,
         Case::Enrollment,
         Case::Rotation,
@@ -168,6 +170,7 @@ impl Case {
         Case::PollWakeup,
         Case::Redelivery,
         Case::Heartbeats,
+        Case::Presence,
         Case::Reports,
         Case::Epochs,
         Case::Metrics,
@@ -186,6 +189,7 @@ impl Case {
             Case::PollWakeup => "poll-wakeup",
             Case::Redelivery => "redelivery",
             Case::Heartbeats => "heartbeats",
+            Case::Presence => "presence",
             Case::Reports => "reports",
             Case::Epochs => "epochs",
             Case::Metrics => "metrics",
@@ -204,6 +208,7 @@ impl Case {
             Case::PollWakeup => 30,
             Case::Redelivery => 45,
             Case::Heartbeats => 45,
+            Case::Presence => 45,
             Case::Reports | Case::Epochs | Case::Metrics => 45,
             Case::Malformed => 60,
             Case::RungSwitch => 120,
@@ -245,6 +250,7 @@ impl Case {
             Case::PollWakeup => commands::poll_wakeup(ctx).await,
             Case::Redelivery => commands::redelivery(ctx).await,
             Case::Heartbeats => commands::heartbeats(ctx).await,
+            Case::Presence => presence::presence(ctx).await,
             Case::Reports => events::reports(ctx).await,
             Case::Epochs => events::epochs(ctx).await,
             Case::Metrics => events::metrics(ctx).await,

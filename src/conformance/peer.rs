@@ -184,6 +184,19 @@ impl RawAgent {
             .await
     }
 
+    /// `Poll` over Connect with an empty `AgentInfo` (a diagnostic call, as
+    /// `uplink doctor` makes), answered at once.
+    pub async fn poll_anonymous(&self) -> Result<proto::PollResponse, CallError> {
+        let req = proto::PollRequest {
+            ack: 0,
+            hold_ms: 1,
+            info: None,
+        };
+        self.connect
+            .call(AGENT_SERVICE, "Poll", &req, CALL_TIMEOUT)
+            .await
+    }
+
     /// `Report` on `rung`.
     pub async fn report(
         &self,
