@@ -322,3 +322,57 @@ pub(super) async fn heartbeats(ctx: &Ctx) -> Check {
         }
     }
 }
+
+/// How many commands `poll-order` queues: more than one poll answer holds.
+const MANY: usize = 300;
+
+/// Poll answers in order (agent.proto, `Command.seq`, `PollResponse.frames`):
+/// with 300 commands queued, each poll answers the lowest commands above
+/// its ack, in seq order without gaps, at most 256 at a time; polling again
+/// with the new ack gets the next ones until every command came, each once.
+pub(super) async fn poll_order(ctx: &Ctx) -> Check {
+    let a = RawAgent::enroll(ctx, "order").await?;
+    let mut queued = Vec::with_capacity(MANY);
+    for i in 0..MANY {
+        let c = ctx
+            .admin
+            .enqueue(&a.id, peer::ping(0, &format!("order {i}")))
+            .await
+            .map_err(|e| format!("EnqueueCommand {i}: {e}"))?;
+        queued.push(c.id);
+    }
+    let mut ack = 0u64;
+    let mut got: Vec<String> = Vec::with_capacity(MANY);
+    while got.len() < MANY {
+        let r = a
+            .poll(ack, 2_000)
+            .await
+            .map_err(|e| format!("Poll with ack {ack}: {e}"))?;
+        let cmds = commands(&r.frames);
+        ensure(!cmds.is_empty(), || {
+            format!(
+                "a Poll with ack {ack} answered no command, with {} of {MANY} queued commands above it",
+                MANY - got.len()
+            )
+        })?;
+        ensure(cmds.len() <= 256, || {
+            format!(
+                "a Poll answer carried {} commands (at most 256)",
+                cmds.len()
+            )
+        })?;
+        for c in cmds {
+            ensure(c.seq == ack + 1, || {
+                format!(
+                    "after seq {ack} a Poll answer carried seq {} (the lowest above the ack, in order, without gaps)",
+                    c.seq
+                )
+            })?;
+            ack = c.seq;
+            got.push(c.id.clone());
+        }
+    }
+    ensure(got == queued, || {
+        "the commands delivered are not the ones queued, in the order queued".into()
+    })
+}

@@ -64,10 +64,12 @@ async fn stored_result(ctx: &Ctx, id: &str) -> Result<(i32, String, i64), String
 /// on every rung tested: an event out of order (seq 2 before 1) is refused
 /// with FAILED_PRECONDITION and not acknowledged; seq 0, and seqs not
 /// consecutive within a request, are refused with INVALID_ARGUMENT (and
-/// nothing of the request is stored); events in order are acknowledged up to their seq; a
-/// repeated event is acknowledged again and stored once (a command result
-/// sent again with another message, in the same epoch or after a restart
-/// in a new one, leaves the first result in place: "keep the first").
+/// nothing of the request is stored); events in order are acknowledged up
+/// to their seq; a request of a retried event and a new one stores the new
+/// one; a Report without events answers the highest seq stored; a repeated
+/// event is acknowledged again and stored once (a command result sent
+/// again with another message, in the same epoch or after a restart in a
+/// new one, leaves the first result in place: "keep the first").
 pub(super) async fn reports(ctx: &Ctx) -> Check {
     for rung in ctx.rung.rungs() {
         reports_on(ctx, rung)
@@ -138,6 +140,24 @@ async fn reports_on(ctx: &Ctx, rung: Rung) -> Check {
     ensure(r.acked_seq == 2, || {
         format!(
             "a repeated Report of seqs 1 and 2 answered acked_seq {}",
+            r.acked_seq
+        )
+    })?;
+    let r = report(vec![capacity(2), capacity(3)], epoch)
+        .await
+        .map_err(|e| format!("a Report of seqs 2 (a retry) and 3 (new): {e}"))?;
+    ensure(r.acked_seq == 3, || {
+        format!(
+            "a Report of seqs 2 (a retry) and 3 (new) answered acked_seq {} (want 3)",
+            r.acked_seq
+        )
+    })?;
+    let r = report(Vec::new(), epoch)
+        .await
+        .map_err(|e| format!("a Report without events: {e}"))?;
+    ensure(r.acked_seq == 3, || {
+        format!(
+            "a Report without events in an epoch stored up to seq 3 answered acked_seq {} (the highest stored is 3)",
             r.acked_seq
         )
     })?;

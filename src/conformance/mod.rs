@@ -149,6 +149,7 @@ enum Case {
     PingGrpc,
     PingLongpoll,
     PollWakeup,
+    PollOrder,
     Redelivery,
     Heartbeats,
     Presence,
@@ -160,7 +161,7 @@ enum Case {
 }
 
 impl Case {
-    const ALL: [Case; 15] = [
+    const ALL: [Case; 16] = [
         Case::AdminService,
         Case::Enrollment,
         Case::Rotation,
@@ -168,6 +169,7 @@ impl Case {
         Case::PingGrpc,
         Case::PingLongpoll,
         Case::PollWakeup,
+        Case::PollOrder,
         Case::Redelivery,
         Case::Heartbeats,
         Case::Presence,
@@ -187,6 +189,7 @@ impl Case {
             Case::PingGrpc => "ping-grpc",
             Case::PingLongpoll => "ping-longpoll",
             Case::PollWakeup => "poll-wakeup",
+            Case::PollOrder => "poll-order",
             Case::Redelivery => "redelivery",
             Case::Heartbeats => "heartbeats",
             Case::Presence => "presence",
@@ -206,6 +209,7 @@ impl Case {
             Case::Revocation => 45,
             Case::PingGrpc | Case::PingLongpoll => 60,
             Case::PollWakeup => 30,
+            Case::PollOrder => 90,
             Case::Redelivery => 45,
             Case::Heartbeats => 45,
             Case::Presence => 45,
@@ -219,7 +223,7 @@ impl Case {
     fn needs(self) -> &'static [Rung] {
         match self {
             Case::PingGrpc | Case::Heartbeats => &[Rung::Grpc],
-            Case::PingLongpoll | Case::PollWakeup => &[Rung::Longpoll],
+            Case::PingLongpoll | Case::PollWakeup | Case::PollOrder => &[Rung::Longpoll],
             Case::RungSwitch => &[Rung::Grpc, Rung::Longpoll],
             _ => &[],
         }
@@ -248,6 +252,7 @@ impl Case {
             Case::PingGrpc => commands::ping(ctx, Rung::Grpc).await,
             Case::PingLongpoll => commands::ping(ctx, Rung::Longpoll).await,
             Case::PollWakeup => commands::poll_wakeup(ctx).await,
+            Case::PollOrder => commands::poll_order(ctx).await,
             Case::Redelivery => commands::redelivery(ctx).await,
             Case::Heartbeats => commands::heartbeats(ctx).await,
             Case::Presence => presence::presence(ctx).await,
