@@ -53,7 +53,7 @@ async fn the_reference_backend_passes_every_case_on_both_rungs() {
     let b = TestBackend::start(&dir.path().join("backend")).await;
     let (code, out, err) = conformance(&b, b.admin_token.expose(), &["--rung", "both"]).await;
     let lines = case_lines(&out);
-    assert!(lines.len() >= 12, "one line per case:\n{out}\n{err}");
+    assert_eq!(lines.len(), 16, "one line per case:\n{out}\n{err}");
     for l in &lines {
         assert!(l.starts_with("PASS "), "{l}\n---\n{out}\n{err}");
     }
@@ -105,6 +105,8 @@ async fn bad_flags_exit_64() {
             "https://127.0.0.1:1",
             "--rung",
             "h3",
+            "--case",
+            "nope",
         ])
         .env_remove("UPLINK_ADMIN_TOKEN")
         .env_remove("UPLINK_ENROLL_TOKEN")
@@ -116,4 +118,5 @@ async fn bad_flags_exit_64() {
     assert!(err.contains("--rung \"h3\""), "{err}");
     assert!(err.contains("--admin-token"), "{err}");
     assert!(err.contains("--enroll-token"), "{err}");
+    assert!(err.contains("--case \"nope\" matches no case"), "{err}");
 }

@@ -89,6 +89,15 @@ impl ConformanceArgs {
                 RungChoice::Both
             }
         };
+        let names = crate::conformance::case_names();
+        for c in &a.cases {
+            if !names.iter().any(|n| n.contains(c.as_str())) {
+                problems.push(format!(
+                    "--case {c:?} matches no case; the cases are {}",
+                    names.join(", ")
+                ));
+            }
+        }
         let ca_files = super::ca_files_with_env(a.ca_files);
         for f in &ca_files {
             if !f.is_file() {

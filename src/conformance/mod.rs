@@ -265,6 +265,11 @@ impl Case {
     }
 }
 
+/// The names of every case, in the order they run.
+pub fn case_names() -> Vec<&'static str> {
+    Case::ALL.iter().map(|c| c.name()).collect()
+}
+
 /// The admin service answers with the token given: `ListAgents` works
 /// (every later case that queues commands depends on it).
 async fn admin_service(ctx: &Ctx) -> Check {
