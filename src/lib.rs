@@ -22,6 +22,9 @@
 //! - [`net`]: outbound connections: DNS, TCP, the proxy's CONNECT tunnel,
 //!   TLS with the rung's ALPN, each failure named by hop.
 //! - [`client`]: HTTPS clients for both rungs and for `ctl`.
+//! - [`conformance`]: `uplink conformance`, the contract's rules checked
+//!   against any backend (raw calls on both rungs and real agents), one
+//!   line per case.
 //! - [`ctl`]: `uplink ctl`, the operator's command line: the admin client
 //!   and the command dispatch, with what it prints in `ctl::render`.
 //! - [`demo`]: `uplink demo`, a backend and agents on this machine, with a
@@ -69,6 +72,7 @@ pub mod backend {
 pub mod backoff;
 pub mod cli;
 pub mod client;
+pub mod conformance;
 pub mod connect;
 pub mod ctl;
 #[cfg(feature = "backend")]

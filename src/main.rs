@@ -130,6 +130,7 @@ fn main() -> ExitCode {
         | Command::Ctl(_)
         | Command::Doctor(_)
         | Command::Loadgen(_)
+        | Command::Conformance(_)
         | Command::Health(_) => "warn",
         _ => "info",
     };
@@ -230,6 +231,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            })
+        }
+        Command::Conformance(a) => {
+            let cfg = match a.into_config() {
+                Ok(cfg) => cfg,
+                Err(e) => return Ok(config_error(e)),
+            };
+            let summary = uplink::conformance::run(cfg, &mut std::io::stdout()).await;
+            Ok(if summary.failed > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
             })
         }
         Command::Loadgen(a) => match uplink::loadgen::run(a.into()).await {

@@ -1,6 +1,7 @@
 //! Command-line flags, and how each subcommand's flags become its
 //! configuration: one file per subcommand ([`agent`], [`backend`],
-//! [`ctl`], [`doctor`], [`demo`], [`loadgen`], [`health`]), each args struct with a
+//! [`ctl`], [`doctor`], [`demo`], [`loadgen`], [`health`],
+//! [`conformance`]), each args struct with a
 //! conversion into the config of the module it drives. A default the
 //! config also uses is a `DEFAULT_*` constant beside that config, and the
 //! flag's default is taken from it; a default only the flag has is
@@ -16,6 +17,7 @@
 
 pub mod agent;
 pub mod backend;
+pub mod conformance;
 pub mod ctl;
 pub mod demo;
 pub mod doctor;
@@ -29,6 +31,7 @@ use clap::{Parser, Subcommand};
 
 pub use self::agent::AgentArgs;
 pub use self::backend::BackendArgs;
+pub use self::conformance::ConformanceArgs;
 pub use self::ctl::{AgentAction, CtlArgs, CtlCommand, ProviderAction, TokenLimits};
 pub use self::demo::DemoArgs;
 pub use self::doctor::DoctorArgs;
@@ -102,6 +105,8 @@ pub enum Command {
     Loadgen(LoadgenArgs),
     /// Say whether the agent or backend running here is healthy, from its status file (exit 0 or 1): a container's HEALTHCHECK.
     Health(HealthArgs),
+    /// Check a backend against the contract: one line per case (PASS, FAIL, SKIP), exit 1 when a case failed.
+    Conformance(ConformanceArgs),
 }
 
 /// CA files from flags plus `SSL_CERT_FILE`.
