@@ -288,3 +288,84 @@ async fn a_command_queued_on_one_backend_reaches_an_agent_on_another_at_once() {
     b.stop().await;
     a.stop().await;
 }
+
+/// Presence across backends on one database: every backend shows an agent
+/// connected to another as connected, on its rung, with the backend that
+/// holds it; when that backend dies (SIGKILL), the others show the agent
+/// disconnected within seconds, not for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_backend_shows_where_an_agent_is_and_forgets_a_dead_backend() {
+    use uplink_testkit::hostile::BackendProc;
+    let pg = Postgres::start().await;
+    let url = pg.fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = TestBackend::config(&dir.path().join("a"));
+    cfg.database = Some(DatabaseUrl::parse(&url, "--database").unwrap());
+    let a = TestBackend::start_with(cfg, "127.0.0.1:0".parse().unwrap()).await;
+    let mut b = BackendProc::start(&dir.path().join("b"), None, &["--database", &url]).await;
+    let line = b
+        .proc
+        .wait_log(&["publishing presence"], Duration::from_secs(20))
+        .await;
+    let replica_b = line
+        .split("replica=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("the replica id in the log")
+        .trim_matches('"')
+        .to_string();
+    assert_ne!(replica_b, a.core.replica());
+    let agents: Vec<_> = ["grpc", "longpoll"]
+        .into_iter()
+        .map(|rung| {
+            let state = dir.path().join(format!("agent-{rung}"));
+            let p = b.agent_with(
+                &state,
+                &format!("on-b-{rung}"),
+                &["--transport", rung, "--no-metrics"],
+            );
+            (rung, p)
+        })
+        .collect();
+    let admin_a = a.admin();
+    for (rung, _) in &agents {
+        let host = format!("on-b-{rung}");
+        let v = wait_for(
+            Duration::from_secs(30),
+            &format!("backend a shows {host} connected on b"),
+            || async {
+                admin_a
+                    .agents("")
+                    .await
+                    .ok()?
+                    .into_iter()
+                    .find(|v| v.hostname == host && v.connected)
+            },
+        )
+        .await;
+        assert_eq!(v.replica, replica_b, "{v:?}");
+        assert_eq!(uplink::ctl::transport_name(v.transport), *rung, "{v:?}");
+    }
+    b.proc.child.start_kill().unwrap();
+    let killed = Instant::now();
+    wait_for(
+        Duration::from_secs(20),
+        "backend a shows b's agents disconnected",
+        || async {
+            let all = admin_a.agents("").await.ok()?;
+            all.iter()
+                .filter(|v| v.hostname.starts_with("on-b-"))
+                .all(|v| !v.connected && v.replica.is_empty())
+                .then_some(())
+        },
+    )
+    .await;
+    let took = killed.elapsed();
+    eprintln!("b killed: its agents shown disconnected on a after {took:?}");
+    assert!(
+        took < Duration::from_secs(12),
+        "b's agents shown connected {took:?} after it died"
+    );
+    drop(agents);
+    a.stop().await;
+}

@@ -27,6 +27,22 @@ struct Slot {
 }
 
 impl Slot {
+    /// Its presence at `now`; None when never heard from.
+    fn presence(&self, now: i64) -> Option<Presence> {
+        if self.last_seen_ms == 0 {
+            return None;
+        }
+        let connected = self.streams > 0
+            || self.polls > 0
+            || (self.transport == Transport::Longpoll && now - self.last_seen_ms < POLL_GRACE_MS);
+        Some(Presence {
+            connected,
+            transport: self.transport as i32,
+            reason: self.reason.clone(),
+            last_seen_ms: self.last_seen_ms,
+        })
+    }
+
     fn new() -> Self {
         Slot {
             queued: watch::channel(0).0,
@@ -56,6 +72,9 @@ pub struct Presence {
 #[derive(Default)]
 pub struct Hub {
     slots: Mutex<HashMap<String, Slot>>,
+    /// Signalled when a stream or poll opens or closes, so a shared
+    /// store hears of it at once (see `Core::publish_presence`).
+    opened_or_closed: Notify,
 }
 
 /// How long after its last poll a long-polling agent still counts as
@@ -138,6 +157,7 @@ impl Hub {
             s.reason = reason.to_string();
             s.last_seen_ms = now;
         });
+        self.opened_or_closed.notify_one();
         Connection {
             hub: self.clone(),
             agent: agent.to_string(),
@@ -178,19 +198,22 @@ impl Hub {
     /// The presence of `agent`, if the hub has seen it since start.
     pub fn presence(&self, agent: &str, now: i64) -> Option<Presence> {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let s = slots.get(agent)?;
-        if s.last_seen_ms == 0 {
-            return None;
-        }
-        let connected = s.streams > 0
-            || s.polls > 0
-            || (s.transport == Transport::Longpoll && now - s.last_seen_ms < POLL_GRACE_MS);
-        Some(Presence {
-            connected,
-            transport: s.transport as i32,
-            reason: s.reason.clone(),
-            last_seen_ms: s.last_seen_ms,
-        })
+        slots.get(agent).and_then(|s| s.presence(now))
+    }
+
+    /// The presence of every agent the hub has seen since start.
+    pub fn presences(&self, now: i64) -> Vec<(String, Presence)> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .iter()
+            .filter_map(|(a, s)| Some((a.clone(), s.presence(now)?)))
+            .collect()
+    }
+
+    /// Completes when a stream or poll opened or closed since the last
+    /// call.
+    pub async fn opened_or_closed(&self) {
+        self.opened_or_closed.notified().await
     }
 }
 
@@ -234,6 +257,7 @@ impl Drop for Connection {
             }
             s.last_seen_ms = s.last_seen_ms.max(now);
         });
+        self.hub.opened_or_closed.notify_one();
     }
 }
 

@@ -520,6 +520,7 @@ impl Server {
             .with_sinks(sinks),
         );
         core.follow_store_changes();
+        core.publish_presence();
         let host_command = core.host_command(enroll_token.as_ref().map(|t| t.expose()));
         let agent_ca_file = config
             .host_command

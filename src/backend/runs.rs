@@ -340,12 +340,14 @@ impl Core {
         let now = crate::now_unix_ms();
         let capacities = self.store.capacities().await.map_err(internal)?;
         let live = self.store.live_run_containers().await.map_err(internal)?;
+        // Connected here or, with a shared store, to another backend.
+        let placed = self.placed(now).await?;
         Ok(agents
             .map(|id| {
                 let reported = capacities.get(id);
                 let mut c = Candidate {
                     agent_id: id.to_string(),
-                    connected: self.hub.presence(id, now).is_some_and(|p| p.connected),
+                    connected: placed.get(id).is_some_and(|p| p.presence.connected),
                     capacity: reported.map(|(c, _)| c.clone()),
                     unreported_containers: 0,
                     unreported_cpus: 0.0,

@@ -167,6 +167,7 @@ pub fn agents_json(agents: &[proto::AgentView]) -> String {
                 "pending_commands": a.pending_commands,
                 "revoked": rfc3339(a.revoked_unix_ms),
                 "revoked_unix_ms": a.revoked_unix_ms,
+                "replica": a.replica,
                 "capacity": a.capacity.as_ref().map(|c| serde_json::json!({
                     "cpu_cores": c.cpu_cores,
                     "memory_bytes": c.memory_bytes,
@@ -334,6 +335,7 @@ mod tests {
             "transport_reason",
             "revoked",
             "revoked_unix_ms",
+            "replica",
         ] {
             assert!(o.get(k).is_some(), "missing {k}");
         }

@@ -46,9 +46,13 @@ impl Core {
     ) -> Result<proto::ListAgentsResponse, Status> {
         let now = crate::now_unix_ms();
         let mut capacities = self.store.capacities().await.map_err(internal)?;
+        let mut placed = self.placed(now).await?;
         let mut agents = Vec::new();
         for a in self.store.agents(&req.provider).await.map_err(internal)? {
-            let presence = self.hub.presence(&a.id, now);
+            let (presence, replica) = match placed.remove(&a.id) {
+                Some(p) => (Some(p.presence), p.replica),
+                None => (None, String::new()),
+            };
             let pending = self
                 .store
                 .pending_count(&a.id, a.acked_seq)
@@ -78,6 +82,7 @@ impl Core {
                 enrolled_unix_ms: a.enrolled_ms,
                 capacity,
                 revoked_unix_ms: a.revoked_ms,
+                replica: if connected { replica } else { String::new() },
             });
         }
         Ok(proto::ListAgentsResponse { agents })

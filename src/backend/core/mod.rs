@@ -31,6 +31,7 @@ mod agent;
 mod checks;
 mod limits;
 mod metrics;
+pub mod presence;
 mod retention;
 
 pub(super) use checks::check_image;
@@ -77,6 +78,8 @@ pub struct Core {
     budgets: limits::Budgets,
     /// Enrollments per provider (each provider has one token).
     pub(crate) enrolls: Buckets<String>,
+    /// This backend's id among those sharing its store (presence).
+    replica: String,
 }
 
 pub(super) fn internal(e: StoreError) -> Status {
@@ -123,6 +126,11 @@ impl Core {
                 ENROLL_REFILL_PER_TOKEN,
                 ENROLL_TOKENS_REMEMBERED,
             ),
+            replica: format!(
+                "{}-{}",
+                crate::hostname::default_hostname(),
+                crate::secret::random_hex("", 3)
+            ),
         }
     }
 
@@ -150,7 +158,7 @@ impl Core {
 
     /// Carries the changes other backends sharing the store make (see
     /// [`Store::changes`]) to this one's streams and held polls, until the
-    /// store's feed ends: a command queued through another backend reaches
+    /// backend drains: a command queued through another backend reaches
     /// an agent connected here at once, a result stored through another
     /// wakes the calls and runs waiting for it here, a revocation ends the
     /// agent's streams and polls here. Nothing to do for a store this backend holds alone.
@@ -159,8 +167,16 @@ impl Core {
             return;
         };
         let core = self.clone();
+        let mut draining = self.draining.clone();
         tokio::spawn(async move {
-            while let Some(change) = changes.recv().await {
+            loop {
+                let change = tokio::select! {
+                    c = changes.recv() => match c {
+                        Some(c) => c,
+                        None => return,
+                    },
+                    _ = draining.wait_for(|d| *d) => return,
+                };
                 match change {
                     Change::Queued { agent, seq } => core.hub.notify_queued(&agent, seq),
                     Change::Revoked { agent } => core.hub.revoke(&agent),

@@ -557,6 +557,51 @@ pub trait Store: Send + Sync {
     fn changes(&self) -> Option<tokio::sync::mpsc::Receiver<Change>> {
         None
     }
+
+    /// True when several backends share this store, so each publishes its
+    /// agents' presence in it ([`Store::publish_presence`]); false for a
+    /// store one backend holds alone, whose hub knows every connection.
+    fn shares_presence(&self) -> bool {
+        false
+    }
+
+    /// Publishes what backend `replica` knows of its agents' connections
+    /// and that it is alive at `now`. A row replaces the agent's row when
+    /// it says connected, or when the agent's row is `replica`'s own (so a
+    /// backend the agent left never overwrites the one it went to).
+    fn publish_presence<'a>(
+        &'a self,
+        replica: &'a str,
+        rows: &'a [PresenceRecord],
+        now: i64,
+    ) -> StoreFuture<'a, ()> {
+        let _ = (replica, rows, now);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// Every agent's published presence whose backend said it was alive
+    /// at or after `alive_since_ms`, by agent id.
+    fn presences(&self, alive_since_ms: i64) -> StoreFuture<'_, HashMap<String, PresenceRecord>> {
+        let _ = alive_since_ms;
+        Box::pin(std::future::ready(Ok(HashMap::new())))
+    }
+}
+
+/// Which backend holds an agent's connection, as that backend published
+/// it (see [`Store::publish_presence`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PresenceRecord {
+    pub agent_id: String,
+    /// The backend that published it.
+    pub replica: String,
+    /// A stream or a poll is open there, or a long-polling agent was heard
+    /// from within the poll grace.
+    pub connected: bool,
+    /// The rung (a `Transport`), and why.
+    pub transport: i32,
+    pub reason: String,
+    /// When that backend last heard from the agent.
+    pub seen_ms: i64,
 }
 
 /// A change made through another backend sharing the store (see

@@ -39,7 +39,7 @@ use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
 use super::{
-    AgentRecord, BatchSeq, Change, CommandRecord, ContainerChange, CredentialOwner, LiveContainer,
+    AgentRecord, BatchSeq, Change, CommandRecord, PresenceRecord, ContainerChange, CredentialOwner, LiveContainer,
     METRIC_SEQ_WINDOW, NewContainer, ProviderRecord, Pruned, Retention, Role, RunContainerRecord,
     RunRecord, Store, StoreError, StoreFuture, scrub_secrets,
 };
@@ -1061,6 +1061,78 @@ impl Store for PostgresStore {
     fn changes(&self) -> Option<tokio::sync::mpsc::Receiver<Change>> {
         let (config, shown) = self.feed.lock().ok()?.take()?;
         Some(changes::spawn(config, shown))
+    }
+
+    fn shares_presence(&self) -> bool {
+        true
+    }
+
+    fn publish_presence<'a>(
+        &'a self,
+        replica: &'a str,
+        rows: &'a [PresenceRecord],
+        now: i64,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut c = self.client().await?;
+            let tx = c.transaction().await?;
+            execute(
+                &tx,
+                "INSERT INTO replicas (id, beat_ms) VALUES ($1, $2)
+                 ON CONFLICT (id) DO UPDATE SET beat_ms = excluded.beat_ms",
+                &[&replica, &now],
+            )
+            .await?;
+            for r in rows {
+                execute(
+                    &tx,
+                    "INSERT INTO presence (agent_id, replica, connected, transport, reason, seen_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (agent_id) DO UPDATE SET replica = excluded.replica,
+                       connected = excluded.connected, transport = excluded.transport,
+                       reason = excluded.reason, seen_ms = excluded.seen_ms
+                     WHERE excluded.connected OR presence.replica = excluded.replica",
+                    &[
+                        &r.agent_id,
+                        &replica,
+                        &r.connected,
+                        &r.transport,
+                        &r.reason,
+                        &r.seen_ms,
+                    ],
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn presences(&self, alive_since_ms: i64) -> StoreFuture<'_, HashMap<String, PresenceRecord>> {
+        Box::pin(async move {
+            let c = self.client().await?;
+            let rows = query(
+                &c,
+                "SELECT p.agent_id, p.replica, p.connected, p.transport, p.reason, p.seen_ms
+                 FROM presence p JOIN replicas r ON r.id = p.replica
+                 WHERE r.beat_ms >= $1",
+                &[&alive_since_ms],
+            )
+            .await?;
+            let mut out = HashMap::new();
+            for r in rows {
+                let p = PresenceRecord {
+                    agent_id: r.try_get(0)?,
+                    replica: r.try_get(1)?,
+                    connected: r.try_get(2)?,
+                    transport: r.try_get(3)?,
+                    reason: r.try_get(4)?,
+                    seen_ms: r.try_get(5)?,
+                };
+                out.insert(p.agent_id.clone(), p);
+            }
+            Ok(out)
+        })
     }
 
     fn prune<'a>(&'a self, retention: &'a Retention) -> StoreFuture<'a, Pruned> {

@@ -10,9 +10,9 @@
 //!
 //! Nothing in the schema belongs to one backend process: numbering
 //! (`agents.next_seq`), dedup cursors and run state are rows that any
-//! replica changes under row locks, so presence (which replica holds an
-//! agent) and a notification channel can be added as new tables and
-//! triggers by a later step.
+//! replica changes under row locks. Presence is shared the same way:
+//! `presence` says which replica holds each agent's connection, and
+//! `replicas` when each replica last said it is alive.
 
 use std::time::Duration;
 
@@ -138,6 +138,20 @@ const MIGRATIONS: &[&str] = &[
         epoch BIGINT NOT NULL,
         seq BIGINT NOT NULL,
         PRIMARY KEY (agent_id, epoch, seq)
+    );",
+    // 2: presence across backends: which backend holds each agent's
+    // connection, and when each backend last said it is alive.
+    "CREATE TABLE replicas (
+        id TEXT PRIMARY KEY,
+        beat_ms BIGINT NOT NULL
+    );
+    CREATE TABLE presence (
+        agent_id TEXT PRIMARY KEY,
+        replica TEXT NOT NULL,
+        connected BOOLEAN NOT NULL,
+        transport INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        seen_ms BIGINT NOT NULL
     );",
 ];
 
