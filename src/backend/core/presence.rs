@@ -71,8 +71,7 @@ impl Core {
                         (agent, p)
                     })
                     .filter(|(agent, p)| {
-                        published.get(agent)
-                            != Some(&(p.connected, p.transport, p.reason.clone()))
+                        published.get(agent) != Some(&(p.connected, p.transport, p.reason.clone()))
                     })
                     .map(|(agent, p)| PresenceRecord {
                         agent_id: agent,

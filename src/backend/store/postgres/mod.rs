@@ -39,9 +39,9 @@ use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
 use super::{
-    AgentRecord, BatchSeq, Change, CommandRecord, PresenceRecord, ContainerChange, CredentialOwner, LiveContainer,
-    METRIC_SEQ_WINDOW, NewContainer, ProviderRecord, Pruned, Retention, Role, RunContainerRecord,
-    RunRecord, Store, StoreError, StoreFuture, scrub_secrets,
+    AgentRecord, BatchSeq, Change, CommandRecord, ContainerChange, CredentialOwner, LiveContainer,
+    METRIC_SEQ_WINDOW, NewContainer, PresenceRecord, ProviderRecord, Pruned, Retention, Role,
+    RunContainerRecord, RunRecord, Store, StoreError, StoreFuture, scrub_secrets,
 };
 use crate::proto;
 
