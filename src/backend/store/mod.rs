@@ -12,7 +12,9 @@
 //! deduplicate agent events, the dedup state of metric batches, each
 //! agent's last reported capacity, and runs with their containers
 //! ([`runs`]). Presence (who is connected right now) lives in memory, in
-//! the backend's hub.
+//! the backend's hub; a store that several backends share also carries
+//! what each publishes of it ([`Store::publish_presence`]) and their
+//! changes to one another ([`Store::changes`]).
 //!
 //! # Why the trait is asynchronous
 //!
