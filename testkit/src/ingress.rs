@@ -236,11 +236,20 @@ impl RunningIngress {
 
 impl Drop for RunningIngress {
     fn drop(&mut self) {
-        // nginx's master stops its workers on SIGTERM; HAProxy exits.
+        // nginx's master stops its workers on SIGTERM, and must have the
+        // time to: killed first (`kill_on_drop`), it leaves them running.
+        // HAProxy exits.
         if let Some(pid) = self.child.id() {
             let _ = std::process::Command::new("kill")
                 .args(["-TERM", &pid.to_string()])
                 .status();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }
