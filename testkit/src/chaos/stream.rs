@@ -90,8 +90,9 @@ impl Drop for Stream {
 /// What the backend's JSON lines hold of the numbered samples.
 #[derive(Debug, Default)]
 pub struct Stored {
-    /// For each source, how many times each number was stored.
-    pub counts: HashMap<String, HashMap<u64, u32>>,
+    /// For each source, each number's copies: the index of the file each
+    /// copy is in (each backend start writes files of its own).
+    pub copies: HashMap<String, HashMap<u64, Vec<usize>>>,
     /// Lines that are not whole JSON (a write cut short).
     pub torn_lines: usize,
 }
@@ -103,7 +104,7 @@ impl Stored {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return st;
         };
-        for e in entries.flatten() {
+        for (file, e) in entries.flatten().enumerate() {
             let p = e.path();
             if p.extension().is_none_or(|x| x != "jsonl") {
                 continue;
@@ -119,27 +120,61 @@ impl Stored {
                 }
                 let src = v["labels"]["src"].as_str().unwrap_or("").to_string();
                 let n = v["value"].as_f64().unwrap_or(0.0) as u64;
-                *st.counts.entry(src).or_default().entry(n).or_default() += 1;
+                st.copies
+                    .entry(src)
+                    .or_default()
+                    .entry(n)
+                    .or_default()
+                    .push(file);
             }
         }
         st
     }
 
-    /// Of numbers `1..=sent` of `source`: (stored once, missing, stored
-    /// more than once).
-    pub fn tally(&self, source: &str, sent: u64) -> (u64, u64, u64) {
+    /// Of numbers `1..=sent` of `source`: how many were stored once, are
+    /// missing, were stored again by a later backend start, and were
+    /// stored twice by one start.
+    ///
+    /// A backend killed after writing a batch to its JSON lines and before
+    /// its store recorded the batch writes it again when the agent sends
+    /// it again (the sink is at least once across a crash, see
+    /// RELIABILITY.md): such copies are in files of different starts. Two
+    /// copies in one file are a deduplication bug.
+    pub fn tally(&self, source: &str, sent: u64) -> Tally {
         let empty = HashMap::new();
-        let c = self.counts.get(source).unwrap_or(&empty);
-        let (mut once, mut missing, mut dup) = (0, 0, 0);
+        let c = self.copies.get(source).unwrap_or(&empty);
+        let mut t = Tally::default();
         for n in 1..=sent {
-            match c.get(&n).copied().unwrap_or(0) {
-                0 => missing += 1,
-                1 => once += 1,
-                _ => dup += 1,
+            match c.get(&n).map(Vec::as_slice).unwrap_or(&[]) {
+                [] => t.missing += 1,
+                [_] => t.once += 1,
+                files => {
+                    let mut distinct = files.to_vec();
+                    distinct.sort_unstable();
+                    distinct.dedup();
+                    if distinct.len() == files.len() {
+                        t.again_after_a_crash += 1;
+                    } else {
+                        t.twice_in_one_start += 1;
+                    }
+                }
             }
         }
-        (once, missing, dup)
+        t
     }
+}
+
+/// What [`Stored::tally`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Stored once.
+    pub once: u64,
+    /// Not stored.
+    pub missing: u64,
+    /// Stored by one backend start and again by a later one.
+    pub again_after_a_crash: u64,
+    /// Stored twice in one file: a bug.
+    pub twice_in_one_start: u64,
 }
 
 /// `GET /metrics` of an agent's self-metrics at `addr`.
