@@ -232,12 +232,13 @@ async fn samples_settle(
                 settled,
                 "{source}: {missing} samples not stored against {dropped} counted as dropped, {spooled} batches still spooled"
             );
-            // Copies in files of two backend starts are the JSON-lines
-            // sink's window across a crash (RELIABILITY.md); two copies
-            // from one start are a deduplication bug.
             assert_eq!(
                 t.twice_in_one_start, 0,
                 "{source}: samples stored twice by one backend start"
+            );
+            assert_eq!(
+                t.again_after_a_crash, 0,
+                "{source}: samples stored again by the backend start after a crash"
             );
             return;
         }
@@ -520,7 +521,10 @@ async fn a_seeded_chaos_soak_keeps_every_invariant() {
         // needs a few seconds of slowness (the agent writes a few times a
         // second while it sends samples).
         if slowed >= Duration::from_secs(3) {
-            assert!(ops > 0, "m-auto did no I/O on its disk in {slowed:.1?} slowed");
+            assert!(
+                ops > 0,
+                "m-auto did no I/O on its disk in {slowed:.1?} slowed"
+            );
         }
     }
     eprintln!(
@@ -690,5 +694,114 @@ async fn the_sample_check_holds_over_more_backend_starts_than_files_kept() {
         seen.len(),
         jsonl_files(&b.jsonl).len()
     );
+    samples_settle(&b.jsonl, "m", sent, listen, Duration::from_secs(60)).await;
+}
+
+/// The window between a batch's JSON lines and its record in the store:
+/// another process holds the store's write lock, so the backend writes the
+/// next batches' lines and then waits to record them. First the record
+/// fails (the lock outlasts the backend's wait) and the agent sends the
+/// batch again; then the backend is killed in the window and the agent
+/// sends those batches again to the next start. Each must be recorded
+/// without being written again: every sample once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_killed_between_writing_a_batch_and_recording_it_stores_it_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut b = BackendProc::start(&dir.join("backend")).await;
+    let graphite = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let args: Vec<String> = [
+        "--ingest-graphite",
+        &graphite.to_string(),
+        "--metrics-listen",
+        &listen.to_string(),
+        "--metrics-interval",
+        "0s",
+        "--metrics-batch-age",
+        "200ms",
+    ]
+    .map(String::from)
+    .to_vec();
+    let _agent = AgentProc::start(&b, &b.url(), &dir.join("m"), "window-m", &args, &[]);
+    let mut stream = Stream::start("m", graphite, SAMPLES_PER_SECOND);
+    let lines = |jsonl: &std::path::Path| -> usize {
+        Stored::read(jsonl)
+            .copies
+            .get("m")
+            .map_or(0, |c| c.values().map(Vec::len).sum())
+    };
+    wait_for(Duration::from_secs(60), "samples in the JSON lines", || {
+        let n = lines(&b.jsonl);
+        async move { (n > 0).then_some(()) }
+    })
+    .await;
+    // Another process takes the store's write lock and keeps it.
+    let db = b.dir.join("uplink.db");
+    let lock_store = || {
+        let mut lock = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import sqlite3, sys, time\n\
+                 c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
+                 c.execute('BEGIN IMMEDIATE')\n\
+                 print('locked', flush=True)\n\
+                 time.sleep(120)\n",
+            )
+            .arg(&db)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(lock.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "locked");
+        lock
+    };
+    // First, longer than the backend waits for the lock (5 s): the record
+    // of a written batch fails, and the agent sends the batch again.
+    let mut lock = lock_store();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    lock.kill().unwrap();
+    lock.wait().unwrap();
+    // Then the crash: lines written while no record can be made are in
+    // the window. The backend is killed there, then the lock goes.
+    let mut lock = lock_store();
+    let before = lines(&b.jsonl);
+    wait_for(
+        Duration::from_secs(4),
+        "lines written while the store is locked",
+        || {
+            let n = lines(&b.jsonl);
+            async move { (n > before).then_some(()) }
+        },
+    )
+    .await;
+    b.crash().await;
+    lock.kill().unwrap();
+    lock.wait().unwrap();
+    let unrecorded = lines(&b.jsonl) - before;
+    b.restart().await;
+    // The new start found the batches the killed one wrote and did not
+    // record, and its agent sends them again.
+    let log = wait_for(Duration::from_secs(30), "the new start's account", || {
+        let logs = b.logs();
+        async move {
+            logs.lines()
+                .find(|l| l.contains("metric batches written by an earlier start"))
+                .map(str::to_string)
+        }
+    })
+    .await;
+    eprintln!("{unrecorded} samples written in the window; the new start: {log}");
+    assert!(
+        !log.contains("unrecorded=0"),
+        "no batch was left unrecorded by the killed backend: {log}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sent = stream.stop();
     samples_settle(&b.jsonl, "m", sent, listen, Duration::from_secs(60)).await;
 }

@@ -519,6 +519,7 @@ impl Server {
             )
             .with_sinks(sinks),
         );
+        core.settle_unrecorded_batches().await?;
         core.follow_store_changes();
         core.publish_presence();
         let host_command = core.host_command(enroll_token.as_ref().map(|t| t.expose()));

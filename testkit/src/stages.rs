@@ -180,8 +180,14 @@ pub fn time_stages(
             });
             timed(&mut t, 13, start);
             let start = Instant::now();
-            rt.block_on(sinks.accept(origin.clone(), Arc::new(decoded)))
+            let key = uplink::backend::sinks::BatchKey {
+                agent: agent_id.to_string(),
+                epoch,
+                seq,
+            };
+            rt.block_on(sinks.accept(key.clone(), origin.clone(), Arc::new(decoded)))
                 .expect("sinks");
+            sinks.recorded(&key);
             timed(&mut t, 14, start);
         }
 

@@ -9,7 +9,7 @@ use tonic::Status;
 
 use super::limits::REJECTED_BATCHES;
 use super::{Core, internal};
-use crate::backend::sinks::{Origin, Rejection};
+use crate::backend::sinks::{BatchKey, Origin, Rejection};
 use crate::backend::store::{BatchSeq, METRIC_SEQ_WINDOW};
 use crate::proto;
 
@@ -74,6 +74,34 @@ impl Drop for InFlight {
 }
 
 impl Core {
+    /// Forgets the batches the JSON lines remember as written and not
+    /// recorded that the store did record (an earlier start was killed
+    /// after recording them). Run at start; the rest wait for their
+    /// agents to send them again.
+    pub async fn settle_unrecorded_batches(&self) -> Result<(), crate::backend::store::StoreError> {
+        let keys = self.sinks.unrecorded();
+        let (mut recorded, total) = (0usize, keys.len());
+        for key in keys {
+            if self
+                .store
+                .metric_batch_state(&key.agent, key.epoch, key.seq)
+                .await?
+                == BatchSeq::Seen
+            {
+                self.sinks.recorded(&key);
+                recorded += 1;
+            }
+        }
+        if total > 0 {
+            tracing::info!(
+                recorded,
+                unrecorded = total - recorded,
+                "metric batches written by an earlier start: those not recorded are recorded, not written again, when their agents send them"
+            );
+        }
+        Ok(())
+    }
+
     /// `PushMetrics`: validates the batch, deduplicates it by `(agent,
     /// epoch, seq)`, and gives it to the sinks.
     ///
@@ -86,10 +114,11 @@ impl Core {
     /// FAILED_PRECONDITION until the missing batches below it arrive.
     ///
     /// Order: the sinks accept the batch, then its seq is recorded, then it
-    /// is acknowledged. A backend crash between the first two leaves lines
-    /// written for a batch the agent will send again: at least once across
-    /// a crash of the backend, exactly once otherwise. A batch is never
-    /// acknowledged before every sink took it.
+    /// is acknowledged. A batch the sinks took and the store did not record
+    /// (a crash between the two, a store error) is remembered by the JSON
+    /// lines' ledger, also across a crash: sent again, it is recorded
+    /// without being written again. A batch is never acknowledged before
+    /// every sink took it.
     ///
     /// Errors: INVALID_ARGUMENT (the batch can never be stored; the message
     /// starts with the reason; its seq counts as used, so the watermark
@@ -231,15 +260,26 @@ impl Core {
         let task = tokio::spawn(async move {
             let _in_flight = in_flight;
             let agent = origin.agent.clone();
-            if let Err(e) = core.sinks.accept(origin, Arc::new(decoded)).await {
+            let key = BatchKey {
+                agent: agent.clone(),
+                epoch,
+                seq,
+            };
+            if let Err(e) = core
+                .sinks
+                .accept(key.clone(), origin, Arc::new(decoded))
+                .await
+            {
                 core.sinks.reject(e.reason());
                 return Err(Status::unavailable(e.to_string()));
             }
-            // A crash here leaves the batch in the sinks but not recorded:
-            // its retry is stored again (the documented at-least-once window).
+            // A crash or a store error here leaves the batch written and
+            // not recorded: the JSON lines' ledger keeps it from being
+            // written again when it is sent again.
             match core.store.record_metric_batch(&agent, epoch, seq).await {
-                Ok(true) => {}
+                Ok(true) => core.sinks.recorded(&key),
                 Ok(false) => {
+                    core.sinks.recorded(&key);
                     tracing::warn!(%agent, epoch, seq, "metric batch was recorded by someone else meanwhile")
                 }
                 Err(e) => {

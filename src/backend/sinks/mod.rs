@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-pub use self::jsonl::{JsonlConfig, JsonlError};
+pub use self::jsonl::{BatchKey, JsonlConfig, JsonlError};
 pub use self::prometheus::Origin;
 use crate::metrics::encode::{DecodeError, Decoded};
 
@@ -59,8 +59,18 @@ pub const JSONL_DELETED: &str = "uplink_backend_metric_jsonl_files_deleted_total
 pub const JSONL_ERRORS: &str = "uplink_backend_metric_jsonl_write_errors_total";
 /// Pushes that waited for room in the JSON-lines queue.
 pub const JSONL_WAITS: &str = "uplink_backend_metric_jsonl_queue_waits_total";
+/// Batches sent again after their lines were written and before they were
+/// recorded: recorded without being written again.
+pub const JSONL_RESENT: &str = "uplink_backend_metric_jsonl_batches_resent_total";
+/// Batches whose lines are written and that are not known to be recorded.
+pub const JSONL_UNRECORDED: &str = "uplink_backend_metric_jsonl_unrecorded_batches";
+/// Unrecorded batches forgotten at the bound (written again if resent).
+pub const JSONL_FORGOTTEN: &str = "uplink_backend_metric_jsonl_unrecorded_forgotten_total";
+/// Bytes cut off at start: lines of batches an earlier start never entered
+/// in its ledger.
+pub const JSONL_CUT: &str = "uplink_backend_metric_jsonl_cut_bytes_total";
 
-const OWN: [&str; 13] = [
+const OWN: [&str; 17] = [
     BATCHES,
     SAMPLES,
     DUPLICATES,
@@ -74,6 +84,10 @@ const OWN: [&str; 13] = [
     JSONL_DELETED,
     JSONL_ERRORS,
     JSONL_WAITS,
+    JSONL_RESENT,
+    JSONL_UNRECORDED,
+    JSONL_FORGOTTEN,
+    JSONL_CUT,
 ];
 
 /// Why a metric batch was refused: the `reason` label of
@@ -266,6 +280,7 @@ pub struct Sinks {
     batches: AtomicU64,
     samples: AtomicU64,
     duplicates: AtomicU64,
+    resent: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
 }
 
@@ -283,6 +298,7 @@ impl Sinks {
             batches: AtomicU64::new(0),
             samples: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
+            resent: AtomicU64::new(0),
             rejected: std::array::from_fn(|_| AtomicU64::new(0)),
         })
     }
@@ -299,18 +315,50 @@ impl Sinks {
             batches: AtomicU64::new(0),
             samples: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
+            resent: AtomicU64::new(0),
             rejected: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 
-    /// Gives `batch` to every sink: first the JSON lines (which may refuse
-    /// it), then the latest values (which cannot).
-    pub async fn accept(&self, origin: Arc<Origin>, batch: Arc<Decoded>) -> Result<(), SinkError> {
+    /// Gives `batch`, the batch `key`, to every sink: first the JSON lines
+    /// (which may refuse it), then the latest values (which cannot).
+    ///
+    /// A batch whose lines were written before (by this start or an
+    /// earlier one) and that is not known to be recorded goes to no sink
+    /// again: the caller records it. Call [`Sinks::recorded`] once the
+    /// store recorded it.
+    pub async fn accept(
+        &self,
+        key: BatchKey,
+        origin: Arc<Origin>,
+        batch: Arc<Decoded>,
+    ) -> Result<(), SinkError> {
         if let Some(j) = &self.jsonl {
-            j.write(origin.clone(), batch.clone()).await?;
+            if j.holds(&key) {
+                self.resent.fetch_add(1, Relaxed);
+                return Ok(());
+            }
+            j.write(key, origin.clone(), batch.clone()).await?;
         }
         self.latest.update(&origin, &batch, Instant::now());
         Ok(())
+    }
+
+    /// `key` is recorded in the store: the sinks need not remember it.
+    pub fn recorded(&self, key: &BatchKey) {
+        if let Some(j) = &self.jsonl {
+            j.recorded(key);
+        }
+    }
+
+    /// Batches whose lines are written and that are not known to be
+    /// recorded (some may be: the start that wrote them was killed), oldest
+    /// first.
+    pub fn unrecorded(&self) -> Vec<BatchKey> {
+        self.jsonl
+            .as_ref()
+            .map(|j| j.unrecorded_keys())
+            .unwrap_or_default()
     }
 
     /// Counts a stored batch of `samples` samples.
@@ -439,6 +487,31 @@ impl Sinks {
                 "Pushes that found the JSON-lines queue full and waited for room.",
                 s.waits.load(Relaxed),
             );
+            let (unrecorded, forgotten) = j.unrecorded_counts();
+            one(
+                JSONL_RESENT,
+                "counter",
+                "Metric batches sent again after their JSON lines were written and before they were recorded: recorded without writing them again.",
+                self.resent.load(Relaxed),
+            );
+            one(
+                JSONL_UNRECORDED,
+                "gauge",
+                "Metric batches whose JSON lines are written and that are not known to be recorded in the store.",
+                unrecorded as u64,
+            );
+            one(
+                JSONL_FORGOTTEN,
+                "counter",
+                "Unrecorded metric batches forgotten at the bound; one sent again is written again.",
+                forgotten,
+            );
+            one(
+                JSONL_CUT,
+                "counter",
+                "Bytes of JSON lines cut off at start: lines of batches an earlier start wrote but never entered in its ledger (never recorded).",
+                s.cut_bytes.load(Relaxed),
+            );
         }
         let _ = write!(
             out,
@@ -462,6 +535,7 @@ mod tests {
     use super::*;
     use crate::metrics::encode::Point;
     use crate::metrics::sample::{Kind, Series};
+    use std::io::Write as _;
 
     #[test]
     fn every_reason_has_its_own_label() {
@@ -477,6 +551,114 @@ mod tests {
             }),
             Rejection::SeriesOutOfRange
         );
+    }
+
+    /// The JSON lines of every file in `dir`, in file order.
+    fn jsonl_values(dir: &std::path::Path) -> Vec<f64> {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .flat_map(|p| {
+                std::fs::read_to_string(p)
+                    .unwrap()
+                    .lines()
+                    .map(|l| {
+                        serde_json::from_str::<serde_json::Value>(l).unwrap()["value"]
+                            .as_f64()
+                            .unwrap()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_written_and_not_recorded_is_not_written_again_by_this_start_or_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = || SinksConfig {
+            jsonl: Some(JsonlConfig {
+                dir: dir.path().to_path_buf(),
+                max_bytes: 1 << 20,
+                keep: 10,
+            }),
+            ..SinksConfig::default()
+        };
+        let origin = Arc::new(Origin {
+            agent: "agt_1".into(),
+            provider: "p".into(),
+            hostname: "h".into(),
+        });
+        let batch = |v: f64| {
+            Arc::new(Decoded {
+                series: vec![Arc::new(Series::new("x", Kind::Gauge))],
+                points: vec![Point {
+                    series: 0,
+                    time_unix_ms: 5,
+                    value: v,
+                }],
+            })
+        };
+        let key = |seq| BatchKey {
+            agent: "agt_1".into(),
+            epoch: 1,
+            seq,
+        };
+        let first = Sinks::open(cfg(), 1_000_000).unwrap();
+        // Batch 1 is recorded; batch 2's record fails, and it is sent again.
+        first
+            .accept(key(1), origin.clone(), batch(1.0))
+            .await
+            .unwrap();
+        first.recorded(&key(1));
+        first
+            .accept(key(2), origin.clone(), batch(2.0))
+            .await
+            .unwrap();
+        first
+            .accept(key(2), origin.clone(), batch(2.0))
+            .await
+            .unwrap();
+        assert_eq!(first.unrecorded(), vec![key(2)]);
+        assert!(first.render().contains(&format!("{JSONL_RESENT} 1\n")));
+        // Batch 3 is written, then the backend is killed before its entry:
+        // its lines are left without one.
+        first.close(Duration::from_secs(5)).await;
+        let file = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .unwrap();
+        let torn = "{\"time_unix_ms\":5,\"value\":3.0}\n{\"time_unix_ms\":5,\"val";
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&file)
+            .unwrap()
+            .write_all(torn.as_bytes())
+            .unwrap();
+        drop(first);
+
+        // The next start cuts batch 3's lines off and still holds batch 2
+        // (and batch 1, until the store says it is recorded).
+        let next = Sinks::open(cfg(), 2_000_000).unwrap();
+        assert_eq!(next.unrecorded(), vec![key(1), key(2)]);
+        next.recorded(&key(1));
+        next.accept(key(2), origin.clone(), batch(2.0))
+            .await
+            .unwrap();
+        next.accept(key(3), origin.clone(), batch(3.0))
+            .await
+            .unwrap();
+        assert!(
+            next.render()
+                .contains(&format!("{JSONL_CUT} {}\n", torn.len()))
+        );
+        next.close(Duration::from_secs(5)).await;
+        assert_eq!(jsonl_values(dir.path()), vec![1.0, 2.0, 3.0]);
     }
 
     #[tokio::test]
@@ -506,7 +688,12 @@ mod tests {
                 },
             ],
         });
-        s.accept(origin, batch).await.unwrap();
+        let key = BatchKey {
+            agent: "agt_1".into(),
+            epoch: 1,
+            seq: 1,
+        };
+        s.accept(key, origin, batch).await.unwrap();
         s.stored(2);
         s.duplicate();
         s.reject(Rejection::SeriesOutOfRange);

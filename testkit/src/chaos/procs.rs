@@ -98,11 +98,22 @@ impl BackendProc {
     /// SIGKILL, then (after `down`) a new backend on the same port and
     /// data dir.
     pub async fn crash_and_restart(&mut self, down: Duration) {
+        self.crash().await;
+        tokio::time::sleep(down).await;
+        self.restart().await;
+    }
+
+    /// SIGKILL; [`BackendProc::restart`] starts it again.
+    pub async fn crash(&mut self) {
         if let Some(mut p) = self.proc.take() {
             p.kill9().await;
             self.past.push(p);
         }
-        tokio::time::sleep(down).await;
+    }
+
+    /// A new backend on the same port and data dir, after
+    /// [`BackendProc::crash`].
+    pub async fn restart(&mut self) {
         self.restarts += 1;
         self.spawn().await;
     }

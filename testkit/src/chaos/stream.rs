@@ -135,11 +135,10 @@ impl Stored {
     /// missing, were stored again by a later backend start, and were
     /// stored twice by one start.
     ///
-    /// A backend killed after writing a batch to its JSON lines and before
-    /// its store recorded the batch writes it again when the agent sends
-    /// it again (the sink is at least once across a crash, see
-    /// RELIABILITY.md): such copies are in files of different starts. Two
-    /// copies in one file are a deduplication bug.
+    /// Copies in files of different backend starts would be a batch
+    /// written again after a crash; copies in one file, a batch written
+    /// twice by one start. Both are failures of exactly once, told apart
+    /// to say where to look.
     pub fn tally(&self, source: &str, sent: u64) -> Tally {
         let empty = HashMap::new();
         let c = self.copies.get(source).unwrap_or(&empty);

@@ -34,6 +34,14 @@
 //! agent retries it). Only when the batch had already filled a file and
 //! moved to the next are the lines in the earlier file kept: that retry
 //! writes them twice.
+//!
+//! Exactly once across crashes: each file has a ledger of the batches
+//! whose lines it holds ([`ledger`]). A batch is written, entered in the
+//! ledger, and only then recorded in the store. One that was written but
+//! not recorded (the backend was killed between the two, or the store
+//! failed) is remembered, also by the next start, which reads the ledger
+//! and cuts off lines of no entry; when its agent sends it again it is
+//! recorded without being written again.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write as _};
@@ -44,9 +52,13 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot};
 
+pub use self::ledger::BatchKey;
+use self::ledger::Unrecorded;
 use super::prometheus::Origin;
 use crate::metrics::encode::Decoded;
 use crate::metrics::sample::Kind;
+
+pub mod ledger;
 
 /// Samples waiting to be written, at most: about 40 MiB of decoded points
 /// and series, and a few seconds of work for the writer.
@@ -113,9 +125,13 @@ pub struct JsonlStats {
     pub waits: AtomicU64,
     /// Pushes refused because the queue stayed full ([`JsonlError::Behind`]).
     pub behind: AtomicU64,
+    /// Bytes of lines cut off at start: batches written by an earlier start
+    /// that were never recorded.
+    pub cut_bytes: AtomicU64,
 }
 
 struct Job {
+    key: BatchKey,
     origin: Arc<Origin>,
     batch: Arc<Decoded>,
     done: oneshot::Sender<Result<(), String>>,
@@ -132,6 +148,8 @@ pub struct JsonLines {
     /// Counters, shared with the thread.
     pub stats: Arc<JsonlStats>,
     dir: PathBuf,
+    /// Batches written and not known to be recorded.
+    unrecorded: Arc<Mutex<Unrecorded>>,
 }
 
 impl JsonLines {
@@ -144,6 +162,32 @@ impl JsonLines {
         })?;
         let stats = Arc::new(JsonlStats::default());
         let dir = cfg.dir.clone();
+        let files = std::fs::read_dir(&dir)
+            .map_err(|source| OpenError {
+                path: dir.clone(),
+                source,
+            })?
+            .filter_map(|e| {
+                let e = e.ok()?;
+                Some((file_key(e.file_name().to_str()?)?, e.path()))
+            })
+            .collect();
+        let recovered = ledger::recover(files).map_err(|source| OpenError {
+            path: dir.clone(),
+            source,
+        })?;
+        if recovered.cut_bytes > 0 || !recovered.unrecorded.is_empty() || recovered.bad_lines > 0 {
+            tracing::info!(
+                dir = %dir.display(),
+                unrecorded = recovered.unrecorded.len(),
+                cut_bytes = recovered.cut_bytes,
+                cut_files = ?recovered.cut_files,
+                bad_ledger_lines = recovered.bad_lines,
+                "metrics JSON lines: batches an earlier start wrote but may not have recorded are not written again; lines of no batch cut off"
+            );
+        }
+        stats.cut_bytes.store(recovered.cut_bytes, Relaxed);
+        let unrecorded = Arc::new(Mutex::new(recovered.unrecorded));
         let mut writer = Writer {
             stamp: utc_stamp(start_unix_ms),
             cfg,
@@ -153,6 +197,8 @@ impl JsonLines {
             size: 0,
             chunk: Vec::with_capacity(CHUNK + 4096),
             stats: stats.clone(),
+            ledger: None,
+            unrecorded: unrecorded.clone(),
         };
         writer.open_next().map_err(|source| OpenError {
             path: writer.path.clone(),
@@ -172,7 +218,36 @@ impl JsonLines {
             thread: Mutex::new(Some(thread)),
             stats,
             dir,
+            unrecorded,
         })
+    }
+
+    fn unrecorded(&self) -> std::sync::MutexGuard<'_, Unrecorded> {
+        self.unrecorded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `key`'s lines were written (by this start or an earlier
+    /// one) and it is not known to be recorded: it must not be written
+    /// again.
+    pub fn holds(&self, key: &BatchKey) -> bool {
+        self.unrecorded().contains(key)
+    }
+
+    /// `key` is recorded in the store.
+    pub fn recorded(&self, key: &BatchKey) {
+        self.unrecorded().remove(key);
+    }
+
+    /// Every batch written and not known to be recorded, oldest first.
+    pub fn unrecorded_keys(&self) -> Vec<BatchKey> {
+        self.unrecorded().keys().cloned().collect()
+    }
+
+    /// How many batches are written and not known to be recorded, and
+    /// how many were forgotten at [`ledger::MAX_UNRECORDED`].
+    pub fn unrecorded_counts(&self) -> (usize, u64) {
+        let u = self.unrecorded();
+        (u.len(), u.forgotten)
     }
 
     /// The directory written to.
@@ -180,11 +255,22 @@ impl JsonLines {
         &self.dir
     }
 
-    /// Writes every sample of `batch`; returns once the lines were handed
-    /// to the kernel.
-    pub async fn write(&self, origin: Arc<Origin>, batch: Arc<Decoded>) -> Result<(), JsonlError> {
+    /// Writes every sample of `batch`, the batch `key`; returns once the
+    /// lines and the ledger entry were handed to the kernel.
+    pub async fn write(
+        &self,
+        key: BatchKey,
+        origin: Arc<Origin>,
+        batch: Arc<Decoded>,
+    ) -> Result<(), JsonlError> {
         if batch.points.is_empty() {
             return Ok(());
+        }
+        if !key.writable() {
+            return Err(JsonlError::Write(format!(
+                "agent id \"{}\" cannot be entered in the batch ledger",
+                crate::text::escape(&key.agent)
+            )));
         }
         // A batch larger than the whole queue takes all of it.
         let want = batch.points.len().min(QUEUE_SAMPLES) as u32;
@@ -213,6 +299,7 @@ impl JsonLines {
             .ok_or(JsonlError::Stopping)?;
         let (done, written) = oneshot::channel();
         tx.send(Job {
+            key,
             origin,
             batch,
             done,
@@ -255,12 +342,15 @@ struct Writer {
     size: u64,
     chunk: Vec<u8>,
     stats: Arc<JsonlStats>,
+    /// The current file's ledger.
+    ledger: Option<File>,
+    unrecorded: Arc<Mutex<Unrecorded>>,
 }
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
         while let Some(job) = rx.blocking_recv() {
-            let r = self.write_batch(&job.origin, &job.batch).map_err(|e| {
+            let r = self.write_batch(&job.key, &job.origin, &job.batch).map_err(|e| {
                 self.stats.write_errors.fetch_add(1, Relaxed);
                 let msg = format!("{}: {e}", self.path.display());
                 tracing::warn!(error = %msg, "writing metric samples failed; the batch is refused and will be retried");
@@ -280,6 +370,9 @@ impl Writer {
             // Closed files are complete on disk, not just in the page cache.
             let _ = old.sync_data();
         }
+        if let Some(old) = self.ledger.take() {
+            let _ = old.sync_data();
+        }
         loop {
             self.n += 1;
             self.path = self
@@ -292,6 +385,12 @@ impl Writer {
                 .open(&self.path)
             {
                 Ok(f) => {
+                    let carried = self.unrecorded.lock().unwrap_or_else(|p| p.into_inner());
+                    let ledger = ledger::create(&self.path, &carried);
+                    drop(carried);
+                    self.ledger = Some(ledger.inspect_err(|_| {
+                        let _ = std::fs::remove_file(&self.path);
+                    })?);
                     self.file = Some(f);
                     self.size = 0;
                     self.stats.files.fetch_add(1, Relaxed);
@@ -329,6 +428,7 @@ impl Writer {
             match std::fs::remove_file(&path) {
                 Ok(()) => {
                     self.stats.deleted.fetch_add(1, Relaxed);
+                    let _ = std::fs::remove_file(ledger::ledger_path(&path));
                 }
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "cannot delete an old metrics JSON-lines file")
@@ -337,22 +437,41 @@ impl Writer {
         }
     }
 
-    fn write_batch(&mut self, origin: &Origin, batch: &Decoded) -> io::Result<()> {
+    fn write_batch(&mut self, key: &BatchKey, origin: &Origin, batch: &Decoded) -> io::Result<()> {
         if self.file.is_none() {
             self.open_next()?;
         }
         let (start, n) = (self.size, self.n);
-        let r = self.write_lines(origin, batch);
+        let mut entered = false;
+        let r = self.write_lines(origin, batch).and_then(|()| {
+            let ledger = self
+                .ledger
+                .as_mut()
+                .ok_or_else(|| io::Error::other("no batch ledger open"))?;
+            entered = true;
+            ledger::append_written(ledger, self.size, key)
+        });
         self.chunk.clear();
-        if r.is_err() {
-            // Cut what this batch wrote into the current file, so no
-            // partial line is left; when that fails, start a new file next.
-            let cut = if self.n == n { start } else { 0 };
-            let ok = self.file.as_ref().is_some_and(|f| f.set_len(cut).is_ok());
-            if ok {
-                self.size = cut;
-            } else {
-                self.file = None;
+        match &r {
+            Ok(()) => self
+                .unrecorded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone()),
+            Err(_) => {
+                // Cut what this batch wrote into the current file, so no
+                // partial line is left; when that fails, or the ledger
+                // entry failed (it may be cut short), start a new file
+                // and ledger next.
+                let cut = if self.n == n { start } else { 0 };
+                let ok = self.file.as_ref().is_some_and(|f| f.set_len(cut).is_ok());
+                if ok {
+                    self.size = cut;
+                }
+                if !ok || entered {
+                    self.file = None;
+                    self.ledger = None;
+                }
             }
         }
         r
@@ -489,6 +608,16 @@ mod tests {
     use crate::metrics::encode::Point;
     use crate::metrics::sample::Series;
 
+    /// A new batch key.
+    fn key() -> BatchKey {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        BatchKey {
+            agent: "agt_1".into(),
+            epoch: 1,
+            seq: SEQ.fetch_add(1, Relaxed) + 1,
+        }
+    }
+
     fn origin() -> Arc<Origin> {
         Arc::new(Origin {
             agent: "agt_1".into(),
@@ -558,9 +687,14 @@ mod tests {
         };
         let j = JsonLines::open(cfg, 1_700_000_000_000).unwrap();
         let special = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.1, 1e-7, 42.0];
-        j.write(origin(), batch(6, |i| special[i])).await.unwrap();
+        j.write(key(), origin(), batch(6, |i| special[i]))
+            .await
+            .unwrap();
         j.close(Duration::from_secs(5)).await;
-        let names = files(j.dir());
+        let names: Vec<_> = files(j.dir())
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .collect();
         assert_eq!(names.len(), 1);
         assert!(
             names[0]
@@ -585,7 +719,7 @@ mod tests {
         assert_eq!(l[5]["value"].as_f64(), Some(42.0));
         // Closed: later batches are refused, not lost silently.
         assert!(matches!(
-            j.write(origin(), batch(1, |_| 1.0)).await,
+            j.write(key(), origin(), batch(1, |_| 1.0)).await,
             Err(JsonlError::Stopping)
         ));
     }
@@ -611,7 +745,7 @@ mod tests {
         };
         let j = JsonLines::open(cfg, 1_700_000_000_000).unwrap();
         for b in 0..20 {
-            j.write(origin(), batch(50, |i| (b * 100 + i) as f64))
+            j.write(key(), origin(), batch(50, |i| (b * 100 + i) as f64))
                 .await
                 .unwrap();
         }
@@ -665,7 +799,10 @@ mod tests {
             .await
             .unwrap();
         let started = tokio::time::Instant::now();
-        let err = j.write(origin(), batch(3, |_| 1.0)).await.unwrap_err();
+        let err = j
+            .write(key(), origin(), batch(3, |_| 1.0))
+            .await
+            .unwrap_err();
         assert!(matches!(err, JsonlError::Behind), "{err}");
         assert_eq!(started.elapsed(), ROOM_WAIT);
         assert_eq!(j.stats.waits.load(Relaxed), 1);
@@ -674,7 +811,7 @@ mod tests {
         // Room that frees up within the wait lets the push through.
         let push = tokio::spawn({
             let j = j.clone();
-            async move { j.write(origin(), batch(3, |_| 1.0)).await }
+            async move { j.write(key(), origin(), batch(3, |_| 1.0)).await }
         });
         tokio::time::sleep(ROOM_WAIT / 2).await;
         drop(full);

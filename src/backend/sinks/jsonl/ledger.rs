@@ -1,0 +1,337 @@
+//! The batch ledger beside the JSON lines: which batches the lines hold,
+//! so that a batch written but not recorded in the store (the backend was
+//! killed between the two, or the store failed) is not written again when
+//! its agent sends it again.
+//!
+//! Each `metrics-<stamp>-<n>.jsonl` has a `metrics-<stamp>-<n>.batches`,
+//! one entry per line, fields separated by tabs:
+//!
+//! - `u <epoch> <seq> <agent>`: a batch written earlier (into an earlier
+//!   file, maybe by an earlier backend start) and not recorded when this
+//!   ledger opened. A ledger opens with these, written into a temporary
+//!   file renamed into place, so it is whole or absent.
+//! - `w <end> <epoch> <seq> <agent>`: the batch's lines were written; they
+//!   end at byte `end` of this ledger's file (they may begin in the
+//!   previous file). Appended after the lines, before the batch is
+//!   recorded, so a recorded batch always has its entry.
+//!
+//! At start, [`recover`] reads the newest ledgers: lines after the last
+//! `w` belong to a batch that was never recorded (its agent still holds
+//! it) and are cut off; every `u` and `w` of the newest ledger is a batch
+//! that may be unrecorded, kept until the store says it is recorded, and
+//! not written again meanwhile.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::OpenOptions;
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+
+/// Most batches remembered as written but not recorded. Beyond it the
+/// oldest is forgotten (and counted): if its agent ever sends it again,
+/// it is written again.
+pub const MAX_UNRECORDED: usize = 65_536;
+
+/// Longest agent id a ledger line carries (the backend makes them far
+/// shorter).
+const MAX_AGENT: usize = 256;
+
+/// A metric batch: `(agent, epoch, seq)`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BatchKey {
+    /// The agent's id.
+    pub agent: String,
+    /// The agent's epoch.
+    pub epoch: u64,
+    /// The batch's seq within the epoch.
+    pub seq: u64,
+}
+
+impl BatchKey {
+    fn fields(&self) -> String {
+        format!("{}\t{}\t{}", self.epoch, self.seq, self.agent)
+    }
+
+    fn parse(epoch: &str, seq: &str, agent: &str) -> Option<BatchKey> {
+        let ok = !agent.is_empty()
+            && agent.len() <= MAX_AGENT
+            && agent.bytes().all(|b| b.is_ascii_graphic());
+        Some(BatchKey {
+            agent: ok.then(|| agent.to_string())?,
+            epoch: epoch.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+
+    /// Whether the ledger can carry it (a backend's own agent ids always).
+    pub fn writable(&self) -> bool {
+        !self.agent.is_empty()
+            && self.agent.len() <= MAX_AGENT
+            && self.agent.bytes().all(|b| b.is_ascii_graphic())
+    }
+}
+
+/// Batches written and not (yet) known to be recorded, oldest first.
+#[derive(Debug, Default)]
+pub struct Unrecorded {
+    order: BTreeMap<u64, BatchKey>,
+    keys: HashMap<BatchKey, u64>,
+    next: u64,
+    /// Batches forgotten at [`MAX_UNRECORDED`].
+    pub forgotten: u64,
+}
+
+impl Unrecorded {
+    /// Remembers `key`, forgetting the oldest beyond the bound.
+    pub fn insert(&mut self, key: BatchKey) {
+        if self.keys.contains_key(&key) {
+            return;
+        }
+        while self.keys.len() >= MAX_UNRECORDED {
+            let Some((_, old)) = self.order.pop_first() else {
+                break;
+            };
+            self.keys.remove(&old);
+            self.forgotten += 1;
+        }
+        self.next += 1;
+        self.order.insert(self.next, key.clone());
+        self.keys.insert(key, self.next);
+    }
+
+    /// Forgets `key` (it is recorded).
+    pub fn remove(&mut self, key: &BatchKey) {
+        if let Some(n) = self.keys.remove(key) {
+            self.order.remove(&n);
+        }
+    }
+
+    /// Whether `key` was written and is not known to be recorded.
+    pub fn contains(&self, key: &BatchKey) -> bool {
+        self.keys.contains_key(key)
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// All of them, oldest first.
+    pub fn keys(&self) -> impl Iterator<Item = &BatchKey> {
+        self.order.values()
+    }
+}
+
+/// The ledger of the JSON-lines file at `jsonl`.
+pub fn ledger_path(jsonl: &Path) -> PathBuf {
+    jsonl.with_extension("batches")
+}
+
+/// Creates the ledger of `jsonl`, opening with `carried` as `u` entries,
+/// and opens it for appending.
+pub fn create(jsonl: &Path, carried: &Unrecorded) -> io::Result<std::fs::File> {
+    let path = ledger_path(jsonl);
+    let tmp = path.with_extension("batches.tmp");
+    let mut text = String::with_capacity(carried.len() * 48);
+    for k in carried.keys() {
+        text.push_str("u\t");
+        text.push_str(&k.fields());
+        text.push('\n');
+    }
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, &path)?;
+    OpenOptions::new().append(true).open(&path)
+}
+
+/// Appends that `key`'s lines were written and end at byte `end`.
+pub fn append_written(ledger: &mut std::fs::File, end: u64, key: &BatchKey) -> io::Result<()> {
+    ledger.write_all(format!("w\t{end}\t{}\n", key.fields()).as_bytes())
+}
+
+/// What one ledger says.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Entries {
+    carried: Vec<BatchKey>,
+    written: Vec<BatchKey>,
+    /// Where the last `w` entry's lines end.
+    last_end: Option<u64>,
+    /// Lines that are not entries (a torn last line, damage).
+    bad: usize,
+}
+
+fn read_entries(text: &str) -> Entries {
+    let mut e = Entries::default();
+    for line in text.split_inclusive('\n') {
+        // A line without its newline was cut short by a crash.
+        let Some(line) = line.strip_suffix('\n') else {
+            e.bad += 1;
+            continue;
+        };
+        let f: Vec<&str> = line.split('\t').collect();
+        match f.as_slice() {
+            ["u", epoch, seq, agent] => match BatchKey::parse(epoch, seq, agent) {
+                Some(k) => e.carried.push(k),
+                None => e.bad += 1,
+            },
+            ["w", end, epoch, seq, agent] => {
+                match (end.parse::<u64>(), BatchKey::parse(epoch, seq, agent)) {
+                    (Ok(end), Some(k)) => {
+                        e.written.push(k);
+                        e.last_end = Some(end);
+                    }
+                    _ => e.bad += 1,
+                }
+            }
+            _ => e.bad += 1,
+        }
+    }
+    e
+}
+
+/// What [`recover`] found and did.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Batches that may be written and unrecorded.
+    pub unrecorded: Unrecorded,
+    /// Bytes of lines cut off (batches never recorded).
+    pub cut_bytes: u64,
+    /// Files those bytes were cut from.
+    pub cut_files: Vec<PathBuf>,
+    /// Ledger lines that were not entries.
+    pub bad_lines: usize,
+}
+
+/// Reads the newest ledgers among `files` (every `(stamp, n)` of a
+/// `metrics-<stamp>-<n>.jsonl` in the directory, with its path): cuts the
+/// lines written after the newest `w` entry, and returns the batches that
+/// may be written and unrecorded.
+pub fn recover(mut files: Vec<((String, u64), PathBuf)>) -> io::Result<Recovered> {
+    let mut r = Recovered::default();
+    files.sort_unstable();
+    // Newest first, while each file has its ledger (files of a version
+    // without ledgers are left alone).
+    let mut newest = true;
+    for (_, jsonl) in files.iter().rev() {
+        let text = match std::fs::read(ledger_path(jsonl)) {
+            Ok(t) => String::from_utf8_lossy(&t).into_owned(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+            Err(e) => return Err(e),
+        };
+        let e = read_entries(&text);
+        r.bad_lines += e.bad;
+        if newest {
+            newest = false;
+            for k in e.carried.iter().chain(&e.written) {
+                r.unrecorded.insert(k.clone());
+            }
+        }
+        let keep = e.last_end.unwrap_or(0);
+        let len = std::fs::metadata(jsonl)?.len();
+        if len > keep {
+            OpenOptions::new().write(true).open(jsonl)?.set_len(keep)?;
+            r.cut_bytes += len - keep;
+            r.cut_files.push(jsonl.clone());
+        }
+        if e.last_end.is_some() {
+            break;
+        }
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(seq: u64) -> BatchKey {
+        BatchKey {
+            agent: "agt_1".into(),
+            epoch: 7,
+            seq,
+        }
+    }
+
+    #[test]
+    fn entries_read_back_and_damage_is_counted_not_trusted() {
+        let text = "u\t7\t1\tagt_1\nw\t120\t7\t2\tagt_1\nw\t240\t7\t3\tagt_1\nw\tx\t7\t4\tagt_1\nu\t7\t5\tagt 1\nzz\nw\t300\t7\t6\tag";
+        let e = read_entries(text);
+        assert_eq!(e.carried, vec![key(1)]);
+        assert_eq!(e.written, vec![key(2), key(3)]);
+        assert_eq!(e.last_end, Some(240));
+        // A bad end, a space in an agent, an unknown entry, a torn line.
+        assert_eq!(e.bad, 4);
+    }
+
+    #[test]
+    fn the_oldest_is_forgotten_at_the_bound() {
+        let mut u = Unrecorded::default();
+        for s in 0..MAX_UNRECORDED as u64 + 3 {
+            u.insert(key(s));
+        }
+        assert_eq!(u.len(), MAX_UNRECORDED);
+        assert_eq!(u.forgotten, 3);
+        assert!(!u.contains(&key(2)) && u.contains(&key(3)));
+        u.remove(&key(3));
+        assert_eq!(u.keys().next(), Some(&key(4)));
+        u.insert(key(4));
+        assert_eq!(u.len(), MAX_UNRECORDED - 1);
+    }
+
+    fn jsonl(dir: &Path, stamp: &str, n: u64, body: &str) -> ((String, u64), PathBuf) {
+        let p = dir.join(format!("metrics-{stamp}-{n:06}.jsonl"));
+        std::fs::write(&p, body).unwrap();
+        ((stamp.to_string(), n), p)
+    }
+
+    #[test]
+    fn lines_after_the_newest_entry_are_cut_and_only_the_newest_ledger_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // A file of a version without ledgers: left alone.
+        let old = jsonl(d, "20000101T000000Z", 1, "old\n");
+        // Start 2: file 1 holds batch 1 and the first half of batch 2;
+        // file 2 the rest of batch 2 and batch 3 cut short by a crash.
+        let f1 = jsonl(d, "20200101T000000Z", 1, "b1\nb2a\n");
+        std::fs::write(ledger_path(&f1.1), "u\t7\t9\tagt_2\nw\t3\t7\t1\tagt_1\n").unwrap();
+        let f2 = jsonl(d, "20200101T000000Z", 2, "b2b\nb3-torn");
+        std::fs::write(ledger_path(&f2.1), "u\t7\t1\tagt_1\nw\t4\t7\t2\tagt_1\n").unwrap();
+        let r = recover(vec![f2.clone(), old.clone(), f1.clone()]).unwrap();
+        assert_eq!(std::fs::read_to_string(&f2.1).unwrap(), "b2b\n");
+        assert_eq!(std::fs::read_to_string(&f1.1).unwrap(), "b1\nb2a\n");
+        assert_eq!(std::fs::read_to_string(&old.1).unwrap(), "old\n");
+        assert_eq!(r.cut_bytes, 7);
+        assert_eq!(r.cut_files, vec![f2.1.clone()]);
+        let keys: Vec<_> = r.unrecorded.keys().cloned().collect();
+        assert_eq!(
+            keys,
+            vec![key(1), key(2)],
+            "agt_2's batch was recorded before file 2"
+        );
+
+        // A crash right after file 3 opened, in the middle of a batch
+        // begun in file 2: both hold lines of no entry.
+        std::fs::write(&f2.1, "b2b\nb3a\n").unwrap();
+        let f3 = jsonl(d, "20200101T000000Z", 3, "b3b\n");
+        std::fs::write(ledger_path(&f3.1), "u\t7\t2\tagt_1\n").unwrap();
+        let r = recover(vec![f1.clone(), f2.clone(), f3.clone()]).unwrap();
+        assert_eq!(std::fs::read_to_string(&f3.1).unwrap(), "");
+        assert_eq!(std::fs::read_to_string(&f2.1).unwrap(), "b2b\n");
+        assert_eq!(r.cut_bytes, 8);
+        let keys: Vec<_> = r.unrecorded.keys().cloned().collect();
+        assert_eq!(keys, vec![key(2)]);
+
+        // Carried entries round-trip through a new ledger.
+        let f4 = d.join("metrics-20210101T000000Z-000001.jsonl");
+        let mut l = create(&f4, &r.unrecorded).unwrap();
+        append_written(&mut l, 10, &key(3)).unwrap();
+        let e = read_entries(&std::fs::read_to_string(ledger_path(&f4)).unwrap());
+        assert_eq!(
+            (e.carried, e.written, e.bad),
+            (vec![key(2)], vec![key(3)], 0)
+        );
+    }
+}
