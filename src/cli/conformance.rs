@@ -44,42 +44,21 @@ impl ConformanceArgs {
     pub fn into_config(self) -> Result<ConformanceConfig, ConfigError> {
         let a = self;
         let mut problems = Vec::new();
-        let backend = match a.backend.as_deref().map(crate::client::parse_backend_url) {
-            Some(Ok(u)) => Some(u),
-            Some(Err(e)) => {
-                problems.push(format!("--backend: {e}"));
-                None
-            }
-            None => {
-                problems.push("--backend (or UPLINK_BACKEND) is required".into());
-                None
-            }
-        };
-        let admin_token = super::token_from(
+        let backend = super::backend_url(a.backend.as_deref(), &mut problems);
+        let admin_token = super::required_token(
             a.admin_token,
             a.admin_token_file,
             "admin-token",
+            "UPLINK_ADMIN_TOKEN",
             &mut problems,
-        )
-        .filter(|t| !t.is_empty());
-        if admin_token.is_none() {
-            problems.push(
-                "--admin-token (or UPLINK_ADMIN_TOKEN, or --admin-token-file) is required".into(),
-            );
-        }
-        let enroll_token = super::token_from(
+        );
+        let enroll_token = super::required_token(
             a.enroll_token,
             a.enroll_token_file,
             "enroll-token",
+            "UPLINK_ENROLL_TOKEN",
             &mut problems,
-        )
-        .filter(|t| !t.is_empty());
-        if enroll_token.is_none() {
-            problems.push(
-                "--enroll-token (or UPLINK_ENROLL_TOKEN, or --enroll-token-file) is required"
-                    .into(),
-            );
-        }
+        );
         let rung = match a.rung.as_str() {
             "grpc" => RungChoice::Grpc,
             "longpoll" => RungChoice::Longpoll,

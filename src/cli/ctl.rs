@@ -230,28 +230,14 @@ impl CtlArgs {
     pub fn into_config(self) -> Result<CtlConfig, ConfigError> {
         let a = self;
         let mut problems = Vec::new();
-        let backend = match a.backend.as_deref().map(crate::client::parse_backend_url) {
-            Some(Ok(u)) => Some(u),
-            Some(Err(e)) => {
-                problems.push(format!("--backend: {e}"));
-                None
-            }
-            None => {
-                problems.push("--backend (or UPLINK_BACKEND) is required".into());
-                None
-            }
-        };
-        let admin_token = super::token_from(
+        let backend = super::backend_url(a.backend.as_deref(), &mut problems);
+        let admin_token = super::required_token(
             a.admin_token,
             a.admin_token_file,
             "admin-token",
+            "UPLINK_ADMIN_TOKEN",
             &mut problems,
         );
-        if admin_token.as_deref().unwrap_or("").is_empty() {
-            problems.push(
-                "--admin-token (or UPLINK_ADMIN_TOKEN, or --admin-token-file) is required".into(),
-            );
-        }
         let proxy = crate::net::ProxySettings::from_flags_and_env(a.proxy, a.no_proxy);
         problems.extend(proxy.validate());
         let net = match crate::tls::client_config(&super::trust(a.ca_files)) {

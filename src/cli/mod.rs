@@ -124,6 +124,39 @@ pub fn ca_files_with_env(mut files: Vec<PathBuf>) -> Vec<PathBuf> {
 /// from `file` (first line, surrounding whitespace dropped), so it need not
 /// appear in `ps`. Both at once, or an unreadable or empty file, is a
 /// problem named in `problems`.
+/// `--backend` parsed, or the problem with it (also when it is missing).
+fn backend_url(flag: Option<&str>, problems: &mut Vec<String>) -> Option<http::Uri> {
+    match flag.map(crate::client::parse_backend_url) {
+        Some(Ok(u)) => Some(u),
+        Some(Err(e)) => {
+            problems.push(format!("--backend: {e}"));
+            None
+        }
+        None => {
+            problems.push("--backend (or UPLINK_BACKEND) is required".into());
+            None
+        }
+    }
+}
+
+/// A token that must be given, from `--NAME`, its environment variable
+/// `env`, or `--NAME-file` (see [`token_from`]); a problem when it is
+/// missing or empty.
+fn required_token(
+    flag: Option<String>,
+    file: Option<PathBuf>,
+    name: &str,
+    env: &str,
+    problems: &mut Vec<String>,
+) -> Option<String> {
+    let missing = problems.len();
+    let token = token_from(flag, file, name, problems).filter(|t| !t.is_empty());
+    if token.is_none() && problems.len() == missing {
+        problems.push(format!("--{name} (or {env}, or --{name}-file) is required"));
+    }
+    token
+}
+
 fn token_from(
     flag: Option<String>,
     file: Option<PathBuf>,

@@ -170,23 +170,15 @@ pub(super) async fn redelivery(ctx: &Ctx) -> Check {
     // it): the command is accepted, not done.
     let rung = ctx.rung.rungs()[0];
     let epoch = peer::ordered_epoch();
-    let r = a
-        .report(
-            rung,
-            proto::ReportRequest {
-                ack: 1,
-                epoch,
-                events: Vec::new(),
-            },
-        )
-        .await
-        .map_err(|e| format!("Report of ack 1 without events on {}: {e}", rung.name()))?;
-    ensure(r.acked_seq == 0, || {
-        format!(
-            "a Report without events in a new epoch answered acked_seq {} (want 0: nothing stored)",
-            r.acked_seq
-        )
-    })?;
+    report_acks(
+        &a,
+        rung,
+        epoch,
+        Vec::new(),
+        0,
+        "a Report of ack 1 without events in a new epoch (nothing stored)",
+    )
+    .await?;
     expect_state(
         ctx,
         &cmd.id,
@@ -194,23 +186,15 @@ pub(super) async fn redelivery(ctx: &Ctx) -> Check {
         "acked, no result yet",
     )
     .await?;
-    let r = a
-        .report(
-            rung,
-            proto::ReportRequest {
-                ack: 1,
-                epoch,
-                events: vec![ping_result(1, &cmd.id, "pong")],
-            },
-        )
-        .await
-        .map_err(|e| format!("Report of the result on {}: {e}", rung.name()))?;
-    ensure(r.acked_seq == 1, || {
-        format!(
-            "Report of one event (seq 1) answered acked_seq {}",
-            r.acked_seq
-        )
-    })?;
+    report_acks(
+        &a,
+        rung,
+        epoch,
+        vec![ping_result(1, &cmd.id, "pong")],
+        1,
+        "a Report of ack 1 and the result as event seq 1",
+    )
+    .await?;
     let view = ctx
         .admin
         .command(&cmd.id, Duration::from_secs(5))
@@ -263,6 +247,32 @@ pub(super) async fn redelivery(ctx: &Ctx) -> Check {
 }
 
 /// Fails unless command `id` is in `want` (`when` says at what point).
+/// Sends a `Report` of ack 1 with `events` in `epoch` on `rung`, and
+/// checks that it answers `acked_seq` `want`.
+async fn report_acks(
+    a: &RawAgent,
+    rung: Rung,
+    epoch: u64,
+    events: Vec<proto::Event>,
+    want: u64,
+    what: &str,
+) -> Check {
+    let r = a
+        .report(
+            rung,
+            proto::ReportRequest {
+                ack: 1,
+                epoch,
+                events,
+            },
+        )
+        .await
+        .map_err(|e| format!("{what} on {}: {e}", rung.name()))?;
+    ensure(r.acked_seq == want, || {
+        format!("{what} answered acked_seq {} (want {want})", r.acked_seq)
+    })
+}
+
 async fn expect_state(ctx: &Ctx, id: &str, want: proto::CommandState, when: &str) -> Check {
     let v = ctx
         .admin

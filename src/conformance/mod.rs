@@ -65,24 +65,9 @@ impl RungChoice {
     }
 }
 
-/// A rung of the ladder: how a raw call or an agent reaches the backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rung {
-    /// gRPC over HTTP/2.
-    Grpc,
-    /// Connect unary over HTTP/1.1 (long-poll).
-    Longpoll,
-}
-
-impl Rung {
-    /// The name `--transport` and `ctl agents` use.
-    pub fn name(self) -> &'static str {
-        match self {
-            Rung::Grpc => "grpc",
-            Rung::Longpoll => "longpoll",
-        }
-    }
-}
+/// A rung of the ladder: how a raw call or an agent reaches the backend
+/// (gRPC over HTTP/2, or Connect unary over HTTP/1.1 for long-poll).
+pub use crate::agent::ladder::Rung;
 
 /// What `uplink conformance` needs.
 pub struct ConformanceConfig {
