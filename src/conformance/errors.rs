@@ -289,15 +289,51 @@ async fn read_head_and_body<S: tokio::io::AsyncRead + Unpin>(
                         .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase())
                 };
                 let close = header("connection").is_some_and(|v| v.contains("close"));
+                let chunked = header("transfer-encoding").is_some_and(|v| v.contains("chunked"));
                 let len: usize = header("content-length")
                     .and_then(|v| v.trim().parse().ok())
                     .unwrap_or(0);
-                while buf.len() < n + len {
+                let mut body = buf.split_off(n);
+                let more = async |body: &mut Vec<u8>, s: &mut S| {
+                    let mut chunk = [0u8; 4096];
                     let k = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
                     if k == 0 {
-                        return Err("the connection closed in the middle of an answer".into());
+                        return Err("the connection closed in the middle of an answer".to_string());
                     }
-                    buf.extend_from_slice(&chunk[..k]);
+                    body.extend_from_slice(&chunk[..k]);
+                    Ok(())
+                };
+                if chunked {
+                    // Chunks to the last (size 0), then the trailer
+                    // section's end.
+                    let mut pos = 0;
+                    loop {
+                        match httparse::parse_chunk_size(&body[pos..]) {
+                            Ok(httparse::Status::Complete((used, 0))) => {
+                                let rest = pos + used;
+                                if body.len() >= rest + 2
+                                    && (body[rest..].starts_with(b"\r\n")
+                                        || body[rest..].windows(4).any(|w| w == b"\r\n\r\n"))
+                                {
+                                    break;
+                                }
+                            }
+                            Ok(httparse::Status::Complete((used, size))) => {
+                                let next = pos + used + size as usize + 2;
+                                if body.len() >= next {
+                                    pos = next;
+                                    continue;
+                                }
+                            }
+                            Ok(httparse::Status::Partial) => {}
+                            Err(_) => return Err("a chunked answer with a bad chunk size".into()),
+                        }
+                        more(&mut body, s).await?;
+                    }
+                } else {
+                    while body.len() < len {
+                        more(&mut body, s).await?;
+                    }
                 }
                 return Ok((status, close));
             }
