@@ -37,6 +37,8 @@ command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 # server's programs, run by testkit as the `postgres` user the package
 # creates, on a cluster of their own in a temporary directory.
 [ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql)
+# Virtual environments for examples/python-backend.
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   # Packages start no service (nginx would take port 80, PostgreSQL its
@@ -50,6 +52,15 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 python3 -c 'import influxdb_client' >/dev/null 2>&1 ||
   python3 -m pip install --quiet --disable-pip-version-check influxdb-client
+# examples/python-backend (tests/python_backend.rs): its own virtual
+# environment from its requirements.txt, made again when they change.
+py=examples/python-backend
+if ! cmp -s "$py/requirements.txt" "$py/.venv/requirements.txt" 2>/dev/null; then
+  rm -rf "$py/.venv"
+  python3 -m venv "$py/.venv"
+  "$py/.venv/bin/pip" install --quiet --disable-pip-version-check -r "$py/requirements.txt"
+  cp "$py/requirements.txt" "$py/.venv/requirements.txt"
+fi
 if ! command -v buf >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check buf-bin
   hash -r
