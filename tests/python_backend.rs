@@ -61,7 +61,10 @@ async fn python_backend(dir: &Path) -> (Proc, String, PathBuf) {
         "{} is missing: tests/run.sh makes it (python3 -m venv, then pip install -r requirements.txt)",
         venv_python.display()
     );
+    // Each test generates its own copy (tests run at once).
+    let code = dir.join("gen");
     let generated = std::process::Command::new(example().join("gen.sh"))
+        .arg(&code)
         .output()
         .expect("gen.sh runs");
     assert!(
@@ -91,6 +94,7 @@ async fn python_backend(dir: &Path) -> (Proc, String, PathBuf) {
             ("UPLINK_ADMIN_TOKEN", ADMIN_TOKEN),
             ("UPLINK_ENROLL_TOKEN", ENROLL_TOKEN),
             ("PYTHONPATH", pythonpath.to_str().unwrap()),
+            ("UPLINK_BACKEND_GEN", code.to_str().unwrap()),
         ],
     );
     p.wait_log(&["backend listening"], Duration::from_secs(60))

@@ -12,7 +12,9 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "gen"))
+# The generated code: gen.sh's output, gen/ beside this package unless
+# UPLINK_BACKEND_GEN names another directory.
+sys.path.insert(0, os.environ.get("UPLINK_BACKEND_GEN") or os.path.join(os.path.dirname(HERE), "gen"))
 
 from connectrpc.code import Code  # noqa: E402
 from connectrpc.compression.gzip import GzipCompression  # noqa: E402
