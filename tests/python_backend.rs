@@ -22,36 +22,6 @@ fn example() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python-backend")
 }
 
-/// A CA and a server certificate for 127.0.0.1 and localhost: `(ca,
-/// cert, key)` PEM files in `dir`.
-fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "python backend test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "python backend");
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let paths = (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    );
-    std::fs::write(&paths.0, ca.pem()).unwrap();
-    std::fs::write(&paths.1, cert.pem()).unwrap();
-    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-    paths
-}
-
 /// The Python backend on a free port, its code generated from `proto/`
 /// first: the process and its URL.
 async fn python_backend(dir: &Path) -> (Proc, String, PathBuf) {
@@ -72,7 +42,8 @@ async fn python_backend(dir: &Path) -> (Proc, String, PathBuf) {
         "gen.sh failed: {}",
         String::from_utf8_lossy(&generated.stderr)
     );
-    let (ca, cert, key) = certificates(dir);
+    let uplink_testkit::certs::Identity { ca, cert, key } =
+        uplink_testkit::certs::operator_identity(dir);
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let pythonpath = example();

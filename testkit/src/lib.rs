@@ -77,6 +77,7 @@
 pub mod agents;
 pub mod backend;
 pub mod bench;
+pub mod certs;
 pub mod chaos;
 pub mod deploy;
 pub mod docker;
