@@ -82,7 +82,13 @@ pub struct Core {
     replica: String,
 }
 
+/// A store failure as the caller sees it: UNAVAILABLE (retry) when the
+/// database cannot answer now, INTERNAL otherwise.
 pub(super) fn internal(e: StoreError) -> Status {
+    if let StoreError::Unavailable { .. } = e {
+        tracing::warn!(error = %e, "store unavailable");
+        return Status::unavailable(format!("{e}; retry later"));
+    }
     tracing::error!(error = %e, "store failure");
     Status::internal(format!("backend store failure: {e}"))
 }

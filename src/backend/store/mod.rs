@@ -102,6 +102,14 @@ pub enum StoreError {
         store: &'static str,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The store's database cannot answer now (unreachable, restarting,
+    /// busy past the wait, out of space): the call may work when retried.
+    /// Callers answer UNAVAILABLE.
+    #[error("{store} database unavailable: {source}")]
+    Unavailable {
+        store: &'static str,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("stored record {what} is corrupt: {source}")]
     Corrupt {
         what: String,

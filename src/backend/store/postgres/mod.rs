@@ -116,12 +116,37 @@ fn describe(e: &tokio_postgres::Error) -> String {
 /// The client errors of PostgreSQL, as the store's errors.
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
-        StoreError::Backend {
-            store: STORE,
-            source: Box::new(ClientError {
-                text: describe(&e),
-                source: e,
-            }),
+        let transient = transient(&e);
+        let source = Box::new(ClientError {
+            text: describe(&e),
+            source: e,
+        });
+        if transient {
+            StoreError::Unavailable {
+                store: STORE,
+                source,
+            }
+        } else {
+            StoreError::Backend {
+                store: STORE,
+                source,
+            }
+        }
+    }
+}
+
+/// Whether a client error may pass when retried: the connection failed or
+/// closed (no error from the server), or the server said so (connection
+/// exceptions, shutting down, out of resources, a serialization conflict
+/// or a deadlock).
+fn transient(e: &tokio_postgres::Error) -> bool {
+    match e.as_db_error() {
+        None => true,
+        Some(db) => {
+            let code = db.code().code();
+            ["08", "53", "57P"].iter().any(|c| code.starts_with(c))
+                || code == "40001"
+                || code == "40P01"
         }
     }
 }
@@ -132,7 +157,8 @@ impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         match e {
             deadpool_postgres::PoolError::Backend(e) => e.into(),
-            e => StoreError::Backend {
+            // No connection within the wait, or the pool is closing.
+            e => StoreError::Unavailable {
                 store: STORE,
                 source: Box::new(e),
             },

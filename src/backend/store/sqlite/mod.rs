@@ -39,9 +39,21 @@ use checkpoint::Checkpointer;
 /// The client errors of SQLite, as the store's errors.
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::Backend {
-            store: "SQLite",
-            source: Box::new(e),
+        use rusqlite::ErrorCode::*;
+        let source = Box::new(e);
+        match source.sqlite_error_code() {
+            // Another writer held the lock past the wait, the disk is full
+            // or failing: worth a retry, not a bug.
+            Some(DatabaseBusy | DatabaseLocked | DiskFull | SystemIoFailure) => {
+                StoreError::Unavailable {
+                    store: "SQLite",
+                    source,
+                }
+            }
+            _ => StoreError::Backend {
+                store: "SQLite",
+                source,
+            },
         }
     }
 }
@@ -881,6 +893,31 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             (SqliteStore::open(dir.path()).unwrap(), dir)
         });
+    }
+
+    /// A write that waited its whole busy timeout for another process's
+    /// write lock is a transient failure (callers answer UNAVAILABLE), and
+    /// the next one after the lock goes works.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_lock_held_past_the_wait_is_unavailable_not_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let other = Connection::open(dir.path().join("uplink.db")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let e = store
+            .create_provider("default", "th", 1)
+            .await
+            .expect_err("the write lock is held");
+        assert!(
+            matches!(e, StoreError::Unavailable { .. }),
+            "a busy database is transient: {e}"
+        );
+        assert!(
+            e.to_string().starts_with("SQLite database unavailable: "),
+            "{e}"
+        );
+        other.execute_batch("ROLLBACK").unwrap();
+        assert!(store.create_provider("default", "th", 1).await.unwrap());
     }
 
     /// Write transactions read before they write; a deferred one whose
