@@ -675,3 +675,51 @@ async fn bad_configuration_exits_64_with_every_problem_named() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--token"));
 }
+
+/// `ctl`'s calls that only read are made again when their connection
+/// breaks: a `GetCommand` waiting on a connection that a relay cuts comes
+/// back with the command's view (behind a load balancer, the new
+/// connection reaches another replica). A call that changes something is
+/// not repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_call_whose_connection_breaks_is_made_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBackend::start(&dir.path().join("backend")).await;
+    let mut client = b.agent_grpc().await;
+    let enrolled = client
+        .enroll(proto::EnrollRequest {
+            enrollment_token: b.enroll_token.expose().into(),
+            idempotency_key: String::new(),
+            info: Some(proto::AgentInfo {
+                hostname: "away".into(),
+                version: "1.0.0".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cmd = b
+        .admin()
+        .enqueue(&enrolled.agent_id, ping(0, "x"))
+        .await
+        .unwrap();
+    let relay = uplink_testkit::relay::Relay::start(b.addr).await;
+    let url: http::Uri = format!("https://127.0.0.1:{}", relay.addr.port())
+        .parse()
+        .unwrap();
+    let admin = uplink::ctl::Admin::new(&url, &b.net(), b.admin_token.clone());
+    // Nothing executes the command: the call waits its 3 s, and its
+    // connection is cut in the middle.
+    let call = tokio::spawn({
+        let (admin, id) = (admin.clone(), cmd.id.clone());
+        async move { admin.command(&id, Duration::from_secs(3)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.cut_all();
+    let view = call
+        .await
+        .unwrap()
+        .expect("GetCommand made again after its connection broke");
+    assert_eq!(view.state, proto::CommandState::Queued as i32, "{view:?}");
+}

@@ -38,6 +38,28 @@ macro_rules! out_raw {
 
 const ADMIN_SERVICE: &str = "uplink.v1.AdminService";
 
+/// The admin calls that only read: made again after a failure that may
+/// pass ([`worth_retrying`]), after each of [`RETRY_WAITS`].
+const IDEMPOTENT: [&str; 6] = [
+    "ListAgents",
+    "ListProviders",
+    "GetCommand",
+    "ListRuns",
+    "GetRun",
+    "GetRunLogs",
+];
+const RETRY_WAITS: [Duration; 2] = [Duration::from_millis(250), Duration::from_secs(1)];
+
+/// A failure another attempt may not meet: the connection was refused,
+/// broke or could not be made, or the backend was unavailable.
+fn worth_retrying(e: &CallError) -> bool {
+    use crate::client::FailureKind as F;
+    matches!(
+        e.kind,
+        F::Refused | F::Unreachable | F::Other | F::Status(tonic::Code::Unavailable)
+    )
+}
+
 /// A client of the admin service.
 #[derive(Clone)]
 pub struct Admin {
@@ -68,7 +90,25 @@ impl Admin {
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, CallError> {
-        self.client.call(ADMIN_SERVICE, method, req, timeout).await
+        if !IDEMPOTENT.contains(&method) {
+            return self.client.call(ADMIN_SERVICE, method, req, timeout).await;
+        }
+        // A call that only reads is made again when its connection broke
+        // or the backend could not answer now: behind a load balancer the
+        // new connection reaches another replica.
+        let mut waits = RETRY_WAITS.iter();
+        loop {
+            match self.client.call(ADMIN_SERVICE, method, req, timeout).await {
+                Err(e) if worth_retrying(&e) => match waits.next() {
+                    Some(wait) => {
+                        tracing::debug!(method, error = %e.message, ?wait, "retrying a call that only reads");
+                        tokio::time::sleep(*wait).await;
+                    }
+                    None => return Err(e),
+                },
+                other => return other,
+            }
+        }
     }
 
     /// `ListAgents`.
