@@ -5,8 +5,7 @@
 //! is killed (SIGKILL), then another, then both start again: every ping is
 //! executed once and comes back DONE and OK, every agent is on a live
 //! replica within 10 s of each kill, and an operator call fails only
-//! around a kill. Then PostgreSQL stops for 3 s under the same load:
-//! calls made meanwhile are refused UNAVAILABLE, and nothing is lost.
+//! around a kill.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -146,7 +145,7 @@ async fn all_on_live_replicas(admin: &Admin, agents: usize, not_on: &str) -> Dur
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_behind_haproxy_lose_no_command_when_two_are_killed_and_come_back() {
-    let mut pg = Postgres::start().await;
+    let pg = Postgres::start().await;
     let db = pg.fresh_database().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -268,15 +267,6 @@ async fn replicas_behind_haproxy_lose_no_command_when_two_are_killed_and_come_ba
         c.start_replica(i).await;
     }
     tokio::time::sleep(Duration::from_secs(4)).await;
-    // PostgreSQL away for 3 s under the same load: calls made meanwhile
-    // fail (UNAVAILABLE, nothing queued that is not stored), the replicas
-    // keep their agents and catch up when it is back.
-    pg.stop_server();
-    let outage = Instant::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    pg.start_again().await;
-    let outage_ended = Instant::now();
-    tokio::time::sleep(Duration::from_secs(5)).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     stream.await.unwrap();
 
@@ -303,26 +293,18 @@ async fn replicas_behind_haproxy_lose_no_command_when_two_are_killed_and_come_ba
         );
     }
     // Operator calls failed only around a kill (in flight on the killed
-    // replica, or on a kept-alive connection to it) or while the database
-    // was away (UNAVAILABLE).
+    // replica, or on a kept-alive connection to it).
     let failed = failed.lock().unwrap().clone();
     for (at, e) in &failed {
-        let near_kill = kills
-            .iter()
-            .any(|k| *at >= *k && at.duration_since(*k) < Duration::from_secs(5));
-        let in_outage = *at >= outage && *at <= outage_ended + Duration::from_secs(5);
         assert!(
-            near_kill || in_outage,
-            "an EnqueueCommand failed away from any kill or outage: {e}"
+            kills
+                .iter()
+                .any(|k| *at >= *k && at.duration_since(*k) < Duration::from_secs(5)),
+            "an EnqueueCommand failed away from any kill: {e}"
         );
-        if in_outage && !near_kill {
-            assert!(e.contains("unavailable"), "{e}");
-        }
     }
-    // After the outage, every agent is connected again.
-    all_on_live_replicas(&admin, total, "").await;
     eprintln!(
-        "{} pings queued, each executed once and DONE; {} EnqueueCommand calls failed around the kills and the database outage",
+        "{} pings queued, each executed once and DONE; {} EnqueueCommand calls failed around the kills",
         queued.len(),
         failed.len()
     );
