@@ -710,7 +710,14 @@ async fn forced_rung_switches_under_steady_commands_run_each_command_once() {
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     relay.set(Mode::Forward);
-    eprintln!("unblocked: back on gRPC after {:.1?}", on("grpc").await);
+    let t = tokio::time::timeout(Duration::from_secs(19), on("grpc")).await;
+    let t = t.unwrap_or_else(|_| {
+        panic!(
+            "not back on gRPC 19 s after the first unblock:\n{}",
+            a.logs()
+        )
+    });
+    eprintln!("unblocked: back on gRPC after {t:.1?}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     relay.set(Mode::BlockH2);
     let t = tokio::time::timeout(Duration::from_secs(20), on("longpoll")).await;
