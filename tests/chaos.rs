@@ -738,29 +738,7 @@ async fn a_backend_killed_between_writing_a_batch_and_recording_it_stores_it_onc
     .await;
     // Another process takes the store's write lock and keeps it.
     let db = b.dir.join("uplink.db");
-    let lock_store = || {
-        let mut lock = std::process::Command::new("python3")
-            .arg("-c")
-            .arg(
-                "import sqlite3, sys, time\n\
-                 c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
-                 c.execute('BEGIN IMMEDIATE')\n\
-                 print('locked', flush=True)\n\
-                 time.sleep(120)\n",
-            )
-            .arg(&db)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3 runs");
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(lock.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(line.trim(), "locked");
-        lock
-    };
+    let lock_store = || uplink_testkit::store_lock::hold_write_lock(&db, 120);
     // First, longer than the backend waits for the lock (5 s): the record
     // of a written batch fails, and the agent sends the batch again.
     let mut lock = lock_store();

@@ -70,13 +70,7 @@ impl Cluster {
         let line = p
             .wait_log(&["publishing presence"], Duration::from_secs(60))
             .await;
-        let id = line
-            .split("replica=")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .expect("the replica id in the log")
-            .trim_matches('"')
-            .to_string();
+        let id = uplink_testkit::postgres::replica_in_log(&line);
         p.wait_log(&["backend listening"], Duration::from_secs(60))
             .await;
         let r = &mut self.replicas[i];

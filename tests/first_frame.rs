@@ -135,27 +135,7 @@ async fn a_store_that_cannot_write_for_seconds_holds_no_first_frame() {
     drop(first);
     // Another process takes the write lock for 6 s (the agents wait 4 s
     // and a half for a first frame).
-    let mut lock = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(
-            "import sqlite3, sys, time\n\
-             c = sqlite3.connect(sys.argv[1], isolation_level=None)\n\
-             c.execute('BEGIN IMMEDIATE')\n\
-             print('locked', flush=True)\n\
-             time.sleep(6)\n\
-             c.execute('ROLLBACK')\n",
-        )
-        .arg(&db)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3 runs");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(lock.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "locked");
+    let mut lock = uplink_testkit::store_lock::hold_write_lock(&db, 6);
     let again: Vec<Proc> = states
         .iter()
         .enumerate()

@@ -307,13 +307,7 @@ async fn every_backend_shows_where_an_agent_is_and_forgets_a_dead_backend() {
         .proc
         .wait_log(&["publishing presence"], Duration::from_secs(20))
         .await;
-    let replica_b = line
-        .split("replica=")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .expect("the replica id in the log")
-        .trim_matches('"')
-        .to_string();
+    let replica_b = uplink_testkit::postgres::replica_in_log(&line);
     assert_ne!(replica_b, a.core.replica());
     let agents: Vec<_> = ["grpc", "longpoll"]
         .into_iter()

@@ -25,14 +25,7 @@ pub fn operator_identity(dir: &Path) -> Identity {
         .push(rcgen::DnType::CommonName, "operator test CA");
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "uplink test server");
-    let cert = params.signed_by(&key, &issuer).unwrap();
+    let (cert, key) = server_certificate(&issuer, "uplink test server");
     std::fs::create_dir_all(dir).unwrap();
     let id = Identity {
         ca: dir.join("ca.pem"),
@@ -40,7 +33,24 @@ pub fn operator_identity(dir: &Path) -> Identity {
         key: dir.join("key.pem"),
     };
     std::fs::write(&id.ca, ca.pem()).unwrap();
-    std::fs::write(&id.cert, cert.pem()).unwrap();
-    std::fs::write(&id.key, key.serialize_pem()).unwrap();
+    std::fs::write(&id.cert, cert).unwrap();
+    std::fs::write(&id.key, key).unwrap();
     id
+}
+
+/// A server certificate for 127.0.0.1 and localhost named `name`, issued
+/// by `issuer`: `(certificate, private key)` as PEM.
+pub fn server_certificate<S: rcgen::SigningKey>(
+    issuer: &rcgen::Issuer<'_, S>,
+    name: &str,
+) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let cert = params.signed_by(&key, issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
 }

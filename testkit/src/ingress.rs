@@ -83,17 +83,10 @@ fn front_certificate(data_dir: &Path, dir: &Path) -> (PathBuf, PathBuf) {
         rcgen::KeyPair::from_pem(&std::fs::read_to_string(data_dir.join("ca-key.pem")).unwrap())
             .unwrap();
     let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "ingress");
-    let cert = params.signed_by(&key, &issuer).unwrap();
+    let (cert, key) = crate::certs::server_certificate(&issuer, "ingress");
     let (c, k) = (dir.join("front.crt"), dir.join("front.key"));
-    std::fs::write(&c, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
+    std::fs::write(&c, cert).unwrap();
+    std::fs::write(&k, key).unwrap();
     (c, k)
 }
 

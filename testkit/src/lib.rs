@@ -96,6 +96,7 @@ pub mod relay;
 pub mod rung_push;
 pub mod squid;
 pub mod stages;
+pub mod store_lock;
 pub mod throughput;
 pub mod waits;
 pub mod workload;

@@ -288,3 +288,14 @@ impl Drop for Postgres {
         // The directory (owned by postgres) goes with `self.dir`.
     }
 }
+
+/// The replica id in a backend's "publishing presence" log line
+/// (`AgentView.replica` of the agents it holds).
+pub fn replica_in_log(line: &str) -> String {
+    line.split("replica=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("the replica id in the log")
+        .trim_matches('"')
+        .to_string()
+}
