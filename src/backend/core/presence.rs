@@ -25,6 +25,24 @@ pub const BEAT: Duration = Duration::from_secs(2);
 /// How long a backend's rows count after its last heartbeat: three beats.
 pub const ALIVE_WITHIN: Duration = Duration::from_secs(6);
 
+/// What this backend last published of an agent.
+#[derive(Clone, Debug, PartialEq)]
+struct Published {
+    connected: bool,
+    transport: i32,
+    reason: String,
+}
+
+impl Published {
+    fn of(p: &Presence) -> Published {
+        Published {
+            connected: p.connected,
+            transport: p.transport,
+            reason: p.reason.clone(),
+        }
+    }
+}
+
 /// An agent's presence and the backend that holds its connection.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Placed {
@@ -51,28 +69,28 @@ impl Core {
         tracing::info!(replica = %core.replica, "publishing presence in the shared store");
         let mut draining = self.draining.clone();
         tokio::spawn(async move {
-            let mut published: HashMap<String, (bool, i32, String)> = HashMap::new();
+            let mut published: HashMap<String, Published> = HashMap::new();
             let mut tick = tokio::time::interval(BEAT);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut failing = false;
             loop {
-                let last = tokio::select! {
-                    _ = tick.tick() => false,
-                    _ = core.hub.opened_or_closed() => false,
-                    _ = draining.wait_for(|d| *d) => true,
+                let (beat, last) = tokio::select! {
+                    _ = tick.tick() => (true, false),
+                    _ = core.hub.opened_or_closed() => (false, false),
+                    _ = draining.wait_for(|d| *d) => (false, true),
                 };
                 let now = crate::now_unix_ms();
-                let rows: Vec<PresenceRecord> = core
-                    .hub
-                    .presences(now)
+                let mut hub: HashMap<String, Presence> =
+                    core.hub.presences(now).into_iter().collect();
+                if last {
+                    hub.values_mut().for_each(|p| p.connected = false);
+                }
+                if beat {
+                    core.check_published(&hub, &mut published, now).await;
+                }
+                let rows: Vec<PresenceRecord> = hub
                     .into_iter()
-                    .map(|(agent, mut p)| {
-                        p.connected &= !last;
-                        (agent, p)
-                    })
-                    .filter(|(agent, p)| {
-                        published.get(agent) != Some(&(p.connected, p.transport, p.reason.clone()))
-                    })
+                    .filter(|(agent, p)| published.get(agent) != Some(&Published::of(p)))
                     .map(|(agent, p)| PresenceRecord {
                         agent_id: agent,
                         replica: core.replica.clone(),
@@ -89,7 +107,14 @@ impl Core {
                             failing = false;
                         }
                         for r in rows {
-                            published.insert(r.agent_id, (r.connected, r.transport, r.reason));
+                            published.insert(
+                                r.agent_id,
+                                Published {
+                                    connected: r.connected,
+                                    transport: r.transport,
+                                    reason: r.reason,
+                                },
+                            );
                         }
                     }
                     Err(e) => {
@@ -104,6 +129,38 @@ impl Core {
                 }
             }
         });
+    }
+
+    /// Forgets what `published` says of an agent whose row in the store
+    /// disagrees with this backend's hub, so that it is published again:
+    /// another backend wrote the row while this one's publish failed or
+    /// between two of its publishes (an agent that left and came back
+    /// while the row said the other backend).
+    async fn check_published(
+        &self,
+        hub: &HashMap<String, Presence>,
+        published: &mut HashMap<String, Published>,
+        now: i64,
+    ) {
+        let Ok(rows) = self
+            .store
+            .presences(now - ALIVE_WITHIN.as_millis() as i64)
+            .await
+        else {
+            return;
+        };
+        for (agent, p) in hub {
+            let row = rows.get(agent);
+            let ours = row.is_some_and(|r| r.replica == self.replica);
+            let agrees = if p.connected {
+                ours && row.is_some_and(|r| r.connected)
+            } else {
+                !ours || row.is_some_and(|r| !r.connected)
+            };
+            if !agrees {
+                published.remove(agent);
+            }
+        }
     }
 
     /// Every agent's presence as this backend answers for it: its own
