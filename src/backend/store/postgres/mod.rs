@@ -348,7 +348,11 @@ impl PostgresStore {
             config,
             NoTls,
             ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
+                // An idle connection is checked with an empty query before
+                // it is handed out: after the server restarted, a call gets
+                // a live connection, not one the server closed while idle
+                // (which only the next statement would find out).
+                recycling_method: RecyclingMethod::Verified,
             },
         );
         let pool = Pool::builder(manager)
