@@ -89,6 +89,7 @@ async fn bad_bodies_get_4xx_with_a_reason_and_the_backend_keeps_serving() {
     let full = proto::EnqueueCommandRequest {
         agent_id: "agt_0123456789abcdef".into(),
         spec: Some(ping(0, "x")),
+        request_id: String::new(),
     }
     .encode_to_vec();
     let (s, body) = post(
@@ -722,4 +723,123 @@ async fn a_read_call_whose_connection_breaks_is_made_again() {
         .unwrap()
         .expect("GetCommand made again after its connection broke");
     assert_eq!(view.state, proto::CommandState::Queued as i32, "{view:?}");
+}
+
+/// `EnqueueCommand` with a `request_id`: made again, it answers the
+/// command the first call queued and queues nothing more; the same id
+/// for another spec, or a malformed id, is refused and queues nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_made_again_with_its_request_id_queues_one_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBackend::start(&dir.path().join("backend")).await;
+    let agent = enroll_one(&b, "twice").await;
+    let admin_tok = b.admin_token.expose().to_string();
+    let enq = "/uplink.v1.AdminService/EnqueueCommand";
+    let call = |spec: proto::CommandSpec, request_id: &str| {
+        let body = proto::EnqueueCommandRequest {
+            agent_id: agent.clone(),
+            spec: Some(spec),
+            request_id: request_id.into(),
+        }
+        .encode_to_vec();
+        let (b, tok) = (&b, admin_tok.clone());
+        async move {
+            let (s, body) = post(b, enq, "application/proto", Some(&tok), body).await;
+            if s == 200 {
+                Ok(proto::EnqueueCommandResponse::decode(body.as_slice())
+                    .unwrap()
+                    .command
+                    .unwrap())
+            } else {
+                Err((
+                    s,
+                    connect_code(&body),
+                    String::from_utf8_lossy(&body).into_owned(),
+                ))
+            }
+        }
+    };
+    let first = call(ping(0, "a"), "r-1").await.unwrap();
+    let again = call(ping(0, "a"), "r-1").await.unwrap();
+    assert_eq!(
+        again, first,
+        "a call made again answers the first's command"
+    );
+    let other = call(ping(0, "b"), "r-1").await.unwrap_err();
+    assert_eq!(
+        (other.0, other.1.as_str()),
+        (400, "invalid_argument"),
+        "{other:?}"
+    );
+    assert!(other.2.contains("request_id"), "{other:?}");
+    for bad in ["has space", "é", &"k".repeat(129)] {
+        let e = call(ping(0, "a"), bad).await.unwrap_err();
+        assert_eq!(
+            (e.0, e.1.as_str()),
+            (400, "invalid_argument"),
+            "{bad:?}: {e:?}"
+        );
+    }
+    let next = call(ping(0, "a"), "r-2").await.unwrap();
+    let unkeyed = call(ping(0, "a"), "").await.unwrap();
+    assert_eq!(
+        (first.seq, next.seq, unkeyed.seq),
+        (1, 2, 3),
+        "one command per request id, none for the refused calls"
+    );
+}
+
+/// `ctl`'s `EnqueueCommand` whose answer is lost (the line breaks after
+/// the request went out) is made again with the same request id: the
+/// caller gets the command, queued once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_whose_answer_is_lost_is_made_again_and_queued_once() {
+    use uplink_testkit::relay::{Mode, Relay};
+    let dir = tempfile::tempdir().unwrap();
+    let b = TestBackend::start(&dir.path().join("backend")).await;
+    let agent = enroll_one(&b, "lost-answer").await;
+    let relay = Relay::start(b.addr).await;
+    let url: http::Uri = format!("https://127.0.0.1:{}", relay.addr.port())
+        .parse()
+        .unwrap();
+    let admin = uplink::ctl::Admin::new(&url, &b.net(), b.admin_token.clone());
+    admin.agents("").await.unwrap();
+    relay.set(Mode::DropReplies);
+    let call = tokio::spawn({
+        let (admin, agent) = (admin.clone(), agent.clone());
+        async move { admin.enqueue(&agent, ping(0, "once")).await }
+    });
+    // The backend queues it; its answer goes nowhere; then the line breaks.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    relay.set(Mode::Forward);
+    relay.cut_all();
+    let cmd = call
+        .await
+        .unwrap()
+        .expect("EnqueueCommand made again after its connection broke");
+    let next = b.admin().enqueue(&agent, ping(0, "next")).await.unwrap();
+    assert_eq!(
+        (cmd.seq, next.seq),
+        (1, 2),
+        "the lost answer's command is queued once"
+    );
+}
+
+/// Enrolls an agent named `hostname` over gRPC; its id.
+async fn enroll_one(b: &TestBackend, hostname: &str) -> String {
+    let mut client = b.agent_grpc().await;
+    client
+        .enroll(proto::EnrollRequest {
+            enrollment_token: b.enroll_token.expose().into(),
+            idempotency_key: String::new(),
+            info: Some(proto::AgentInfo {
+                hostname: hostname.into(),
+                version: "1.0.0".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agent_id
 }

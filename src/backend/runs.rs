@@ -600,6 +600,7 @@ impl Core {
                             },
                         )),
                     }),
+                    request_id: String::new(),
                 })
                 .await?;
             asked.push((c, cmd.command.map(|c| c.id).unwrap_or_default()));

@@ -38,9 +38,12 @@ macro_rules! out_raw {
 
 const ADMIN_SERVICE: &str = "uplink.v1.AdminService";
 
-/// The admin calls that only read: made again after a failure that may
-/// pass ([`worth_retrying`]), after each of [`RETRY_WAITS`].
-const IDEMPOTENT: [&str; 6] = [
+/// The admin calls that may be made twice: those that only read, and
+/// `EnqueueCommand`, which carries a request id. Made again after a
+/// failure that may pass ([`worth_retrying`]), after each of
+/// [`RETRY_WAITS`].
+const IDEMPOTENT: [&str; 7] = [
+    "EnqueueCommand",
     "ListAgents",
     "ListProviders",
     "GetCommand",
@@ -93,15 +96,15 @@ impl Admin {
         if !IDEMPOTENT.contains(&method) {
             return self.client.call(ADMIN_SERVICE, method, req, timeout).await;
         }
-        // A call that only reads is made again when its connection broke
-        // or the backend could not answer now: behind a load balancer the
-        // new connection reaches another replica.
+        // A call that may be made twice is made again when its connection
+        // broke or the backend could not answer now: behind a load
+        // balancer the new connection reaches another replica.
         let mut waits = RETRY_WAITS.iter();
         loop {
             match self.client.call(ADMIN_SERVICE, method, req, timeout).await {
                 Err(e) if worth_retrying(&e) => match waits.next() {
                     Some(wait) => {
-                        tracing::debug!(method, error = %e.message, ?wait, "retrying a call that only reads");
+                        tracing::debug!(method, error = %e.message, ?wait, "making a call again");
                         tokio::time::sleep(*wait).await;
                     }
                     None => return Err(e),
@@ -187,7 +190,8 @@ impl Admin {
         Ok(r.revoked_unix_ms)
     }
 
-    /// `EnqueueCommand`.
+    /// `EnqueueCommand`, made again (with the same request id) after a
+    /// failure that may pass.
     pub async fn enqueue(
         &self,
         agent: &str,
@@ -199,6 +203,8 @@ impl Admin {
                 &proto::EnqueueCommandRequest {
                     agent_id: agent.into(),
                     spec: Some(spec),
+                    // The same for every attempt of this call.
+                    request_id: crate::secret::random_id("req_"),
                 },
                 Duration::from_secs(30),
             )

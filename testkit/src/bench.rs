@@ -100,6 +100,7 @@ impl BenchBackend {
                 spec: Some(CommandSpec {
                     kind: Some(command_spec::Kind::Ping(Ping::default())),
                 }),
+                request_id: String::new(),
             })
             .await
             .expect("enqueue failed")

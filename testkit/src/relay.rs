@@ -25,6 +25,9 @@ pub enum Mode {
     /// Hold connections that offer only h2 open without forwarding
     /// anything: a path that swallows HTTP/2 instead of refusing it.
     SwallowH2 = 3,
+    /// Forward what the client sends, drop what the backend answers: a
+    /// line that broke after the request went out.
+    DropReplies = 4,
 }
 
 /// Open connections: whether each offered only h2, and its task.
@@ -172,6 +175,9 @@ async fn pump(client: TcpStream, server: TcpStream, mode: Arc<AtomicU8>) {
             };
             while mode.load(Ordering::SeqCst) == Mode::Blackhole as u8 {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            if mode.load(Ordering::SeqCst) == Mode::DropReplies as u8 {
+                continue;
             }
             if cw.write_all(&buf[..n]).await.is_err() {
                 return;

@@ -212,18 +212,64 @@ impl Core {
             )
         })?;
         check_spec(&spec)?;
-        let id = secret::random_id("cmd_");
-        let command = self
+        let id = match req.request_id.as_str() {
+            "" => secret::random_id("cmd_"),
+            key => {
+                let id = request_command_id(&req.agent_id, key)?;
+                // Made again (its first answer was lost): the command the
+                // first call queued.
+                if let Some(first) = self.requested_before(&req.agent_id, &id, &spec).await? {
+                    return Ok(proto::EnqueueCommandResponse {
+                        command: Some(first),
+                    });
+                }
+                id
+            }
+        };
+        let queued = self
             .store
             .enqueue(&req.agent_id, &id, &spec, crate::now_unix_ms())
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| unknown_agent(&req.agent_id))?;
+            .await;
+        let command = match queued {
+            Ok(c) => c.ok_or_else(|| unknown_agent(&req.agent_id))?,
+            // The same request made twice at once, through two backends:
+            // the other one queued it.
+            Err(e) if !req.request_id.is_empty() => self
+                .requested_before(&req.agent_id, &id, &spec)
+                .await?
+                .ok_or_else(|| internal(e))?,
+            Err(e) => return Err(internal(e)),
+        };
         self.hub.notify_queued(&req.agent_id, command.seq);
         tracing::debug!(agent = %req.agent_id, command = %id, seq = command.seq, "command queued");
         Ok(proto::EnqueueCommandResponse {
             command: Some(command),
         })
+    }
+
+    /// The command an `EnqueueCommand` with the same request id queued
+    /// as `id`, if any; refused when it was for another spec.
+    async fn requested_before(
+        &self,
+        agent_id: &str,
+        id: &str,
+        spec: &proto::CommandSpec,
+    ) -> Result<Option<proto::Command>, Status> {
+        let Some(rec) = self.store.command(id).await.map_err(internal)? else {
+            return Ok(None);
+        };
+        // Secrets are scrubbed from a finished command's stored spec.
+        let mut asked = spec.clone();
+        let stored = rec.command.spec.clone().unwrap_or_default();
+        if rec.agent_id != agent_id
+            || (asked != stored
+                && !(crate::backend::store::scrub_secrets(&mut asked) && asked == stored))
+        {
+            return Err(Status::invalid_argument(
+                "request_id was already used for another command: give each new command a new request_id",
+            ));
+        }
+        Ok(Some(rec.command))
     }
 
     /// `GetCommand`, waiting up to `wait_ms` for the result.
@@ -274,4 +320,20 @@ impl Core {
         let mut rx = self.hub.acked(agent);
         let _ = rx.wait_for(|a| *a >= seq).await;
     }
+}
+
+/// Longest `EnqueueCommandRequest.request_id`.
+const MAX_REQUEST_ID: usize = 128;
+
+/// The id of the command that `EnqueueCommand` with `request_id` queues
+/// for `agent_id`: the same for the same pair, so a call made again finds
+/// the command of the first.
+fn request_command_id(agent_id: &str, request_id: &str) -> Result<String, Status> {
+    if request_id.len() > MAX_REQUEST_ID || !request_id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Status::invalid_argument(format!(
+            "request_id must be 1 to {MAX_REQUEST_ID} printable ASCII characters without spaces (a random UUID will do)"
+        )));
+    }
+    let digest = secret::hash(&format!("{agent_id}\n{request_id}"));
+    Ok(format!("cmd_{}", &digest[..16]))
 }
