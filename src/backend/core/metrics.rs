@@ -17,6 +17,9 @@ use crate::proto;
 /// goes on after that (see [`Core::push_metrics`]); the agent's retry then
 /// learns the outcome.
 const MAX_PUSH_WAIT: Duration = Duration::from_secs(30);
+/// How long a written batch's record is tried again while the store is
+/// unavailable (below [`MAX_PUSH_WAIT`]).
+const RECORD_RETRY_FOR: Duration = Duration::from_secs(20);
 /// Metric batches with more samples are decoded on a blocking thread
 /// (about a millisecond of work), not on an async worker.
 const DECODE_INLINE_SAMPLES: usize = 20_000;
@@ -100,6 +103,34 @@ impl Core {
             );
         }
         Ok(())
+    }
+
+    /// Records a batch whose lines are written. A store that is
+    /// unavailable (a database restarting) is asked again for up to
+    /// [`RECORD_RETRY_FOR`]: recorded here, the batch is known as stored
+    /// to every backend sharing the store, so the agent's retry through
+    /// another one is not written there again.
+    async fn record_written_batch(
+        &self,
+        agent: &str,
+        epoch: u64,
+        seq: u64,
+    ) -> Result<bool, crate::backend::store::StoreError> {
+        let deadline = tokio::time::Instant::now() + RECORD_RETRY_FOR;
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match self.store.record_metric_batch(agent, epoch, seq).await {
+                Err(e @ crate::backend::store::StoreError::Unavailable { .. })
+                    if tokio::time::Instant::now() + wait < deadline
+                        && !*self.draining.borrow() =>
+                {
+                    tracing::debug!(%agent, epoch, seq, error = %e, ?wait, "recording a written metric batch again");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_millis(250));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// `PushMetrics`: validates the batch, deduplicates it by `(agent,
@@ -275,8 +306,8 @@ impl Core {
             }
             // A crash or a store error here leaves the batch written and
             // not recorded: the JSON lines' ledger keeps it from being
-            // written again when it is sent again.
-            match core.store.record_metric_batch(&agent, epoch, seq).await {
+            // written again when it is sent again to this backend.
+            match core.record_written_batch(&agent, epoch, seq).await {
                 Ok(true) => core.sinks.recorded(&key),
                 Ok(false) => {
                     core.sinks.recorded(&key);
