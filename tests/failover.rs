@@ -1,14 +1,21 @@
 //! Three backend replicas on one PostgreSQL database behind HAProxy in
 //! TCP mode, configured as `docs/ha/haproxy.cfg` says (Debian's `haproxy`
 //! and `postgresql`, real agents on both rungs, the one address for agents
-//! and operator calls). A stream of numbered pings runs while one replica
-//! is killed (SIGKILL), then another, then both start again: every ping is
-//! executed once and comes back DONE and OK, every agent is on a live
-//! replica within 10 s of each kill, and an operator call fails only
-//! around a kill.
+//! and operator calls). Twenty agents (`UPLINK_FAILOVER_AGENTS`), each fed
+//! 1,000 numbered metric samples a second, and a stream of numbered pings
+//! run while one replica is killed (SIGKILL), then another, then both
+//! start again; then each replica in turn is restarted (SIGTERM, start);
+//! then PostgreSQL is stopped for 3 s. Every ping is executed once and
+//! comes back DONE and OK, every sample is in the replicas' JSON lines
+//! exactly once, every agent is on a live replica within 10 s of each
+//! kill, and no operator call fails but those refused UNAVAILABLE while
+//! the database is away (`Admin`, as `ctl`, makes a call again after a
+//! broken connection, `EnqueueCommand` with its request id).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,12 +23,30 @@ use uplink::ctl::Admin;
 use uplink::proto::{self, CommandStatus};
 use uplink::secret::{Kind, Secret};
 use uplink_testkit::certs::{Identity, operator_identity};
+use uplink_testkit::chaos::Stream;
+use uplink_testkit::chaos::stream::{Stored, scrape_agent, value};
 use uplink_testkit::postgres::Postgres;
 use uplink_testkit::*;
 
-const AGENTS_PER_RUNG: usize = 3;
 /// The longest an agent may take to be on a live replica after a kill.
 const FAILOVER_MAX: Duration = Duration::from_secs(10);
+/// Numbered samples each agent is fed a second.
+const SAMPLES_PER_SECOND: u64 = 1_000;
+
+/// How many agents (half on each rung): `UPLINK_FAILOVER_AGENTS`, 20 when
+/// unset.
+fn agent_count() -> usize {
+    match std::env::var("UPLINK_FAILOVER_AGENTS") {
+        Ok(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n >= 2)
+            .unwrap_or_else(|| {
+                panic!("UPLINK_FAILOVER_AGENTS={v:?}: give a number of agents, 2 or more")
+            }),
+        Err(_) => 20,
+    }
+}
 
 /// One replica: its port, data dir, and the running process.
 struct Replica {
@@ -30,6 +55,12 @@ struct Replica {
     proc: Option<Proc>,
     /// The replica id it publishes its presence under (`AgentView.replica`).
     id: String,
+}
+
+impl Replica {
+    fn jsonl(&self) -> PathBuf {
+        self.dir.join("metrics")
+    }
 }
 
 struct Cluster {
@@ -44,6 +75,7 @@ impl Cluster {
     async fn start_replica(&mut self, i: usize) {
         let r = &self.replicas[i];
         let listen = format!("127.0.0.1:{}", r.port);
+        let jsonl = r.jsonl();
         let p = Proc::spawn(
             &[
                 "backend",
@@ -61,6 +93,8 @@ impl Cluster {
                 "127.0.0.1",
                 "--heartbeat-interval",
                 "2s",
+                "--metrics-jsonl-dir",
+                jsonl.to_str().unwrap(),
             ],
             &[
                 ("UPLINK_ADMIN_TOKEN", self.admin.expose()),
@@ -83,6 +117,18 @@ impl Cluster {
         let mut p = r.proc.take().expect("the replica runs");
         p.kill9().await;
         r.id.clone()
+    }
+
+    /// SIGTERM, as a service manager stops it; its exit status.
+    async fn stop(&mut self, i: usize) -> (String, std::process::ExitStatus) {
+        let r = &mut self.replicas[i];
+        let mut p = r.proc.take().expect("the replica runs");
+        let status = p.terminate(Duration::from_secs(40)).await;
+        (r.id.clone(), status)
+    }
+
+    fn jsonl_dirs(&self) -> Vec<PathBuf> {
+        self.replicas.iter().map(Replica::jsonl).collect()
     }
 }
 
@@ -117,29 +163,83 @@ fn admin(url: &str, identity: &Identity, token: &Secret) -> Admin {
     Admin::new(&url.parse().unwrap(), &net, token.clone())
 }
 
-/// Waits until every one of `agents` is shown connected, on a replica
-/// other than `not_on`; how long that took.
-async fn all_on_live_replicas(admin: &Admin, agents: usize, not_on: &str) -> Duration {
+/// Waits up to `within` until every one of `agents` is shown connected,
+/// on a replica other than `not_on`; how long that took.
+async fn all_on_live_replicas(
+    admin: &Admin,
+    agents: usize,
+    not_on: &str,
+    within: Duration,
+) -> Duration {
     let started = Instant::now();
-    wait_for(
-        Duration::from_secs(60),
-        &format!("{agents} agents connected on live replicas"),
-        || async {
-            let all = admin.agents("").await.ok()?;
+    let mut last = String::new();
+    loop {
+        if let Ok(all) = admin.agents("").await {
             let live = all
                 .iter()
                 .filter(|v| v.connected && !v.replica.is_empty() && v.replica != not_on)
                 .count();
-            (live == agents).then_some(())
-        },
-    )
-    .await;
-    started.elapsed()
+            if live == agents {
+                return started.elapsed();
+            }
+            last = all
+                .iter()
+                .map(|v| {
+                    format!(
+                        "{} connected={} replica={}",
+                        v.hostname, v.connected, v.replica
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+        }
+        assert!(
+            started.elapsed() < within,
+            "not all {agents} agents connected on live replicas within {within:?}; the last answer:\n{last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The JSON-lines files in `dir`.
+fn jsonl_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An agent of the test: its hostname, process, metric stream and
+/// self-metrics address.
+struct TestAgent {
+    host: String,
+    proc: Proc,
+    stream: Stream,
+    listen: SocketAddr,
+}
+
+/// The database outage: from its stop to its start again.
+#[derive(Default)]
+struct Outage(Option<(Instant, Instant)>);
+
+impl Outage {
+    /// Whether a call failing at `at` with `error` was refused UNAVAILABLE
+    /// while the database was away (or while its connections came back).
+    fn excuses(&self, at: Instant, error: &str) -> bool {
+        self.0.is_some_and(|(from, to)| {
+            at >= from && at <= to + Duration::from_secs(2) && error.contains("unavailable")
+        })
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replicas_behind_haproxy_lose_no_command_when_two_are_killed_and_come_back() {
-    let pg = Postgres::start().await;
+async fn replicas_behind_haproxy_lose_nothing_through_kills_a_rolling_restart_and_a_database_restart()
+ {
+    let mut pg = Postgres::start().await;
     let db = pg.fresh_database().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -170,40 +270,56 @@ async fn replicas_behind_haproxy_lose_no_command_when_two_are_killed_and_come_ba
     })
     .await;
 
+    let total = agent_count();
     let mut agents = Vec::new();
-    for rung in ["grpc", "longpoll"] {
-        for n in 0..AGENTS_PER_RUNG {
-            let host = format!("ha-{rung}-{n}");
-            let state = dir.join(&host);
-            let p = Proc::spawn(
-                &[
-                    "agent",
-                    "--backend",
-                    &url,
-                    "--state-dir",
-                    state.to_str().unwrap(),
-                    "--hostname",
-                    &host,
-                    "--ca-file",
-                    c.identity.ca.to_str().unwrap(),
-                    "--transport",
-                    rung,
-                    "--no-metrics",
-                ],
-                &[("UPLINK_TOKEN", c.enroll.expose())],
-            );
-            agents.push((host, p));
-        }
+    for n in 0..total {
+        let rung = if n % 2 == 0 { "grpc" } else { "longpoll" };
+        let host = format!("ha-{rung}-{n}");
+        let state = dir.join(&host);
+        let graphite = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let proc = Proc::spawn(
+            &[
+                "agent",
+                "--backend",
+                &url,
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--hostname",
+                &host,
+                "--ca-file",
+                c.identity.ca.to_str().unwrap(),
+                "--transport",
+                rung,
+                "--metrics-interval",
+                "0s",
+                "--ingest-graphite",
+                &graphite.to_string(),
+                "--metrics-listen",
+                &listen.to_string(),
+                "--metrics-batch-age",
+                "200ms",
+            ],
+            &[("UPLINK_TOKEN", c.enroll.expose())],
+        );
+        proc.wait_log(&["Graphite ingest listening"], Duration::from_secs(60))
+            .await;
+        let stream = Stream::start(&host, graphite, SAMPLES_PER_SECOND);
+        agents.push(TestAgent {
+            host,
+            proc,
+            stream,
+            listen,
+        });
     }
-    let total = agents.len();
-    all_on_live_replicas(&admin, total, "").await;
+    all_on_live_replicas(&admin, total, "", Duration::from_secs(60)).await;
     let views = admin.agents("").await.unwrap();
     let ids: Vec<String> = agents
         .iter()
-        .map(|(host, _)| {
+        .map(|a| {
             views
                 .iter()
-                .find(|v| &v.hostname == host)
+                .find(|v| v.hostname == a.host)
                 .map(|v| v.id.clone())
                 .unwrap()
         })
@@ -212,18 +328,18 @@ async fn replicas_behind_haproxy_lose_no_command_when_two_are_killed_and_come_ba
         *m.entry(v.replica.as_str()).or_default() += 1;
         m
     });
-    eprintln!("agents per replica: {placed:?}");
+    eprintln!("{total} agents per replica: {placed:?}");
 
     // Numbered pings, one every 100 ms, round robin over the agents.
     let queued: Arc<Mutex<Vec<(String, usize)>>> = Arc::default();
     let failed: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stream = tokio::spawn({
+    let stop = Arc::new(AtomicBool::new(false));
+    let pings = tokio::spawn({
         let (admin, ids) = (admin.clone(), ids.clone());
         let (queued, failed, stop) = (queued.clone(), failed.clone(), stop.clone());
         async move {
             let mut n = 0usize;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            while !stop.load(SeqCst) {
                 let agent = n % ids.len();
                 let spec = proto::CommandSpec {
                     kind: Some(proto::command_spec::Kind::Ping(proto::Ping {
@@ -241,12 +357,13 @@ async fn replicas_behind_haproxy_lose_no_command_when_two_are_killed_and_come_ba
         }
     });
 
-    let mut kills = Vec::new();
+    let mut outage = Outage::default();
+    let mut killed_files = std::collections::HashSet::new();
     for victim in [0, 1] {
         tokio::time::sleep(Duration::from_secs(4)).await;
         let id = c.kill(victim).await;
-        kills.push(Instant::now());
-        let took = all_on_live_replicas(&admin, total, &id).await;
+        killed_files.extend(jsonl_files(&c.replicas[victim].jsonl()));
+        let took = all_on_live_replicas(&admin, total, &id, Duration::from_secs(60)).await;
         eprintln!(
             "replica {} killed: every agent on a live replica after {took:?}",
             victim + 1
@@ -261,12 +378,46 @@ async fn replicas_behind_haproxy_lose_no_command_when_two_are_killed_and_come_ba
         c.start_replica(i).await;
     }
     tokio::time::sleep(Duration::from_secs(4)).await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    stream.await.unwrap();
+
+    // A rolling restart: each replica stopped as a service manager stops
+    // it, and started again, one after the other.
+    for i in 0..3 {
+        let (id, status) = c.stop(i).await;
+        assert!(
+            status.success(),
+            "replica {} exited {status} on SIGTERM",
+            i + 1
+        );
+        let took = all_on_live_replicas(&admin, total, &id, Duration::from_secs(60)).await;
+        eprintln!(
+            "replica {} stopped: every agent on another replica after {took:?}",
+            i + 1
+        );
+        c.start_replica(i).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
+    // PostgreSQL away for 3 s: calls made meanwhile are refused
+    // UNAVAILABLE (nothing queued that is not stored); the replicas keep
+    // their agents and catch up when it is back.
+    pg.stop_server();
+    let stopped = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    pg.start_again().await;
+    outage.0 = Some((stopped, Instant::now()));
+    let took = all_on_live_replicas(&admin, total, "", Duration::from_secs(60)).await;
+    eprintln!("PostgreSQL back: every agent shown on a live replica after {took:?}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, SeqCst);
+    pings.await.unwrap();
+    let mut sent = Vec::new();
+    for a in agents.iter_mut() {
+        sent.push(a.stream.stop());
+    }
 
     // Every ping DONE and OK, executed once by its agent.
     let queued = queued.lock().unwrap().clone();
-    assert!(queued.len() > 100, "only {} pings queued", queued.len());
+    assert!(queued.len() > 200, "only {} pings queued", queued.len());
     for (id, agent) in &queued {
         let view = admin
             .command(id, Duration::from_secs(30))
@@ -279,27 +430,85 @@ async fn replicas_behind_haproxy_lose_no_command_when_two_are_killed_and_come_ba
         );
         let status = view.result.as_ref().map(|r| r.status);
         assert_eq!(status, Some(CommandStatus::Ok as i32), "{view:?}");
-        let runs = agents[*agent].1.count(&["executing command", id]);
-        assert_eq!(
-            runs, 1,
-            "{id} executed {runs} times by {}",
-            agents[*agent].0
-        );
+        let a = &agents[*agent];
+        let runs = a.proc.count(&["executing command", id]);
+        assert_eq!(runs, 1, "{id} executed {runs} times by {}", a.host);
     }
-    // Operator calls failed only around a kill (in flight on the killed
-    // replica, or on a kept-alive connection to it).
+    // No operator call failed but those the database's absence refused:
+    // one in flight on a killed or stopping replica was made again on
+    // another (`EnqueueCommand` with the same request id).
     let failed = failed.lock().unwrap().clone();
     for (at, e) in &failed {
         assert!(
-            kills
-                .iter()
-                .any(|k| *at >= *k && at.duration_since(*k) < Duration::from_secs(5)),
-            "an EnqueueCommand failed away from any kill: {e}"
+            outage.excuses(*at, e),
+            "an EnqueueCommand failed while the database was up: {e}"
         );
     }
+
+    // Every sample in the replicas' JSON lines, once but for those of a
+    // batch a replica wrote and was killed before recording: its agent
+    // sent it again to another replica (RELIABILITY.md). Nothing dropped,
+    // every spool empty.
+    let dirs = c.jsonl_dirs();
+    let dirs: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+    for a in &agents {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let page = scrape_agent(a.listen).await.unwrap_or_default();
+            let dropped = value(&page, "uplink_agent_spool_dropped_samples_total")
+                + value(&page, "uplink_agent_metric_samples_refused_total");
+            let spooled = value(&page, "uplink_agent_spool_batches");
+            assert_eq!(
+                dropped, 0,
+                "{}: the agent dropped or had refused samples",
+                a.host
+            );
+            if !page.is_empty() && spooled == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: {spooled} batches still spooled after 60 s",
+                a.host
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let stored = Stored::read_dirs(&dirs);
+    let (mut samples, mut again) = (0, 0);
+    for (a, sent) in agents.iter().zip(&sent) {
+        assert!(*sent > 0, "{}: no sample was sent", a.host);
+        let missing = stored.tally(&a.host, *sent).missing;
+        assert_eq!(
+            missing, 0,
+            "{}: {missing} of {sent} samples not stored",
+            a.host
+        );
+        let copies = &stored.copies[&a.host];
+        for n in 1..=*sent {
+            match copies[&n].as_slice() {
+                [_] => samples += 1,
+                [x, y]
+                    if [x, y]
+                        .iter()
+                        .any(|f| killed_files.contains(&stored.files[**f]))
+                        && x != y =>
+                {
+                    samples += 1;
+                    again += 1;
+                }
+                files => panic!(
+                    "{}: sample {n} stored {} times, in {:?}; files of killed replicas: {killed_files:?}",
+                    a.host,
+                    files.len(),
+                    files.iter().map(|f| &stored.files[*f]).collect::<Vec<_>>()
+                ),
+            }
+        }
+    }
     eprintln!(
-        "{} pings queued, each executed once and DONE; {} EnqueueCommand calls failed around the kills",
+        "{} pings queued, each executed once and DONE; {samples} samples sent, each stored, {again} of them again by another replica after their first was killed between writing and recording them; {} EnqueueCommand calls refused while the database was away",
         queued.len(),
-        failed.len()
+        failed.len(),
     );
 }

@@ -95,20 +95,31 @@ pub struct Stored {
     pub copies: HashMap<String, HashMap<u64, Vec<usize>>>,
     /// Lines that are not whole JSON (a write cut short).
     pub torn_lines: usize,
+    /// The files read, by the index `copies` gives.
+    pub files: Vec<std::path::PathBuf>,
 }
 
 impl Stored {
     /// Reads every `.jsonl` file in `dir`.
     pub fn read(dir: &Path) -> Stored {
+        Stored::read_dirs(&[dir])
+    }
+
+    /// Reads every `.jsonl` file in each of `dirs` (the JSON-lines
+    /// directories of backends that share a store).
+    pub fn read_dirs(dirs: &[&Path]) -> Stored {
         let mut st = Stored::default();
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return st;
-        };
-        for (file, e) in entries.flatten().enumerate() {
+        let files = dirs
+            .iter()
+            .filter_map(|d| std::fs::read_dir(d).ok())
+            .flat_map(|entries| entries.flatten());
+        for e in files {
             let p = e.path();
             if p.extension().is_none_or(|x| x != "jsonl") {
                 continue;
             }
+            let file = st.files.len();
+            st.files.push(p.clone());
             let text = std::fs::read_to_string(&p).unwrap_or_default();
             for line in text.lines() {
                 let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
