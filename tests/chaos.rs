@@ -700,7 +700,7 @@ async fn the_sample_check_holds_over_more_backend_starts_than_files_kept() {
 /// The window between a batch's JSON lines and its record in the store:
 /// another process holds the store's write lock, so the backend writes the
 /// next batches' lines and then waits to record them. First the record
-/// fails (the lock outlasts the backend's wait) and the agent sends the
+/// fails (the lock outlasts the backend's tries) and the agent sends the
 /// batch again; then the backend is killed in the window and the agent
 /// sends those batches again to the next start. Each must be recorded
 /// without being written again: every sample once.
@@ -739,10 +739,11 @@ async fn a_backend_killed_between_writing_a_batch_and_recording_it_stores_it_onc
     // Another process takes the store's write lock and keeps it.
     let db = b.dir.join("uplink.db");
     let lock_store = || uplink_testkit::store_lock::hold_write_lock(&db, 120);
-    // First, longer than the backend waits for the lock (5 s): the record
-    // of a written batch fails, and the agent sends the batch again.
+    // First, longer than the backend tries to record a written batch (5 s
+    // a try, tries for 20 s): the record fails, and the agent sends the
+    // batch again.
     let mut lock = lock_store();
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    tokio::time::sleep(Duration::from_secs(27)).await;
     lock.kill().unwrap();
     lock.wait().unwrap();
     // Then the crash: lines written while no record can be made are in
