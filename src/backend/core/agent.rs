@@ -23,6 +23,9 @@ const ENROLL_KEY_WINDOW_MS: i64 = 24 * 3600 * 1000;
 
 /// Commands sent in one `PollResponse` at most; the agent polls again.
 const MAX_COMMANDS_PER_POLL: usize = 256;
+/// How soon a stream reads its agent's commands again after the store
+/// could not answer.
+const STORE_RETRY: Duration = Duration::from_secs(1);
 
 impl Core {
     /// `Enroll`.
@@ -315,11 +318,19 @@ impl Core {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             queued.borrow_and_update();
-            let batch = self
-                .store
-                .pending(agent, sent, MAX_COMMANDS_PER_POLL)
-                .await
-                .map_err(internal)?;
+            // Set when the store cannot answer (a database restarting): the
+            // stream stays open, heartbeats go on, and the commands are
+            // read again at this time.
+            let mut read_again = None;
+            let batch = match self.store.pending(agent, sent, MAX_COMMANDS_PER_POLL).await {
+                Ok(batch) => batch,
+                Err(e @ crate::backend::store::StoreError::Unavailable { .. }) => {
+                    tracing::debug!(%agent, error = %e, "cannot read the agent's commands now; the stream stays open");
+                    read_again = Some(tokio::time::Instant::now() + STORE_RETRY);
+                    Vec::new()
+                }
+                Err(e) => return Err(internal(e)),
+            };
             let full = batch.len() == MAX_COMMANDS_PER_POLL;
             for c in batch {
                 sent = c.seq;
@@ -346,10 +357,20 @@ impl Core {
                     return Ok("backend draining");
                 }
                 r = queued.changed() => if r.is_err() { return Ok("hub closed") },
+                _ = async {
+                    match read_again {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
                 _ = heartbeat.tick() => {
                     // A revocation made through another backend sharing
-                    // the store reaches this stream by the next heartbeat.
-                    self.check_not_revoked(agent).await?;
+                    // the store reaches this stream by the next heartbeat
+                    // (none can be stored while the store cannot answer).
+                    match self.check_not_revoked(agent).await {
+                        Err(s) if s.code() != tonic::Code::Unavailable => return Err(s),
+                        _ => {}
+                    }
                     if tx.send(frame(self.heartbeat())).await.is_err() {
                         return Ok("agent went away");
                     }
