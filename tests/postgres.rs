@@ -4,7 +4,8 @@
 //! configuration is one line at start, with status 64 for a URL that is
 //! not one and 1 for a database that cannot be used (unreachable, a
 //! refused password, a newer schema), and never shows the password; two
-//! backends on one database hear each other's changes at once.
+//! backends on one database hear each other's changes at once; a gRPC
+//! stream stays open while the database restarts.
 
 use std::time::{Duration, Instant};
 
@@ -175,6 +176,53 @@ async fn agents_round_trip_through_a_backend_on_postgres() {
     }
     assert_eq!(admin.agents("").await.unwrap().len(), 2);
     drop(agents);
+    b.stop().await;
+}
+
+/// PostgreSQL stopped for 4 s under an agent's open gRPC stream: the
+/// backend keeps the stream (its heartbeats go on, every 2 s here), and
+/// once the database is back a command reaches the agent on that stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_stream_stays_open_while_the_database_restarts() {
+    let mut pg = Postgres::start().await;
+    let url = pg.fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = TestBackend::config(&dir.path().join("backend"));
+    cfg.database = Some(DatabaseUrl::parse(&url, "--database").unwrap());
+    let b = TestBackend::start_with(cfg, "127.0.0.1:0".parse().unwrap()).await;
+    let admin = b.admin();
+    let a = agent(&b, "grpc", &dir.path().join("agent"), "through");
+    let view = connected_agent(&admin, "through", "grpc").await;
+    let p = admin
+        .ping(&view.id, "before", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        p.view.state,
+        proto::CommandState::Done as i32,
+        "{:?}",
+        p.view
+    );
+    let streams = a.count(&["stream open"]);
+    pg.stop_server();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    pg.start_again().await;
+    let p = admin
+        .ping(&view.id, "after", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        p.view.state,
+        proto::CommandState::Done as i32,
+        "{:?}",
+        p.view
+    );
+    assert_eq!(
+        a.count(&["stream open"]),
+        streams,
+        "the agent opened a new stream; its log:\n{}",
+        a.logs()
+    );
     b.stop().await;
 }
 
