@@ -7,6 +7,13 @@
 #   make up           the backend from compose.yaml, in the background
 #   make down         stops it (its volume, with agents and tokens, stays)
 #   make logs         follows its log
+#   make up-ha        the replicated backend from compose.ha.yaml (PostgreSQL,
+#                     three replicas, HAProxy on one port), in the background
+#   make down-ha      stops it (its volumes, database and CA, stay)
+#   make logs-ha      follows its logs
+#   make stand-in-images
+#                     local images in place of postgres:15 and haproxy:2.6,
+#                     from Debian's packages (a mirror, no registry)
 
 VERSION  := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
@@ -14,11 +21,13 @@ SOURCE   := $(shell git remote get-url origin 2>/dev/null)
 IMAGE    ?= uplink
 COMPOSE  ?= $(shell docker compose version >/dev/null 2>&1 && echo 'docker compose' || echo docker-compose)
 LOCAL_BASE := uplink-build-local:1
+COMPOSE_HA = $(COMPOSE) -f compose.ha.yaml
 
 BUILD_ARGS = --build-arg VERSION=$(VERSION) --build-arg REVISION=$(REVISION) \
              --build-arg SOURCE=$(SOURCE) -t $(IMAGE):$(VERSION) -t $(IMAGE):latest
 
-.PHONY: image image-local local-base up down logs
+.PHONY: image image-local local-base up down logs up-ha down-ha logs-ha \
+        stand-in-images
 
 image:
 	docker build $(BUILD_ARGS) .
@@ -48,3 +57,15 @@ down:
 
 logs:
 	$(COMPOSE) logs -f
+
+up-ha:
+	$(COMPOSE_HA) up -d
+
+down-ha:
+	$(COMPOSE_HA) down
+
+logs-ha:
+	$(COMPOSE_HA) logs -f
+
+stand-in-images:
+	scripts/stand-in-images

@@ -23,6 +23,9 @@ command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
 # The image's tests: make, and compose.yaml under Debian's docker-compose.
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+# compose.ha.yaml's test: images in place of postgres:15 and haproxy:2.6,
+# bootstrapped from the Debian mirror.
+command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 # The load-generator ingest tests: JMeter's Graphite backend listener (it
 # needs a JDK to start through the test's launcher) and InfluxDB clients.
 [ -f /usr/share/jmeter/bin/ApacheJMeter.jar ] || need+=(jmeter)
@@ -99,6 +102,8 @@ log "image"
 # The image from the top-level Dockerfile, as tests/image.rs and the
 # container tests run it: built here once (the tests find it current).
 make -s image-local
+# And the stand-ins tests/compose_ha.rs runs (once per machine).
+scripts/stand-in-images
 
 log "tests"
 cargo nextest run --locked --no-fail-fast "$@"
