@@ -10,7 +10,9 @@
 //! exactly once, every agent is on a live replica within 10 s of each
 //! kill, and no operator call fails but those refused UNAVAILABLE while
 //! the database is away (`Admin`, as `ctl`, makes a call again after a
-//! broken connection, `EnqueueCommand` with its request id).
+//! broken connection, `EnqueueCommand` with its request id). And
+//! Prometheus scraping the replicas as `docs/ha/prometheus.yml` says sees
+//! one series per agent metric when an agent moves between replicas.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -510,5 +512,193 @@ async fn replicas_behind_haproxy_lose_nothing_through_kills_a_rolling_restart_an
         "{} pings queued, each executed once and DONE; {samples} samples sent, each stored, {again} of them again by another replica after their first was killed between writing and recording them; {} EnqueueCommand calls refused while the database was away",
         queued.len(),
         failed.len(),
+    );
+}
+
+/// Prometheus (Debian's) scraping three replicas as `docs/ha/prometheus.yml`
+/// says, while an agent's connection moves from one live replica to
+/// another (the path to the first is cut; it keeps serving the agent's
+/// last values): the agent's metric is one series in Prometheus, not one
+/// per replica, and it goes on with the values the second replica serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_sees_one_series_per_agent_metric_when_the_agent_moves_between_replicas() {
+    uplink_testkit::loadgen::require("prometheus", "Debian's prometheus");
+    let pg = Postgres::start().await;
+    let db = pg.fresh_database().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut c = Cluster {
+        db,
+        identity: operator_identity(&dir.join("tls")),
+        admin: Secret::generate(Kind::Admin),
+        enroll: Secret::generate(Kind::Enrollment),
+        replicas: (1..=3)
+            .map(|i| Replica {
+                port: free_port(),
+                dir: dir.join(format!("r{i}")),
+                proc: None,
+                id: String::new(),
+            })
+            .collect(),
+    };
+    for i in 0..3 {
+        c.start_replica(i).await;
+    }
+    // HAProxy reaches each replica through a relay, so that the path to
+    // one can be cut while the replica lives on.
+    let mut relays = Vec::new();
+    for r in &c.replicas {
+        relays.push(Some(
+            uplink_testkit::relay::Relay::start(SocketAddr::from(([127, 0, 0, 1], r.port))).await,
+        ));
+    }
+    let paths: Vec<u16> = relays
+        .iter()
+        .map(|r| r.as_ref().unwrap().addr.port())
+        .collect();
+    let front = free_port();
+    let _haproxy = haproxy(dir, front, &paths);
+    let url = format!("https://127.0.0.1:{front}");
+    let admin = admin(&url, &c.identity, &c.admin);
+
+    let graphite = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let agent = Proc::spawn(
+        &[
+            "agent",
+            "--backend",
+            &url,
+            "--state-dir",
+            dir.join("agent").to_str().unwrap(),
+            "--hostname",
+            "scraped",
+            "--ca-file",
+            c.identity.ca.to_str().unwrap(),
+            "--metrics-interval",
+            "0s",
+            "--ingest-graphite",
+            &graphite.to_string(),
+            "--metrics-batch-age",
+            "200ms",
+        ],
+        &[("UPLINK_TOKEN", c.enroll.expose())],
+    );
+    agent
+        .wait_log(&["Graphite ingest listening"], Duration::from_secs(60))
+        .await;
+    let mut stream = Stream::start("scraped", graphite, 100);
+    all_on_live_replicas(&admin, 1, "", Duration::from_secs(60)).await;
+
+    // Prometheus with the documented file, scraping every second.
+    let prom_dir = dir.join("prometheus");
+    std::fs::create_dir_all(&prom_dir).unwrap();
+    let token = prom_dir.join("token");
+    std::fs::write(&token, c.admin.expose()).unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/ha/prometheus.yml");
+    let mut cfg = std::fs::read_to_string(&path).unwrap();
+    for (from, to) in [
+        ("scrape_interval: 15s", "scrape_interval: 1s".to_string()),
+        (
+            "/etc/prometheus/uplink-ca.pem",
+            c.identity.ca.display().to_string(),
+        ),
+        (
+            "/etc/prometheus/uplink-admin-token",
+            token.display().to_string(),
+        ),
+    ] {
+        assert!(cfg.contains(from), "{} lacks {from}", path.display());
+        cfg = cfg.replace(from, &to);
+    }
+    for (i, r) in c.replicas.iter().enumerate() {
+        let target = format!("10.0.0.1{}:8443", i + 1);
+        assert!(cfg.contains(&target), "{} lacks {target}", path.display());
+        cfg = cfg.replace(&target, &format!("127.0.0.1:{}", r.port));
+    }
+    let cfg_file = prom_dir.join("prometheus.yml");
+    std::fs::write(&cfg_file, cfg).unwrap();
+    let web = free_port();
+    let _prometheus = Proc::spawn_program(
+        Path::new("prometheus"),
+        &[
+            &format!("--config.file={}", cfg_file.display()),
+            &format!("--storage.tsdb.path={}", prom_dir.join("data").display()),
+            &format!("--web.listen-address=127.0.0.1:{web}"),
+        ],
+        &[],
+    );
+    wait_for(Duration::from_secs(60), "Prometheus listens", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", web))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let query = |q: &'static str| async move {
+        let url = format!("http://127.0.0.1:{web}/api/v1/query");
+        let reply =
+            uplink_testkit::loadgen::curl(&["-G", &url, "--data-urlencode", &format!("query={q}")])
+                .await;
+        let v = reply.json();
+        assert_eq!(v["status"], "success", "{q}: {v}");
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    };
+    let series = "chaos_seq{hostname=\"scraped\"}";
+    let latest = |rows: &[serde_json::Value]| -> f64 {
+        rows.iter()
+            .filter_map(|r| r["value"][1].as_str()?.parse::<f64>().ok())
+            .fold(0.0, f64::max)
+    };
+    let before = wait_for(
+        Duration::from_secs(60),
+        "Prometheus has the agent's series",
+        || async {
+            let rows = query(series).await;
+            (!rows.is_empty()).then(|| latest(&rows))
+        },
+    )
+    .await;
+
+    // The path to the agent's replica is cut: HAProxy takes the agent to
+    // another one, and the first keeps serving what it had.
+    let views = admin.agents("").await.unwrap();
+    let first = views[0].replica.clone();
+    let held = c
+        .replicas
+        .iter()
+        .position(|r| r.id == first)
+        .expect("a known replica");
+    relays[held] = None;
+    all_on_live_replicas(&admin, 1, &first, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let stale = uplink_testkit::loadgen::curl(&[
+        "--cacert",
+        c.identity.ca.to_str().unwrap(),
+        "-H",
+        &format!("authorization: Bearer {}", c.admin.expose()),
+        &format!("https://127.0.0.1:{}/metrics", c.replicas[held].port),
+    ])
+    .await;
+    assert!(
+        stale.body.contains("chaos_seq{"),
+        "the replica the agent left no longer serves its series: nothing to merge"
+    );
+    let sent = stream.stop();
+    let rows = wait_for(
+        Duration::from_secs(30),
+        "Prometheus has the latest value",
+        || async {
+            let rows = query(series).await;
+            (latest(&rows) >= sent as f64 - 200.0).then_some(rows)
+        },
+    )
+    .await;
+    assert_eq!(
+        rows.len(),
+        1,
+        "one series for the agent's metric, not one per replica: {rows:?}"
+    );
+    eprintln!(
+        "Prometheus: one series for the agent across replicas; {before} before the move, {} after ({sent} sent)",
+        latest(&rows)
     );
 }

@@ -40,6 +40,9 @@ command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 # server's programs, run by testkit as the `postgres` user the package
 # creates, on a cluster of their own in a temporary directory.
 [ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql)
+# Prometheus scraping backend replicas as docs/ha/prometheus.yml says
+# (tests/failover.rs).
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 # Virtual environments for examples/python-backend.
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
