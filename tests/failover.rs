@@ -74,6 +74,29 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// Three replicas on database `db`, their files under `dir`, sharing
+    /// a new TLS identity and new tokens.
+    async fn start(db: String, dir: &Path) -> Cluster {
+        let mut c = Cluster {
+            db,
+            identity: operator_identity(&dir.join("tls")),
+            admin: Secret::generate(Kind::Admin),
+            enroll: Secret::generate(Kind::Enrollment),
+            replicas: (1..=3)
+                .map(|i| Replica {
+                    port: free_port(),
+                    dir: dir.join(format!("r{i}")),
+                    proc: None,
+                    id: String::new(),
+                })
+                .collect(),
+        };
+        for i in 0..3 {
+            c.start_replica(i).await;
+        }
+        c
+    }
+
     async fn start_replica(&mut self, i: usize) {
         let r = &self.replicas[i];
         let listen = format!("127.0.0.1:{}", r.port);
@@ -245,23 +268,7 @@ async fn replicas_behind_haproxy_lose_nothing_through_kills_a_rolling_restart_an
     let db = pg.fresh_database().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut c = Cluster {
-        db,
-        identity: operator_identity(&dir.join("tls")),
-        admin: Secret::generate(Kind::Admin),
-        enroll: Secret::generate(Kind::Enrollment),
-        replicas: (1..=3)
-            .map(|i| Replica {
-                port: free_port(),
-                dir: dir.join(format!("r{i}")),
-                proc: None,
-                id: String::new(),
-            })
-            .collect(),
-    };
-    for i in 0..3 {
-        c.start_replica(i).await;
-    }
+    let mut c = Cluster::start(db, dir).await;
     let front = free_port();
     let ports: Vec<u16> = c.replicas.iter().map(|r| r.port).collect();
     let _haproxy = haproxy(dir, front, &ports);
@@ -527,23 +534,7 @@ async fn prometheus_sees_one_series_per_agent_metric_when_the_agent_moves_betwee
     let db = pg.fresh_database().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut c = Cluster {
-        db,
-        identity: operator_identity(&dir.join("tls")),
-        admin: Secret::generate(Kind::Admin),
-        enroll: Secret::generate(Kind::Enrollment),
-        replicas: (1..=3)
-            .map(|i| Replica {
-                port: free_port(),
-                dir: dir.join(format!("r{i}")),
-                proc: None,
-                id: String::new(),
-            })
-            .collect(),
-    };
-    for i in 0..3 {
-        c.start_replica(i).await;
-    }
+    let c = Cluster::start(db, dir).await;
     // HAProxy reaches each replica through a relay, so that the path to
     // one can be cut while the replica lives on.
     let mut relays = Vec::new();

@@ -193,30 +193,27 @@ async fn a_grpc_stream_stays_open_while_the_database_restarts() {
     let admin = b.admin();
     let a = agent(&b, "grpc", &dir.path().join("agent"), "through");
     let view = connected_agent(&admin, "through", "grpc").await;
-    let p = admin
-        .ping(&view.id, "before", Duration::from_secs(10))
-        .await
-        .unwrap();
-    assert_eq!(
-        p.view.state,
-        proto::CommandState::Done as i32,
-        "{:?}",
-        p.view
-    );
+    let ping_done = |payload: &'static str| {
+        let (admin, id) = (admin.clone(), view.id.clone());
+        async move {
+            let p = admin
+                .ping(&id, payload, Duration::from_secs(10))
+                .await
+                .unwrap();
+            assert_eq!(
+                p.view.state,
+                proto::CommandState::Done as i32,
+                "{payload}: {:?}",
+                p.view
+            );
+        }
+    };
+    ping_done("before").await;
     let streams = a.count(&["stream open"]);
     pg.stop_server();
     tokio::time::sleep(Duration::from_secs(4)).await;
     pg.start_again().await;
-    let p = admin
-        .ping(&view.id, "after", Duration::from_secs(10))
-        .await
-        .unwrap();
-    assert_eq!(
-        p.view.state,
-        proto::CommandState::Done as i32,
-        "{:?}",
-        p.view
-    );
+    ping_done("after").await;
     assert_eq!(
         a.count(&["stream open"]),
         streams,
