@@ -299,6 +299,8 @@ async fn metrics_on(ctx: &Ctx, rung: Rung) -> Check {
                     seq,
                     batch: Some(batch(seq as f64)),
                     batch_zstd: Vec::new(),
+                    // The one sent before.
+                    resent: !want,
                 },
             )
             .await
@@ -320,6 +322,7 @@ async fn metrics_on(ctx: &Ctx, rung: Rung) -> Check {
                 seq: 200_000,
                 batch: Some(batch(0.0)),
                 batch_zstd: Vec::new(),
+                resent: false,
             },
         )
         .await,
@@ -335,6 +338,7 @@ async fn metrics_on(ctx: &Ctx, rung: Rung) -> Check {
                 seq: 0,
                 batch: Some(batch(0.0)),
                 batch_zstd: Vec::new(),
+                resent: false,
             },
         )
         .await,

@@ -64,6 +64,7 @@ pub fn push_request(epoch: u64, seq: u64, batch: proto::MetricBatch) -> proto::P
         seq,
         batch: Some(batch),
         batch_zstd: Vec::new(),
+        resent: false,
     }
 }
 

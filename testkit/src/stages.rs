@@ -141,6 +141,7 @@ pub fn time_stages(
                 seq,
                 batch: Some(batch),
                 batch_zstd: Vec::new(),
+                resent: false,
             };
             let start = Instant::now();
             let wire = zstd::stream::encode_all(req.encode_to_vec().as_slice(), 3).expect("zstd");
@@ -174,7 +175,7 @@ pub fn time_stages(
                     .await
                     .expect("state");
                 store
-                    .record_metric_batch(agent_id, epoch, seq)
+                    .record_metric_batch(agent_id, epoch, seq, None)
                     .await
                     .expect("record");
             });

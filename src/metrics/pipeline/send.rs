@@ -136,6 +136,10 @@ pub(super) async fn send_loop(
     // Batches the backend settled whose ack is not yet in the spool: the
     // cursor is past them, so only writing the ack takes them out.
     let mut unrecorded: Vec<(u64, u64)> = Vec::new();
+    // Batches spooled before this start, or at or below the furthest one
+    // pushed, may have been sent before (`PushMetricsRequest.resent`).
+    let started_ms = crate::now_unix_ms();
+    let mut pushed_upto: Option<Position> = None;
     let stopping = stop.clone();
     loop {
         if !failing && inflight.len() < window {
@@ -151,6 +155,9 @@ pub(super) async fn send_loop(
                 };
             for r in records {
                 cursor = Some(r.position);
+                let resent = r.header.created_unix_ms < started_ms
+                    || pushed_upto.is_some_and(|p| r.position <= p);
+                pushed_upto = pushed_upto.max(Some(r.position));
                 // A backlog (batches spooled a while ago) is replayed at
                 // the capped rate; live batches go at once.
                 let age_ms = crate::now_unix_ms().saturating_sub(r.header.created_unix_ms);
@@ -173,6 +180,7 @@ pub(super) async fn send_loop(
                         seq: h.seq,
                         batch,
                         batch_zstd,
+                        resent,
                     };
                     // A backend that reads `batch_zstd` gets the spooled
                     // bytes as they are; another gets the decoded batch.
