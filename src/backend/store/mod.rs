@@ -182,6 +182,10 @@ pub struct CommandRecord {
     pub result: Option<proto::CommandResult>,
 }
 
+/// How long a store that backends share keeps a metric batch's writer
+/// ([`Store::metric_batch_writer`]): 7 days.
+pub const WRITERS_KEPT_MS: i64 = 7 * 24 * 3600 * 1000;
+
 /// How far above its `(agent, epoch)`'s watermark a metric batch's seq may
 /// be. Seqs stored above the watermark are kept one row each until the
 /// gap below them fills, so this bounds those rows per `(agent, epoch)`.
@@ -453,12 +457,32 @@ pub trait Store: Send + Sync {
     /// above a gap). Returns false, and changes nothing, when the seq was
     /// recorded before or is too far ahead (see [`BatchSeq`]); so of two
     /// racing records of one seq, one wins.
+    ///
+    /// `writer`: the JSON-lines writer of the backend that wrote the batch
+    /// (a batch its agent sent again), kept with the record in a store that
+    /// backends share, for [`Store::metric_batch_writer`].
     fn record_metric_batch<'a>(
         &'a self,
         agent_id: &'a str,
         epoch: u64,
         seq: u64,
+        writer: Option<&'a str>,
     ) -> StoreFuture<'a, bool>;
+
+    /// The writer a recorded batch was recorded with, for [`WRITERS_KEPT_MS`]
+    /// after; None when recorded without one, not recorded, or in a store
+    /// one backend holds alone. A backend that wrote a batch and was killed
+    /// before recording it learns so, at its next start, that another
+    /// backend wrote it too.
+    fn metric_batch_writer<'a>(
+        &'a self,
+        agent_id: &'a str,
+        epoch: u64,
+        seq: u64,
+    ) -> StoreFuture<'a, Option<String>> {
+        let _ = (agent_id, epoch, seq);
+        Box::pin(std::future::ready(Ok(None)))
+    }
 
     /// The dedup state of `(agent_id, epoch)`'s metric batches: the
     /// contiguous watermark and how many seqs above it are stored.

@@ -27,6 +27,7 @@ macro_rules! store_suite {
             the_newest_epoch_is_the_highest_as_unsigned,
             metric_batches_are_stored_once_in_any_order,
             metric_batches_far_above_the_watermark_are_refused,
+            a_metric_batch_keeps_the_writer_it_was_recorded_with,
             pruning_keeps_what_delivery_needs,
             pruning_bounds_container_events_and_epochs,
             pruning_keeps_runs_with_anything_left_on_a_host,
@@ -171,7 +172,7 @@ pub(crate) async fn the_newest_epoch_is_the_highest_as_unsigned(s: &dyn Store) {
 pub(crate) async fn metric_batches_are_stored_once_in_any_order(s: &dyn Store) {
     add_agent(s).await;
     let new = async |seq| s.metric_batch_state("a1", 9, seq).await.unwrap();
-    let record = async |seq| s.record_metric_batch("a1", 9, seq).await.unwrap();
+    let record = async |seq| s.record_metric_batch("a1", 9, seq, None).await.unwrap();
     // In order.
     for seq in 1..=3 {
         assert_eq!(new(seq).await, BatchSeq::New);
@@ -213,9 +214,45 @@ pub(crate) async fn metric_batches_are_stored_once_in_any_order(s: &dyn Store) {
     assert_eq!(s.cursor("a1", "events", 9).await.unwrap(), 0);
 }
 
+/// A store that backends share keeps the writer a batch was first
+/// recorded with (and only then); one that a backend holds alone has no
+/// other writer to tell.
+pub(crate) async fn a_metric_batch_keeps_the_writer_it_was_recorded_with(s: &dyn Store) {
+    add_agent(s).await;
+    let shared = |w: &str| s.shares_presence().then(|| w.to_string());
+    assert!(
+        s.record_metric_batch("a1", 40, 1, Some("jw_a"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.record_metric_batch("a1", 40, 3, Some("jw_c"))
+            .await
+            .unwrap()
+    );
+    assert!(s.record_metric_batch("a1", 40, 2, None).await.unwrap());
+    assert!(
+        !s.record_metric_batch("a1", 40, 1, Some("jw_b"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.metric_batches("a1", 40).await.unwrap(), (3, 0));
+    assert_eq!(
+        s.metric_batch_writer("a1", 40, 1).await.unwrap(),
+        shared("jw_a")
+    );
+    assert_eq!(
+        s.metric_batch_writer("a1", 40, 3).await.unwrap(),
+        shared("jw_c")
+    );
+    assert_eq!(s.metric_batch_writer("a1", 40, 2).await.unwrap(), None);
+    assert_eq!(s.metric_batch_writer("a1", 40, 4).await.unwrap(), None);
+    assert_eq!(s.metric_batch_writer("a1", 41, 1).await.unwrap(), None);
+}
+
 pub(crate) async fn metric_batches_far_above_the_watermark_are_refused(s: &dyn Store) {
     add_agent(s).await;
-    assert!(s.record_metric_batch("a1", 1, 1).await.unwrap());
+    assert!(s.record_metric_batch("a1", 1, 1, None).await.unwrap());
     let edge = 1 + METRIC_SEQ_WINDOW;
     assert_eq!(
         s.metric_batch_state("a1", 1, edge).await.unwrap(),
@@ -225,8 +262,12 @@ pub(crate) async fn metric_batches_far_above_the_watermark_are_refused(s: &dyn S
         s.metric_batch_state("a1", 1, edge + 1).await.unwrap(),
         BatchSeq::TooFarAhead { watermark: 1 }
     );
-    assert!(!s.record_metric_batch("a1", 1, edge + 1).await.unwrap());
-    assert!(s.record_metric_batch("a1", 1, edge).await.unwrap());
+    assert!(
+        !s.record_metric_batch("a1", 1, edge + 1, None)
+            .await
+            .unwrap()
+    );
+    assert!(s.record_metric_batch("a1", 1, edge, None).await.unwrap());
     assert_eq!(s.metric_batches("a1", 1).await.unwrap(), (1, 1));
 }
 
@@ -291,7 +332,7 @@ pub(crate) async fn pruning_bounds_container_events_and_epochs(s: &dyn Store) {
     // 5's batches have a gap, so seqs are stored above its watermark.
     for epoch in 1..=5 {
         assert!(s.advance_cursor("a1", "events", epoch, 3).await.unwrap());
-        assert!(s.record_metric_batch("a1", epoch, 2).await.unwrap());
+        assert!(s.record_metric_batch("a1", epoch, 2, None).await.unwrap());
     }
     let r = Retention {
         container_events_before_ms: 103,

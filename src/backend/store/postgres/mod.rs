@@ -843,6 +843,7 @@ impl Store for PostgresStore {
         agent_id: &'a str,
         epoch: u64,
         seq: u64,
+        writer: Option<&'a str>,
     ) -> StoreFuture<'a, bool> {
         Box::pin(async move {
             let epoch_bits = epoch as i64;
@@ -912,8 +913,44 @@ impl Store for PostgresStore {
                 )
                 .await?;
             }
+            if let Some(writer) = writer {
+                execute(
+                    &tx,
+                    "INSERT INTO metric_batch_writers (agent_id, epoch, seq, writer, recorded_ms)
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    &[
+                        &agent_id,
+                        &epoch_bits,
+                        &(seq as i64),
+                        &writer,
+                        &crate::now_unix_ms(),
+                    ],
+                )
+                .await?;
+            }
             tx.commit().await?;
             Ok(true)
+        })
+    }
+
+    fn metric_batch_writer<'a>(
+        &'a self,
+        agent_id: &'a str,
+        epoch: u64,
+        seq: u64,
+    ) -> StoreFuture<'a, Option<String>> {
+        Box::pin(async move {
+            let c = self.client().await?;
+            let row = query_opt(
+                &c,
+                "SELECT writer FROM metric_batch_writers WHERE agent_id = $1 AND epoch = $2 AND seq = $3",
+                &[&agent_id, &(epoch as i64), &(seq as i64)],
+            )
+            .await?;
+            Ok(match row {
+                Some(r) => Some(r.try_get(0)?),
+                None => None,
+            })
         })
     }
 

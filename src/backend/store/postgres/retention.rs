@@ -31,6 +31,12 @@ pub(super) async fn prune(c: &mut Client, r: &Retention) -> Result<Pruned, Store
         ..Pruned::default()
     };
     out.runs = prune_runs(c, r).await?;
+    execute(
+        &*c,
+        "DELETE FROM metric_batch_writers WHERE recorded_ms < $1",
+        &[&(crate::now_unix_ms() - crate::backend::store::WRITERS_KEPT_MS)],
+    )
+    .await?;
     // Container events: older than the retention, and beyond the newest
     // `container_events_per_agent` of each agent.
     out.container_events = execute(

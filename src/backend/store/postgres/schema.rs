@@ -153,6 +153,17 @@ const MIGRATIONS: &[&str] = &[
         reason TEXT NOT NULL,
         seen_ms BIGINT NOT NULL
     );",
+    // 3: which backend's JSON lines a metric batch sent again was written
+    // to, for the backend that wrote it before and was killed.
+    "CREATE TABLE metric_batch_writers (
+        agent_id TEXT NOT NULL,
+        epoch BIGINT NOT NULL,
+        seq BIGINT NOT NULL,
+        writer TEXT NOT NULL,
+        recorded_ms BIGINT NOT NULL,
+        PRIMARY KEY (agent_id, epoch, seq)
+    );
+    CREATE INDEX metric_batch_writers_recorded ON metric_batch_writers (recorded_ms);",
 ];
 
 /// The schema version this build writes.

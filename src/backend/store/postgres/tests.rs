@@ -106,7 +106,7 @@ async fn racing_replicas_record_each_metric_batch_once() {
                 // Each lane sends the seqs in another order.
                 for i in 0..N {
                     let seq = if lane % 2 == 0 { i + 1 } else { N - i };
-                    if store.record_metric_batch("a1", 7, seq).await.unwrap() {
+                    if store.record_metric_batch("a1", 7, seq, None).await.unwrap() {
                         won += 1;
                     }
                 }

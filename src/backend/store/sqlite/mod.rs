@@ -691,7 +691,14 @@ impl Store for SqliteStore {
         self.read(|c| metric_batch_state_in(c, agent_id, epoch, seq))
     }
 
-    fn record_metric_batch(&self, agent_id: &str, epoch: u64, seq: u64) -> StoreFuture<'_, bool> {
+    fn record_metric_batch(
+        &self,
+        agent_id: &str,
+        epoch: u64,
+        seq: u64,
+        // One backend holds the store: no other wrote the batch.
+        _writer: Option<&str>,
+    ) -> StoreFuture<'_, bool> {
         self.ready(|c| {
             let tx = c.transaction()?;
             if metric_batch_state_in(&tx, agent_id, epoch, seq)? != BatchSeq::New {
@@ -973,7 +980,7 @@ mod tests {
         {
             let s = SqliteStore::open(dir.path()).unwrap();
             for seq in [1, 2, 4] {
-                assert!(s.record_metric_batch("a", 3, seq).await.unwrap());
+                assert!(s.record_metric_batch("a", 3, seq, None).await.unwrap());
             }
         }
         let s = SqliteStore::open(dir.path()).unwrap();
