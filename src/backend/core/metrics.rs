@@ -77,29 +77,63 @@ impl Drop for InFlight {
 }
 
 impl Core {
-    /// Forgets the batches the JSON lines remember as written and not
-    /// recorded that the store did record (an earlier start was killed
-    /// after recording them). Run at start; the rest wait for their
-    /// agents to send them again.
+    /// Settles the batches the JSON lines remember as written by an
+    /// earlier start and not known to be recorded. Run at start.
+    ///
+    /// - Recorded, with another backend's writer: a copy (this backend was
+    ///   killed between writing and recording it, and its agent sent it
+    ///   again to a backend sharing the store): its lines are removed.
+    /// - Recorded otherwise: by the earlier start; forgotten.
+    /// - Not recorded: recorded now, as written here, so that the agent's
+    ///   next try is answered as stored wherever it lands.
     pub async fn settle_unrecorded_batches(&self) -> Result<(), crate::backend::store::StoreError> {
         let keys = self.sinks.unrecorded();
-        let (mut recorded, total) = (0usize, keys.len());
+        let mine = self.sinks.writer().map(str::to_string);
+        let (mut recorded, mut recorded_now, total) = (0usize, 0usize, keys.len());
+        let mut copies = Vec::new();
         for key in keys {
-            if self
+            let state = self
                 .store
                 .metric_batch_state(&key.agent, key.epoch, key.seq)
-                .await?
-                == BatchSeq::Seen
+                .await?;
+            if state == BatchSeq::New
+                && self
+                    .store
+                    .record_metric_batch(&key.agent, key.epoch, key.seq, mine.as_deref())
+                    .await?
             {
                 self.sinks.recorded(&key);
-                recorded += 1;
+                recorded_now += 1;
+                continue;
+            }
+            if state == BatchSeq::Seen || state == BatchSeq::New {
+                let writer = self
+                    .store
+                    .metric_batch_writer(&key.agent, key.epoch, key.seq)
+                    .await?;
+                if writer.is_some() && writer != mine {
+                    copies.push(key);
+                } else {
+                    self.sinks.recorded(&key);
+                    recorded += 1;
+                }
             }
         }
+        let (removed, left) = match self.sinks.remove_copies(&copies) {
+            Ok(counts) => counts,
+            Err(e) => {
+                tracing::warn!(error = %e, copies = copies.len(), "cannot remove the JSON lines of metric batches another backend wrote too; they stay");
+                (0, copies.len())
+            }
+        };
         if total > 0 {
             tracing::info!(
                 recorded,
                 unrecorded = total - recorded,
-                "metric batches written by an earlier start: those not recorded are recorded, not written again, when their agents send them"
+                recorded_now,
+                copies_removed = removed,
+                copies_left = left,
+                "metric batches written by an earlier start: those not recorded are recorded now, and the lines of those another backend wrote too are removed"
             );
         }
         Ok(())
@@ -115,11 +149,16 @@ impl Core {
         agent: &str,
         epoch: u64,
         seq: u64,
+        writer: Option<&str>,
     ) -> Result<bool, crate::backend::store::StoreError> {
         let deadline = tokio::time::Instant::now() + RECORD_RETRY_FOR;
         let mut wait = Duration::from_millis(50);
         loop {
-            match self.store.record_metric_batch(agent, epoch, seq).await {
+            match self
+                .store
+                .record_metric_batch(agent, epoch, seq, writer)
+                .await
+            {
                 Err(e @ crate::backend::store::StoreError::Unavailable { .. })
                     if tokio::time::Instant::now() + wait < deadline
                         && !*self.draining.borrow() =>
@@ -168,7 +207,7 @@ impl Core {
         req: proto::PushMetricsRequest,
     ) -> Result<proto::PushMetricsResponse, Status> {
         self.apply_ack(&agent, req.ack, true).await?;
-        let (epoch, seq) = (req.epoch, req.seq);
+        let (epoch, seq, resent) = (req.epoch, req.seq, req.resent);
         let store = &self.store;
         self.admit_epoch(&agent, "metrics", epoch, async {
             Ok(store.metric_batches(&agent, epoch).await? != (0, 0))
@@ -212,7 +251,10 @@ impl Core {
                     self.budgets.take(&agent, REJECTED_BATCHES)?;
                 }
                 if (1..=i64::MAX as u64).contains(&seq)
-                    && let Err(e) = self.store.record_metric_batch(&agent, epoch, seq).await
+                    && let Err(e) = self
+                        .store
+                        .record_metric_batch(&agent, epoch, seq, None)
+                        .await
                 {
                     tracing::warn!(%agent, epoch, seq, error = %e, "cannot record the seq of a rejected metric batch");
                 }
@@ -307,7 +349,11 @@ impl Core {
             // A crash or a store error here leaves the batch written and
             // not recorded: the JSON lines' ledger keeps it from being
             // written again when it is sent again to this backend.
-            match core.record_written_batch(&agent, epoch, seq).await {
+            // A batch sent again is recorded with the writer of the files
+            // it went to: a backend that wrote it before and was killed
+            // finds its copy at its next start.
+            let writer = if resent { core.sinks.writer() } else { None };
+            match core.record_written_batch(&agent, epoch, seq, writer).await {
                 Ok(true) => core.sinks.recorded(&key),
                 Ok(false) => {
                     core.sinks.recorded(&key);

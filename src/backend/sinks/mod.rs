@@ -69,8 +69,13 @@ pub const JSONL_FORGOTTEN: &str = "uplink_backend_metric_jsonl_unrecorded_forgot
 /// Bytes cut off at start: lines of batches an earlier start never entered
 /// in its ledger.
 pub const JSONL_CUT: &str = "uplink_backend_metric_jsonl_cut_bytes_total";
+/// Batches an earlier start wrote and did not record, that another backend
+/// sharing the store wrote too: removed from this backend's files at start.
+pub const JSONL_COPIES_REMOVED: &str = "uplink_backend_metric_jsonl_copies_removed_total";
+/// Such batches whose lines were in an older file: left there.
+pub const JSONL_COPIES_LEFT: &str = "uplink_backend_metric_jsonl_copies_left_total";
 
-const OWN: [&str; 17] = [
+const OWN: [&str; 19] = [
     BATCHES,
     SAMPLES,
     DUPLICATES,
@@ -88,6 +93,8 @@ const OWN: [&str; 17] = [
     JSONL_UNRECORDED,
     JSONL_FORGOTTEN,
     JSONL_CUT,
+    JSONL_COPIES_REMOVED,
+    JSONL_COPIES_LEFT,
 ];
 
 /// Why a metric batch was refused: the `reason` label of
@@ -344,6 +351,20 @@ impl Sinks {
         Ok(())
     }
 
+    /// The JSON lines' writer id, when they are written.
+    pub fn writer(&self) -> Option<&str> {
+        self.jsonl.as_ref().map(|j| j.writer())
+    }
+
+    /// Removes the lines of `copies` written by the earlier start (see
+    /// [`JsonLines::remove_copies`]): how many were removed and left.
+    pub fn remove_copies(&self, copies: &[BatchKey]) -> std::io::Result<(usize, usize)> {
+        match &self.jsonl {
+            Some(j) => j.remove_copies(copies),
+            None => Ok((0, 0)),
+        }
+    }
+
     /// `key` is recorded in the store: the sinks need not remember it.
     pub fn recorded(&self, key: &BatchKey) {
         if let Some(j) = &self.jsonl {
@@ -511,6 +532,18 @@ impl Sinks {
                 "counter",
                 "Bytes of JSON lines cut off at start: lines of batches an earlier start wrote but never entered in its ledger (never recorded).",
                 s.cut_bytes.load(Relaxed),
+            );
+            one(
+                JSONL_COPIES_REMOVED,
+                "counter",
+                "Metric batches an earlier start wrote and did not record, that another backend sharing the store wrote too: their lines removed at start.",
+                s.copies_removed.load(Relaxed),
+            );
+            one(
+                JSONL_COPIES_LEFT,
+                "counter",
+                "Such batches whose lines were in an older file: left there.",
+                s.copies_left.load(Relaxed),
             );
         }
         let _ = write!(

@@ -192,6 +192,119 @@ fn read_entries(text: &str) -> Entries {
     e
 }
 
+/// What [`drop_batches`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Dropped {
+    /// Batches whose lines were removed.
+    pub removed: Vec<BatchKey>,
+    /// Bytes removed.
+    pub bytes: u64,
+    /// Batches asked for whose lines begin in the file before: left as
+    /// they are.
+    pub left: Vec<BatchKey>,
+    /// Batches asked for that the ledger carries from an earlier file.
+    pub carried: Vec<BatchKey>,
+}
+
+/// Removes from `jsonl` the lines of the batches in `drop` (copies that
+/// another backend wrote too), and their ledger entries; the ends of the
+/// entries after them move back. `first_of_start`: the file is the first
+/// its start wrote, so its first batch begins in it.
+///
+/// Crash-safe: the new file and the new ledger are written whole beside
+/// them (`.jsonl.new`, `.batches.new`) and renamed in that order;
+/// [`finish_rewrites`] completes or undoes a rewrite a crash cut short.
+pub fn drop_batches(
+    jsonl: &Path,
+    drop: &std::collections::HashSet<BatchKey>,
+    first_of_start: bool,
+) -> io::Result<Dropped> {
+    let ledger = ledger_path(jsonl);
+    let text = String::from_utf8_lossy(&std::fs::read(&ledger)?).into_owned();
+    let lines = std::fs::read(jsonl)?;
+    let mut out = Dropped::default();
+    let (mut kept, mut new_ledger) = (Vec::with_capacity(lines.len()), String::new());
+    let mut prev_end = 0u64;
+    let mut first = true;
+    for line in text.split_inclusive('\n') {
+        let f: Vec<&str> = line.trim_end_matches('\n').split('\t').collect();
+        let entry = match f.as_slice() {
+            ["w", end, epoch, seq, agent] => end
+                .parse::<u64>()
+                .ok()
+                .zip(BatchKey::parse(epoch, seq, agent)),
+            _ => None,
+        };
+        let Some((end, key)) = entry else {
+            if let ["u", epoch, seq, agent] = f.as_slice()
+                && let Some(k) = BatchKey::parse(epoch, seq, agent)
+                && drop.contains(&k)
+            {
+                out.carried.push(k);
+            }
+            new_ledger.push_str(line);
+            continue;
+        };
+        let (start, stop) = (prev_end.min(end) as usize, (end as usize).min(lines.len()));
+        let whole = !first || first_of_start;
+        first = false;
+        prev_end = end;
+        if drop.contains(&key) && whole && start <= stop {
+            out.bytes += (stop - start) as u64;
+            out.removed.push(key);
+            continue;
+        }
+        if drop.contains(&key) {
+            out.left.push(key.clone());
+        }
+        kept.extend_from_slice(&lines[start.min(stop)..stop]);
+        new_ledger.push_str(&format!("w\t{}\t{}\n", kept.len(), key.fields()));
+    }
+    if out.removed.is_empty() {
+        return Ok(out);
+    }
+    // Bytes after the last entry (none once `recover` ran) stay.
+    kept.extend_from_slice(&lines[(prev_end as usize).min(lines.len())..]);
+    let (jsonl_new, ledger_new) = (
+        jsonl.with_extension("jsonl.new"),
+        ledger.with_extension("batches.new"),
+    );
+    write_synced(&jsonl_new, &kept)?;
+    write_synced(&ledger_new, new_ledger.as_bytes())?;
+    std::fs::rename(&jsonl_new, jsonl)?;
+    std::fs::rename(&ledger_new, &ledger)?;
+    Ok(out)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Completes the rewrites of [`drop_batches`] in `dir` that a crash cut
+/// short: a new ledger whose file was renamed into place is renamed too;
+/// a rewrite that had not renamed its file is thrown away.
+pub fn finish_rewrites(dir: &Path) -> io::Result<()> {
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let path = e.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(stem) = name.strip_suffix(".batches.new") else {
+            continue;
+        };
+        let jsonl_new = dir.join(format!("{stem}.jsonl.new"));
+        if jsonl_new.exists() {
+            std::fs::remove_file(&jsonl_new)?;
+            std::fs::remove_file(&path)?;
+        } else {
+            std::fs::rename(&path, dir.join(format!("{stem}.batches")))?;
+        }
+    }
+    Ok(())
+}
+
 /// What [`recover`] found and did.
 #[derive(Debug, Default)]
 pub struct Recovered {
@@ -203,6 +316,9 @@ pub struct Recovered {
     pub cut_files: Vec<PathBuf>,
     /// Ledger lines that were not entries.
     pub bad_lines: usize,
+    /// The files of earlier starts, newest first, each with whether it is
+    /// the first file of its start.
+    pub earlier: Vec<(PathBuf, bool)>,
 }
 
 /// Reads the newest ledgers among `files` (every `(stamp, n)` of a
@@ -212,6 +328,16 @@ pub struct Recovered {
 pub fn recover(mut files: Vec<((String, u64), PathBuf)>) -> io::Result<Recovered> {
     let mut r = Recovered::default();
     files.sort_unstable();
+    r.earlier = files
+        .iter()
+        .rev()
+        .map(|((stamp, n), p)| {
+            (
+                p.clone(),
+                !files.iter().any(|((s, m), _)| s == stamp && m < n),
+            )
+        })
+        .collect();
     // Newest first, while each file has its ledger (files of a version
     // without ledgers are left alone).
     let mut newest = true;
@@ -333,5 +459,67 @@ mod tests {
             (e.carried, e.written, e.bad),
             (vec![key(2)], vec![key(3)], 0)
         );
+    }
+
+    #[test]
+    fn copies_are_cut_out_and_the_entries_after_them_move_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // Batch 1 (began in the file before), 2, 3 and 4; a carried 9.
+        let f = jsonl(d, "20200101T000000Z", 2, "1b\n2\n2\n3\n4\n");
+        std::fs::write(
+            ledger_path(&f.1),
+            "u\t7\t9\tagt_1\nw\t3\t7\t1\tagt_1\nw\t7\t7\t2\tagt_1\nw\t9\t7\t3\tagt_1\nw\t11\t7\t4\tagt_1\n",
+        )
+        .unwrap();
+        let drop = [key(1), key(2), key(4), key(9), key(5)]
+            .into_iter()
+            .collect();
+        let d1 = drop_batches(&f.1, &drop, false).unwrap();
+        assert_eq!((d1.removed, d1.bytes), (vec![key(2), key(4)], 6));
+        // 1 began in the file before, 9 is in an older file, 5 is nowhere.
+        assert_eq!((d1.left, d1.carried), (vec![key(1)], vec![key(9)]));
+        assert_eq!(std::fs::read_to_string(&f.1).unwrap(), "1b\n3\n");
+        let e = read_entries(&std::fs::read_to_string(ledger_path(&f.1)).unwrap());
+        assert_eq!(
+            (e.carried, e.written, e.last_end),
+            (vec![key(9)], vec![key(1), key(3)], Some(5))
+        );
+        // The first file of a start holds its first batch whole.
+        let d2 = drop_batches(&f.1, &[key(1)].into_iter().collect(), true).unwrap();
+        assert_eq!((d2.removed, d2.bytes), (vec![key(1)], 3));
+        assert_eq!(std::fs::read_to_string(&f.1).unwrap(), "3\n");
+        assert!(!d.join("metrics-20200101T000000Z-000002.jsonl.new").exists());
+    }
+
+    #[test]
+    fn a_rewrite_cut_short_is_finished_or_thrown_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // Cut short after the file's rename: the new ledger goes in.
+        let a = jsonl(d, "20200101T000000Z", 1, "kept\n");
+        std::fs::write(ledger_path(&a.1), "w\t9\t7\t1\tagt_1\nw\t14\t7\t2\tagt_1\n").unwrap();
+        std::fs::write(a.1.with_extension("batches.new"), "w\t5\t7\t2\tagt_1\n").unwrap();
+        // Cut short before it: both new files go.
+        let b = jsonl(d, "20200101T000000Z", 2, "old\n");
+        std::fs::write(ledger_path(&b.1), "w\t4\t7\t3\tagt_1\n").unwrap();
+        std::fs::write(b.1.with_extension("jsonl.new"), "").unwrap();
+        std::fs::write(b.1.with_extension("batches.new"), "").unwrap();
+        finish_rewrites(d).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(ledger_path(&a.1)).unwrap(),
+            "w\t5\t7\t2\tagt_1\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(ledger_path(&b.1)).unwrap(),
+            "w\t4\t7\t3\tagt_1\n"
+        );
+        assert_eq!(std::fs::read_to_string(&b.1).unwrap(), "old\n");
+        let left: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".new"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }

@@ -128,6 +128,11 @@ pub struct JsonlStats {
     /// Bytes of lines cut off at start: batches written by an earlier start
     /// that were never recorded.
     pub cut_bytes: AtomicU64,
+    /// Batches an earlier start wrote and did not record, that another
+    /// backend sharing the store wrote too: removed at start.
+    pub copies_removed: AtomicU64,
+    /// Such batches left in place (their lines are in an older file).
+    pub copies_left: AtomicU64,
 }
 
 struct Job {
@@ -150,6 +155,48 @@ pub struct JsonLines {
     dir: PathBuf,
     /// Batches written and not known to be recorded.
     unrecorded: Arc<Mutex<Unrecorded>>,
+    /// This directory's writer id (`writer-id` in it), the same at every
+    /// start: which backend's files hold a batch, for backends sharing a
+    /// store.
+    writer: String,
+    /// The files of earlier starts, newest first, each with whether it
+    /// was the first of its start.
+    earlier: Vec<(PathBuf, bool)>,
+}
+
+/// The longest writer id read from `writer-id`.
+const MAX_WRITER_ID: usize = 64;
+
+/// Reads the directory's writer id, or makes one.
+fn writer_id(dir: &Path) -> Result<String, OpenError> {
+    let path = dir.join("writer-id");
+    let bad = |source: io::Error| OpenError {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let id = text.trim();
+            if id.is_empty()
+                || id.len() > MAX_WRITER_ID
+                || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return Err(bad(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "not a writer id (1 to 64 letters, digits and _); remove the file and a new one is made",
+                )));
+            }
+            Ok(id.to_string())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let id = crate::secret::random_hex("jw_", 8);
+            let tmp = dir.join("writer-id.tmp");
+            std::fs::write(&tmp, format!("{id}\n")).map_err(bad)?;
+            std::fs::rename(&tmp, &path).map_err(bad)?;
+            Ok(id)
+        }
+        Err(e) => Err(bad(e)),
+    }
 }
 
 impl JsonLines {
@@ -162,6 +209,11 @@ impl JsonLines {
         })?;
         let stats = Arc::new(JsonlStats::default());
         let dir = cfg.dir.clone();
+        let writer_id = writer_id(&dir)?;
+        ledger::finish_rewrites(&dir).map_err(|source| OpenError {
+            path: dir.clone(),
+            source,
+        })?;
         let files = std::fs::read_dir(&dir)
             .map_err(|source| OpenError {
                 path: dir.clone(),
@@ -187,6 +239,7 @@ impl JsonLines {
             );
         }
         stats.cut_bytes.store(recovered.cut_bytes, Relaxed);
+        let earlier = recovered.earlier;
         let unrecorded = Arc::new(Mutex::new(recovered.unrecorded));
         let mut writer = Writer {
             stamp: utc_stamp(start_unix_ms),
@@ -219,7 +272,47 @@ impl JsonLines {
             stats,
             dir,
             unrecorded,
+            writer: writer_id,
+            earlier,
         })
+    }
+
+    /// This directory's writer id.
+    pub fn writer(&self) -> &str {
+        &self.writer
+    }
+
+    /// Removes the lines of `copies` (batches an earlier start wrote and
+    /// did not record, that another backend wrote too) from the files of
+    /// earlier starts, newest first. Run at start, before anything of this
+    /// start reads those files. Returns how many were removed, and how
+    /// many were left (their lines begin in the file before the one that
+    /// ends them). One found in no file was removed by an earlier start,
+    /// or its file is gone.
+    pub fn remove_copies(&self, copies: &[BatchKey]) -> io::Result<(usize, usize)> {
+        let mut todo: std::collections::HashSet<BatchKey> = copies.iter().cloned().collect();
+        let (mut removed, mut left) = (0, 0);
+        for (file, first_of_start) in &self.earlier {
+            if todo.is_empty() {
+                break;
+            }
+            if !ledger::ledger_path(file).exists() {
+                continue;
+            }
+            let d = ledger::drop_batches(file, &todo, *first_of_start)?;
+            removed += d.removed.len();
+            left += d.left.len();
+            for k in d.removed.iter().chain(&d.left) {
+                todo.remove(k);
+            }
+        }
+        self.stats.copies_removed.fetch_add(removed as u64, Relaxed);
+        self.stats.copies_left.fetch_add(left as u64, Relaxed);
+        let mut u = self.unrecorded();
+        for k in copies {
+            u.remove(k);
+        }
+        Ok((removed, left))
     }
 
     fn unrecorded(&self) -> std::sync::MutexGuard<'_, Unrecorded> {
