@@ -1,26 +1,49 @@
-//! Command dispatch latency on each rung, over loopback TLS.
+//! Command dispatch latency on each rung, over loopback TLS: one backend
+//! on SQLite, one backend on PostgreSQL, and two backends sharing one
+//! PostgreSQL database with the command queued on one and the agent on
+//! the other.
 //!
-//! One dispatch: the backend enqueues a `Ping` for an agent and waits until
-//! that agent's ack for it reaches the backend. The measured path is
+//! One dispatch: a backend enqueues a `Ping` for an agent and waits until
+//! that agent's ack for it reaches the backend holding the agent. The
+//! measured path is
 //!
 //! ```text
-//! enqueue (SQLite) -> wake the agent's stream / held poll -> TLS -> agent
-//!   -> journal append + fsync -> ack in a Report (and, long-polling, in
-//!   the next Poll) -> TLS -> backend stores the ack (SQLite)
+//! enqueue (store commit) -> wake the agent's stream / held poll -> TLS
+//!   -> agent -> journal append + fsync -> ack in a Report (and,
+//!   long-polling, in the next Poll) -> TLS -> backend stores the ack
 //! ```
 //!
-//! The backend and two agents (one on the gRPC rung, one long-polling) run
-//! in-process on one multi-thread tokio runtime, each with its own state in
-//! a temporary directory.
+//! Three setups, each with two agents (one on the gRPC rung, one
+//! long-polling) and its own state:
 //!
-//! Output: the criterion group `dispatch` (functions `grpc` and `longpoll`),
-//! then a percentile table (criterion reports no percentiles) over
-//! `UPLINK_BENCH_DISPATCHES` dispatches per rung (default 2000) after a
-//! warm-up of 200, and, for comparison, the cost of the journal's
-//! append + fsync alone on the same filesystem.
+//! - `sqlite`: one backend on its SQLite file (criterion functions `grpc`
+//!   and `longpoll`);
+//! - `postgres`: one backend on a PostgreSQL database (`pg_grpc`,
+//!   `pg_longpoll`);
+//! - `replicas`: backends A and B on another database of the same server,
+//!   the agents connected to B, every command queued through A
+//!   (`pg_cross_grpc`, `pg_cross_longpoll`). B hears of the command through
+//!   the database's `LISTEN`/`NOTIFY`; the ack is awaited on B.
 //!
-//! All state lives in a temporary directory under `UPLINK_BENCH_DIR`
-//! (default: the system's temporary directory).
+//! PostgreSQL is Debian's server, started on a loopback port in a
+//! temporary directory of its own (`uplink_testkit::postgres`, `fsync=off`)
+//! and stopped at the end. Backends and agents run in-process on one
+//! multi-thread tokio runtime, each with its own state in a temporary
+//! directory.
+//!
+//! Output: the criterion group `dispatch`, then a percentile table
+//! (criterion reports no percentiles) over `UPLINK_BENCH_DISPATCHES`
+//! dispatches per function (default 2000) after a warm-up of 200, the
+//! functions taking turns by blocks of 100 (each after 5 unmeasured) so
+//! that load on the machine falls on all of them alike, each p99 also as
+//! a multiple of the SQLite p99 on its rung, with the time the enqueue
+//! call alone took (its part of the dispatch); and, for comparison, the
+//! cost of the journal's append + fsync alone on the same filesystem.
+//!
+//! `UPLINK_BENCH_SETUPS` (comma-separated, default
+//! `sqlite,postgres,replicas`) picks the setups. All state lives in a
+//! temporary directory under `UPLINK_BENCH_DIR` (default: the system's
+//! temporary directory).
 //!
 //! Run: `cargo bench --bench dispatch`.
 
@@ -35,29 +58,120 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use uplink::agent::{self, AgentConfig, AgentError, TransportMode};
-use uplink::tls::Trust;
-use uplink_testkit::bench::{BenchBackend, bench_dir, stopped};
-use uplink_testkit::measure::{Distribution, count_from_env};
+use uplink::backend::store::DatabaseUrl;
+use uplink::backend::{BackendConfig, Core};
+use uplink::proto::{CommandSpec, EnqueueCommandRequest, Ping, command_spec};
+use uplink::secret::{Kind, Secret};
+use uplink_testkit::TestBackend;
+use uplink_testkit::bench::{bench_dir, stopped};
+use uplink_testkit::measure::{Distribution, count_from_env, load_average};
+use uplink_testkit::postgres::Postgres;
 
-/// Dispatches per rung in the percentile pass, unless overridden.
+/// Dispatches per function in the percentile pass, unless overridden.
 const DEFAULT_DISPATCHES: usize = 2000;
-/// Dispatches per rung before the percentile pass starts measuring.
+/// Dispatches per function before the percentile pass starts measuring.
 const WARM_UP_DISPATCHES: usize = 200;
+/// Measured dispatches of one function before the next takes its turn.
+const BLOCK: usize = 100;
+/// Unmeasured dispatches at the start of each block.
+const SETTLE: usize = 5;
 /// Appends measured for the journal fsync baseline.
 const FSYNC_SAMPLES: usize = 500;
 /// Longest wait for one ack before the benchmark gives up.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest wait for both agents to enroll and connect.
+/// Longest wait for both agents of a setup to enroll and connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Environment variable overriding [`DEFAULT_DISPATCHES`].
 const DISPATCHES_ENV: &str = "UPLINK_BENCH_DISPATCHES";
+/// Environment variable naming the setups to measure.
+const SETUPS_ENV: &str = "UPLINK_BENCH_SETUPS";
 
 /// The rungs, in the order they are measured.
 const RUNGS: [TransportMode; 2] = [TransportMode::Grpc, TransportMode::Longpoll];
 
-/// A backend and one agent per rung, running.
-struct Bench {
-    backend: BenchBackend,
+/// Where the store is, and which backend queues the commands.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Setup {
+    /// One backend on SQLite.
+    Sqlite,
+    /// One backend on PostgreSQL.
+    Postgres,
+    /// Two backends on one PostgreSQL database: queued on A, agent on B.
+    Replicas,
+}
+
+const SETUPS: [Setup; 3] = [Setup::Sqlite, Setup::Postgres, Setup::Replicas];
+
+impl Setup {
+    /// Its name in `UPLINK_BENCH_SETUPS`, in its state dir and in messages.
+    fn name(self) -> &'static str {
+        match self {
+            Setup::Sqlite => "sqlite",
+            Setup::Postgres => "postgres",
+            Setup::Replicas => "replicas",
+        }
+    }
+
+    /// The criterion function measuring `rung` in this setup.
+    fn function(self, rung: TransportMode) -> String {
+        match self {
+            Setup::Sqlite => rung.name().to_string(),
+            Setup::Postgres => format!("pg_{}", rung.name()),
+            Setup::Replicas => format!("pg_cross_{}", rung.name()),
+        }
+    }
+
+    fn uses_postgres(self) -> bool {
+        self != Setup::Sqlite
+    }
+
+    /// The setups `UPLINK_BENCH_SETUPS` names, in measuring order; all of
+    /// them when it is not set.
+    fn from_env() -> Vec<Setup> {
+        let Ok(v) = std::env::var(SETUPS_ENV) else {
+            return SETUPS.to_vec();
+        };
+        let wanted: Vec<&str> = v
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        for w in &wanted {
+            assert!(
+                SETUPS.iter().any(|s| s.name() == *w),
+                "{SETUPS_ENV}={v:?}: {w:?} is not one of sqlite, postgres, replicas"
+            );
+        }
+        SETUPS
+            .into_iter()
+            .filter(|s| wanted.contains(&s.name()))
+            .collect()
+    }
+}
+
+/// The backend settings of every setup: generated CA, known tokens, a 2 s
+/// grace, defaults otherwise; on `database` when given.
+fn backend_config(dir: &Path, database: Option<&str>) -> BackendConfig {
+    let mut cfg = BackendConfig::new(dir);
+    cfg.hostnames = vec!["127.0.0.1".into(), "localhost".into()];
+    cfg.admin_token = Some(Secret::generate(Kind::Admin));
+    cfg.enroll_token = Some(Secret::generate(Kind::Enrollment));
+    cfg.grace = Duration::from_secs(2);
+    cfg.database =
+        database.map(|url| DatabaseUrl::parse(url, "--database").expect("a database URL"));
+    cfg
+}
+
+async fn start_backend(cfg: BackendConfig) -> TestBackend {
+    TestBackend::start_with(cfg, "127.0.0.1:0".parse().expect("an address")).await
+}
+
+/// The backends of one setup and one agent per rung, running.
+struct Deployment {
+    setup: Setup,
+    /// Commands are queued through the first; the agents are on the last
+    /// (the same backend but in [`Setup::Replicas`]).
+    backends: Vec<TestBackend>,
     /// Agent ids, in the order of [`RUNGS`].
     agents: Vec<String>,
     stop_agents: watch::Sender<bool>,
@@ -68,20 +182,39 @@ fn hostname(mode: TransportMode) -> String {
     format!("bench-{}", mode.name())
 }
 
-impl Bench {
-    async fn start(dir: &Path) -> Bench {
-        let backend = BenchBackend::start(&dir.join("backend")).await;
-        let url = uplink::client::parse_backend_url(&backend.url).expect("backend URL");
+impl Deployment {
+    /// Starts `setup` with its state under `dir`, its database (if any) on
+    /// `pg`.
+    async fn start(setup: Setup, dir: &Path, pg: Option<&Postgres>) -> Deployment {
+        let dir = dir.join(setup.name());
+        let mut database = None;
+        if setup.uses_postgres() {
+            let pg = pg.expect("PostgreSQL is running");
+            database = Some(pg.fresh_database().await);
+        }
+        let mut backends = Vec::new();
+        match setup {
+            Setup::Sqlite | Setup::Postgres => {
+                let cfg = backend_config(&dir.join("backend"), database.as_deref());
+                backends.push(start_backend(cfg).await);
+            }
+            Setup::Replicas => {
+                // B shares A's tokens and database; its data dir is its own.
+                let a = backend_config(&dir.join("a"), database.as_deref());
+                let mut b = a.clone();
+                b.data_dir = dir.join("b");
+                backends.push(start_backend(a).await);
+                backends.push(start_backend(b).await);
+            }
+        }
+        let home = backends.last().expect("a backend");
         let (stop_agents, rx) = watch::channel(false);
         let mut agent_tasks = Vec::new();
         for mode in RUNGS {
             let mut acfg =
-                AgentConfig::new(url.clone(), dir.join(format!("agent-{}", mode.name())));
-            acfg.token = Some(backend.enroll_token.clone());
-            acfg.trust = Trust {
-                ca_files: vec![backend.ca.clone()],
-                skip_os_store: true,
-            };
+                AgentConfig::new(home.url.clone(), dir.join(format!("agent-{}", mode.name())));
+            acfg.token = Some(home.enroll_token.clone());
+            acfg.trust = home.trust();
             acfg.transport = mode;
             acfg.hostname = hostname(mode);
             acfg.grace = Duration::from_secs(2);
@@ -91,7 +224,7 @@ impl Bench {
         // Both agents enroll, then open their stream or first held poll.
         let started = Instant::now();
         let agents = loop {
-            let list = backend
+            let list = home
                 .core
                 .list_agents(Default::default())
                 .await
@@ -114,43 +247,78 @@ impl Bench {
                     .map(|a| format!("{} (connected: {})", a.hostname, a.connected))
                     .collect();
                 panic!(
-                    "the bench agents did not both connect within {CONNECT_TIMEOUT:?}; the backend knows: [{}]",
+                    "the {} bench agents did not both connect within {CONNECT_TIMEOUT:?}; the backend knows: [{}]",
+                    setup.name(),
                     seen.join(", ")
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        Bench {
-            backend,
+        Deployment {
+            setup,
+            backends,
             agents,
             stop_agents,
             agent_tasks,
         }
     }
 
+    /// The backend commands are queued through.
+    fn queue(&self) -> &Core {
+        &self.backends[0].core
+    }
+
+    /// The backend holding the agents' connections.
+    fn home(&self) -> &Core {
+        &self.backends[self.backends.len() - 1].core
+    }
+
     /// One dispatch to `agent`: enqueue a ping, wait for its ack. Returns the
-    /// time from just before the enqueue to the ack's arrival.
-    async fn dispatch(&self, agent: &str) -> Duration {
+    /// time from just before the enqueue to the ack's arrival, and the part
+    /// of it the enqueue took.
+    async fn dispatch(&self, agent: &str) -> (Duration, Duration) {
         let start = Instant::now();
-        let (_, seq) = self.backend.enqueue_ping(agent).await;
-        if tokio::time::timeout(ACK_TIMEOUT, self.backend.core.wait_acked(agent, seq))
+        let seq = enqueue_ping(self.queue(), agent).await;
+        let queued = start.elapsed();
+        if tokio::time::timeout(ACK_TIMEOUT, self.home().wait_acked(agent, seq))
             .await
             .is_err()
         {
-            panic!("agent {agent} did not ack command seq {seq} within {ACK_TIMEOUT:?}");
+            panic!(
+                "{}: agent {agent} did not ack command seq {seq} within {ACK_TIMEOUT:?}",
+                self.setup.name()
+            );
         }
-        start.elapsed()
+        (start.elapsed(), queued)
     }
 
     /// Stops the agents (letting their last reports through), then the
-    /// backend, and waits for all of them.
+    /// backends, and waits for all of them.
     async fn shutdown(self) {
         let _ = self.stop_agents.send(true);
         for t in self.agent_tasks {
             t.await.expect("agent task panicked").expect("agent failed");
         }
-        self.backend.shutdown().await;
+        for b in self.backends.into_iter().rev() {
+            b.stop().await;
+        }
     }
+}
+
+/// Queues a ping for `agent` on `core`; returns its seq.
+async fn enqueue_ping(core: &Core, agent: &str) -> u64 {
+    core.enqueue(EnqueueCommandRequest {
+        agent_id: agent.to_string(),
+        spec: Some(CommandSpec {
+            kind: Some(command_spec::Kind::Ping(Ping::default())),
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("enqueue failed")
+    .command
+    .expect("enqueue returned no command")
+    .seq
 }
 
 fn ms(d: Duration) -> String {
@@ -178,15 +346,70 @@ fn fsync_baseline(dir: &Path, samples: usize) -> Distribution {
     Distribution::new(out)
 }
 
+/// One measured path: a setup's agent on one rung.
+struct Measured<'a> {
+    deployment: &'a Deployment,
+    rung: TransportMode,
+    agent: &'a str,
+}
+
+/// Dispatches on every path, `warm_up` unmeasured, then `n` measured in
+/// blocks of [`BLOCK`], the paths taking turns by block. Each block starts
+/// with [`SETTLE`] unmeasured dispatches, so that what the previous path
+/// left running (its last result stored, its store's notifications) is
+/// not counted against this one. Per path: the dispatches, and their
+/// enqueues alone.
+async fn percentiles(
+    paths: &[Measured<'_>],
+    warm_up: usize,
+    n: usize,
+) -> Vec<(Distribution, Distribution)> {
+    for p in paths {
+        for _ in 0..warm_up {
+            p.deployment.dispatch(p.agent).await;
+        }
+    }
+    let mut samples: Vec<(Vec<Duration>, Vec<Duration>)> = paths
+        .iter()
+        .map(|_| (Vec::with_capacity(n), Vec::with_capacity(n)))
+        .collect();
+    let mut left = n;
+    while left > 0 {
+        let block = left.min(BLOCK);
+        for (p, (total, queued)) in paths.iter().zip(&mut samples) {
+            for _ in 0..SETTLE {
+                p.deployment.dispatch(p.agent).await;
+            }
+            for _ in 0..block {
+                let (t, q) = p.deployment.dispatch(p.agent).await;
+                total.push(t);
+                queued.push(q);
+            }
+        }
+        left -= block;
+    }
+    samples
+        .into_iter()
+        .map(|(t, q)| (Distribution::new(t), Distribution::new(q)))
+        .collect()
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` does not (and
     // `cargo bench -- --test` adds `--test`): criterion then runs each
     // function once, so keep the extra pass small. `--list` only lists.
     let args: Vec<String> = std::env::args().collect();
     let has = |flag: &str| args.iter().any(|a| a == flag);
-    let (dispatches, warm_up, fsync_samples) = if has("--list") {
-        (0, 0, 0)
-    } else if has("--bench") && !has("--test") {
+    let setups = Setup::from_env();
+    if has("--list") {
+        for setup in &setups {
+            for rung in RUNGS {
+                println!("dispatch/{}: benchmark", setup.function(rung));
+            }
+        }
+        return;
+    }
+    let (dispatches, warm_up, fsync_samples) = if has("--bench") && !has("--test") {
         (
             count_from_env(DISPATCHES_ENV, DEFAULT_DISPATCHES as u64) as usize,
             WARM_UP_DISPATCHES,
@@ -197,11 +420,32 @@ fn main() {
     };
 
     let runtime = Runtime::new().expect("cannot build the tokio runtime");
-    // Where the backend's store and the agents' state live: the system's
+    // Where the backends' stores and the agents' state live: the system's
     // temporary directory unless `UPLINK_BENCH_DIR` names another place
     // (e.g. a tmpfs, to see what the disk costs).
     let dir = bench_dir("uplink-bench-");
-    let bench = runtime.block_on(Bench::start(dir.path()));
+    let pg = setups
+        .iter()
+        .any(|s| s.uses_postgres())
+        .then(|| runtime.block_on(Postgres::start()));
+    let load_before = load_average();
+    let deployments: Vec<Deployment> = setups
+        .iter()
+        .map(|s| runtime.block_on(Deployment::start(*s, dir.path(), pg.as_ref())))
+        .collect();
+    let paths: Vec<Measured> = deployments
+        .iter()
+        .flat_map(|d| {
+            RUNGS
+                .iter()
+                .zip(&d.agents)
+                .map(move |(rung, agent)| Measured {
+                    deployment: d,
+                    rung: *rung,
+                    agent,
+                })
+        })
+        .collect();
 
     let mut criterion = Criterion::default()
         .sample_size(50)
@@ -210,13 +454,13 @@ fn main() {
         .configure_from_args();
     {
         let mut group = criterion.benchmark_group("dispatch");
-        for (mode, agent) in RUNGS.iter().zip(&bench.agents) {
-            group.bench_function(mode.name(), |b| {
+        for p in &paths {
+            group.bench_function(p.deployment.setup.function(p.rung), |b| {
                 b.iter_custom(|iters| {
                     runtime.block_on(async {
                         let mut total = Duration::ZERO;
                         for _ in 0..iters {
-                            total += bench.dispatch(agent).await;
+                            total += p.deployment.dispatch(p.agent).await.0;
                         }
                         total
                     })
@@ -228,44 +472,56 @@ fn main() {
     criterion.final_summary();
 
     if dispatches > 0 {
-        let mut rows = Vec::new();
-        for (mode, agent) in RUNGS.iter().zip(&bench.agents) {
-            let samples = runtime.block_on(async {
-                for _ in 0..warm_up {
-                    bench.dispatch(agent).await;
-                }
-                let mut samples = Vec::with_capacity(dispatches);
-                for _ in 0..dispatches {
-                    samples.push(bench.dispatch(agent).await);
-                }
-                samples
-            });
-            rows.push((mode.name(), Distribution::new(samples)));
-        }
+        let dists = runtime.block_on(percentiles(&paths, warm_up, dispatches));
         let fsync = fsync_baseline(dir.path(), fsync_samples);
 
         println!();
         println!(
-            "dispatch latency, enqueue to ack at the backend: {dispatches} dispatches per rung after {warm_up} warm-up"
+            "dispatch latency, enqueue to ack at the agent's backend: {dispatches} dispatches per function after {warm_up} warm-up, functions taking turns by blocks of {BLOCK}"
         );
         println!(
-            "{:<10} {:>7} {:>11} {:>11} {:>11} {:>11} {:>11}",
-            "rung", "n", "p50", "p90", "p99", "max", "mean"
+            "{:<18} {:>7} {:>11} {:>11} {:>11} {:>11} {:>11} {:>13} {:>13} {:>13}",
+            "function",
+            "n",
+            "p50",
+            "p90",
+            "p99",
+            "max",
+            "mean",
+            "p99 / sqlite",
+            "enqueue p50",
+            "enqueue p99"
         );
-        for (name, d) in &rows {
+        for (p, (d, queued)) in paths.iter().zip(&dists) {
+            let sqlite = paths
+                .iter()
+                .zip(&dists)
+                .find(|(q, _)| q.deployment.setup == Setup::Sqlite && q.rung == p.rung)
+                .map(|(_, (d, _))| d.percentile(99.0));
+            let ratio = sqlite
+                .map(|base| {
+                    format!(
+                        "{:.2}x",
+                        d.percentile(99.0).as_secs_f64() / base.as_secs_f64()
+                    )
+                })
+                .unwrap_or_default();
             println!(
-                "{:<10} {:>7} {:>11} {:>11} {:>11} {:>11} {:>11}",
-                name,
+                "{:<18} {:>7} {:>11} {:>11} {:>11} {:>11} {:>11} {:>13} {:>13} {:>13}",
+                p.deployment.setup.function(p.rung),
                 d.len(),
                 ms(d.percentile(50.0)),
                 ms(d.percentile(90.0)),
                 ms(d.percentile(99.0)),
                 ms(d.max()),
                 ms(d.mean()),
+                ratio,
+                ms(queued.percentile(50.0)),
+                ms(queued.percentile(99.0)),
             );
         }
         println!(
-            "{:<10} {:>7} {:>11} {:>11} {:>11} {:>11} {:>11}   (journal append + fsync alone, same filesystem)",
+            "{:<18} {:>7} {:>11} {:>11} {:>11} {:>11} {:>11}   (journal append + fsync alone, same filesystem)",
             "fsync",
             fsync.len(),
             ms(fsync.percentile(50.0)),
@@ -274,7 +530,17 @@ fn main() {
             ms(fsync.max()),
             ms(fsync.mean()),
         );
+        println!(
+            "load average (1, 5, 15 min): {load_before} at the start, {} at the end",
+            load_average()
+        );
     }
 
-    runtime.block_on(bench.shutdown());
+    drop(paths);
+    runtime.block_on(async {
+        for d in deployments {
+            d.shutdown().await;
+        }
+    });
+    drop(pg);
 }
