@@ -27,20 +27,27 @@ use crate::secret::Secret;
 /// The credential every task sends, shared; a clone is a handle on the
 /// same cell.
 #[derive(Clone)]
-pub(super) struct Credential(Arc<RwLock<Secret>>);
+pub(super) struct Credential(Arc<RwLock<(Secret, u64)>>);
 
 impl Credential {
     pub(super) fn new(secret: Secret) -> Self {
-        Credential(Arc::new(RwLock::new(secret)))
+        Credential(Arc::new(RwLock::new((secret, 0))))
     }
 
     /// The credential to send now.
     pub(super) fn get(&self) -> Secret {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.0.read().unwrap_or_else(|e| e.into_inner()).0.clone()
+    }
+
+    /// How many times it was replaced since start: a call refused as
+    /// unauthenticated while this moved may have carried the one before.
+    pub(super) fn generation(&self) -> u64 {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).1
     }
 
     fn set(&self, secret: Secret) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = secret;
+        let mut cell = self.0.write().unwrap_or_else(|e| e.into_inner());
+        *cell = (secret, cell.1 + 1);
     }
 }
 

@@ -167,6 +167,7 @@ impl Rungs {
         let mut preopened: Option<OpenStream> = None;
         loop {
             let rung = ladder.rung();
+            let generation = self.transport.credential.generation();
             let outcome = match rung {
                 Rung::Grpc => {
                     let (outcome, end) = self
@@ -222,7 +223,21 @@ impl Rungs {
                 Outcome::Broken(_) => retry.next_delay(),
                 Outcome::Failed(e) => {
                     crate::telemetry::reconnect(rung.name(), e.label());
-                    if e.needs_operator() {
+                    let rotated = self.transport.credential.generation() != generation;
+                    if rotated
+                        && e.kind
+                            == crate::client::FailureKind::Status(tonic::Code::Unauthenticated)
+                    {
+                        // The credential was replaced during the session: the
+                        // refused call may have carried the one before, which
+                        // stops working at the new one's first use.
+                        let d = retry.next_delay();
+                        tracing::info!(
+                            rung = rung.name(),
+                            "a call was refused just after the credential was replaced; retrying with the new one in {d:.1?}"
+                        );
+                        d
+                    } else if e.needs_operator() {
                         let d = super::jitter(self.cfg.operator_retry);
                         tracing::error!(
                             rung = rung.name(),
