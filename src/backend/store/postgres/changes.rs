@@ -37,7 +37,9 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// Changes held for the hub before the listener waits for it.
 const BUFFER: usize = 4096;
 
-/// The payload of a [`QUEUED`] notification.
+/// The payload of a [`QUEUED`] notification, as the store's enqueue
+/// statement writes it (`agent || ' ' || seq`).
+#[cfg(test)]
 pub(super) fn queued_payload(agent: &str, seq: i64) -> String {
     format!("{agent} {seq}")
 }

@@ -217,42 +217,98 @@ async fn execute<C: GenericClient>(
     Ok(c.execute(&st, params).await?)
 }
 
-/// Queues a command inside a transaction; None when the agent does not
-/// exist. Taking the seq locks the agent's row until the transaction
-/// ends, so racing enqueues (from any backend) take turns.
+/// Queues a command, in one statement (its own transaction, or part of
+/// the caller's); None when the agent does not exist. Taking the seq
+/// locks the agent's row until the transaction ends, so racing enqueues
+/// (from any backend) take turns; a statement that fails (a command id
+/// taken) rolls its seq back with it.
 async fn enqueue_in<C: GenericClient>(
-    tx: &C,
+    c: &C,
     agent_id: &str,
     id: &str,
     spec: &proto::CommandSpec,
     now: i64,
 ) -> Result<Option<proto::Command>, StoreError> {
+    // The notification is delivered to every backend listening when, and
+    // only if, the transaction commits; `changes` parses its payload.
     let Some(row) = query_opt(
-        tx,
-        "UPDATE agents SET next_seq = next_seq + 1 WHERE id = $1 RETURNING next_seq - 1",
-        &[&agent_id],
+        c,
+        "WITH taken AS (
+             UPDATE agents SET next_seq = next_seq + 1 WHERE id = $1 RETURNING next_seq - 1 AS seq
+         ), queued AS (
+             INSERT INTO commands (id, agent_id, seq, spec, created_ms)
+             SELECT $2, $1, seq, $3, $4 FROM taken RETURNING seq
+         )
+         SELECT seq, pg_notify($5, $1 || ' ' || seq)::TEXT FROM queued",
+        &[
+            &agent_id,
+            &id,
+            &spec.encode_to_vec(),
+            &now,
+            &changes::QUEUED,
+        ],
     )
     .await?
     else {
         return Ok(None);
     };
     let seq: i64 = row.try_get(0)?;
-    execute(
-        tx,
-        "INSERT INTO commands (id, agent_id, seq, spec, created_ms) VALUES ($1, $2, $3, $4, $5)",
-        &[&id, &agent_id, &seq, &spec.encode_to_vec(), &now],
-    )
-    .await?;
-    // Delivered to every backend listening when, and only if, the
-    // transaction commits.
-    let note = changes::queued_payload(agent_id, seq);
-    query(tx, "SELECT pg_notify($1, $2)", &[&changes::QUEUED, &note]).await?;
     Ok(Some(proto::Command {
         id: id.to_string(),
         seq: seq as u64,
         created_unix_ms: now,
         spec: Some(spec.clone()),
     }))
+}
+
+/// An ack of seqs this store never issued (lost commits, or a database
+/// restored from an older copy): the agent's word is taken for what it
+/// accepted, and new commands are numbered above its ack, so that none is
+/// mistaken for a duplicate. Returns the agent's ack as stored.
+async fn renumber_above(
+    mut c: deadpool_postgres::Client,
+    agent_id: &str,
+    ack: i64,
+    now: i64,
+) -> Result<u64, StoreError> {
+    let tx = c.transaction().await?;
+    let Some(row) = query_opt(
+        &tx,
+        "SELECT acked_seq, next_seq FROM agents WHERE id = $1 FOR NO KEY UPDATE",
+        &[&agent_id],
+    )
+    .await?
+    else {
+        return Ok(0);
+    };
+    let acked: i64 = row.try_get(0)?;
+    let next: i64 = row.try_get(1)?;
+    if ack <= acked {
+        return Ok(acked as u64);
+    }
+    execute(
+        &tx,
+        "UPDATE agents SET acked_seq = $2::BIGINT, next_seq = GREATEST(next_seq, $2::BIGINT + 1) WHERE id = $1",
+        &[&agent_id, &ack],
+    )
+    .await?;
+    execute(
+        &tx,
+        "UPDATE commands SET accepted_ms = $3
+         WHERE agent_id = $1 AND seq > $4 AND seq <= $2 AND accepted_ms = 0",
+        &[&agent_id, &ack, &now, &acked],
+    )
+    .await?;
+    tx.commit().await?;
+    if ack >= next {
+        tracing::warn!(
+            agent = agent_id,
+            ack,
+            issued = next - 1,
+            "agent acknowledges seqs this store never issued (lost commits or a restored database); numbering moves on above its ack"
+        );
+    }
+    Ok(ack as u64)
 }
 
 /// The cursor of `(agent, stream, epoch)` (0 when none).
@@ -587,11 +643,8 @@ impl Store for PostgresStore {
         now: i64,
     ) -> StoreFuture<'a, Option<proto::Command>> {
         Box::pin(async move {
-            let mut c = self.client().await?;
-            let tx = c.transaction().await?;
-            let command = enqueue_in(&tx, agent_id, id, spec, now).await?;
-            tx.commit().await?;
-            Ok(command)
+            let c = self.client().await?;
+            enqueue_in(&c, agent_id, id, spec, now).await
         })
     }
 
@@ -632,12 +685,29 @@ impl Store for PostgresStore {
 
     fn ack<'a>(&'a self, agent_id: &'a str, ack: u64, now: i64) -> StoreFuture<'a, u64> {
         Box::pin(async move {
-            let mut c = self.client().await?;
-            let tx = c.transaction().await?;
+            let c = self.client().await?;
+            let new = ack as i64;
+            // One statement for an ack within the seqs issued: move it
+            // forward and mark the commands it covers accepted. Most acks
+            // move nothing (every call repeats the agent's last one): then
+            // the statement writes and locks nothing. The range starts at
+            // the ack read before the move, which a racing ack may have
+            // moved since: the range is then wider than needed, and a
+            // command marked accepted keeps its first time.
             let Some(row) = query_opt(
-                &tx,
-                "SELECT acked_seq, next_seq FROM agents WHERE id = $1 FOR NO KEY UPDATE",
-                &[&agent_id],
+                &c,
+                "WITH before AS (
+                     SELECT acked_seq, next_seq FROM agents WHERE id = $1
+                 ), moved AS (
+                     UPDATE agents SET acked_seq = $2
+                     WHERE id = $1 AND acked_seq < $2 AND next_seq > $2 RETURNING 1
+                 ), accepted AS (
+                     UPDATE commands SET accepted_ms = $3
+                     WHERE agent_id = $1 AND seq > (SELECT acked_seq FROM before)
+                       AND seq <= $2 AND accepted_ms = 0 AND EXISTS (SELECT 1 FROM moved)
+                 )
+                 SELECT acked_seq, next_seq, EXISTS (SELECT 1 FROM moved) FROM before",
+                &[&agent_id, &new, &now],
             )
             .await?
             else {
@@ -645,51 +715,15 @@ impl Store for PostgresStore {
             };
             let acked: i64 = row.try_get(0)?;
             let next: i64 = row.try_get(1)?;
-            let new = ack as i64;
-            if new > next - 1 {
-                // The agent saw seqs this store no longer knows: commits
-                // were lost. Take the agent's word for what it accepted and
-                // number new commands above it, so none is mistaken for a
-                // duplicate.
-                execute(
-                    &tx,
-                    "UPDATE agents SET acked_seq = $2::BIGINT, next_seq = $2::BIGINT + 1 WHERE id = $1",
-                    &[&agent_id, &new],
-                )
-                .await?;
-                execute(
-                    &tx,
-                    "UPDATE commands SET accepted_ms = $3
-                     WHERE agent_id = $1 AND seq > $4 AND seq <= $2 AND accepted_ms = 0",
-                    &[&agent_id, &new, &now, &acked],
-                )
-                .await?;
-                tx.commit().await?;
-                tracing::warn!(
-                    agent = agent_id,
-                    ack,
-                    issued = next - 1,
-                    "agent acknowledges seqs this store never issued (lost commits or a restored database); numbering moves on above its ack"
-                );
+            let moved: bool = row.try_get(2)?;
+            if moved || (new > acked && new < next) {
+                // Moved here, or by a racing ack at least as far.
                 return Ok(ack);
             }
             if new <= acked {
                 return Ok(acked as u64);
             }
-            execute(
-                &tx,
-                "UPDATE agents SET acked_seq = $2 WHERE id = $1",
-                &[&agent_id, &new],
-            )
-            .await?;
-            execute(
-                &tx,
-                "UPDATE commands SET accepted_ms = $3 WHERE agent_id = $1 AND seq > $4 AND seq <= $2",
-                &[&agent_id, &new, &now, &acked],
-            )
-            .await?;
-            tx.commit().await?;
-            Ok(ack)
+            renumber_above(c, agent_id, new, now).await
         })
     }
 
