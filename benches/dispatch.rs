@@ -58,12 +58,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use uplink::agent::{self, AgentConfig, AgentError, TransportMode};
-use uplink::backend::store::DatabaseUrl;
 use uplink::backend::{BackendConfig, Core};
 use uplink::proto::{CommandSpec, EnqueueCommandRequest, Ping, command_spec};
-use uplink::secret::{Kind, Secret};
 use uplink_testkit::TestBackend;
-use uplink_testkit::bench::{bench_dir, stopped};
+use uplink_testkit::bench::{backend_config, bench_dir, stopped};
 use uplink_testkit::measure::{Distribution, count_from_env, load_average};
 use uplink_testkit::postgres::Postgres;
 
@@ -147,19 +145,6 @@ impl Setup {
             .filter(|s| wanted.contains(&s.name()))
             .collect()
     }
-}
-
-/// The backend settings of every setup: generated CA, known tokens, a 2 s
-/// grace, defaults otherwise; on `database` when given.
-fn backend_config(dir: &Path, database: Option<&str>) -> BackendConfig {
-    let mut cfg = BackendConfig::new(dir);
-    cfg.hostnames = vec!["127.0.0.1".into(), "localhost".into()];
-    cfg.admin_token = Some(Secret::generate(Kind::Admin));
-    cfg.enroll_token = Some(Secret::generate(Kind::Enrollment));
-    cfg.grace = Duration::from_secs(2);
-    cfg.database =
-        database.map(|url| DatabaseUrl::parse(url, "--database").expect("a database URL"));
-    cfg
 }
 
 async fn start_backend(cfg: BackendConfig) -> TestBackend {

@@ -32,13 +32,10 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use tokio::runtime::Runtime;
 
-use uplink::backend::BackendConfig;
-use uplink::backend::store::DatabaseUrl;
 use uplink::ctl::Admin;
 use uplink::proto::{AgentInfo, CommandSpec, EnrollRequest, Ping, command_spec};
-use uplink::secret::{Kind, Secret};
 use uplink_testkit::TestBackend;
-use uplink_testkit::bench::bench_dir;
+use uplink_testkit::bench::{backend_config, bench_dir};
 use uplink_testkit::measure::{Distribution, count_from_env, load_average};
 use uplink_testkit::postgres::Postgres;
 use uplink_testkit::throughput::median;
@@ -68,13 +65,7 @@ impl Setup {
     /// Starts a backend with its data dir in `dir`, its store in
     /// `database` when given, and enrolls an agent per caller.
     async fn start(store: &'static str, dir: &Path, database: Option<String>) -> Setup {
-        let mut cfg = BackendConfig::new(dir);
-        cfg.hostnames = vec!["127.0.0.1".into(), "localhost".into()];
-        cfg.admin_token = Some(Secret::generate(Kind::Admin));
-        cfg.enroll_token = Some(Secret::generate(Kind::Enrollment));
-        cfg.grace = Duration::from_secs(2);
-        cfg.database =
-            database.map(|url| DatabaseUrl::parse(&url, "--database").expect("a database URL"));
+        let cfg = backend_config(dir, database.as_deref());
         let backend =
             TestBackend::start_with(cfg, "127.0.0.1:0".parse().expect("an address")).await;
         let mut callers = Vec::new();

@@ -13,7 +13,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use uplink::secret::{Kind, Secret, random_hex};
-use uplink_testkit::agents::{Proc, bin};
+use uplink_testkit::agents::{Proc, agent_at, bin};
 use uplink_testkit::image::{docker, docker_try, image, repo_root};
 use uplink_testkit::{free_port, wait_for};
 
@@ -273,19 +273,12 @@ async fn the_replicated_compose_backend_fails_over_behind_one_port() {
 
     // An agent enrolled with the shared enrollment token, through the port.
     let state = dir.path().join("agent");
-    let agent = Proc::spawn(
-        &[
-            "agent",
-            "--backend",
-            &url,
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--hostname",
-            "compose-ha-host",
-            "--ca-file",
-            ctl.ca.to_str().unwrap(),
-            "--no-metrics",
-        ],
+    let agent = agent_at(
+        &url,
+        &ctl.ca,
+        &state,
+        "compose-ha-host",
+        &["--no-metrics"],
         &[("UPLINK_TOKEN", enroll.expose())],
     );
     let id = wait_for(Duration::from_secs(30), "the agent enrolled", || async {

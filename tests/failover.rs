@@ -2,7 +2,7 @@
 //! TCP mode, configured as `docs/ha/haproxy.cfg` says (Debian's `haproxy`
 //! and `postgresql`, real agents on both rungs, the one address for agents
 //! and operator calls). Twenty agents (`UPLINK_FAILOVER_AGENTS`), each fed
-//! 1,000 numbered metric samples a second, and a stream of numbered pings
+//! 1,000 numbered metric samples a second (`UPLINK_FAILOVER_SAMPLES`), and a stream of numbered pings
 //! run while one replica is killed (SIGKILL), then another, then both
 //! start again; then each replica in turn is restarted (SIGTERM, start);
 //! then PostgreSQL is stopped for 3 s. Every ping is executed once and
@@ -27,27 +27,34 @@ use uplink::secret::{Kind, Secret};
 use uplink_testkit::certs::{Identity, operator_identity};
 use uplink_testkit::chaos::Stream;
 use uplink_testkit::chaos::stream::{Stored, scrape_agent, value};
+use uplink_testkit::measure::count_from_env;
 use uplink_testkit::postgres::Postgres;
 use uplink_testkit::*;
 
 /// The longest an agent may take to be on a live replica after a kill.
 const FAILOVER_MAX: Duration = Duration::from_secs(10);
-/// Numbered samples each agent is fed a second.
-const SAMPLES_PER_SECOND: u64 = 1_000;
+
+/// Samples a second fed to each agent: `UPLINK_FAILOVER_SAMPLES`, 1,000
+/// when unset (lower it to measure failover with more agents than the
+/// machine could feed at this rate).
+fn samples_per_second() -> u64 {
+    let n = count_from_env("UPLINK_FAILOVER_SAMPLES", 1_000);
+    assert!(
+        n >= 1,
+        "UPLINK_FAILOVER_SAMPLES=0: give a number of samples a second, 1 or more"
+    );
+    n
+}
 
 /// How many agents (half on each rung): `UPLINK_FAILOVER_AGENTS`, 20 when
 /// unset.
 fn agent_count() -> usize {
-    match std::env::var("UPLINK_FAILOVER_AGENTS") {
-        Ok(v) => v
-            .parse::<usize>()
-            .ok()
-            .filter(|n| *n >= 2)
-            .unwrap_or_else(|| {
-                panic!("UPLINK_FAILOVER_AGENTS={v:?}: give a number of agents, 2 or more")
-            }),
-        Err(_) => 20,
-    }
+    let n = count_from_env("UPLINK_FAILOVER_AGENTS", 20);
+    assert!(
+        n >= 2,
+        "UPLINK_FAILOVER_AGENTS={n}: give a number of agents, 2 or more (one on each rung)"
+    );
+    n as usize
 }
 
 /// One replica: its port, data dir, and the running process.
@@ -293,6 +300,7 @@ async fn replicas_behind_haproxy_lose_nothing_through_kills_a_rolling_restart_an
     .await;
 
     let total = agent_count();
+    let rate = samples_per_second();
     let mut agents = Vec::new();
     for n in 0..total {
         let rung = if n % 2 == 0 { "grpc" } else { "longpoll" };
@@ -300,17 +308,12 @@ async fn replicas_behind_haproxy_lose_nothing_through_kills_a_rolling_restart_an
         let state = dir.join(&host);
         let graphite = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let proc = Proc::spawn(
+        let proc = agent_at(
+            &url,
+            &c.identity.ca,
+            &state,
+            &host,
             &[
-                "agent",
-                "--backend",
-                &url,
-                "--state-dir",
-                state.to_str().unwrap(),
-                "--hostname",
-                &host,
-                "--ca-file",
-                c.identity.ca.to_str().unwrap(),
                 "--transport",
                 rung,
                 "--metrics-interval",
@@ -326,7 +329,7 @@ async fn replicas_behind_haproxy_lose_nothing_through_kills_a_rolling_restart_an
         );
         proc.wait_log(&["Graphite ingest listening"], Duration::from_secs(60))
             .await;
-        let stream = Stream::start(&host, graphite, SAMPLES_PER_SECOND);
+        let stream = Stream::start(&host, graphite, rate);
         agents.push(TestAgent {
             host,
             proc,
@@ -564,17 +567,12 @@ async fn prometheus_sees_one_series_per_agent_metric_when_the_agent_moves_betwee
     let admin = admin(&url, &c.identity, &c.admin);
 
     let graphite = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let agent = Proc::spawn(
+    let agent = agent_at(
+        &url,
+        &c.identity.ca,
+        &dir.join("agent"),
+        "scraped",
         &[
-            "agent",
-            "--backend",
-            &url,
-            "--state-dir",
-            dir.join("agent").to_str().unwrap(),
-            "--hostname",
-            "scraped",
-            "--ca-file",
-            c.identity.ca.to_str().unwrap(),
             "--metrics-interval",
             "0s",
             "--ingest-graphite",

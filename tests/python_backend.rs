@@ -138,17 +138,12 @@ async fn ctl_lists_and_pings_real_agents_on_each_rung_of_the_python_backend() {
         let state = dir.path().join(rung);
         let host = format!("py-{rung}");
         let graphite = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let a = Proc::spawn(
+        let a = agent_at(
+            &url,
+            std::path::Path::new(ca),
+            &state,
+            &host,
             &[
-                "agent",
-                "--backend",
-                &url,
-                "--state-dir",
-                state.to_str().unwrap(),
-                "--hostname",
-                &host,
-                "--ca-file",
-                ca,
                 "--transport",
                 rung,
                 "--ingest-graphite",

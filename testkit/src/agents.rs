@@ -197,6 +197,23 @@ pub fn agent_via(
     args: &[&str],
     envs: &[(&str, &str)],
 ) -> Proc {
+    let mut env: Vec<(&str, &str)> = vec![("UPLINK_TOKEN", b.enroll_token.expose())];
+    env.extend_from_slice(envs);
+    agent_at(url, &b.ca, state_dir, hostname, args, &env)
+}
+
+/// Starts an agent process reaching a backend the testkit did not start
+/// (replicas behind a load balancer, another implementation) at `url`,
+/// trusting `ca` (unless `args` name their own `--ca-file`), with extra
+/// flags and the environment (`UPLINK_TOKEN` among it).
+pub fn agent_at(
+    url: &str,
+    ca: &Path,
+    state_dir: &Path,
+    hostname: &str,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> Proc {
     let mut argv = vec![
         "agent",
         "--backend",
@@ -206,14 +223,12 @@ pub fn agent_via(
         "--hostname",
         hostname,
     ];
-    let ca = b.ca.to_str().unwrap().to_string();
+    let ca = ca.to_str().unwrap().to_string();
     if !args.contains(&"--ca-file") {
         argv.extend(["--ca-file", ca.as_str()]);
     }
     argv.extend_from_slice(args);
-    let mut env: Vec<(&str, &str)> = vec![("UPLINK_TOKEN", b.enroll_token.expose())];
-    env.extend_from_slice(envs);
-    Proc::spawn(&argv, &env)
+    Proc::spawn(&argv, envs)
 }
 
 /// Runs `uplink ctl ARGS` against `b` with its admin token and CA.

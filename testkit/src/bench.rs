@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use uplink::backend::store::DatabaseUrl;
 use uplink::backend::{BackendConfig, BackendError, Core, Server};
 use uplink::proto::{CommandSpec, EnqueueCommandRequest, Ping, command_spec};
 use uplink::secret::{Kind, Secret};
@@ -43,6 +44,21 @@ pub async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
+/// The settings of a benchmark's backend with its state in `dir`: a
+/// generated CA for `127.0.0.1` and `localhost` (for an ingress in front,
+/// which verifies it by name), generated admin and enrollment tokens, a
+/// 2 s grace, defaults otherwise; its store on `database` when given.
+pub fn backend_config(dir: &Path, database: Option<&str>) -> BackendConfig {
+    let mut cfg = BackendConfig::new(dir);
+    cfg.hostnames = vec!["127.0.0.1".into(), "localhost".into()];
+    cfg.admin_token = Some(Secret::generate(Kind::Admin));
+    cfg.enroll_token = Some(Secret::generate(Kind::Enrollment));
+    cfg.grace = Duration::from_secs(2);
+    cfg.database =
+        database.map(|url| DatabaseUrl::parse(url, "--database").expect("a database URL"));
+    cfg
+}
+
 /// A backend running in this process, with default heartbeat and poll
 /// hold.
 pub struct BenchBackend {
@@ -66,13 +82,8 @@ impl BenchBackend {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("cannot bind 127.0.0.1:0");
-        let enroll_token = Secret::generate(Kind::Enrollment);
-        let mut cfg = BackendConfig::new(dir);
-        // `localhost` for an ingress in front, which verifies it by name.
-        cfg.hostnames = vec!["127.0.0.1".into(), "localhost".into()];
-        cfg.admin_token = Some(Secret::generate(Kind::Admin));
-        cfg.enroll_token = Some(enroll_token.clone());
-        cfg.grace = Duration::from_secs(2);
+        let cfg = backend_config(dir, None);
+        let enroll_token = cfg.enroll_token.clone().expect("an enrollment token");
         let server = Server::new(cfg, listener)
             .await
             .expect("backend does not start");

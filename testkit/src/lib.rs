@@ -101,7 +101,7 @@ pub mod throughput;
 pub mod waits;
 pub mod workload;
 
-pub use agents::{Proc, agent, agent_via, bin, ctl, health};
+pub use agents::{Proc, agent, agent_at, agent_via, bin, ctl, health};
 pub use backend::{TestBackend, connected_agent, ping, result_of};
 pub use ports::free_port;
 pub use waits::wait_for;
