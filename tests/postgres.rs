@@ -5,8 +5,10 @@
 //! not one and 1 for a database that cannot be used (unreachable, a
 //! refused password, a newer schema), and never shows the password; two
 //! backends on one database hear each other's changes at once; a gRPC
-//! stream stays open while the database restarts.
+//! stream stays open while the database restarts; a metric batch two
+//! backends wrote is left in one backend's JSON lines.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use uplink::backend::store::DatabaseUrl;
@@ -406,5 +408,208 @@ async fn every_backend_shows_where_an_agent_is_and_forgets_a_dead_backend() {
         "b's agents shown connected {took:?} after it died"
     );
     drop(agents);
+    a.stop().await;
+}
+
+/// A metric batch two backends on one database both wrote (its agent sent
+/// it again to the second, marked `resent`, before the first recorded it)
+/// is in one backend's JSON lines: the backend whose record comes second
+/// removes its lines before it answers; and one killed before it could
+/// record removes them at its next start. The records wait on a lock this
+/// test holds on the epoch's cursor row, so that both backends write
+/// first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_two_backends_wrote_is_left_in_the_json_lines_of_one() {
+    use tonic::codec::CompressionEncoding;
+    use uplink::metrics::encode::BatchBuilder;
+    use uplink::metrics::sample::{Kind, Series};
+    use uplink_testkit::hostile::BackendProc;
+    use uplink_testkit::push::{enroll_with, json_lines, push_grpc, push_request};
+
+    const EPOCH: u64 = 7;
+    let pg = Postgres::start().await;
+    let url = pg.fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (a_lines, b_lines) = (dir.path().join("a-lines"), dir.path().join("b-lines"));
+    let mut cfg = TestBackend::config(&dir.path().join("a"));
+    cfg.database = Some(DatabaseUrl::parse(&url, "--database").unwrap());
+    cfg.metrics_jsonl_dir = Some(a_lines.clone());
+    let a = TestBackend::start_with(cfg, "127.0.0.1:0".parse().unwrap()).await;
+    let b_flags = [
+        "--database",
+        &url,
+        "--metrics-jsonl-dir",
+        b_lines.to_str().unwrap(),
+    ];
+    let b_dir = dir.path().join("b");
+    let b = BackendProc::start(&b_dir, None, &b_flags).await;
+    let client_a = a.agent_grpc().await;
+    let client_of = |b: &BackendProc| {
+        let tls = uplink::tls::client_config(&uplink::tls::Trust {
+            ca_files: vec![b.ca.clone()],
+            skip_os_store: true,
+        })
+        .unwrap();
+        let net = uplink::net::Net::new(tls, uplink::net::ProxySettings::direct());
+        let url: tonic::transport::Uri = b.url().parse().unwrap();
+        async move {
+            let keepalive = Duration::from_secs(10);
+            let channel = uplink::client::grpc_channel(&url, &net, keepalive, keepalive)
+                .await
+                .unwrap();
+            proto::agent_service_client::AgentServiceClient::new(channel)
+        }
+    };
+    let client_b = client_of(&b).await;
+    // The enrollment token the last backend started with holds on all.
+    let agent = Arc::new(enroll_with(&client_b, b.enroll_token.expose(), "twice").await);
+
+    // Batch `seq` holds 5 samples, valued seq * 100 + 0..5.
+    let request = |seq: u64, resent: bool| {
+        let series = Arc::new(Series::new("twice", Kind::Gauge));
+        let mut bb = BatchBuilder::new();
+        let id = bb.series(&series).unwrap();
+        for i in 0..5 {
+            bb.push(id, 1_000 + i, (seq * 100 + i as u64) as f64)
+                .unwrap();
+        }
+        proto::PushMetricsRequest {
+            resent,
+            ..push_request(EPOCH, seq, bb.finish())
+        }
+    };
+    let lines_of = |seq: u64, dir: &std::path::Path| {
+        if !dir.exists() {
+            return 0;
+        }
+        json_lines(dir)
+            .iter()
+            .filter(|l| l["name"] == "twice")
+            .filter(|l| (l["value"].as_f64().unwrap() as u64) / 100 == seq)
+            .count()
+    };
+    // Holds the epoch's cursor row, which a backend locks to record a
+    // batch of the epoch, until the transaction ends.
+    let lock = || async {
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c.batch_execute("BEGIN").await.unwrap();
+        c.execute(
+            "INSERT INTO cursors (agent_id, stream, epoch, seq) VALUES ($1, 'metric_batches', $2, 0)
+             ON CONFLICT DO NOTHING",
+            &[&agent.id, &(EPOCH as i64)],
+        )
+        .await
+        .unwrap();
+        c.query_one(
+            "SELECT seq FROM cursors WHERE agent_id = $1 AND stream = 'metric_batches' AND epoch = $2 FOR UPDATE",
+            &[&agent.id, &(EPOCH as i64)],
+        )
+        .await
+        .unwrap();
+        c
+    };
+    // Pushes batch `seq` to a (its first push), waits until a wrote it,
+    // then the same again to b, marked resent, and waits until b wrote it.
+    let push_to_both = |seq: u64, client_b: proto::agent_service_client::AgentServiceClient<_>| {
+        let (client_a, agent) = (client_a.clone(), agent.clone());
+        let (a_lines, b_lines) = (a_lines.clone(), b_lines.clone());
+        async move {
+            let to_a = {
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    push_grpc(
+                        &client_a,
+                        &agent,
+                        CompressionEncoding::Zstd,
+                        request(seq, false),
+                    )
+                    .await
+                })
+            };
+            wait_for(Duration::from_secs(20), "a wrote the batch", || async {
+                (lines_of(seq, &a_lines) == 5).then_some(())
+            })
+            .await;
+            let to_b = tokio::spawn(async move {
+                push_grpc(
+                    &client_b,
+                    &agent,
+                    CompressionEncoding::Zstd,
+                    request(seq, true),
+                )
+                .await
+            });
+            wait_for(Duration::from_secs(20), "b wrote the batch", || async {
+                (lines_of(seq, &b_lines) == 5).then_some(())
+            })
+            .await;
+            (to_a, to_b)
+        }
+    };
+
+    // Both backends answer: the one whose record came second removed its
+    // lines before it answered.
+    let held = lock().await;
+    let (to_a, to_b) = push_to_both(1, client_b.clone()).await;
+    held.batch_execute("ROLLBACK").await.unwrap();
+    let stored_a = to_a.await.unwrap().expect("a answers");
+    let stored_b = to_b.await.unwrap().expect("b answers");
+    assert!(
+        stored_a != stored_b,
+        "one backend stored batch 1 and the other found it stored (a: {stored_a}, b: {stored_b})"
+    );
+    let (in_a, in_b) = (lines_of(1, &a_lines), lines_of(1, &b_lines));
+    eprintln!(
+        "batch 1 recorded by {}: lines in a {in_a}, in b {in_b}",
+        if stored_a { "a" } else { "b" }
+    );
+    assert_eq!(
+        in_a + in_b,
+        5,
+        "batch 1 in a's lines {in_a} times 5 samples, in b's {in_b}"
+    );
+
+    // b is killed while it waits to record; a records (without a writer id:
+    // its push was the first). b's next start removes its copy.
+    let held = lock().await;
+    let (to_a, to_b) = push_to_both(2, client_b).await;
+    let mut b = b;
+    b.proc.child.start_kill().unwrap();
+    b.proc.child.wait().await.unwrap();
+    assert!(
+        to_b.await.unwrap().is_err(),
+        "b was killed before it answered"
+    );
+    held.batch_execute("ROLLBACK").await.unwrap();
+    assert!(to_a.await.unwrap().expect("a answers"), "a stored batch 2");
+    assert_eq!(
+        lines_of(2, &b_lines),
+        5,
+        "b's copy is there until it starts again"
+    );
+    let b = BackendProc::start(&b_dir, None, &b_flags).await;
+    let settled = b
+        .proc
+        .wait_log(
+            &["metric batches written by an earlier start"],
+            Duration::from_secs(30),
+        )
+        .await;
+    eprintln!("b's next start: {settled}");
+    let (in_a, in_b) = (lines_of(2, &a_lines), lines_of(2, &b_lines));
+    assert_eq!(
+        (in_a, in_b),
+        (5, 0),
+        "batch 2: b's next start removes its copy; a's lines stay"
+    );
+    assert_eq!(
+        lines_of(1, &a_lines) + lines_of(1, &b_lines),
+        5,
+        "batch 1 once"
+    );
+    drop(b);
     a.stop().await;
 }

@@ -186,7 +186,7 @@ pub fn time_stages(
                 epoch,
                 seq,
             };
-            rt.block_on(sinks.accept(key.clone(), origin.clone(), Arc::new(decoded)))
+            rt.block_on(sinks.accept(key.clone(), origin.clone(), Arc::new(decoded), false))
                 .expect("sinks");
             sinks.recorded(&key);
             timed(&mut t, 14, start);

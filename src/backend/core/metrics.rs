@@ -9,7 +9,7 @@ use tonic::Status;
 
 use super::limits::REJECTED_BATCHES;
 use super::{Core, internal};
-use crate::backend::sinks::{BatchKey, Origin, Rejection};
+use crate::backend::sinks::{Accepted, BatchKey, Origin, Rejection};
 use crate::backend::store::{BatchSeq, METRIC_SEQ_WINDOW};
 use crate::proto;
 
@@ -59,6 +59,19 @@ fn decode_batch_zstd(
     crate::metrics::encode::decode_bytes(&bytes).map_err(BatchError::Invalid)
 }
 
+/// What [`Core::settle_written_batch`] found.
+enum Settled {
+    /// Recorded now, as written here.
+    RecordedNow,
+    /// Recorded, as written here.
+    Recorded,
+    /// Recorded by another backend that wrote it too: the lines here are a
+    /// copy.
+    Copy,
+    /// The store cannot say yet (the seq is beyond the epoch's window).
+    Open,
+}
+
 /// A metric batch's place in `metric_batches_in_flight`, given back on
 /// drop (also when the storing task is cancelled or panics).
 struct InFlight {
@@ -78,54 +91,22 @@ impl Drop for InFlight {
 
 impl Core {
     /// Settles the batches the JSON lines remember as written by an
-    /// earlier start and not known to be recorded. Run at start.
-    ///
-    /// - Recorded, with another backend's writer: a copy (this backend was
-    ///   killed between writing and recording it, and its agent sent it
-    ///   again to a backend sharing the store): its lines are removed.
-    /// - Recorded otherwise: by the earlier start; forgotten.
-    /// - Not recorded: recorded now, as written here, so that the agent's
-    ///   next try is answered as stored wherever it lands.
+    /// earlier start and not known to be recorded (see
+    /// [`Core::settle_written_batch`]); the lines of copies are removed.
+    /// Run at start, beside serving.
     pub async fn settle_unrecorded_batches(&self) -> Result<(), crate::backend::store::StoreError> {
         let keys = self.sinks.unrecorded();
-        let mine = self.sinks.writer().map(str::to_string);
         let (mut recorded, mut recorded_now, total) = (0usize, 0usize, keys.len());
         let mut copies = Vec::new();
         for key in keys {
-            let state = self
-                .store
-                .metric_batch_state(&key.agent, key.epoch, key.seq)
-                .await?;
-            if state == BatchSeq::New
-                && self
-                    .store
-                    .record_metric_batch(&key.agent, key.epoch, key.seq, mine.as_deref())
-                    .await?
-            {
-                self.sinks.recorded(&key);
-                recorded_now += 1;
-                continue;
-            }
-            if state == BatchSeq::Seen || state == BatchSeq::New {
-                let writer = self
-                    .store
-                    .metric_batch_writer(&key.agent, key.epoch, key.seq)
-                    .await?;
-                if writer.is_some() && writer != mine {
-                    copies.push(key);
-                } else {
-                    self.sinks.recorded(&key);
-                    recorded += 1;
-                }
+            match self.settle_written_batch(&key).await? {
+                Settled::RecordedNow => recorded_now += 1,
+                Settled::Recorded => recorded += 1,
+                Settled::Copy => copies.push(key),
+                Settled::Open => {}
             }
         }
-        let (removed, left) = match self.sinks.remove_copies(&copies) {
-            Ok(counts) => counts,
-            Err(e) => {
-                tracing::warn!(error = %e, copies = copies.len(), "cannot remove the JSON lines of metric batches another backend wrote too; they stay");
-                (0, copies.len())
-            }
-        };
+        let (removed, left) = self.remove_copies(&copies).await;
         if total > 0 {
             tracing::info!(
                 recorded,
@@ -137,6 +118,68 @@ impl Core {
             );
         }
         Ok(())
+    }
+
+    /// Settles a batch whose lines are written here and that is not known
+    /// to be recorded here:
+    ///
+    /// - Not recorded: recorded now, as written here (with this backend's
+    ///   writer id), so that its agent's next try is answered as stored
+    ///   wherever it lands.
+    /// - Recorded with this backend's writer id: by an earlier start.
+    /// - Recorded with another writer id: a copy (its agent sent it again
+    ///   to a backend sharing the store, which wrote and recorded it).
+    /// - Recorded without a writer id: by the backend its first push went
+    ///   to (a backend writing a resent batch records its writer id). The
+    ///   lines here are that backend's when they came from the first push,
+    ///   and a copy when they came from a resent one.
+    async fn settle_written_batch(
+        &self,
+        key: &BatchKey,
+    ) -> Result<Settled, crate::backend::store::StoreError> {
+        let mine = self.sinks.writer();
+        let state = self
+            .store
+            .metric_batch_state(&key.agent, key.epoch, key.seq)
+            .await?;
+        if state == BatchSeq::New
+            && self
+                .store
+                .record_metric_batch(&key.agent, key.epoch, key.seq, mine)
+                .await?
+        {
+            self.sinks.recorded(key);
+            return Ok(Settled::RecordedNow);
+        }
+        if !matches!(state, BatchSeq::Seen | BatchSeq::New) {
+            return Ok(Settled::Open);
+        }
+        let writer = self
+            .store
+            .metric_batch_writer(&key.agent, key.epoch, key.seq)
+            .await?;
+        let copy = match writer.as_deref() {
+            Some(w) => Some(w) != mine,
+            None => self.sinks.was_resent(key),
+        };
+        if copy {
+            return Ok(Settled::Copy);
+        }
+        self.sinks.recorded(key);
+        Ok(Settled::Recorded)
+    }
+
+    /// Removes the lines of `copies` from the JSON lines: how many were
+    /// removed and how many left (logged, not failed: the batch is stored
+    /// either way).
+    async fn remove_copies(&self, copies: &[BatchKey]) -> (usize, usize) {
+        match self.sinks.remove_copies(copies).await {
+            Ok(counts) => counts,
+            Err(e) => {
+                tracing::warn!(error = %e, copies = copies.len(), "cannot remove the JSON lines of metric batches another backend wrote and recorded; they stay");
+                (0, copies.len())
+            }
+        }
     }
 
     /// Records a batch whose lines are written. A store that is
@@ -338,14 +381,17 @@ impl Core {
                 epoch,
                 seq,
             };
-            if let Err(e) = core
+            let accepted = match core
                 .sinks
-                .accept(key.clone(), origin, Arc::new(decoded))
+                .accept(key.clone(), origin, Arc::new(decoded), resent)
                 .await
             {
-                core.sinks.reject(e.reason());
-                return Err(Status::unavailable(e.to_string()));
-            }
+                Ok(a) => a,
+                Err(e) => {
+                    core.sinks.reject(e.reason());
+                    return Err(Status::unavailable(e.to_string()));
+                }
+            };
             // A crash or a store error here leaves the batch written and
             // not recorded: the JSON lines' ledger keeps it from being
             // written again when it is sent again to this backend.
@@ -356,8 +402,23 @@ impl Core {
             match core.record_written_batch(&agent, epoch, seq, writer).await {
                 Ok(true) => core.sinks.recorded(&key),
                 Ok(false) => {
-                    core.sinks.recorded(&key);
-                    tracing::warn!(%agent, epoch, seq, "metric batch was recorded by someone else meanwhile")
+                    // Another backend sharing the store wrote and recorded
+                    // it meanwhile (its agent sent it there too): the
+                    // lines here are a copy.
+                    let copy = match accepted {
+                        Accepted::Written => true,
+                        Accepted::WrittenBefore => {
+                            matches!(core.settle_written_batch(&key).await, Ok(Settled::Copy))
+                        }
+                    };
+                    let (removed, left) = if copy {
+                        core.remove_copies(std::slice::from_ref(&key)).await
+                    } else {
+                        (0, 0)
+                    };
+                    tracing::info!(%agent, epoch, seq, copy, removed, left, "metric batch found recorded when this backend recorded it; lines here that are a copy of another backend's are removed");
+                    core.sinks.duplicate();
+                    return Ok(false);
                 }
                 Err(e) => {
                     core.sinks.reject(Rejection::Store);
@@ -365,11 +426,11 @@ impl Core {
                 }
             }
             core.sinks.stored(samples);
-            Ok(())
+            Ok(true)
         });
         match tokio::time::timeout(MAX_PUSH_WAIT, task).await {
-            Ok(Ok(Ok(()))) => Ok(proto::PushMetricsResponse {
-                stored: true,
+            Ok(Ok(Ok(stored))) => Ok(proto::PushMetricsResponse {
+                stored,
                 reads_series_deltas: true,
                 reads_batch_zstd: true,
             }),

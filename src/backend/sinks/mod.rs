@@ -280,6 +280,16 @@ impl SinkError {
     }
 }
 
+/// What [`Sinks::accept`] did with a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// Its lines were written now (or it has none to write).
+    Written,
+    /// Its lines were written before, and it is not known to be recorded:
+    /// nothing was written again.
+    WrittenBefore,
+}
+
 /// The sinks and the ingest counters.
 pub struct Sinks {
     latest: prometheus::LatestValues,
@@ -333,22 +343,30 @@ impl Sinks {
     /// A batch whose lines were written before (by this start or an
     /// earlier one) and that is not known to be recorded goes to no sink
     /// again: the caller records it. Call [`Sinks::recorded`] once the
-    /// store recorded it.
+    /// store recorded it. `resent`: the push was marked so (the JSON lines
+    /// remember it, see [`Sinks::was_resent`]).
     pub async fn accept(
         &self,
         key: BatchKey,
         origin: Arc<Origin>,
         batch: Arc<Decoded>,
-    ) -> Result<(), SinkError> {
+        resent: bool,
+    ) -> Result<Accepted, SinkError> {
         if let Some(j) = &self.jsonl {
             if j.holds(&key) {
                 self.resent.fetch_add(1, Relaxed);
-                return Ok(());
+                return Ok(Accepted::WrittenBefore);
             }
-            j.write(key, origin.clone(), batch.clone()).await?;
+            j.write(key, origin.clone(), batch.clone(), resent).await?;
         }
         self.latest.update(&origin, &batch, Instant::now());
-        Ok(())
+        Ok(Accepted::Written)
+    }
+
+    /// Whether `key`, written and not known to be recorded, came in a push
+    /// marked `resent`.
+    pub fn was_resent(&self, key: &BatchKey) -> bool {
+        self.jsonl.as_ref().is_some_and(|j| j.was_resent(key))
     }
 
     /// The JSON lines' writer id, when they are written.
@@ -356,11 +374,12 @@ impl Sinks {
         self.jsonl.as_ref().map(|j| j.writer())
     }
 
-    /// Removes the lines of `copies` written by the earlier start (see
-    /// [`JsonLines::remove_copies`]): how many were removed and left.
-    pub fn remove_copies(&self, copies: &[BatchKey]) -> std::io::Result<(usize, usize)> {
+    /// Removes the lines of `copies`, batches another backend wrote and
+    /// recorded (see [`JsonLines::remove_copies`]): how many were removed
+    /// and left.
+    pub async fn remove_copies(&self, copies: &[BatchKey]) -> std::io::Result<(usize, usize)> {
         match &self.jsonl {
-            Some(j) => j.remove_copies(copies),
+            Some(j) => j.remove_copies(copies).await,
             None => Ok((0, 0)),
         }
     }
@@ -644,18 +663,21 @@ mod tests {
         let first = Sinks::open(cfg(), 1_000_000).unwrap();
         // Batch 1 is recorded; batch 2's record fails, and it is sent again.
         first
-            .accept(key(1), origin.clone(), batch(1.0))
+            .accept(key(1), origin.clone(), batch(1.0), false)
             .await
             .unwrap();
         first.recorded(&key(1));
         first
-            .accept(key(2), origin.clone(), batch(2.0))
+            .accept(key(2), origin.clone(), batch(2.0), false)
             .await
             .unwrap();
-        first
-            .accept(key(2), origin.clone(), batch(2.0))
-            .await
-            .unwrap();
+        assert_eq!(
+            first
+                .accept(key(2), origin.clone(), batch(2.0), false)
+                .await
+                .unwrap(),
+            Accepted::WrittenBefore
+        );
         assert_eq!(first.unrecorded(), vec![key(2)]);
         assert!(first.render().contains(&format!("{JSONL_RESENT} 1\n")));
         // Batch 3 is written, then the backend is killed before its entry:
@@ -680,18 +702,29 @@ mod tests {
         let next = Sinks::open(cfg(), 2_000_000).unwrap();
         assert_eq!(next.unrecorded(), vec![key(1), key(2)]);
         next.recorded(&key(1));
-        next.accept(key(2), origin.clone(), batch(2.0))
+        next.accept(key(2), origin.clone(), batch(2.0), false)
             .await
             .unwrap();
-        next.accept(key(3), origin.clone(), batch(3.0))
+        next.accept(key(3), origin.clone(), batch(3.0), false)
             .await
             .unwrap();
         assert!(
             next.render()
                 .contains(&format!("{JSONL_CUT} {}\n", torn.len()))
         );
+        // A batch from a resent push that another backend recorded first:
+        // its lines go from the file being written, and writing goes on.
+        next.accept(key(4), origin.clone(), batch(4.0), true)
+            .await
+            .unwrap();
+        assert!(next.was_resent(&key(4)) && !next.was_resent(&key(3)));
+        assert_eq!(next.remove_copies(&[key(4)]).await.unwrap(), (1, 0));
+        assert!(!next.unrecorded().contains(&key(4)));
+        next.accept(key(5), origin.clone(), batch(5.0), false)
+            .await
+            .unwrap();
         next.close(Duration::from_secs(5)).await;
-        assert_eq!(jsonl_values(dir.path()), vec![1.0, 2.0, 3.0]);
+        assert_eq!(jsonl_values(dir.path()), vec![1.0, 2.0, 3.0, 5.0]);
     }
 
     #[tokio::test]
@@ -726,7 +759,7 @@ mod tests {
             epoch: 1,
             seq: 1,
         };
-        s.accept(key, origin, batch).await.unwrap();
+        s.accept(key, origin, batch, false).await.unwrap();
         s.stored(2);
         s.duplicate();
         s.reject(Rejection::SeriesOutOfRange);

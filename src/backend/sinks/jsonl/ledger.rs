@@ -14,6 +14,12 @@
 //!   end at byte `end` of this ledger's file (they may begin in the
 //!   previous file). Appended after the lines, before the batch is
 //!   recorded, so a recorded batch always has its entry.
+//! - `r <epoch> <seq> <agent>`: the batch came in a push marked `resent`
+//!   (see `PushMetricsRequest.resent`). Just before its `w` entry, or after
+//!   the `u` entries for a carried batch. A backend that wrote a resent
+//!   batch records it with its writer id, so a batch recorded without one
+//!   was recorded by the backend its first push went to: such lines here
+//!   are a copy. An `r` of a batch with no `u` or `w` entry means nothing.
 //!
 //! At start, [`recover`] reads the newest ledgers: lines after the last
 //! `w` belong to a batch that was never recorded (its agent still holds
@@ -76,6 +82,8 @@ pub struct Unrecorded {
     order: BTreeMap<u64, BatchKey>,
     keys: HashMap<BatchKey, u64>,
     next: u64,
+    /// Those written from a push marked `resent`.
+    resent: std::collections::HashSet<BatchKey>,
     /// Batches forgotten at [`MAX_UNRECORDED`].
     pub forgotten: u64,
 }
@@ -91,6 +99,7 @@ impl Unrecorded {
                 break;
             };
             self.keys.remove(&old);
+            self.resent.remove(&old);
             self.forgotten += 1;
         }
         self.next += 1;
@@ -98,11 +107,25 @@ impl Unrecorded {
         self.keys.insert(key, self.next);
     }
 
+    /// Remembers `key`, written from a push marked `resent` (or not).
+    pub fn insert_written(&mut self, key: BatchKey, resent: bool) {
+        self.insert(key.clone());
+        if resent {
+            self.resent.insert(key);
+        }
+    }
+
     /// Forgets `key` (it is recorded).
     pub fn remove(&mut self, key: &BatchKey) {
         if let Some(n) = self.keys.remove(key) {
             self.order.remove(&n);
         }
+        self.resent.remove(key);
+    }
+
+    /// Whether `key` is remembered as written from a push marked `resent`.
+    pub fn was_resent(&self, key: &BatchKey) -> bool {
+        self.resent.contains(key)
     }
 
     /// Whether `key` was written and is not known to be recorded.
@@ -142,14 +165,31 @@ pub fn create(jsonl: &Path, carried: &Unrecorded) -> io::Result<std::fs::File> {
         text.push_str(&k.fields());
         text.push('\n');
     }
+    for k in carried.keys().filter(|k| carried.was_resent(k)) {
+        text.push_str("r\t");
+        text.push_str(&k.fields());
+        text.push('\n');
+    }
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, &path)?;
     OpenOptions::new().append(true).open(&path)
 }
 
-/// Appends that `key`'s lines were written and end at byte `end`.
-pub fn append_written(ledger: &mut std::fs::File, end: u64, key: &BatchKey) -> io::Result<()> {
-    ledger.write_all(format!("w\t{end}\t{}\n", key.fields()).as_bytes())
+/// Appends that `key`'s lines were written and end at byte `end`, and
+/// (first) whether its push was marked `resent`.
+pub fn append_written(
+    ledger: &mut std::fs::File,
+    end: u64,
+    key: &BatchKey,
+    resent: bool,
+) -> io::Result<()> {
+    let fields = key.fields();
+    let entry = if resent {
+        format!("r\t{fields}\nw\t{end}\t{fields}\n")
+    } else {
+        format!("w\t{end}\t{fields}\n")
+    };
+    ledger.write_all(entry.as_bytes())
 }
 
 /// What one ledger says.
@@ -157,6 +197,8 @@ pub fn append_written(ledger: &mut std::fs::File, end: u64, key: &BatchKey) -> i
 struct Entries {
     carried: Vec<BatchKey>,
     written: Vec<BatchKey>,
+    /// Batches of `r` entries.
+    resent: Vec<BatchKey>,
     /// Where the last `w` entry's lines end.
     last_end: Option<u64>,
     /// Lines that are not entries (a torn last line, damage).
@@ -175,6 +217,10 @@ fn read_entries(text: &str) -> Entries {
         match f.as_slice() {
             ["u", epoch, seq, agent] => match BatchKey::parse(epoch, seq, agent) {
                 Some(k) => e.carried.push(k),
+                None => e.bad += 1,
+            },
+            ["r", epoch, seq, agent] => match BatchKey::parse(epoch, seq, agent) {
+                Some(k) => e.resent.push(k),
                 None => e.bad += 1,
             },
             ["w", end, epoch, seq, agent] => {
@@ -206,10 +252,31 @@ pub struct Dropped {
     pub carried: Vec<BatchKey>,
 }
 
+/// Whether the first batch of `jsonl`'s ledger begins in it: `previous`
+/// (the file written before it) is gone or ends where its ledger's last
+/// entry does. A batch that filled a file goes on in the next, and its
+/// entry is there: its first lines are after the last entry of the file
+/// before.
+pub fn first_batch_begins_in(previous: &Path) -> bool {
+    let Ok(len) = std::fs::metadata(previous).map(|m| m.len()) else {
+        return true;
+    };
+    match std::fs::read(ledger_path(previous)) {
+        Ok(text) => {
+            read_entries(&String::from_utf8_lossy(&text))
+                .last_end
+                .unwrap_or(0)
+                == len
+        }
+        Err(_) => false,
+    }
+}
+
 /// Removes from `jsonl` the lines of the batches in `drop` (copies that
 /// another backend wrote too), and their ledger entries; the ends of the
-/// entries after them move back. `first_of_start`: the file is the first
-/// its start wrote, so its first batch begins in it.
+/// entries after them move back. `first_of_start`: the file's first batch
+/// begins in it (see [`first_batch_begins_in`]); when it does not, that
+/// batch is left.
 ///
 /// Crash-safe: the new file and the new ledger are written whole beside
 /// them (`.jsonl.new`, `.batches.new`) and renamed in that order;
@@ -316,9 +383,6 @@ pub struct Recovered {
     pub cut_files: Vec<PathBuf>,
     /// Ledger lines that were not entries.
     pub bad_lines: usize,
-    /// The files of earlier starts, newest first, each with whether it is
-    /// the first file of its start.
-    pub earlier: Vec<(PathBuf, bool)>,
 }
 
 /// Reads the newest ledgers among `files` (every `(stamp, n)` of a
@@ -328,16 +392,6 @@ pub struct Recovered {
 pub fn recover(mut files: Vec<((String, u64), PathBuf)>) -> io::Result<Recovered> {
     let mut r = Recovered::default();
     files.sort_unstable();
-    r.earlier = files
-        .iter()
-        .rev()
-        .map(|((stamp, n), p)| {
-            (
-                p.clone(),
-                !files.iter().any(|((s, m), _)| s == stamp && m < n),
-            )
-        })
-        .collect();
     // Newest first, while each file has its ledger (files of a version
     // without ledgers are left alone).
     let mut newest = true;
@@ -353,6 +407,11 @@ pub fn recover(mut files: Vec<((String, u64), PathBuf)>) -> io::Result<Recovered
             newest = false;
             for k in e.carried.iter().chain(&e.written) {
                 r.unrecorded.insert(k.clone());
+            }
+            for k in &e.resent {
+                if r.unrecorded.contains(k) {
+                    r.unrecorded.resent.insert(k.clone());
+                }
             }
         }
         let keep = e.last_end.unwrap_or(0);
@@ -453,7 +512,7 @@ mod tests {
         // Carried entries round-trip through a new ledger.
         let f4 = d.join("metrics-20210101T000000Z-000001.jsonl");
         let mut l = create(&f4, &r.unrecorded).unwrap();
-        append_written(&mut l, 10, &key(3)).unwrap();
+        append_written(&mut l, 10, &key(3), false).unwrap();
         let e = read_entries(&std::fs::read_to_string(ledger_path(&f4)).unwrap());
         assert_eq!(
             (e.carried, e.written, e.bad),
@@ -521,5 +580,61 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().ends_with(".new"))
             .collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn a_batch_from_a_resent_push_is_known_as_such_across_files_and_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // Batch 1 from a first push, 2 from a resent one; 3 resent and torn.
+        let f1 = d.join("metrics-20200101T000000Z-000001.jsonl");
+        std::fs::write(&f1, "1\n2\n").unwrap();
+        let mut l = create(&f1, &Unrecorded::default()).unwrap();
+        append_written(&mut l, 2, &key(1), false).unwrap();
+        append_written(&mut l, 4, &key(2), true).unwrap();
+        l.write_all(b"r\t7\t3\tagt_1\n").unwrap();
+        let r = recover(vec![(("20200101T000000Z".into(), 1), f1.clone())]).unwrap();
+        let keys: Vec<_> = r.unrecorded.keys().cloned().collect();
+        assert_eq!(keys, vec![key(1), key(2)]);
+        assert!(!r.unrecorded.was_resent(&key(1)));
+        assert!(r.unrecorded.was_resent(&key(2)));
+        assert!(
+            !r.unrecorded.was_resent(&key(3)),
+            "an r of no batch means nothing"
+        );
+        // Carried into the next file (the next start's), it stays resent;
+        // recorded, it is forgotten with its mark.
+        let f2 = d.join("metrics-20200102T000000Z-000001.jsonl");
+        std::fs::write(&f2, "").unwrap();
+        create(&f2, &r.unrecorded).unwrap();
+        let mut r2 = recover(vec![
+            (("20200101T000000Z".into(), 1), f1),
+            (("20200102T000000Z".into(), 1), f2),
+        ])
+        .unwrap();
+        assert!(r2.unrecorded.was_resent(&key(2)) && !r2.unrecorded.was_resent(&key(1)));
+        r2.unrecorded.remove(&key(2));
+        r2.unrecorded.insert(key(2));
+        assert!(!r2.unrecorded.was_resent(&key(2)));
+    }
+
+    #[test]
+    fn a_file_s_first_batch_begins_in_it_unless_the_file_before_holds_lines_after_its_last_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (_, gone) = jsonl(d, "20200101T000000Z", 1, "");
+        std::fs::remove_file(&gone).unwrap();
+        assert!(first_batch_begins_in(&gone), "no file before");
+        let (_, whole) = jsonl(d, "20200101T000000Z", 2, "1\n");
+        std::fs::write(ledger_path(&whole), "w\t2\t7\t1\tagt_1\n").unwrap();
+        assert!(first_batch_begins_in(&whole));
+        let (_, spans) = jsonl(d, "20200101T000000Z", 3, "1\n2a\n");
+        std::fs::write(ledger_path(&spans), "w\t2\t7\t1\tagt_1\n").unwrap();
+        assert!(!first_batch_begins_in(&spans), "batch 2 began in it");
+        let (_, unknown) = jsonl(d, "20200101T000000Z", 4, "1\n");
+        assert!(
+            !first_batch_begins_in(&unknown),
+            "a file without its ledger"
+        );
     }
 }

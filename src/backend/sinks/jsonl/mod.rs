@@ -42,6 +42,12 @@
 //! failed) is remembered, also by the next start, which reads the ledger
 //! and cuts off lines of no entry; when its agent sends it again it is
 //! recorded without being written again.
+//!
+//! Backends sharing a store each write their own files, and a batch is
+//! in one backend's files: one that another backend recorded first (its
+//! agent sent it again there before this one recorded it) is removed from
+//! these files at once ([`JsonLines::remove_copies`]), or by the next
+//! start when this one was killed before it could record it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write as _};
@@ -139,15 +145,27 @@ struct Job {
     key: BatchKey,
     origin: Arc<Origin>,
     batch: Arc<Decoded>,
+    /// The push was marked `resent`.
+    resent: bool,
     done: oneshot::Sender<Result<(), String>>,
     /// Room in the queue, given back when the job is dropped.
     _room: OwnedSemaphorePermit,
 }
 
+/// What the writer thread is asked to do.
+enum Work {
+    Write(Job),
+    /// Remove the lines of these batches (see [`JsonLines::remove_copies`]).
+    Remove {
+        keys: Vec<BatchKey>,
+        done: oneshot::Sender<io::Result<(usize, usize)>>,
+    },
+}
+
 /// The JSON-lines sink: a queue and the thread that writes it.
 pub struct JsonLines {
     /// Taken at [`JsonLines::close`]; the semaphore bounds what it holds.
-    tx: Mutex<Option<mpsc::UnboundedSender<Job>>>,
+    tx: Mutex<Option<mpsc::UnboundedSender<Work>>>,
     room: Arc<Semaphore>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Counters, shared with the thread.
@@ -159,9 +177,6 @@ pub struct JsonLines {
     /// start: which backend's files hold a batch, for backends sharing a
     /// store.
     writer: String,
-    /// The files of earlier starts, newest first, each with whether it
-    /// was the first of its start.
-    earlier: Vec<(PathBuf, bool)>,
 }
 
 /// The longest writer id read from `writer-id`.
@@ -239,12 +254,12 @@ impl JsonLines {
             );
         }
         stats.cut_bytes.store(recovered.cut_bytes, Relaxed);
-        let earlier = recovered.earlier;
         let unrecorded = Arc::new(Mutex::new(recovered.unrecorded));
         let mut writer = Writer {
             stamp: utc_stamp(start_unix_ms),
             cfg,
             n: 0,
+            current: std::collections::HashSet::new(),
             file: None,
             path: PathBuf::new(),
             size: 0,
@@ -273,7 +288,6 @@ impl JsonLines {
             dir,
             unrecorded,
             writer: writer_id,
-            earlier,
         })
     }
 
@@ -282,37 +296,42 @@ impl JsonLines {
         &self.writer
     }
 
-    /// Removes the lines of `copies` (batches an earlier start wrote and
-    /// did not record, that another backend wrote too) from the files of
-    /// earlier starts, newest first. Run at start, before anything of this
-    /// start reads those files. Returns how many were removed, and how
-    /// many were left (their lines begin in the file before the one that
-    /// ends them). One found in no file was removed by an earlier start,
-    /// or its file is gone.
-    pub fn remove_copies(&self, copies: &[BatchKey]) -> io::Result<(usize, usize)> {
-        let mut todo: std::collections::HashSet<BatchKey> = copies.iter().cloned().collect();
-        let (mut removed, mut left) = (0, 0);
-        for (file, first_of_start) in &self.earlier {
-            if todo.is_empty() {
-                break;
-            }
-            if !ledger::ledger_path(file).exists() {
-                continue;
-            }
-            let d = ledger::drop_batches(file, &todo, *first_of_start)?;
-            removed += d.removed.len();
-            left += d.left.len();
-            for k in d.removed.iter().chain(&d.left) {
-                todo.remove(k);
-            }
+    /// Removes the lines of `copies` (batches written here and not
+    /// recorded here, that another backend sharing the store wrote and
+    /// recorded) from this directory's files, newest first, and forgets
+    /// them. The file being written is closed first when it holds one.
+    /// Returns how many were removed, and how many were left (their lines
+    /// begin in the file before the one that ends them). One found in no
+    /// file is in a file pruned since, or had no lines.
+    pub async fn remove_copies(&self, copies: &[BatchKey]) -> io::Result<(usize, usize)> {
+        if copies.is_empty() {
+            return Ok((0, 0));
         }
+        let tx = self
+            .tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| io::Error::other("the backend is stopping"))?;
+        let (done, removed) = oneshot::channel();
+        tx.send(Work::Remove {
+            keys: copies.to_vec(),
+            done,
+        })
+        .map_err(|_| io::Error::other("the backend is stopping"))?;
+        drop(tx);
+        let (removed, left) = removed
+            .await
+            .map_err(|_| io::Error::other("the backend is stopping"))??;
         self.stats.copies_removed.fetch_add(removed as u64, Relaxed);
         self.stats.copies_left.fetch_add(left as u64, Relaxed);
-        let mut u = self.unrecorded();
-        for k in copies {
-            u.remove(k);
-        }
         Ok((removed, left))
+    }
+
+    /// Whether `key`, held as written and unrecorded, came in a push
+    /// marked `resent`.
+    pub fn was_resent(&self, key: &BatchKey) -> bool {
+        self.unrecorded().was_resent(key)
     }
 
     fn unrecorded(&self) -> std::sync::MutexGuard<'_, Unrecorded> {
@@ -355,6 +374,7 @@ impl JsonLines {
         key: BatchKey,
         origin: Arc<Origin>,
         batch: Arc<Decoded>,
+        resent: bool,
     ) -> Result<(), JsonlError> {
         if batch.points.is_empty() {
             return Ok(());
@@ -391,13 +411,14 @@ impl JsonLines {
             .clone()
             .ok_or(JsonlError::Stopping)?;
         let (done, written) = oneshot::channel();
-        tx.send(Job {
+        tx.send(Work::Write(Job {
             key,
             origin,
             batch,
+            resent,
             done,
             _room: room,
-        })
+        }))
         .map_err(|_| JsonlError::Stopping)?;
         drop(tx);
         match written.await {
@@ -428,6 +449,8 @@ struct Writer {
     stamp: String,
     /// Number of the current file.
     n: u64,
+    /// Batches with an entry in the current file's ledger.
+    current: std::collections::HashSet<BatchKey>,
     /// None after a failure that left the file unusable: the next batch
     /// starts a new one.
     file: Option<File>,
@@ -441,14 +464,23 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
-        while let Some(job) = rx.blocking_recv() {
-            let r = self.write_batch(&job.key, &job.origin, &job.batch).map_err(|e| {
-                self.stats.write_errors.fetch_add(1, Relaxed);
-                let msg = format!("{}: {e}", self.path.display());
-                tracing::warn!(error = %msg, "writing metric samples failed; the batch is refused and will be retried");
-                msg
-            });
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Work>) {
+        while let Some(work) = rx.blocking_recv() {
+            let job = match work {
+                Work::Write(job) => job,
+                Work::Remove { keys, done } => {
+                    let _ = done.send(self.remove(&keys));
+                    continue;
+                }
+            };
+            let r = self
+                .write_batch(&job.key, &job.origin, &job.batch, job.resent)
+                .map_err(|e| {
+                    self.stats.write_errors.fetch_add(1, Relaxed);
+                    let msg = format!("{}: {e}", self.path.display());
+                    tracing::warn!(error = %msg, "writing metric samples failed; the batch is refused and will be retried");
+                    msg
+                });
             let _ = job.done.send(r);
         }
         if let Some(f) = self.file.take()
@@ -485,6 +517,7 @@ impl Writer {
                         let _ = std::fs::remove_file(&self.path);
                     })?);
                     self.file = Some(f);
+                    self.current.clear();
                     self.size = 0;
                     self.stats.files.fetch_add(1, Relaxed);
                     self.prune();
@@ -495,6 +528,51 @@ impl Writer {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Removes the lines of `keys` from the files, newest first (the
+    /// current one closed first when it holds one of them). Forgets them
+    /// first, so that the next file does not carry them.
+    fn remove(&mut self, keys: &[BatchKey]) -> io::Result<(usize, usize)> {
+        {
+            let mut u = self.unrecorded.lock().unwrap_or_else(|p| p.into_inner());
+            for k in keys {
+                u.remove(k);
+            }
+        }
+        if keys.iter().any(|k| self.current.contains(k)) {
+            self.open_next()?;
+        }
+        let mut todo: std::collections::HashSet<BatchKey> = keys.iter().cloned().collect();
+        let mut files: Vec<((String, u64), PathBuf)> = std::fs::read_dir(&self.cfg.dir)?
+            .filter_map(|e| {
+                let e = e.ok()?;
+                Some((file_key(e.file_name().to_str()?)?, e.path()))
+            })
+            .filter(|(_, p)| *p != self.path)
+            .collect();
+        files.sort_unstable();
+        let (mut removed, mut left) = (0, 0);
+        for ((stamp, n), file) in files.into_iter().rev() {
+            if todo.is_empty() {
+                break;
+            }
+            if !ledger::ledger_path(&file).exists() {
+                continue;
+            }
+            let previous = self
+                .cfg
+                .dir
+                .join(format!("metrics-{stamp}-{:06}.jsonl", n.saturating_sub(1)));
+            let whole = n == 1 || ledger::first_batch_begins_in(&previous);
+            let d = ledger::drop_batches(&file, &todo, whole)?;
+            removed += d.removed.len();
+            left += d.left.len();
+            for k in d.removed.iter().chain(&d.left) {
+                todo.remove(k);
+            }
+        }
+        Ok((removed, left))
     }
 
     /// Deletes the oldest files of the pattern beyond `keep`.
@@ -530,7 +608,13 @@ impl Writer {
         }
     }
 
-    fn write_batch(&mut self, key: &BatchKey, origin: &Origin, batch: &Decoded) -> io::Result<()> {
+    fn write_batch(
+        &mut self,
+        key: &BatchKey,
+        origin: &Origin,
+        batch: &Decoded,
+        resent: bool,
+    ) -> io::Result<()> {
         if self.file.is_none() {
             self.open_next()?;
         }
@@ -542,15 +626,17 @@ impl Writer {
                 .as_mut()
                 .ok_or_else(|| io::Error::other("no batch ledger open"))?;
             entered = true;
-            ledger::append_written(ledger, self.size, key)
+            ledger::append_written(ledger, self.size, key, resent)
         });
         self.chunk.clear();
         match &r {
-            Ok(()) => self
-                .unrecorded
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(key.clone()),
+            Ok(()) => {
+                self.current.insert(key.clone());
+                self.unrecorded
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert_written(key.clone(), resent)
+            }
             Err(_) => {
                 // Cut what this batch wrote into the current file, so no
                 // partial line is left; when that fails, or the ledger
@@ -780,7 +866,7 @@ mod tests {
         };
         let j = JsonLines::open(cfg, 1_700_000_000_000).unwrap();
         let special = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.1, 1e-7, 42.0];
-        j.write(key(), origin(), batch(6, |i| special[i]))
+        j.write(key(), origin(), batch(6, |i| special[i]), false)
             .await
             .unwrap();
         j.close(Duration::from_secs(5)).await;
@@ -812,7 +898,7 @@ mod tests {
         assert_eq!(l[5]["value"].as_f64(), Some(42.0));
         // Closed: later batches are refused, not lost silently.
         assert!(matches!(
-            j.write(key(), origin(), batch(1, |_| 1.0)).await,
+            j.write(key(), origin(), batch(1, |_| 1.0), false).await,
             Err(JsonlError::Stopping)
         ));
     }
@@ -838,7 +924,7 @@ mod tests {
         };
         let j = JsonLines::open(cfg, 1_700_000_000_000).unwrap();
         for b in 0..20 {
-            j.write(key(), origin(), batch(50, |i| (b * 100 + i) as f64))
+            j.write(key(), origin(), batch(50, |i| (b * 100 + i) as f64), false)
                 .await
                 .unwrap();
         }
@@ -893,7 +979,7 @@ mod tests {
             .unwrap();
         let started = tokio::time::Instant::now();
         let err = j
-            .write(key(), origin(), batch(3, |_| 1.0))
+            .write(key(), origin(), batch(3, |_| 1.0), false)
             .await
             .unwrap_err();
         assert!(matches!(err, JsonlError::Behind), "{err}");
@@ -904,7 +990,7 @@ mod tests {
         // Room that frees up within the wait lets the push through.
         let push = tokio::spawn({
             let j = j.clone();
-            async move { j.write(key(), origin(), batch(3, |_| 1.0)).await }
+            async move { j.write(key(), origin(), batch(3, |_| 1.0), false).await }
         });
         tokio::time::sleep(ROOM_WAIT / 2).await;
         drop(full);
