@@ -519,17 +519,11 @@ impl Server {
             )
             .with_sinks(sinks),
         );
-        // The batches an earlier start wrote and left unrecorded: settled
-        // beside serving (a read or two each, up to the ledger's bound);
-        // meanwhile the ledger keeps them from being written again.
-        tokio::spawn({
-            let core = core.clone();
-            async move {
-                if let Err(e) = core.settle_unrecorded_batches().await {
-                    tracing::warn!(error = %e, "cannot settle the metric batches an earlier start wrote; they stay remembered and are not written again");
-                }
-            }
-        });
+        // The batches an earlier start wrote and left unrecorded, and later
+        // those of this start whose record failed: settled beside serving
+        // (a read or two each, up to the ledger's bound); meanwhile the
+        // ledger keeps them from being written again.
+        core.settle_held_batches();
         core.follow_store_changes();
         core.publish_presence();
         let host_command = core.host_command(enroll_token.as_ref().map(|t| t.expose()));

@@ -20,6 +20,9 @@ const MAX_PUSH_WAIT: Duration = Duration::from_secs(30);
 /// How long a written batch's record is tried again while the store is
 /// unavailable (below [`MAX_PUSH_WAIT`]).
 const RECORD_RETRY_FOR: Duration = Duration::from_secs(20);
+/// How often the batches written here and not known to be recorded are
+/// settled (see [`Core::settle_held_batches`]).
+const SETTLE_EVERY: Duration = Duration::from_secs(10);
 /// Metric batches with more samples are decoded on a blocking thread
 /// (about a millisecond of work), not on an async worker.
 const DECODE_INLINE_SAMPLES: usize = 20_000;
@@ -90,34 +93,87 @@ impl Drop for InFlight {
 }
 
 impl Core {
-    /// Settles the batches the JSON lines remember as written by an
-    /// earlier start and not known to be recorded (see
-    /// [`Core::settle_written_batch`]); the lines of copies are removed.
-    /// Run at start, beside serving.
-    pub async fn settle_unrecorded_batches(&self) -> Result<(), crate::backend::store::StoreError> {
+    /// Settles, at start and then every [`SETTLE_EVERY`] while any are
+    /// left, the batches the JSON lines hold as written and not known to
+    /// be recorded: those an earlier start left, and those of this start
+    /// whose record failed or whose copy could not be removed then, that
+    /// no push is storing now. Runs beside serving until the backend
+    /// drains; a store that cannot answer is asked again next time.
+    pub fn settle_held_batches(self: &Arc<Self>) {
+        let core = self.clone();
+        let mut draining = self.draining.clone();
+        tokio::spawn(async move {
+            let mut first = true;
+            loop {
+                if first || !core.sinks.unrecorded().is_empty() {
+                    match core.settle_unrecorded_batches(first).await {
+                        Ok(()) => first = false,
+                        Err(e) => {
+                            tracing::warn!(error = %e, ?SETTLE_EVERY, "cannot settle the metric batches written here and not known to be recorded; they stay remembered, are not written again, and are settled later")
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(SETTLE_EVERY) => {}
+                    _ = draining.wait_for(|d| *d) => return,
+                }
+            }
+        });
+    }
+
+    /// One pass of [`Core::settle_held_batches`]; `first`: the pass at
+    /// start, which accounts for what the earlier start left even when
+    /// nothing changes.
+    async fn settle_unrecorded_batches(
+        self: &Arc<Self>,
+        first: bool,
+    ) -> Result<(), crate::backend::store::StoreError> {
         let keys = self.sinks.unrecorded();
         let (mut recorded, mut recorded_now, total) = (0usize, 0usize, keys.len());
         let mut copies = Vec::new();
+        let mut reserved = Vec::new();
         for key in keys {
+            // A push storing this batch now settles it itself; meanwhile
+            // none starts.
+            let Some(guard) = self.reserve_batch((key.agent.clone(), key.epoch, key.seq)) else {
+                continue;
+            };
             match self.settle_written_batch(&key).await? {
                 Settled::RecordedNow => recorded_now += 1,
                 Settled::Recorded => recorded += 1,
-                Settled::Copy => copies.push(key),
+                Settled::Copy => {
+                    copies.push(key);
+                    reserved.push(guard);
+                }
                 Settled::Open => {}
             }
         }
         let (removed, left) = self.remove_copies(&copies).await;
-        if total > 0 {
+        drop(reserved);
+        if first && total > 0 || recorded_now > 0 || !copies.is_empty() {
             tracing::info!(
                 recorded,
                 unrecorded = total - recorded,
                 recorded_now,
                 copies_removed = removed,
                 copies_left = left,
-                "metric batches written by an earlier start: those not recorded are recorded now, and the lines of those another backend wrote too are removed"
+                "metric batches written by an earlier start, or by this one and not known to be recorded: those not recorded are recorded now, and the lines of those another backend wrote and recorded are removed"
             );
         }
         Ok(())
+    }
+
+    /// Reserves `key` in `metric_batches_in_flight`; None when a request
+    /// holds it.
+    fn reserve_batch(self: &Arc<Self>, key: (String, u64, u64)) -> Option<InFlight> {
+        self.metric_batches_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone())
+            .then(|| InFlight {
+                core: self.clone(),
+                key,
+            })
     }
 
     /// Settles a batch whose lines are written here and that is not known
@@ -313,21 +369,11 @@ impl Core {
                 "metric batch rejected (bad_seq): seq {seq} is out of range; batches are numbered 1, 2, 3, ... within their epoch"
             )));
         }
-        let key = (agent.clone(), epoch, seq);
-        let reserved = self
-            .metric_batches_in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone());
-        if !reserved {
+        let Some(in_flight) = self.reserve_batch((agent.clone(), epoch, seq)) else {
             self.sinks.reject(Rejection::InFlight);
             return Err(Status::unavailable(format!(
                 "metric batch (epoch {epoch}, seq {seq}) is being stored by another request; retry to learn whether it was stored"
             )));
-        }
-        let in_flight = InFlight {
-            core: self.clone(),
-            key,
         };
         let reject = |reason: Rejection, status: Status| {
             self.sinks.reject(reason);
