@@ -46,6 +46,20 @@ fn samples_per_second() -> u64 {
     n
 }
 
+/// How often each agent sends a batch of the samples it was fed (its
+/// `--metrics-batch-age`): `UPLINK_FAILOVER_BATCH_AGE`, 200 ms when
+/// unset (raise it, with `UPLINK_FAILOVER_SAMPLES`, to measure failover
+/// with more agents than the machine could store batches for at this
+/// pace).
+fn batch_age() -> String {
+    let age = std::env::var("UPLINK_FAILOVER_BATCH_AGE").unwrap_or_else(|_| "200ms".into());
+    assert!(
+        age.parse::<uplink::units::HumanDuration>().is_ok(),
+        "UPLINK_FAILOVER_BATCH_AGE={age:?}: give a duration such as 200ms or 2s"
+    );
+    age
+}
+
 /// How many agents (half on each rung): `UPLINK_FAILOVER_AGENTS`, 20 when
 /// unset.
 fn agent_count() -> usize {
@@ -81,6 +95,8 @@ struct Cluster {
     /// Batches the replicas' ended starts removed from the files of the
     /// start before them.
     copies_removed: u64,
+    /// The logs of the replicas' ended starts, each under a heading.
+    ended: Vec<String>,
 }
 
 /// Batches a replica's start removed from its predecessor's files
@@ -120,6 +136,7 @@ impl Cluster {
                 })
                 .collect(),
             copies_removed: 0,
+            ended: Vec::new(),
         };
         for i in 0..3 {
             c.start_replica(i).await;
@@ -172,6 +189,8 @@ impl Cluster {
         let mut p = r.proc.take().expect("the replica runs");
         p.kill9().await;
         self.copies_removed += copies_removed(&p);
+        self.ended
+            .push(format!("== r{} {} (killed)\n{}", i + 1, r.id, p.logs()));
         r.id.clone()
     }
 
@@ -181,7 +200,24 @@ impl Cluster {
         let mut p = r.proc.take().expect("the replica runs");
         let status = p.terminate(Duration::from_secs(40)).await;
         self.copies_removed += copies_removed(&p);
+        self.ended
+            .push(format!("== r{} {} (stopped)\n{}", i + 1, r.id, p.logs()));
         (r.id.clone(), status)
+    }
+
+    /// Writes every start's log to a file outside the test's directory
+    /// (which goes with the test) and returns its path.
+    fn save_logs(&self) -> PathBuf {
+        let mut text = self.ended.join("\n");
+        for (i, r) in self.replicas.iter().enumerate() {
+            if let Some(p) = &r.proc {
+                text.push_str(&format!("\n== r{} {} (running)\n{}", i + 1, r.id, p.logs()));
+            }
+        }
+        let path =
+            std::env::temp_dir().join(format!("failover-replicas-{}.log", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path
     }
 
     fn jsonl_dirs(&self) -> Vec<PathBuf> {
@@ -231,7 +267,11 @@ async fn all_on_live_replicas(
     let started = Instant::now();
     let mut last = String::new();
     loop {
-        if let Ok(all) = admin.agents("").await {
+        let listed = admin.agents("").await;
+        if let Err(e) = &listed {
+            last = format!("ListAgents failed: {e}");
+        }
+        if let Ok(all) = listed {
             let live = all
                 .iter()
                 .filter(|v| v.connected && !v.replica.is_empty() && v.replica != not_on)
@@ -301,6 +341,7 @@ async fn replicas_behind_haproxy_lose_nothing_through_kills_a_rolling_restart_an
 
     let total = agent_count();
     let rate = samples_per_second();
+    let age = batch_age();
     let mut agents = Vec::new();
     for n in 0..total {
         let rung = if n % 2 == 0 { "grpc" } else { "longpoll" };
@@ -323,7 +364,7 @@ async fn replicas_behind_haproxy_lose_nothing_through_kills_a_rolling_restart_an
                 "--metrics-listen",
                 &listen.to_string(),
                 "--metrics-batch-age",
-                "200ms",
+                &age,
             ],
             &[("UPLINK_TOKEN", c.enroll.expose())],
         );
@@ -517,8 +558,9 @@ async fn replicas_behind_haproxy_lose_nothing_through_kills_a_rolling_restart_an
                 })
                 .collect();
             panic!(
-                "{}: not every sample stored once: {t:?}; first copies: {twice:?}",
-                a.host
+                "{}: not every sample stored once: {t:?}; first copies: {twice:?}; the replicas' logs: {}",
+                a.host,
+                c.save_logs().display()
             );
         }
         samples += t.once;

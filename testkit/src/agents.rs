@@ -11,7 +11,6 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::backend::TestBackend;
-use crate::waits::wait_for;
 
 /// The `uplink` binary Cargo built for the running test or benchmark.
 ///
@@ -129,23 +128,34 @@ impl Proc {
             .count()
     }
 
-    /// Waits until a stderr line contains every one of `needles`.
+    /// Waits until a stderr line contains every one of `needles`; on
+    /// timeout, fails with the last lines the process printed.
     pub async fn wait_log(&self, needles: &[&str], timeout: Duration) -> String {
-        let what = format!("a log line with {needles:?}");
-        let stderr = self.stderr.clone();
-
-        wait_for(timeout, &what, || {
-            let stderr = stderr.clone();
-            async move {
-                stderr
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .find(|l| needles.iter().all(|n| l.contains(n)))
-                    .cloned()
+        let started = std::time::Instant::now();
+        loop {
+            let found = self
+                .stderr
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+                .cloned();
+            if let Some(line) = found {
+                return line;
             }
-        })
-        .await
+            if started.elapsed() >= timeout {
+                let tail: Vec<String> = {
+                    let lines = self.stderr.lock().unwrap();
+                    lines.iter().rev().take(20).rev().cloned().collect()
+                };
+                panic!(
+                    "timed out after {timeout:?} waiting for a log line with {needles:?}; the process printed last (stderr):\n{}\nstdout:\n{}",
+                    tail.join("\n"),
+                    self.out()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Sends SIGTERM and waits for the exit status.
