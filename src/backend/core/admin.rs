@@ -47,17 +47,17 @@ impl Core {
         let now = crate::now_unix_ms();
         let mut capacities = self.store.capacities().await.map_err(internal)?;
         let mut placed = self.placed(now).await?;
+        let mut pending = self
+            .store
+            .pending_counts(&req.provider)
+            .await
+            .map_err(internal)?;
         let mut agents = Vec::new();
         for a in self.store.agents(&req.provider).await.map_err(internal)? {
             let (presence, replica) = match placed.remove(&a.id) {
                 Some(p) => (Some(p.presence), p.replica),
                 None => (None, String::new()),
             };
-            let pending = self
-                .store
-                .pending_count(&a.id, a.acked_seq)
-                .await
-                .map_err(internal)?;
             let (connected, transport, reason, last_seen) = match presence {
                 Some(p) => (
                     p.connected,
@@ -68,6 +68,7 @@ impl Core {
                 None => (false, a.transport, a.transport_reason, a.last_seen_ms),
             };
             let capacity = capacities.remove(&a.id).map(|(c, _)| c);
+            let pending_commands = pending.remove(&a.id).unwrap_or(0);
             agents.push(proto::AgentView {
                 id: a.id,
                 hostname: a.hostname,
@@ -78,7 +79,7 @@ impl Core {
                 last_seen_unix_ms: last_seen,
                 version: a.version,
                 acked_seq: a.acked_seq,
-                pending_commands: pending,
+                pending_commands,
                 enrolled_unix_ms: a.enrolled_ms,
                 capacity,
                 revoked_unix_ms: a.revoked_ms,

@@ -504,8 +504,12 @@ pub trait Store: Send + Sync {
         agent_id: &'a str,
     ) -> StoreFuture<'a, Vec<proto::ContainerEvent>>;
 
-    /// Number of commands of `agent_id` above `acked`.
-    fn pending_count<'a>(&'a self, agent_id: &'a str, acked: u64) -> StoreFuture<'a, u64>;
+    /// The number of commands above its ack of every agent (of
+    /// `provider`, when not empty) that has any, in one read.
+    fn pending_counts<'a>(
+        &'a self,
+        provider: &'a str,
+    ) -> StoreFuture<'a, std::collections::HashMap<String, u64>>;
 
     /// Stores a run with its containers and queues their start commands
     /// (each with its agent's next seq, as [`Store::enqueue`]), all or

@@ -88,7 +88,12 @@ pub(crate) async fn seqs_are_contiguous_and_pending_follows_acks(s: &dyn Store) 
         assert_eq!(c.seq, i);
     }
     assert_eq!(s.pending("a1", 0, 100).await.unwrap().len(), 3);
+    assert!(enroll(s, "a2", "ch2").await);
+    let counts = s.pending_counts("").await.unwrap();
+    assert_eq!(counts, [("a1".to_string(), 3)].into_iter().collect());
     assert_eq!(s.ack("a1", 2, 20).await.unwrap(), 2);
+    assert_eq!(s.pending_counts("default").await.unwrap()["a1"], 1);
+    assert!(s.pending_counts("other").await.unwrap().is_empty());
     let p = s.pending("a1", 2, 100).await.unwrap();
     assert_eq!(p.iter().map(|c| c.seq).collect::<Vec<_>>(), [3]);
     // Acks never go backwards.

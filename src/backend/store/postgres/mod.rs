@@ -1050,17 +1050,28 @@ impl Store for PostgresStore {
         })
     }
 
-    fn pending_count<'a>(&'a self, agent_id: &'a str, acked: u64) -> StoreFuture<'a, u64> {
+    fn pending_counts<'a>(
+        &'a self,
+        provider: &'a str,
+    ) -> StoreFuture<'a, std::collections::HashMap<String, u64>> {
         Box::pin(async move {
             let c = self.client().await?;
-            let n: i64 = query_one(
+            // Per agent, a range of its (agent_id, seq) index.
+            let rows = query(
                 &c,
-                "SELECT COUNT(*) FROM commands WHERE agent_id = $1 AND seq > $2",
-                &[&agent_id, &(acked as i64)],
+                "SELECT id, (SELECT COUNT(*) FROM commands WHERE agent_id = agents.id AND seq > agents.acked_seq)
+                 FROM agents WHERE $1 = '' OR provider = $1",
+                &[&provider],
             )
-            .await?
-            .try_get(0)?;
-            Ok(n as u64)
+            .await?;
+            let mut counts = std::collections::HashMap::new();
+            for r in rows {
+                let n: i64 = r.try_get(1)?;
+                if n > 0 {
+                    counts.insert(r.try_get::<_, String>(0)?, n as u64);
+                }
+            }
+            Ok(counts)
         })
     }
 

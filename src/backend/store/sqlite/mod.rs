@@ -807,14 +807,27 @@ impl Store for SqliteStore {
         })
     }
 
-    fn pending_count(&self, agent_id: &str, acked: u64) -> StoreFuture<'_, u64> {
+    fn pending_counts(
+        &self,
+        provider: &str,
+    ) -> StoreFuture<'_, std::collections::HashMap<String, u64>> {
         self.read(|c| {
-            let n: i64 = c.query_row(
-                "SELECT COUNT(*) FROM commands WHERE agent_id = ?1 AND seq > ?2",
-                params![agent_id, acked as i64],
-                |r| r.get(0),
+            // Per agent, a range of its (agent_id, seq) index.
+            let mut st = c.prepare(
+                "SELECT id, (SELECT COUNT(*) FROM commands WHERE agent_id = agents.id AND seq > agents.acked_seq)
+                 FROM agents WHERE ?1 = '' OR provider = ?1",
             )?;
-            Ok(n as u64)
+            let rows = st.query_map([provider], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })?;
+            let mut counts = std::collections::HashMap::new();
+            for row in rows {
+                let (id, n) = row?;
+                if n > 0 {
+                    counts.insert(id, n as u64);
+                }
+            }
+            Ok(counts)
         })
     }
 
