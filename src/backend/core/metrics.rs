@@ -182,6 +182,8 @@ impl Core {
     /// - Not recorded: recorded now, as written here (with this backend's
     ///   writer id), so that its agent's next try is answered as stored
     ///   wherever it lands.
+    /// - Recorded, in a store no other backend writes to: by this
+    ///   backend (such a store keeps no writer ids).
     /// - Recorded with this backend's writer id: by an earlier start.
     /// - Recorded with another writer id: a copy (its agent sent it again
     ///   to a backend sharing the store, which wrote and recorded it).
@@ -209,6 +211,11 @@ impl Core {
         }
         if !matches!(state, BatchSeq::Seen | BatchSeq::New) {
             return Ok(Settled::Open);
+        }
+        if !self.store.shares_presence() {
+            // No other backend writes to this store: it was recorded here.
+            self.sinks.recorded(key);
+            return Ok(Settled::Recorded);
         }
         let writer = self
             .store
