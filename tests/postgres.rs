@@ -516,36 +516,26 @@ async fn a_batch_two_backends_wrote_is_left_in_the_json_lines_of_one() {
     let push_to_both = |seq: u64, client_b: proto::agent_service_client::AgentServiceClient<_>| {
         let (client_a, agent) = (client_a.clone(), agent.clone());
         let (a_lines, b_lines) = (a_lines.clone(), b_lines.clone());
+        // A push through `client`, storing on its own.
+        let spawn_push = move |client: proto::agent_service_client::AgentServiceClient<_>,
+                               resent| {
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                let req = request(seq, resent);
+                push_grpc(&client, &agent, CompressionEncoding::Zstd, req).await
+            })
+        };
+        let written = move |lines: std::path::PathBuf, what: &'static str| async move {
+            wait_for(Duration::from_secs(20), what, || async {
+                (lines_of(seq, &lines) == 5).then_some(())
+            })
+            .await
+        };
         async move {
-            let to_a = {
-                let agent = agent.clone();
-                tokio::spawn(async move {
-                    push_grpc(
-                        &client_a,
-                        &agent,
-                        CompressionEncoding::Zstd,
-                        request(seq, false),
-                    )
-                    .await
-                })
-            };
-            wait_for(Duration::from_secs(20), "a wrote the batch", || async {
-                (lines_of(seq, &a_lines) == 5).then_some(())
-            })
-            .await;
-            let to_b = tokio::spawn(async move {
-                push_grpc(
-                    &client_b,
-                    &agent,
-                    CompressionEncoding::Zstd,
-                    request(seq, true),
-                )
-                .await
-            });
-            wait_for(Duration::from_secs(20), "b wrote the batch", || async {
-                (lines_of(seq, &b_lines) == 5).then_some(())
-            })
-            .await;
+            let to_a = spawn_push(client_a, false);
+            written(a_lines, "a wrote the batch").await;
+            let to_b = spawn_push(client_b, true);
+            written(b_lines, "b wrote the batch").await;
             (to_a, to_b)
         }
     };

@@ -105,12 +105,11 @@ impl Core {
         tokio::spawn(async move {
             let mut first = true;
             loop {
-                if first || !core.sinks.unrecorded().is_empty() {
-                    match core.settle_unrecorded_batches(first).await {
-                        Ok(()) => first = false,
-                        Err(e) => {
-                            tracing::warn!(error = %e, ?SETTLE_EVERY, "cannot settle the metric batches written here and not known to be recorded; they stay remembered, are not written again, and are settled later")
-                        }
+                // A pass over none costs nothing.
+                match core.settle_unrecorded_batches(first).await {
+                    Ok(()) => first = false,
+                    Err(e) => {
+                        tracing::warn!(error = %e, ?SETTLE_EVERY, "cannot settle the metric batches written here and not known to be recorded; they stay remembered, are not written again, and are settled later")
                     }
                 }
                 tokio::select! {

@@ -274,7 +274,7 @@ pub fn first_batch_begins_in(previous: &Path) -> bool {
 
 /// Removes from `jsonl` the lines of the batches in `drop` (copies that
 /// another backend wrote too), and their ledger entries; the ends of the
-/// entries after them move back. `first_of_start`: the file's first batch
+/// entries after them move back. `begins_here`: the file's first batch
 /// begins in it (see [`first_batch_begins_in`]); when it does not, that
 /// batch is left.
 ///
@@ -284,7 +284,7 @@ pub fn first_batch_begins_in(previous: &Path) -> bool {
 pub fn drop_batches(
     jsonl: &Path,
     drop: &std::collections::HashSet<BatchKey>,
-    first_of_start: bool,
+    begins_here: bool,
 ) -> io::Result<Dropped> {
     let ledger = ledger_path(jsonl);
     let text = String::from_utf8_lossy(&std::fs::read(&ledger)?).into_owned();
@@ -313,7 +313,7 @@ pub fn drop_batches(
             continue;
         };
         let (start, stop) = (prev_end.min(end) as usize, (end as usize).min(lines.len()));
-        let whole = !first || first_of_start;
+        let whole = !first || begins_here;
         first = false;
         prev_end = end;
         if drop.contains(&key) && whole && start <= stop {
