@@ -33,7 +33,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    GenericClient, Hook, HookError, Manager, ManagerConfig, Metrics, Pool, QueueMode,
+    RecyclingMethod, Runtime,
+};
 use prost::Message;
 use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
@@ -62,6 +65,11 @@ pub const POOL_SIZE: usize = 16;
 
 /// How long a call waits for a free connection of the pool.
 const POOL_WAIT: Duration = Duration::from_secs(10);
+
+/// A pooled connection handed out less than this long ago is handed out
+/// again without a round trip to check it; one idle longer is checked
+/// first (see [`check_if_idle`]).
+const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// The `cursors` stream of metric batch watermarks, as in SQLite.
 const METRIC_BATCHES: &str = "metric_batches";
@@ -389,6 +397,31 @@ fn agent_from_row(r: &tokio_postgres::Row) -> Result<AgentRecord, StoreError> {
     })
 }
 
+/// Checks a pooled connection idle for [`CHECK_IDLE_AFTER`] or more with
+/// an empty query (bounded by [`CONNECT_TIMEOUT`]) before it is handed
+/// out: after the server restarted, a call gets a live connection, not
+/// one the server closed while idle, which only the call's statement
+/// would find out. A connection that fails the check is dropped and the
+/// pool takes another or opens one. One handed out less than a second ago
+/// is handed out again unchecked: a round trip saved on every call under
+/// load; the client marks a connection closed as soon as its socket
+/// closes, which the pool's own recycling checks.
+async fn check_if_idle(
+    client: &mut deadpool_postgres::ClientWrapper,
+    metrics: &Metrics,
+) -> Result<(), HookError> {
+    if metrics.last_used() < CHECK_IDLE_AFTER {
+        return Ok(());
+    }
+    match tokio::time::timeout(CONNECT_TIMEOUT, client.simple_query("")).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(HookError::Backend(e)),
+        Err(_) => Err(HookError::message(
+            "an idle connection did not answer its check in time",
+        )),
+    }
+}
+
 impl PostgresStore {
     /// Connects to the database at `url`, brings its schema up to this
     /// build's version (waiting for another backend that is migrating
@@ -404,11 +437,9 @@ impl PostgresStore {
             config,
             NoTls,
             ManagerConfig {
-                // An idle connection is checked with an empty query before
-                // it is handed out: after the server restarted, a call gets
-                // a live connection, not one the server closed while idle
-                // (which only the next statement would find out).
-                recycling_method: RecyclingMethod::Verified,
+                // Only whether the client saw its connection close; the
+                // round trip that proves it alive is `check_if_idle`'s.
+                recycling_method: RecyclingMethod::Fast,
             },
         );
         let pool = Pool::builder(manager)
@@ -417,6 +448,12 @@ impl PostgresStore {
             .wait_timeout(Some(POOL_WAIT))
             .create_timeout(Some(CONNECT_TIMEOUT * 2))
             .recycle_timeout(Some(CONNECT_TIMEOUT))
+            // The connection returned last is handed out first: under a
+            // steady load the same few stay busy and skip the check.
+            .queue_mode(QueueMode::Lifo)
+            .pre_recycle(Hook::async_fn(|client, metrics| {
+                Box::pin(check_if_idle(client, metrics))
+            }))
             .build()
             .map_err(|e| StoreError::Backend {
                 store: STORE,
