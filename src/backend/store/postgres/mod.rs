@@ -415,10 +415,16 @@ async fn check_if_idle(
     }
     match tokio::time::timeout(CONNECT_TIMEOUT, client.simple_query("")).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(HookError::Backend(e)),
-        Err(_) => Err(HookError::message(
-            "an idle connection did not answer its check in time",
-        )),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %describe(&e), "an idle database connection failed its check; another is used");
+            Err(HookError::Backend(e))
+        }
+        Err(_) => {
+            tracing::warn!(within = ?CONNECT_TIMEOUT, "an idle database connection did not answer its check; another is used");
+            Err(HookError::message(
+                "an idle connection did not answer its check in time",
+            ))
+        }
     }
 }
 
