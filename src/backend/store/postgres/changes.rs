@@ -6,25 +6,33 @@
 //! `<agent> <seq>` inside its transaction, so the notification goes out
 //! when, and only if, the command is committed; a stored result notifies
 //! [`DONE`] with the command's id, the same way; a revocation notifies
-//! [`REVOKED`] with the agent's id. Each backend listens on a connection of
-//! its own (outside the pool), turns notifications into [`Change`]s for
-//! its hub, and checks every [`LIVENESS`] that the connection still
-//! answers. When the connection is lost it connects again with a backoff
+//! [`REVOKED`] with the agent's id; a credential replaced (re-enrollment,
+//! a pending credential made current) notifies [`CREDENTIAL`] with the
+//! agent's id. Each backend listens on a connection of its own (outside
+//! the pool), turns notifications into [`Change`]s for its hub, drops what
+//! its [`CredentialCache`] holds of an agent revoked or whose credential
+//! was replaced as soon as it hears of it, and checks every [`LIVENESS`]
+//! that the connection still answers. The cache is used only while the
+//! connection listens. When the connection is lost it connects again with a backoff
 //! and, once listening again, sends [`Change::Missed`]: whatever was
 //! queued meanwhile is found by every stream and held poll looking at the
 //! store again.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::super::Change;
+use super::cache::CredentialCache;
 
 /// The channel of commands queued: payload `<agent> <seq>`.
 pub(super) const QUEUED: &str = "uplink_queued";
 /// The channel of agents revoked: payload `<agent>`.
 pub(super) const REVOKED: &str = "uplink_revoked";
+/// The channel of credentials replaced: payload `<agent>`.
+pub(super) const CREDENTIAL: &str = "uplink_credential";
 /// The channel of results stored: payload `<command>`.
 pub(super) const DONE: &str = "uplink_done";
 /// How often the listening connection is asked to answer.
@@ -65,15 +73,27 @@ fn parse(channel: &str, payload: &str) -> Option<Change> {
     }
 }
 
+/// The agent whose credentials a notification says to forget.
+fn forgets<'a>(channel: &str, payload: &'a str) -> Option<&'a str> {
+    (matches!(channel, REVOKED | CREDENTIAL) && !payload.is_empty()).then_some(payload)
+}
+
 /// Starts listening with `config` (the store's, password included) until
-/// the receiver is dropped. `shown` names the database in logs.
-pub(super) fn spawn(config: tokio_postgres::Config, shown: String) -> mpsc::Receiver<Change> {
+/// the receiver is dropped, keeping `cache` to what was heard. `shown`
+/// names the database in logs.
+pub(super) fn spawn(
+    config: tokio_postgres::Config,
+    shown: String,
+    cache: Arc<CredentialCache>,
+) -> mpsc::Receiver<Change> {
     let (tx, rx) = mpsc::channel(BUFFER);
     tokio::spawn(async move {
         let mut wait = RETRY_FIRST;
         let mut first = true;
         loop {
-            match listen(&config, &tx, first).await {
+            let listened = listen(&config, &tx, first, &cache).await;
+            cache.set_live(false);
+            match listened {
                 Ok(()) => return,
                 Err(e) => tracing::warn!(
                     database = %shown,
@@ -94,11 +114,13 @@ pub(super) fn spawn(config: tokio_postgres::Config, shown: String) -> mpsc::Rece
 
 /// Listens on a new connection and forwards changes until the connection
 /// fails (Err) or the receiver is dropped (Ok). After the first time,
-/// sends [`Change::Missed`] once listening.
+/// sends [`Change::Missed`] once listening. `cache` is live from when the
+/// connection listens until it fails.
 async fn listen(
     config: &tokio_postgres::Config,
     tx: &mpsc::Sender<Change>,
     first: bool,
+    cache: &Arc<CredentialCache>,
 ) -> Result<(), String> {
     let (client, mut connection) = tokio::time::timeout(ANSWER_WITHIN, config.connect(NoTls))
         .await
@@ -106,19 +128,27 @@ async fn listen(
         .map_err(|e| super::describe(&e))?;
     // The connection delivers notifications as it is polled.
     let (notes, mut noted) = mpsc::unbounded_channel();
+    let driver_cache = cache.clone();
     let driver = tokio::spawn(async move {
+        let cache = driver_cache;
         loop {
             let m = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
             let end = match m {
                 Some(Ok(AsyncMessage::Notification(n))) => {
+                    // Before anything queued ahead of it is passed on.
+                    if let Some(agent) = forgets(n.channel(), n.payload()) {
+                        cache.forget_agent(agent);
+                    }
                     notes.send(Ok(parse(n.channel(), n.payload()))).is_err()
                 }
                 Some(Ok(_)) => false,
                 Some(Err(e)) => {
+                    cache.set_live(false);
                     let _ = notes.send(Err(super::describe(&e)));
                     true
                 }
                 None => {
+                    cache.set_live(false);
                     let _ = notes.send(Err("the server closed the connection".into()));
                     true
                 }
@@ -131,11 +161,14 @@ async fn listen(
     let _driver = AbortOnDrop(driver);
     tokio::time::timeout(
         ANSWER_WITHIN,
-        client.batch_execute(&format!("LISTEN {QUEUED}; LISTEN {REVOKED}; LISTEN {DONE}")),
+        client.batch_execute(&format!(
+            "LISTEN {QUEUED}; LISTEN {REVOKED}; LISTEN {CREDENTIAL}; LISTEN {DONE}"
+        )),
     )
     .await
     .map_err(|_| format!("LISTEN not answered within {ANSWER_WITHIN:?}"))?
     .map_err(|e| super::describe(&e))?;
+    cache.set_live(true);
     if !first {
         tracing::info!("listening to the database's change feed again");
         if tx.send(Change::Missed).await.is_err() {
@@ -207,9 +240,24 @@ mod tests {
             (QUEUED, "agt_1 -1"),
             (REVOKED, ""),
             (DONE, ""),
+            (CREDENTIAL, "agt_1"),
             ("uplink_other", "agt_1 1"),
         ] {
             assert_eq!(parse(channel, payload), None, "{channel} {payload:?}");
+        }
+    }
+
+    #[test]
+    fn revocations_and_replaced_credentials_forget_the_agent() {
+        assert_eq!(forgets(REVOKED, "agt_1"), Some("agt_1"));
+        assert_eq!(forgets(CREDENTIAL, "agt_1"), Some("agt_1"));
+        for (channel, payload) in [
+            (REVOKED, ""),
+            (CREDENTIAL, ""),
+            (QUEUED, "agt_1 1"),
+            (DONE, "cmd_1"),
+        ] {
+            assert_eq!(forgets(channel, payload), None, "{channel} {payload:?}");
         }
     }
 }

@@ -2,7 +2,10 @@
 //! enrollment tokens with their limits, agents' current and pending
 //! credentials, and revocation. Each check-and-change is one statement or
 //! a transaction over a locked row, so backends racing on one provider or
-//! agent cannot both pass a check.
+//! agent cannot both pass a check. Whatever makes a credential stop
+//! working (a revocation, a re-enrollment, a pending credential made
+//! current) notifies the change feed in its transaction, so that no
+//! backend goes on accepting it from its [`CredentialCache`](super::cache).
 
 use deadpool_postgres::{Client, GenericClient};
 
@@ -136,9 +139,18 @@ pub(super) async fn reenroll(
     )
     .await?
     {
-        Some(r) => Some(r.try_get(0)?),
+        Some(r) => Some(r.try_get::<_, String>(0)?),
         None => None,
     };
+    if let Some(id) = &id {
+        // Every backend forgets the credential it replaced, at commit.
+        query(
+            &tx,
+            "SELECT pg_notify($1, $2)",
+            &[&super::changes::CREDENTIAL, id],
+        )
+        .await?;
+    }
     if id.is_none() {
         // The key's agent is past the window or revoked: the key is free
         // for the new agent the caller enrolls.
@@ -176,12 +188,15 @@ pub(super) async fn agent_by_credential<C: GenericClient>(
     if let Some(owner) = current().await? {
         return Ok(Some(owner));
     }
-    // A pending credential becomes current in one statement.
+    // A pending credential becomes current in one statement, which tells
+    // every backend to forget the one it replaced, at commit.
     let promoted = query_opt(
         c,
-        "UPDATE agents SET credential_hash = pending_credential_hash, pending_credential_hash = NULL
-         WHERE pending_credential_hash = $1 RETURNING id, revoked_ms",
-        &[&credential_hash],
+        "WITH promoted AS (
+           UPDATE agents SET credential_hash = pending_credential_hash, pending_credential_hash = NULL
+           WHERE pending_credential_hash = $1 RETURNING id, revoked_ms)
+         SELECT id, revoked_ms, pg_notify($2, id)::TEXT FROM promoted",
+        &[&credential_hash, &super::changes::CREDENTIAL],
     )
     .await?;
     match promoted {

@@ -48,6 +48,7 @@ use super::{
 };
 use crate::proto;
 
+mod cache;
 mod changes;
 mod credentials;
 mod retention;
@@ -183,6 +184,8 @@ pub struct PostgresStore {
     /// starts it: the client's configuration and the database's name for
     /// logs.
     feed: std::sync::Mutex<Option<(tokio_postgres::Config, String)>>,
+    /// Agents' credentials looked up, while the change feed listens.
+    credentials: std::sync::Arc<cache::CredentialCache>,
 }
 
 /// Runs `sql` (prepared once per connection) and returns its rows.
@@ -466,7 +469,11 @@ impl PostgresStore {
                 source: Box::new(e),
             })?;
         tracing::info!(database = %shown, schema = schema::VERSION, "PostgreSQL store ready");
-        Ok(PostgresStore { pool, feed })
+        Ok(PostgresStore {
+            pool,
+            feed,
+            credentials: Default::default(),
+        })
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
@@ -579,14 +586,18 @@ impl Store for PostgresStore {
     ) -> StoreFuture<'a, Option<String>> {
         Box::pin(async move {
             let mut c = self.client().await?;
-            credentials::reenroll(
+            let id = credentials::reenroll(
                 &mut c,
                 provider,
                 enroll_key_hash,
                 enrolled_since_ms,
                 credential_hash,
             )
-            .await
+            .await?;
+            if let Some(id) = &id {
+                self.credentials.forget_agent(id);
+            }
+            Ok(id)
         })
     }
 
@@ -595,8 +606,30 @@ impl Store for PostgresStore {
         credential_hash: &'a str,
     ) -> StoreFuture<'a, Option<CredentialOwner>> {
         Box::pin(async move {
+            if let Some(agent_id) = self
+                .credentials
+                .get(credential_hash, std::time::Instant::now())
+            {
+                return Ok(Some(CredentialOwner {
+                    agent_id,
+                    revoked_ms: 0,
+                    promoted: false,
+                }));
+            }
+            let generation = self.credentials.begin();
             let c = self.client().await?;
-            credentials::agent_by_credential(&c, credential_hash).await
+            let owner = credentials::agent_by_credential(&c, credential_hash).await?;
+            match (&owner, generation) {
+                (Some(o), _) if o.promoted => self.credentials.forget_agent(&o.agent_id),
+                (Some(o), Some(g)) if o.revoked_ms == 0 => self.credentials.keep(
+                    g,
+                    credential_hash,
+                    &o.agent_id,
+                    std::time::Instant::now(),
+                ),
+                _ => {}
+            }
+            Ok(owner)
         })
     }
 
@@ -614,7 +647,9 @@ impl Store for PostgresStore {
     fn revoke_agent<'a>(&'a self, agent_id: &'a str, now: i64) -> StoreFuture<'a, Option<i64>> {
         Box::pin(async move {
             let c = self.client().await?;
-            credentials::revoke_agent(&c, agent_id, now).await
+            let revoked = credentials::revoke_agent(&c, agent_id, now).await;
+            self.credentials.forget_agent(agent_id);
+            revoked
         })
     }
 
@@ -1215,7 +1250,7 @@ impl Store for PostgresStore {
 
     fn changes(&self) -> Option<tokio::sync::mpsc::Receiver<Change>> {
         let (config, shown) = self.feed.lock().ok()?.take()?;
-        Some(changes::spawn(config, shown))
+        Some(changes::spawn(config, shown, self.credentials.clone()))
     }
 
     fn shares_presence(&self) -> bool {

@@ -305,3 +305,130 @@ async fn a_refused_login_is_one_line_without_the_password() {
         "{text}"
     );
 }
+
+/// Waits up to `limit` for `done`, else fails with `what`.
+async fn within(limit: Duration, what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !done().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not within {limit:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether `store` still takes `credential` for `agent` (not revoked).
+async fn accepts(store: &PostgresStore, credential: &str, agent: &str) -> bool {
+    match store.agent_by_credential(credential).await.unwrap() {
+        Some(o) => o.agent_id == agent && o.revoked_ms == 0,
+        None => false,
+    }
+}
+
+/// Credentials looked up are remembered by a backend only while its
+/// change feed listens, and whatever makes one stop working on another
+/// backend (a revocation, a re-enrollment, a pending credential made
+/// current) makes this one refuse it within moments, not when its entry
+/// expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_another_backend_ends_is_refused_here_at_once() {
+    // Well before an entry expires of itself.
+    let soon = cache::ENTRY_TTL / 4;
+    // The feed listens again after its backoff.
+    let feed = Duration::from_secs(20);
+    let mut pg = Postgres::start().await;
+    let url = pg.fresh_database().await;
+    let (a, b) = tokio::join!(connect(&url), connect(&url));
+    assert!(a.create_provider("default", "th", 1).await.unwrap());
+    for (id, credential, key) in [("a1", "c1", "k1"), ("a2", "c2", "k2"), ("a3", "c3", "k3")] {
+        let agent = AgentRecord {
+            id: id.into(),
+            provider: "default".into(),
+            enrolled_ms: 1,
+            enroll_key_hash: Some(key.into()),
+            ..Default::default()
+        };
+        assert!(a.insert_agent(&agent, credential).await.unwrap());
+    }
+
+    // Without the feed, nothing is kept.
+    assert!(accepts(&b, "c1", "a1").await);
+    assert_eq!(b.credentials.get("c1", std::time::Instant::now()), None);
+    let _feed = b.changes().expect("a feed");
+    within(feed, "b's feed listens", async || {
+        b.credentials.begin().is_some()
+    })
+    .await;
+    for (c, id) in [("c1", "a1"), ("c2", "a2"), ("c3", "a3")] {
+        assert!(accepts(&b, c, id).await);
+        assert_eq!(
+            b.credentials.get(c, std::time::Instant::now()).as_deref(),
+            Some(id),
+            "kept once looked up"
+        );
+    }
+
+    // Revoked through a.
+    a.revoke_agent("a1", 5).await.unwrap();
+    within(soon, "b refuses a1's credential", async || {
+        !accepts(&b, "c1", "a1").await
+    })
+    .await;
+    let owner = b.agent_by_credential("c1").await.unwrap().unwrap();
+    assert_eq!(owner.revoked_ms, 5, "refused as revoked");
+
+    // A new credential made current through a: the one before is refused.
+    assert!(a.set_pending_credential("a2", "c2b").await.unwrap());
+    assert!(
+        accepts(&b, "c2", "a2").await,
+        "both work while one is pending"
+    );
+    assert!(
+        a.agent_by_credential("c2b")
+            .await
+            .unwrap()
+            .unwrap()
+            .promoted
+    );
+    within(soon, "b refuses a2's previous credential", async || {
+        !accepts(&b, "c2", "a2").await
+    })
+    .await;
+    assert!(accepts(&b, "c2b", "a2").await);
+
+    // Re-enrolled through a: the credential before is refused.
+    assert_eq!(
+        a.reenroll("default", "k3", 1, "c3b")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("a3")
+    );
+    within(soon, "b refuses a3's previous credential", async || {
+        !accepts(&b, "c3", "a3").await
+    })
+    .await;
+    assert!(accepts(&b, "c3b", "a3").await);
+
+    // The feed stops with the database: what was kept is dropped, and
+    // nothing is kept until it listens again.
+    assert!(
+        b.credentials
+            .get("c3b", std::time::Instant::now())
+            .is_some()
+    );
+    pg.stop_server();
+    within(feed, "b's feed stops", async || {
+        b.credentials.begin().is_none()
+    })
+    .await;
+    assert_eq!(b.credentials.get("c3b", std::time::Instant::now()), None);
+    pg.start_again().await;
+    within(feed, "b's feed listens again", async || {
+        b.credentials.begin().is_some()
+    })
+    .await;
+    assert_eq!(b.credentials.get("c3b", std::time::Instant::now()), None);
+    assert!(accepts(&b, "c3b", "a3").await);
+}
