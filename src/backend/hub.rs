@@ -1,17 +1,30 @@
 //! Presence and wake-ups, in memory: which agents are connected and how,
-//! and a watch per agent that streams and held polls wait on.
+//! and a watch per agent that streams and held polls wait on, with the
+//! commands just queued for an agent connected here, so that a stream or
+//! held poll woken for them can send them without reading them back from
+//! the store (see [`Hub::queued_after`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, watch};
 
-use crate::proto::Transport;
+use crate::proto::{self, Transport};
+
+/// Commands held per agent for [`Hub::queued_after`], at most.
+const RECENT_MAX: usize = 32;
+/// A command larger than this (encoded) is not held: it is read from the
+/// store.
+pub const RECENT_MAX_BYTES: usize = 4096;
 
 /// What the hub knows of one agent.
 struct Slot {
-    /// Highest seq queued; streams and polls wait for it to change.
+    /// Highest seq heard of as queued; streams and polls wait for it to
+    /// change.
     queued: watch::Sender<u64>,
+    /// Commands heard of as queued, by seq, while a stream or poll of the
+    /// agent is open here (at most [`RECENT_MAX`]).
+    recent: BTreeMap<u64, proto::Command>,
     /// Highest seq acknowledged.
     acked: watch::Sender<u64>,
     /// Set when the agent is revoked: its streams and held polls end.
@@ -46,6 +59,7 @@ impl Slot {
     fn new() -> Self {
         Slot {
             queued: watch::channel(0).0,
+            recent: BTreeMap::new(),
             acked: watch::channel(0).0,
             revoked: watch::channel(false).0,
             streams: 0,
@@ -93,18 +107,55 @@ impl Hub {
         self.with(agent, |s| s.queued.subscribe())
     }
 
-    /// Wakes every stream and held poll of `agent`.
-    pub fn notify_queued(&self, agent: &str, seq: u64) {
+    /// Wakes every stream and held poll of `agent` after `seq` was queued
+    /// for it, holding `command` (the one queued, when known) for them
+    /// while one is open. A seq heard of before wakes nobody (a second
+    /// notice of the same command).
+    pub fn notify_queued(&self, agent: &str, seq: u64, command: Option<&proto::Command>) {
         self.with(agent, |s| {
-            s.queued.send_replace(seq);
+            if let Some(c) = command
+                && c.seq == seq
+                && s.streams + s.polls > 0
+                && prost::Message::encoded_len(c) <= RECENT_MAX_BYTES
+            {
+                s.recent.insert(seq, c.clone());
+                while s.recent.len() > RECENT_MAX {
+                    s.recent.pop_first();
+                }
+            }
+            s.queued.send_if_modified(|heard| {
+                let newer = seq > *heard;
+                *heard = (*heard).max(seq);
+                newer
+            });
+        })
+    }
+
+    /// The commands after `after` up to the highest seq heard of as
+    /// queued, when this hub holds every one of them (at least one); None
+    /// when any must be read from the store. Forgets those up to `after`.
+    ///
+    /// Only for a stream or poll that read the store once since it opened:
+    /// commands queued before were not all heard of here.
+    pub fn queued_after(&self, agent: &str, after: u64) -> Option<Vec<proto::Command>> {
+        self.with(agent, |s| {
+            s.recent = s.recent.split_off(&(after + 1));
+            let heard = *s.queued.borrow();
+            if heard <= after {
+                return None;
+            }
+            let held: Vec<_> = s.recent.range(..=heard).map(|(_, c)| c.clone()).collect();
+            (held.len() as u64 == heard - after).then_some(held)
         })
     }
 
     /// Wakes every stream and held poll of every agent: each looks at the
-    /// store again (after changes may have been missed).
+    /// store again (after changes may have been missed), and what was
+    /// held of the commands queued is forgotten.
     pub fn wake_all(&self) {
-        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        for s in slots.values() {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        for s in slots.values_mut() {
+            s.recent.clear();
             s.queued.send_modify(|_| {});
         }
     }
@@ -300,6 +351,96 @@ mod tests {
         drop(second);
         let fourth = hub.admit_stream("a", 2);
         assert!(!ended(&third) && !ended(&fourth));
+    }
+
+    fn command(seq: u64) -> proto::Command {
+        proto::Command {
+            id: format!("cmd_{seq}"),
+            seq,
+            ..Default::default()
+        }
+    }
+
+    fn seqs(held: Option<Vec<proto::Command>>) -> Option<Vec<u64>> {
+        held.map(|h| h.iter().map(|c| c.seq).collect())
+    }
+
+    #[test]
+    fn commands_are_held_only_for_an_agent_connected_here() {
+        let hub = Arc::new(Hub::default());
+        hub.notify_queued("a", 1, Some(&command(1)));
+        assert_eq!(seqs(hub.queued_after("a", 0)), None, "not connected: read");
+        let _stream = hub.open("a", Transport::Grpc, "configured", 1);
+        hub.notify_queued("a", 2, Some(&command(2)));
+        hub.notify_queued("a", 3, Some(&command(3)));
+        assert_eq!(seqs(hub.queued_after("a", 1)), Some(vec![2, 3]));
+        assert_eq!(seqs(hub.queued_after("a", 0)), None, "1 was not held");
+        assert_eq!(seqs(hub.queued_after("a", 3)), None, "nothing after 3");
+    }
+
+    #[test]
+    fn a_gap_or_a_command_heard_of_without_its_body_is_read_from_the_store() {
+        let hub = Arc::new(Hub::default());
+        let _poll = hub.open("a", Transport::Longpoll, "configured", 1);
+        hub.notify_queued("a", 1, Some(&command(1)));
+        // 3 heard of before 2 (queued through two backends).
+        hub.notify_queued("a", 3, Some(&command(3)));
+        assert_eq!(seqs(hub.queued_after("a", 0)), None);
+        hub.notify_queued("a", 2, Some(&command(2)));
+        assert_eq!(seqs(hub.queued_after("a", 0)), Some(vec![1, 2, 3]));
+        // 4 without its body (too large for the notification).
+        hub.notify_queued("a", 4, None);
+        assert_eq!(seqs(hub.queued_after("a", 3)), None);
+        // A body larger than the bound is not held.
+        let mut big = command(5);
+        big.id = "x".repeat(RECENT_MAX_BYTES);
+        hub.notify_queued("a", 5, Some(&big));
+        assert_eq!(seqs(hub.queued_after("a", 4)), None);
+        // A seq whose body does not match is not held.
+        hub.notify_queued("a", 6, Some(&command(7)));
+        assert_eq!(seqs(hub.queued_after("a", 5)), None);
+    }
+
+    #[test]
+    fn after_a_missed_change_everything_is_read_from_the_store() {
+        let hub = Arc::new(Hub::default());
+        let _stream = hub.open("a", Transport::Grpc, "configured", 1);
+        hub.notify_queued("a", 1, Some(&command(1)));
+        hub.wake_all();
+        assert_eq!(seqs(hub.queued_after("a", 0)), None);
+    }
+
+    #[test]
+    fn a_second_notice_of_a_command_wakes_nobody() {
+        let hub = Arc::new(Hub::default());
+        let _stream = hub.open("a", Transport::Grpc, "configured", 1);
+        let mut rx = hub.queued("a");
+        hub.notify_queued("a", 2, Some(&command(2)));
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        hub.notify_queued("a", 2, None);
+        hub.notify_queued("a", 1, None);
+        assert!(!rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow(), 2);
+    }
+
+    #[test]
+    fn held_commands_are_bounded() {
+        let hub = Arc::new(Hub::default());
+        let _stream = hub.open("a", Transport::Grpc, "configured", 1);
+        for seq in 1..=(RECENT_MAX as u64 + 10) {
+            hub.notify_queued("a", seq, Some(&command(seq)));
+        }
+        assert_eq!(
+            seqs(hub.queued_after("a", 0)),
+            None,
+            "the oldest were dropped"
+        );
+        let last = RECENT_MAX as u64 + 10;
+        assert_eq!(
+            seqs(hub.queued_after("a", last - 2)),
+            Some(vec![last - 1, last])
+        );
     }
 
     #[test]

@@ -180,7 +180,7 @@ fn target(c: &RunContainerRecord) -> String {
 impl Core {
     fn queued(&self, agent: &str, command: Option<proto::Command>) {
         if let Some(c) = command {
-            self.hub.notify_queued(agent, c.seq);
+            self.hub.notify_queued(agent, c.seq, Some(&c));
         }
     }
 
@@ -310,7 +310,7 @@ impl Core {
             .map_err(internal)?
             .ok_or_else(|| Status::aborted("an agent of the placement disappeared; try again"))?;
         for (agent, c) in queued {
-            self.hub.notify_queued(&agent, c.seq);
+            self.hub.notify_queued(&agent, c.seq, Some(&c));
         }
         let per_agent = containers
             .iter()

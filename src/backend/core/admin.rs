@@ -241,7 +241,8 @@ impl Core {
                 .ok_or_else(|| internal(e))?,
             Err(e) => return Err(internal(e)),
         };
-        self.hub.notify_queued(&req.agent_id, command.seq);
+        self.hub
+            .notify_queued(&req.agent_id, command.seq, Some(&command));
         tracing::debug!(agent = %req.agent_id, command = %id, seq = command.seq, "command queued");
         Ok(proto::EnqueueCommandResponse {
             command: Some(command),

@@ -316,13 +316,25 @@ impl Core {
             self.cfg.heartbeat,
         );
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first pass reads the store: what was queued before the stream
+        // opened was not all heard of here.
+        let mut first = true;
         loop {
             queued.borrow_and_update();
             // Set when the store cannot answer (a database restarting): the
             // stream stays open, heartbeats go on, and the commands are
             // read again at this time.
             let mut read_again = None;
-            let batch = match self.store.pending(agent, sent, MAX_COMMANDS_PER_POLL).await {
+            let held = match first {
+                true => None,
+                false => self.hub.queued_after(agent, sent),
+            };
+            first = false;
+            let read = match held {
+                Some(held) => Ok(held),
+                None => self.store.pending(agent, sent, MAX_COMMANDS_PER_POLL).await,
+            };
+            let batch = match read {
                 Ok(batch) => batch,
                 Err(e @ crate::backend::store::StoreError::Unavailable { .. }) => {
                     tracing::debug!(%agent, error = %e, "cannot read the agent's commands now; the stream stays open");
@@ -418,13 +430,24 @@ impl Core {
         let mut revoked = self.hub.revoked(&agent);
         let mut draining = self.draining.clone();
         let after = acked.max(req.ack);
+        // As for a stream: the first pass reads the store, later ones take
+        // the commands heard of here when they are all held.
+        let mut first = true;
         loop {
             queued.borrow_and_update();
-            let cmds = self
-                .store
-                .pending(&agent, after, MAX_COMMANDS_PER_POLL)
-                .await
-                .map_err(internal)?;
+            let held = match first {
+                true => None,
+                false => self.hub.queued_after(&agent, after),
+            };
+            first = false;
+            let cmds = match held {
+                Some(held) => held,
+                None => self
+                    .store
+                    .pending(&agent, after, MAX_COMMANDS_PER_POLL)
+                    .await
+                    .map_err(internal)?,
+            };
             if !cmds.is_empty() {
                 return Ok(proto::PollResponse {
                     frames: cmds.into_iter().map(Self::command_frame).collect(),

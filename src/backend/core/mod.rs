@@ -184,7 +184,11 @@ impl Core {
                     _ = draining.wait_for(|d| *d) => return,
                 };
                 match change {
-                    Change::Queued { agent, seq } => core.hub.notify_queued(&agent, seq),
+                    Change::Queued {
+                        agent,
+                        seq,
+                        command,
+                    } => core.hub.notify_queued(&agent, seq, command.as_deref()),
                     Change::Revoked { agent } => core.hub.revoke(&agent),
                     Change::Done { .. } => core.results.send_modify(|n| *n += 1),
                     Change::Missed => {
@@ -199,7 +203,7 @@ impl Core {
     /// Wakes the streams and held polls of `agent` after a command was
     /// queued for it directly in the store.
     pub fn wake(&self, agent: &str, seq: u64) {
-        self.hub.notify_queued(agent, seq);
+        self.hub.notify_queued(agent, seq, None);
     }
 
     /// The agent whose credential is in `authorization`; a revoked agent's

@@ -644,10 +644,15 @@ pub struct PresenceRecord {
 
 /// A change made through another backend sharing the store (see
 /// [`Store::changes`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Change {
-    /// A command was queued for `agent` with `seq`.
-    Queued { agent: String, seq: u64 },
+    /// A command was queued for `agent` with `seq`: `command`, when the
+    /// notice carried it.
+    Queued {
+        agent: String,
+        seq: u64,
+        command: Option<Box<proto::Command>>,
+    },
     /// `agent` was revoked.
     Revoked { agent: String },
     /// The result of `command` was stored.

@@ -2,9 +2,12 @@
 //! backend changes, every backend sharing the database hears of at once,
 //! through PostgreSQL's `LISTEN`/`NOTIFY` (no table is polled).
 //!
-//! The statement that queues a command notifies [`QUEUED`] with
-//! `<agent> <seq>` inside its transaction, so the notification goes out
-//! when, and only if, the command is committed; a stored result notifies
+//! The statement that queues a command notifies [`COMMAND`] with
+//! `<agent> <seq> <command>` (the command itself, when small, so that the
+//! backend holding the agent need not read it back), then [`QUEUED`] with
+//! `<agent> <seq>` (what backends of earlier releases listen to), inside
+//! its transaction, so the notifications go out when, and only if, the
+//! command is committed; a stored result notifies
 //! [`DONE`] with the command's id, the same way; a revocation notifies
 //! [`REVOKED`] with the agent's id; a credential replaced (re-enrollment,
 //! a pending credential made current) notifies [`CREDENTIAL`] with the
@@ -29,6 +32,12 @@ use super::cache::CredentialCache;
 
 /// The channel of commands queued: payload `<agent> <seq>`.
 pub(super) const QUEUED: &str = "uplink_queued";
+/// The channel of commands queued, with the command: payload `<agent>
+/// <seq> <hex>`, `<hex>` the command (its seq left out) in protobuf, in
+/// lower-case hex, or empty when too large to notify ([`command_hex`]).
+pub(super) const COMMAND: &str = "uplink_command";
+/// PostgreSQL's bound on a notification's payload is 8000 bytes.
+const PAYLOAD_MAX: usize = 7900;
 /// The channel of agents revoked: payload `<agent>`.
 pub(super) const REVOKED: &str = "uplink_revoked";
 /// The channel of credentials replaced: payload `<agent>`.
@@ -52,6 +61,35 @@ pub(super) fn queued_payload(agent: &str, seq: i64) -> String {
     format!("{agent} {seq}")
 }
 
+/// The `<hex>` of a [`COMMAND`] notification for `command` queued for
+/// `agent`: empty when the payload would be too large.
+pub(super) fn command_hex(agent: &str, command: &crate::proto::Command) -> String {
+    use prost::Message;
+    let len = command.encoded_len();
+    if len > crate::backend::hub::RECENT_MAX_BYTES || agent.len() + 2 * len + 24 > PAYLOAD_MAX {
+        return String::new();
+    }
+    crate::secret::hex(&command.encode_to_vec())
+}
+
+/// The command a [`COMMAND`] payload's `<hex>` carries, with its seq;
+/// None when there is none or it does not decode.
+fn command_from_hex(hex: &str, seq: u64) -> Option<Box<crate::proto::Command>> {
+    use prost::Message;
+    if hex.is_empty() || !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16);
+    let bytes = hex
+        .as_bytes()
+        .chunks(2)
+        .map(|p| Some((digit(p[0])? << 4 | digit(p[1])?) as u8))
+        .collect::<Option<Vec<u8>>>()?;
+    let mut c = crate::proto::Command::decode(bytes.as_slice()).ok()?;
+    c.seq = seq;
+    Some(Box::new(c))
+}
+
 /// The change a notification says, or None for one this build does not
 /// know (a newer backend's channel or payload).
 fn parse(channel: &str, payload: &str) -> Option<Change> {
@@ -61,6 +99,17 @@ fn parse(channel: &str, payload: &str) -> Option<Change> {
             Some(Change::Queued {
                 agent: agent.to_string(),
                 seq: seq.parse().ok()?,
+                command: None,
+            })
+        }
+        COMMAND => {
+            let mut parts = payload.rsplitn(3, ' ');
+            let (hex, seq, agent) = (parts.next()?, parts.next()?, parts.next()?);
+            let seq = seq.parse().ok()?;
+            Some(Change::Queued {
+                agent: agent.to_string(),
+                seq,
+                command: command_from_hex(hex, seq),
             })
         }
         REVOKED if !payload.is_empty() => Some(Change::Revoked {
@@ -162,7 +211,8 @@ async fn listen(
     tokio::time::timeout(
         ANSWER_WITHIN,
         client.batch_execute(&format!(
-            "LISTEN {QUEUED}; LISTEN {REVOKED}; LISTEN {CREDENTIAL}; LISTEN {DONE}"
+            "LISTEN {COMMAND}; LISTEN {QUEUED}; LISTEN {REVOKED}; LISTEN {CREDENTIAL}; \
+             LISTEN {DONE}"
         )),
     )
     .await
@@ -219,9 +269,54 @@ mod tests {
             parse(QUEUED, &queued_payload("agt_1", 42)),
             Some(Change::Queued {
                 agent: "agt_1".into(),
-                seq: 42
+                seq: 42,
+                command: None,
             })
         );
+        let command = crate::proto::Command {
+            id: "cmd_1".into(),
+            seq: 0,
+            created_unix_ms: 7,
+            spec: Some(crate::proto::CommandSpec {
+                kind: Some(crate::proto::command_spec::Kind::Ping(crate::proto::Ping {
+                    delay_ms: 3,
+                    payload: "p q".into(),
+                })),
+            }),
+        };
+        let hex = command_hex("agt 1", &command);
+        assert!(!hex.is_empty());
+        assert_eq!(
+            parse(COMMAND, &format!("agt 1 42 {hex}")),
+            Some(Change::Queued {
+                agent: "agt 1".into(),
+                seq: 42,
+                command: Some(Box::new(crate::proto::Command {
+                    seq: 42,
+                    ..command.clone()
+                })),
+            })
+        );
+        // Too large to notify: the seq alone, the command read from the store.
+        let mut big = command.clone();
+        big.id = "x".repeat(crate::backend::hub::RECENT_MAX_BYTES);
+        assert_eq!(command_hex("agt_1", &big), "");
+        for (payload, seq) in [
+            ("agt_1 42 ", 42),
+            ("agt_1 43 zz", 43),
+            ("agt_1 44 abc", 44),
+            ("agt_1 45 00ff", 45),
+        ] {
+            assert_eq!(
+                parse(COMMAND, payload),
+                Some(Change::Queued {
+                    agent: "agt_1".into(),
+                    seq,
+                    command: None,
+                }),
+                "{payload}"
+            );
+        }
         assert_eq!(
             parse(DONE, "cmd_1"),
             Some(Change::Done {
@@ -238,6 +333,8 @@ mod tests {
             (QUEUED, "agt_1"),
             (QUEUED, "agt_1 x"),
             (QUEUED, "agt_1 -1"),
+            (COMMAND, "agt_1 1"),
+            (COMMAND, "agt_1 x 00"),
             (REVOKED, ""),
             (DONE, ""),
             (CREDENTIAL, "agt_1"),

@@ -240,8 +240,18 @@ async fn enqueue_in<C: GenericClient>(
     spec: &proto::CommandSpec,
     now: i64,
 ) -> Result<Option<proto::Command>, StoreError> {
-    // The notification is delivered to every backend listening when, and
-    // only if, the transaction commits; `changes` parses its payload.
+    // The notifications are delivered to every backend listening when,
+    // and only if, the transaction commits, the one with the command
+    // first; `changes` parses their payloads.
+    let hex = changes::command_hex(
+        agent_id,
+        &proto::Command {
+            id: id.to_string(),
+            seq: 0,
+            created_unix_ms: now,
+            spec: Some(spec.clone()),
+        },
+    );
     let Some(row) = query_opt(
         c,
         "WITH taken AS (
@@ -250,13 +260,17 @@ async fn enqueue_in<C: GenericClient>(
              INSERT INTO commands (id, agent_id, seq, spec, created_ms)
              SELECT $2, $1, seq, $3, $4 FROM taken RETURNING seq
          )
-         SELECT seq, pg_notify($5, $1 || ' ' || seq)::TEXT FROM queued",
+         SELECT seq, pg_notify($6, $1 || ' ' || seq || ' ' || $7)::TEXT,
+                pg_notify($5, $1 || ' ' || seq)::TEXT
+         FROM queued",
         &[
             &agent_id,
             &id,
             &spec.encode_to_vec(),
             &now,
             &changes::QUEUED,
+            &changes::COMMAND,
+            &hex,
         ],
     )
     .await?

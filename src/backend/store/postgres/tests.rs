@@ -432,3 +432,71 @@ async fn a_credential_another_backend_ends_is_refused_here_at_once() {
     assert_eq!(b.credentials.get("c3b", std::time::Instant::now()), None);
     assert!(accepts(&b, "c3b", "a3").await);
 }
+
+/// The next change on `feed` that is a queued command, within 10 s.
+async fn next_queued(feed: &mut tokio::sync::mpsc::Receiver<Change>) -> Change {
+    loop {
+        let c = tokio::time::timeout(Duration::from_secs(10), feed.recv())
+            .await
+            .expect("a change within 10 s")
+            .expect("the feed is open");
+        if matches!(c, Change::Queued { .. }) {
+            return c;
+        }
+    }
+}
+
+/// A command queued through one backend reaches another's feed with the
+/// command itself, as the store reads it back, so that the backend
+/// holding the agent can send it without a read; one too large for a
+/// notification comes with its seq alone. Each is heard of once more
+/// without the command (the notice backends of earlier releases read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_command_reaches_the_other_backends_with_its_body() {
+    let pg = Postgres::start().await;
+    let url = pg.fresh_database().await;
+    let (a, b) = tokio::join!(connect(&url), connect(&url));
+    assert!(a.create_provider("default", "th", 1).await.unwrap());
+    let agent = AgentRecord {
+        id: "a1".into(),
+        provider: "default".into(),
+        enrolled_ms: 1,
+        ..Default::default()
+    };
+    assert!(a.insert_agent(&agent, "ch").await.unwrap());
+    let mut feed = b.changes().expect("a feed");
+    within(Duration::from_secs(20), "b's feed listens", async || {
+        b.credentials.begin().is_some()
+    })
+    .await;
+    let large = proto::CommandSpec {
+        kind: Some(proto::command_spec::Kind::Ping(proto::Ping {
+            delay_ms: 0,
+            payload: "x".repeat(5000),
+        })),
+    };
+    let small = a.enqueue("a1", "c1", &ping(), 10).await.unwrap().unwrap();
+    let big = a.enqueue("a1", "c2", &large, 20).await.unwrap().unwrap();
+    let stored = b.pending("a1", 0, 10).await.unwrap();
+    assert_eq!(stored, [small.clone(), big.clone()]);
+    let heard = [
+        next_queued(&mut feed).await,
+        next_queued(&mut feed).await,
+        next_queued(&mut feed).await,
+        next_queued(&mut feed).await,
+    ];
+    let queued = |seq, command: Option<&proto::Command>| Change::Queued {
+        agent: "a1".into(),
+        seq,
+        command: command.map(|c| Box::new(c.clone())),
+    };
+    assert_eq!(
+        heard,
+        [
+            queued(1, Some(&stored[0])),
+            queued(1, None),
+            queued(2, None),
+            queued(2, None),
+        ]
+    );
+}
