@@ -109,11 +109,17 @@ impl Hub {
 
     /// Wakes every stream and held poll of `agent` after `seq` was queued
     /// for it, holding `command` (the one queued, when known) for them
-    /// while one is open. A seq heard of before wakes nobody (a second
-    /// notice of the same command).
+    /// while one is open. A second notice of a command held wakes nobody;
+    /// any other does, even below the highest seq heard of (a database
+    /// restored from an older copy numbers again from there).
     pub fn notify_queued(&self, agent: &str, seq: u64, command: Option<&proto::Command>) {
         self.with(agent, |s| {
+            let again = match command {
+                Some(c) => s.recent.get(&seq) == Some(c),
+                None => s.recent.contains_key(&seq),
+            };
             if let Some(c) = command
+                && !again
                 && c.seq == seq
                 && s.streams + s.polls > 0
                 && prost::Message::encoded_len(c) <= RECENT_MAX_BYTES
@@ -124,9 +130,8 @@ impl Hub {
                 }
             }
             s.queued.send_if_modified(|heard| {
-                let newer = seq > *heard;
                 *heard = (*heard).max(seq);
-                newer
+                !again
             });
         })
     }
@@ -307,6 +312,11 @@ impl Drop for Connection {
                 _ => s.polls = s.polls.saturating_sub(1),
             }
             s.last_seen_ms = s.last_seen_ms.max(now);
+            // Nobody here to send them to: the next stream or poll reads
+            // the store first.
+            if s.streams + s.polls == 0 {
+                s.recent.clear();
+            }
         });
         self.hub.opened_or_closed.notify_one();
     }
@@ -411,7 +421,7 @@ mod tests {
     }
 
     #[test]
-    fn a_second_notice_of_a_command_wakes_nobody() {
+    fn a_second_notice_of_a_held_command_wakes_nobody() {
         let hub = Arc::new(Hub::default());
         let _stream = hub.open("a", Transport::Grpc, "configured", 1);
         let mut rx = hub.queued("a");
@@ -419,9 +429,33 @@ mod tests {
         assert!(rx.has_changed().unwrap());
         rx.borrow_and_update();
         hub.notify_queued("a", 2, None);
-        hub.notify_queued("a", 1, None);
+        hub.notify_queued("a", 2, Some(&command(2)));
         assert!(!rx.has_changed().unwrap());
         assert_eq!(*rx.borrow(), 2);
+        // A seq below the highest, not held: a database numbering again
+        // after a restore. It wakes, and is read from the store.
+        hub.notify_queued("a", 1, None);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow(), 2, "the highest heard of stays");
+        assert_eq!(seqs(hub.queued_after("a", 0)), None);
+    }
+
+    #[test]
+    fn held_commands_are_dropped_when_the_agent_has_nothing_open_here() {
+        let hub = Arc::new(Hub::default());
+        let stream = hub.open("a", Transport::Grpc, "configured", 1);
+        let poll = hub.open("a", Transport::Longpoll, "configured", 1);
+        hub.notify_queued("a", 1, Some(&command(1)));
+        drop(stream);
+        assert_eq!(
+            seqs(hub.queued_after("a", 0)),
+            Some(vec![1]),
+            "a poll is open"
+        );
+        hub.notify_queued("a", 2, Some(&command(2)));
+        drop(poll);
+        let _again = hub.open("a", Transport::Grpc, "configured", 1);
+        assert_eq!(seqs(hub.queued_after("a", 1)), None);
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //!   ([`changes`](super::changes)), which drops every entry of the agent
 //!   as the notification arrives (and this backend drops them itself
 //!   when the change is its own);
-//! - [`ENTRY_TTL`] after the lookup that made it, whatever was heard;
+//! - [`ENTRY_TTL`] after the lookup that made it began, whatever was
+//!   heard;
 //! - all at once, when the change feed stops: while it is not listening
 //!   nothing is kept or used, every lookup goes to the database.
 //!
@@ -31,6 +32,9 @@ pub(super) const ENTRY_TTL: Duration = Duration::from_secs(10);
 /// ones expire.
 const MAX_ENTRIES: usize = 100_000;
 
+/// How often a full cache looks for expired entries to make room.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 /// The credentials of agents, by credential hash.
 #[derive(Default)]
 pub(super) struct CredentialCache {
@@ -45,6 +49,9 @@ struct Inner {
     generation: u64,
     /// Whether the change feed is listening.
     live: bool,
+    /// When full: expired entries are looked for again at this time, not
+    /// at every lookup.
+    next_sweep: Option<Instant>,
 }
 
 impl CredentialCache {
@@ -81,10 +88,14 @@ impl CredentialCache {
             return;
         }
         if inner.entries.len() >= MAX_ENTRIES && !inner.entries.contains_key(credential_hash) {
+            if inner.next_sweep.is_some_and(|t| at < t) {
+                return;
+            }
             inner
                 .entries
                 .retain(|_, (_, t)| at.saturating_duration_since(*t) < ENTRY_TTL);
             if inner.entries.len() >= MAX_ENTRIES {
+                inner.next_sweep = Some(at + SWEEP_EVERY);
                 return;
             }
         }
@@ -106,6 +117,7 @@ impl CredentialCache {
         let mut inner = self.lock();
         inner.generation += 1;
         inner.entries.clear();
+        inner.next_sweep = None;
         inner.live = live;
     }
 
@@ -189,6 +201,9 @@ mod tests {
         assert_eq!(c.len(), MAX_ENTRIES);
         c.keep(c.begin().unwrap(), "one more", "a", then);
         assert_eq!(c.get("one more", then), None, "full: not kept");
+        assert_eq!(c.len(), MAX_ENTRIES);
+        // Full of live entries: the next lookups do not look again at once.
+        c.keep(c.begin().unwrap(), "one more", "a", then + SWEEP_EVERY / 2);
         assert_eq!(c.len(), MAX_ENTRIES);
         // Once the old ones expired, a new lookup makes room by dropping them.
         let later = then + ENTRY_TTL;

@@ -62,9 +62,18 @@ pub(super) fn queued_payload(agent: &str, seq: i64) -> String {
 }
 
 /// The `<hex>` of a [`COMMAND`] notification for `command` queued for
-/// `agent`: empty when the payload would be too large.
+/// `agent`: empty when the payload would be too large, or when the
+/// command carries a secret (a registry password, environment values):
+/// any role that can connect to the database may `LISTEN`, so a secret
+/// goes only into the table, which the store scrubs once the command is
+/// done.
 pub(super) fn command_hex(agent: &str, command: &crate::proto::Command) -> String {
     use prost::Message;
+    if let Some(spec) = &command.spec
+        && crate::backend::store::scrub_secrets(&mut spec.clone())
+    {
+        return String::new();
+    }
     let len = command.encoded_len();
     if len > crate::backend::hub::RECENT_MAX_BYTES || agent.len() + 2 * len + 24 > PAYLOAD_MAX {
         return String::new();
@@ -178,8 +187,12 @@ async fn listen(
     // The connection delivers notifications as it is polled.
     let (notes, mut noted) = mpsc::unbounded_channel();
     let driver_cache = cache.clone();
+    // Set by the connection's task when the connection fails, before it
+    // turns the cache off, so that turning it on below cannot come last.
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let driver_failed = failed.clone();
     let driver = tokio::spawn(async move {
-        let cache = driver_cache;
+        let (cache, failed) = (driver_cache, driver_failed);
         loop {
             let m = std::future::poll_fn(|cx| connection.poll_message(cx)).await;
             let end = match m {
@@ -192,11 +205,13 @@ async fn listen(
                 }
                 Some(Ok(_)) => false,
                 Some(Err(e)) => {
+                    failed.store(true, std::sync::atomic::Ordering::SeqCst);
                     cache.set_live(false);
                     let _ = notes.send(Err(super::describe(&e)));
                     true
                 }
                 None => {
+                    failed.store(true, std::sync::atomic::Ordering::SeqCst);
                     cache.set_live(false);
                     let _ = notes.send(Err("the server closed the connection".into()));
                     true
@@ -219,6 +234,9 @@ async fn listen(
     .map_err(|_| format!("LISTEN not answered within {ANSWER_WITHIN:?}"))?
     .map_err(|e| super::describe(&e))?;
     cache.set_live(true);
+    if failed.load(std::sync::atomic::Ordering::SeqCst) {
+        cache.set_live(false);
+    }
     if !first {
         tracing::info!("listening to the database's change feed again");
         if tx.send(Change::Missed).await.is_err() {
@@ -301,6 +319,33 @@ mod tests {
         let mut big = command.clone();
         big.id = "x".repeat(crate::backend::hub::RECENT_MAX_BYTES);
         assert_eq!(command_hex("agt_1", &big), "");
+        // A secret is never notified: the command is read from the store.
+        let secret = crate::proto::Command {
+            spec: Some(crate::proto::CommandSpec {
+                kind: Some(crate::proto::command_spec::Kind::RunContainer(
+                    crate::proto::RunContainer {
+                        image: "img".into(),
+                        env: [("TOKEN".to_string(), "s3cret".to_string())].into(),
+                        ..Default::default()
+                    },
+                )),
+            }),
+            ..command.clone()
+        };
+        assert_eq!(command_hex("agt_1", &secret), "");
+        let named_only = crate::proto::Command {
+            spec: Some(crate::proto::CommandSpec {
+                kind: Some(crate::proto::command_spec::Kind::RunContainer(
+                    crate::proto::RunContainer {
+                        image: "img".into(),
+                        env: [("EMPTY".to_string(), String::new())].into(),
+                        ..Default::default()
+                    },
+                )),
+            }),
+            ..command.clone()
+        };
+        assert!(!command_hex("agt_1", &named_only).is_empty());
         for (payload, seq) in [
             ("agt_1 42 ", 42),
             ("agt_1 43 zz", 43),

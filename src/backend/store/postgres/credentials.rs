@@ -230,19 +230,16 @@ pub(super) async fn revoke_agent<C: GenericClient>(
     agent_id: &str,
     now: i64,
 ) -> Result<Option<i64>, StoreError> {
-    execute(
-        c,
-        "UPDATE agents SET revoked_ms = $2, pending_credential_hash = NULL
-         WHERE id = $1 AND revoked_ms = 0",
-        &[&agent_id, &now],
-    )
-    .await?;
     // Every backend sharing the database ends the agent's streams and
-    // held polls (a repeated revocation notifies again: harmless).
+    // held polls and forgets its credentials, told in the revocation's own
+    // transaction (a repeated revocation notifies again: harmless).
     query(
         c,
-        "SELECT pg_notify($1, $2)",
-        &[&super::changes::REVOKED, &agent_id],
+        "WITH revoked AS (
+           UPDATE agents SET revoked_ms = $2, pending_credential_hash = NULL
+           WHERE id = $1 AND revoked_ms = 0 RETURNING id)
+         SELECT pg_notify($3, $1)::TEXT",
+        &[&agent_id, &now, &super::changes::REVOKED],
     )
     .await?;
     // A statement of its own, so it sees a revocation that a racing call

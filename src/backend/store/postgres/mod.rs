@@ -630,17 +630,17 @@ impl Store for PostgresStore {
                     promoted: false,
                 }));
             }
+            // An entry's age counts from before the database was asked.
+            let asked = std::time::Instant::now();
             let generation = self.credentials.begin();
             let c = self.client().await?;
             let owner = credentials::agent_by_credential(&c, credential_hash).await?;
             match (&owner, generation) {
                 (Some(o), _) if o.promoted => self.credentials.forget_agent(&o.agent_id),
-                (Some(o), Some(g)) if o.revoked_ms == 0 => self.credentials.keep(
-                    g,
-                    credential_hash,
-                    &o.agent_id,
-                    std::time::Instant::now(),
-                ),
+                (Some(o), Some(g)) if o.revoked_ms == 0 => {
+                    self.credentials
+                        .keep(g, credential_hash, &o.agent_id, asked)
+                }
                 _ => {}
             }
             Ok(owner)
