@@ -300,6 +300,31 @@ impl Core {
         Ok(rx)
     }
 
+    /// The commands of `agent` after `after` (at most
+    /// [`MAX_COMMANDS_PER_POLL`]), for a stream or held poll: read from the
+    /// store until it was read once (`read_once`: what was queued before
+    /// the stream or poll opened was not all heard of here), then the ones
+    /// the hub holds when it holds every one ([`Hub::queued_after`]), else
+    /// read again.
+    ///
+    /// [`Hub::queued_after`]: crate::backend::hub::Hub::queued_after
+    async fn commands_after(
+        &self,
+        agent: &str,
+        after: u64,
+        read_once: &mut bool,
+    ) -> Result<Vec<proto::Command>, crate::backend::store::StoreError> {
+        if *read_once && let Some(held) = self.hub.queued_after(agent, after) {
+            return Ok(held);
+        }
+        let read = self
+            .store
+            .pending(agent, after, MAX_COMMANDS_PER_POLL)
+            .await?;
+        *read_once = true;
+        Ok(read)
+    }
+
     async fn feed_stream(
         &self,
         agent: &str,
@@ -316,25 +341,14 @@ impl Core {
             self.cfg.heartbeat,
         );
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The first pass reads the store: what was queued before the stream
-        // opened was not all heard of here.
-        let mut first = true;
+        let mut read_once = false;
         loop {
             queued.borrow_and_update();
             // Set when the store cannot answer (a database restarting): the
             // stream stays open, heartbeats go on, and the commands are
             // read again at this time.
             let mut read_again = None;
-            let held = match first {
-                true => None,
-                false => self.hub.queued_after(agent, sent),
-            };
-            first = false;
-            let read = match held {
-                Some(held) => Ok(held),
-                None => self.store.pending(agent, sent, MAX_COMMANDS_PER_POLL).await,
-            };
-            let batch = match read {
+            let batch = match self.commands_after(agent, sent, &mut read_once).await {
                 Ok(batch) => batch,
                 Err(e @ crate::backend::store::StoreError::Unavailable { .. }) => {
                     tracing::debug!(%agent, error = %e, "cannot read the agent's commands now; the stream stays open");
@@ -430,24 +444,13 @@ impl Core {
         let mut revoked = self.hub.revoked(&agent);
         let mut draining = self.draining.clone();
         let after = acked.max(req.ack);
-        // As for a stream: the first pass reads the store, later ones take
-        // the commands heard of here when they are all held.
-        let mut first = true;
+        let mut read_once = false;
         loop {
             queued.borrow_and_update();
-            let held = match first {
-                true => None,
-                false => self.hub.queued_after(&agent, after),
-            };
-            first = false;
-            let cmds = match held {
-                Some(held) => held,
-                None => self
-                    .store
-                    .pending(&agent, after, MAX_COMMANDS_PER_POLL)
-                    .await
-                    .map_err(internal)?,
-            };
+            let cmds = self
+                .commands_after(&agent, after, &mut read_once)
+                .await
+                .map_err(internal)?;
             if !cmds.is_empty() {
                 return Ok(proto::PollResponse {
                     frames: cmds.into_iter().map(Self::command_frame).collect(),

@@ -320,32 +320,20 @@ mod tests {
         big.id = "x".repeat(crate::backend::hub::RECENT_MAX_BYTES);
         assert_eq!(command_hex("agt_1", &big), "");
         // A secret is never notified: the command is read from the store.
-        let secret = crate::proto::Command {
+        let run_with_env = |name: &str, value: &str| crate::proto::Command {
             spec: Some(crate::proto::CommandSpec {
                 kind: Some(crate::proto::command_spec::Kind::RunContainer(
                     crate::proto::RunContainer {
                         image: "img".into(),
-                        env: [("TOKEN".to_string(), "s3cret".to_string())].into(),
+                        env: [(name.to_string(), value.to_string())].into(),
                         ..Default::default()
                     },
                 )),
             }),
             ..command.clone()
         };
-        assert_eq!(command_hex("agt_1", &secret), "");
-        let named_only = crate::proto::Command {
-            spec: Some(crate::proto::CommandSpec {
-                kind: Some(crate::proto::command_spec::Kind::RunContainer(
-                    crate::proto::RunContainer {
-                        image: "img".into(),
-                        env: [("EMPTY".to_string(), String::new())].into(),
-                        ..Default::default()
-                    },
-                )),
-            }),
-            ..command.clone()
-        };
-        assert!(!command_hex("agt_1", &named_only).is_empty());
+        assert_eq!(command_hex("agt_1", &run_with_env("TOKEN", "s3cret")), "");
+        assert!(!command_hex("agt_1", &run_with_env("EMPTY", "")).is_empty());
         for (payload, seq) in [
             ("agt_1 42 ", 42),
             ("agt_1 43 zz", 43),

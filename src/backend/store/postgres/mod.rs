@@ -243,15 +243,13 @@ async fn enqueue_in<C: GenericClient>(
     // The notifications are delivered to every backend listening when,
     // and only if, the transaction commits, the one with the command
     // first; `changes` parses their payloads.
-    let hex = changes::command_hex(
-        agent_id,
-        &proto::Command {
-            id: id.to_string(),
-            seq: 0,
-            created_unix_ms: now,
-            spec: Some(spec.clone()),
-        },
-    );
+    let mut command = proto::Command {
+        id: id.to_string(),
+        seq: 0,
+        created_unix_ms: now,
+        spec: Some(spec.clone()),
+    };
+    let hex = changes::command_hex(agent_id, &command);
     let Some(row) = query_opt(
         c,
         "WITH taken AS (
@@ -277,13 +275,8 @@ async fn enqueue_in<C: GenericClient>(
     else {
         return Ok(None);
     };
-    let seq: i64 = row.try_get(0)?;
-    Ok(Some(proto::Command {
-        id: id.to_string(),
-        seq: seq as u64,
-        created_unix_ms: now,
-        spec: Some(spec.clone()),
-    }))
+    command.seq = row.try_get::<_, i64>(0)? as u64;
+    Ok(Some(command))
 }
 
 /// An ack of seqs this store never issued (lost commits, or a database

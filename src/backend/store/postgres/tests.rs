@@ -24,6 +24,18 @@ async fn connect(url: &str) -> PostgresStore {
 
 crate::backend::store::suite::store_suite!(fresh().await);
 
+/// Enrolls agent `a1` (provider `default`, credential `ch`) through `s`.
+async fn enroll_a1(s: &PostgresStore) {
+    assert!(s.create_provider("default", "th", 1).await.unwrap());
+    let agent = AgentRecord {
+        id: "a1".into(),
+        provider: "default".into(),
+        enrolled_ms: 1,
+        ..Default::default()
+    };
+    assert!(s.insert_agent(&agent, "ch").await.unwrap());
+}
+
 fn ping() -> proto::CommandSpec {
     proto::CommandSpec {
         kind: Some(proto::command_spec::Kind::Ping(proto::Ping::default())),
@@ -38,20 +50,8 @@ async fn racing_replicas_number_one_agent_without_gaps_or_duplicates() {
     let pg = Postgres::start().await;
     let url = pg.fresh_database().await;
     let (a, b) = tokio::join!(connect(&url), connect(&url));
+    enroll_a1(&b).await;
     let replicas = [Arc::new(a), Arc::new(b)];
-    assert!(
-        replicas[0]
-            .create_provider("default", "th", 1)
-            .await
-            .unwrap()
-    );
-    let agent = AgentRecord {
-        id: "a1".into(),
-        provider: "default".into(),
-        enrolled_ms: 1,
-        ..Default::default()
-    };
-    assert!(replicas[1].insert_agent(&agent, "ch").await.unwrap());
     const TASKS_PER_REPLICA: usize = 8;
     const PER_TASK: usize = 40;
     let mut tasks = Vec::new();
@@ -129,15 +129,8 @@ async fn racing_results_are_stored_once() {
     let pg = Postgres::start().await;
     let url = pg.fresh_database().await;
     let (a, b) = tokio::join!(connect(&url), connect(&url));
+    enroll_a1(&a).await;
     let (a, b) = (Arc::new(a), Arc::new(b));
-    assert!(a.create_provider("default", "th", 1).await.unwrap());
-    let agent = AgentRecord {
-        id: "a1".into(),
-        provider: "default".into(),
-        enrolled_ms: 1,
-        ..Default::default()
-    };
-    assert!(a.insert_agent(&agent, "ch").await.unwrap());
     for i in 0..20 {
         a.enqueue("a1", &format!("c{i}"), &ping(), 10)
             .await
@@ -210,14 +203,7 @@ async fn calls_fail_in_bounded_time_while_the_database_is_down_and_work_after() 
     let mut pg = Postgres::start().await;
     let url = pg.fresh_database().await;
     let s = connect(&url).await;
-    assert!(s.create_provider("default", "th", 1).await.unwrap());
-    let agent = AgentRecord {
-        id: "a1".into(),
-        provider: "default".into(),
-        enrolled_ms: 1,
-        ..Default::default()
-    };
-    assert!(s.insert_agent(&agent, "ch").await.unwrap());
+    enroll_a1(&s).await;
     s.enqueue("a1", "c1", &ping(), 10).await.unwrap().unwrap();
     pg.stop_server();
     let asked = std::time::Instant::now();
@@ -456,14 +442,7 @@ async fn a_queued_command_reaches_the_other_backends_with_its_body() {
     let pg = Postgres::start().await;
     let url = pg.fresh_database().await;
     let (a, b) = tokio::join!(connect(&url), connect(&url));
-    assert!(a.create_provider("default", "th", 1).await.unwrap());
-    let agent = AgentRecord {
-        id: "a1".into(),
-        provider: "default".into(),
-        enrolled_ms: 1,
-        ..Default::default()
-    };
-    assert!(a.insert_agent(&agent, "ch").await.unwrap());
+    enroll_a1(&a).await;
     let mut feed = b.changes().expect("a feed");
     within(Duration::from_secs(20), "b's feed listens", async || {
         b.credentials.begin().is_some()
